@@ -1,0 +1,433 @@
+"""Stopping policies: numbers in, a decision out. No torch, no engine.
+
+A policy is an immutable, validated configuration with two methods:
+
+* ``decide(probes) -> Decision``: a pure function of the probes seen so far (used by replay);
+* ``start() -> tracker``: a fresh per-session tracker whose ``update(probe) -> Decision`` does O(1)
+  work per probe (used live). ``decide(probes)`` equals the last ``update`` over the same probes.
+
+plus three attributes the controller reads: ``name`` (the method name), ``confidence`` (the name of
+the confidence function it wants probes scored with, see :mod:`codestop.confidence`),
+``needs_probes`` (False for policies that never look at a probe, so none is spent live) and
+``max_reasoning_tokens`` (a hard cap on reasoning tokens, or None). Any object with these is a
+policy; :class:`Policy` is the protocol.
+
+Stop reasons are one fixed vocabulary: ``confident`` and ``degenerate`` (CodeStop), ``threshold``
+(Deer), ``consistent`` (Consistency), ``budget`` (TokenBudget or max_new_tokens) and ``finished``
+(the model ended its thinking itself; set by the controller, never by a policy).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "finished")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One intermediate answer read at a step boundary.
+
+    position: reasoning tokens generated before the probe (prompt and probe tokens excluded), >= 1.
+    confidence: a probability in [0, 1], from the probe's answer-token log-probabilities.
+    answer: the intermediate answer (the content of the box), "" when there is none.
+    text: the raw probe continuation; token_logprobs: its answer tokens' log-probabilities (so replay
+    can re-score with another confidence function); tokens: probe tokens generated; correct: whether
+    ``answer`` is right, when known (traces).
+    """
+
+    position: int
+    confidence: float
+    answer: str = ""
+    text: str | None = None
+    token_logprobs: tuple[float, ...] | None = None
+    tokens: int | None = None
+    correct: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.position, bool) or not isinstance(self.position, int) or self.position < 1:
+            raise ValueError(f"position: {self.position!r} must be an integer >= 1 (reasoning tokens before the probe)")
+        if not isinstance(self.confidence, (int, float)) or not (0.0 <= self.confidence <= 1.0):
+            raise ValueError(f"confidence: {self.confidence!r} must be a probability in [0, 1]")
+        if self.token_logprobs is not None and not isinstance(self.token_logprobs, tuple):
+            object.__setattr__(self, "token_logprobs", tuple(self.token_logprobs))
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool
+    reason: str | None = None
+
+
+CONTINUE = Decision(False, None)
+
+
+class Tracker(Protocol):
+    def update(self, probe: Probe) -> Decision: ...
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the controller, replay and the server need of a stopping policy."""
+
+    name: str
+    confidence: str
+    needs_probes: bool
+    max_reasoning_tokens: int | None
+
+    def start(self) -> Tracker: ...
+
+    def decide(self, probes: Sequence[Probe]) -> Decision: ...
+
+
+class _PolicyBase:
+    """decide() by running a fresh tracker: the tracker is the one implementation, so they agree."""
+
+    needs_probes: bool = True
+    max_reasoning_tokens: int | None = None
+
+    def start(self) -> Tracker:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def decide(self, probes: Sequence[Probe]) -> Decision:
+        tracker = self.start()
+        decision = CONTINUE
+        for probe in probes:
+            decision = tracker.update(probe)
+        return decision
+
+
+class _PositionGuard:
+    def __init__(self) -> None:
+        self.last_position = 0
+
+    def check(self, probe: Probe) -> None:
+        if probe.position < self.last_position:
+            raise ValueError(
+                f"position: {probe.position} goes backwards (previous probe was at {self.last_position})"
+            )
+        self.last_position = probe.position
+
+
+def _require(condition: bool, name: str, value: object, must: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {value!r} {must}")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# --------------------------------------------------------------------------------------------
+# CoDE-Stop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodeStop(_PolicyBase):
+    """CoDE-Stop (arXiv:2604.04930): stop when confident, or when confidence dynamics degenerate.
+
+    At probe k (0-based) with confidences c_0..c_k at positions T_0..T_k:
+
+    * ramping threshold r_k = min(r_max, r_min + (r_max - r_min) * k / ramp_steps); stop
+      ``confident`` when c_k >= r_k;
+    * degeneration D_k = sum_{i=1..k} w_i v_i, v_i = [2 c_i - c_{i-1} < delta],
+      w_i = ln(T_k / T_i) + 1; stop ``degenerate`` when D_k >= tau.
+      Updated in O(1): D_k = (ln T_k + 1) * sum(v_i) - sum(v_i ln T_i).
+
+    ``variant="reference"`` reproduces the released reference code instead: strict comparisons
+    (c_k > r_k, D_k > tau), the delta test on log-confidences (which holds for every falling pair),
+    only falling pairs (c_{i-1} > c_i) count, and D = 0 while fewer than 3 probes exist.
+
+    Defaults and why: r_min = 0.9 and ramp_steps = 2 are the reference code's tuned values (the
+    seed's example r_min = 0, ramp_steps = 5 gives r_0 = 0 and stops at the first probe whatever
+    the confidence); r_max = 0.95 and delta = 0.55 are the paper's; tau = 7.0 is the paper's setting
+    for "Wait" boundaries on Qwen3-4B (7.1). Blank-line boundaries are more frequent, so tau should be
+    calibrated per model and boundary (``codestop calibrate``); 7 is a conservative start.
+    Confidence: geometric mean of the answer tokens (``span``, the reference quirk, for the
+    reference variant).
+    """
+
+    tau: float = 7.0
+    delta: float = 0.55
+    r_min: float = 0.9
+    r_max: float = 0.95
+    ramp_steps: int = 2
+    variant: Literal["paper", "reference"] = "paper"
+    confidence: str = ""
+    name: str = field(default="codestop", init=False)
+
+    def __post_init__(self) -> None:
+        _require(_is_number(self.tau) and self.tau >= 0, "tau", self.tau, "must be a number >= 0")
+        _require(_is_number(self.delta), "delta", self.delta, "must be a finite number")
+        _require(_is_number(self.r_min) and 0 <= self.r_min <= 1, "r_min", self.r_min, "must be in [0, 1]")
+        _require(_is_number(self.r_max) and 0 <= self.r_max <= 1, "r_max", self.r_max, "must be in [0, 1]")
+        _require(self.r_min <= self.r_max, "r_min", self.r_min, f"must not exceed r_max ({self.r_max})")
+        _require(
+            isinstance(self.ramp_steps, int) and not isinstance(self.ramp_steps, bool) and self.ramp_steps >= 1,
+            "ramp_steps", self.ramp_steps, "must be an integer >= 1",
+        )
+        _require(self.variant in ("paper", "reference"), "variant", self.variant, "must be 'paper' or 'reference'")
+        if not self.confidence:
+            object.__setattr__(self, "confidence", "span" if self.variant == "reference" else "geometric")
+        _check_confidence_name(self.confidence)
+
+    def threshold(self, k: int) -> float:
+        """r_k, the confidence needed to stop at probe k (0-based)."""
+        return min(self.r_max, self.r_min + (self.r_max - self.r_min) * k / self.ramp_steps)
+
+    def start(self) -> _CodeStopTracker:
+        return _CodeStopTracker(self)
+
+
+class _CodeStopTracker:
+    __slots__ = ("policy", "guard", "k", "prev", "sum_v", "sum_v_log_t", "score")
+
+    def __init__(self, policy: CodeStop) -> None:
+        self.policy = policy
+        self.guard = _PositionGuard()
+        self.k = -1
+        self.prev: float | None = None
+        self.sum_v = 0
+        self.sum_v_log_t = 0.0
+        self.score = 0.0  # D_k after the last update
+
+    def update(self, probe: Probe) -> Decision:
+        p = self.policy
+        self.guard.check(probe)
+        self.k += 1
+        c = probe.confidence
+        log_t = math.log(probe.position)
+        if self.prev is not None:
+            if p.variant == "paper":
+                unstable = 2 * c - self.prev < p.delta
+            else:
+                # log space: 2 ln c_i - ln c_{i-1} < delta holds for every falling pair, so only
+                # "falling" matters there; the log test is kept for rising pairs with delta < 0.
+                unstable = self.prev > c and _log_delta_test(c, self.prev, p.delta)
+            if unstable:
+                self.sum_v += 1
+                self.sum_v_log_t += log_t
+        self.prev = c
+        self.score = (log_t + 1) * self.sum_v - self.sum_v_log_t
+        if p.variant == "reference" and self.k < 2:
+            self.score = 0.0
+        r_k = p.threshold(self.k)
+        if p.variant == "paper":
+            if c >= r_k:
+                return Decision(True, "confident")
+            if self.score >= p.tau:
+                return Decision(True, "degenerate")
+        else:
+            if c > r_k:
+                return Decision(True, "confident")
+            if self.score > p.tau:
+                return Decision(True, "degenerate")
+        return CONTINUE
+
+
+def _log_delta_test(c: float, prev: float, delta: float) -> bool:
+    lc = math.log(c) if c > 0 else -math.inf
+    lp = math.log(prev) if prev > 0 else -math.inf
+    if lc == -math.inf:
+        return True
+    return 2 * lc - lp < delta
+
+
+# --------------------------------------------------------------------------------------------
+# Peers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deer(_PolicyBase):
+    """DEER (arXiv:2504.15895): exit when the probe's confidence exceeds ``threshold``.
+
+    Confidence: arithmetic mean of the answer-token probabilities (DEER's default).
+    """
+
+    threshold: float = 0.95
+    confidence: str = "mean"
+    name: str = field(default="deer", init=False)
+
+    def __post_init__(self) -> None:
+        _require(_is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold", self.threshold, "must be in [0, 1]")
+        _check_confidence_name(self.confidence)
+
+    def start(self) -> _DeerTracker:
+        return _DeerTracker(self)
+
+
+class _DeerTracker:
+    __slots__ = ("policy", "guard")
+
+    def __init__(self, policy: Deer) -> None:
+        self.policy = policy
+        self.guard = _PositionGuard()
+
+    def update(self, probe: Probe) -> Decision:
+        self.guard.check(probe)
+        if probe.confidence > self.policy.threshold:
+            return Decision(True, "threshold")
+        return CONTINUE
+
+
+DEFAULT_HEDGES = ("wait", "hmm", "hold on", "let me check", "double-check", "not sure", "re-evaluate", "recheck", "actually")
+
+
+@dataclass(frozen=True)
+class Consistency(_PolicyBase):
+    """Dynasor-CoT style: stop when the last ``window`` intermediate answers agree (non-empty, equal
+    after whitespace normalisation) and none of those probes' texts hedges (contains one of ``hedges``,
+    case-insensitive). Uses no probabilities; the confidence function only fills ``Probe.confidence``.
+    """
+
+    window: int = 3
+    hedges: tuple[str, ...] = DEFAULT_HEDGES
+    confidence: str = "mean"
+    name: str = field(default="consistency", init=False)
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1,
+            "window", self.window, "must be an integer >= 1",
+        )
+        object.__setattr__(self, "hedges", tuple(h.lower() for h in self.hedges))
+        _check_confidence_name(self.confidence)
+
+    def start(self) -> _ConsistencyTracker:
+        return _ConsistencyTracker(self)
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_answer(answer: str) -> str:
+    """Whitespace-insensitive form used to compare intermediate answers."""
+    return _SPACES.sub("", answer)
+
+
+class _ConsistencyTracker:
+    __slots__ = ("policy", "guard", "recent")
+
+    def __init__(self, policy: Consistency) -> None:
+        self.policy = policy
+        self.guard = _PositionGuard()
+        self.recent: deque[tuple[str, bool]] = deque(maxlen=policy.window)
+
+    def update(self, probe: Probe) -> Decision:
+        self.guard.check(probe)
+        text = (probe.text or "").lower()
+        hedged = any(h in text for h in self.policy.hedges)
+        self.recent.append((normalize_answer(probe.answer), hedged))
+        if len(self.recent) == self.policy.window:
+            first = self.recent[0][0]
+            if first and all(a == first and not h for a, h in self.recent):
+                return Decision(True, "consistent")
+        return CONTINUE
+
+
+@dataclass(frozen=True)
+class TokenBudget(_PolicyBase):
+    """Stop thinking after ``budget`` reasoning tokens. Spends no probes live; in replay it stops at the
+    first probe at or past the budget."""
+
+    budget: int = 1024
+    confidence: str = "geometric"
+    name: str = field(default="budget", init=False)
+    needs_probes: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget >= 1,
+            "budget", self.budget, "must be an integer >= 1",
+        )
+        object.__setattr__(self, "max_reasoning_tokens", self.budget)
+
+    def start(self) -> _BudgetTracker:
+        return _BudgetTracker(self)
+
+
+class _BudgetTracker:
+    __slots__ = ("policy", "guard")
+
+    def __init__(self, policy: TokenBudget) -> None:
+        self.policy = policy
+        self.guard = _PositionGuard()
+
+    def update(self, probe: Probe) -> Decision:
+        self.guard.check(probe)
+        if probe.position >= self.policy.budget:
+            return Decision(True, "budget")
+        return CONTINUE
+
+
+@dataclass(frozen=True)
+class Vanilla(_PolicyBase):
+    """Never stops early: the model thinks until it ends its thinking or hits max_new_tokens."""
+
+    confidence: str = "geometric"
+    name: str = field(default="vanilla", init=False)
+    needs_probes: bool = field(default=False, init=False)
+
+    def start(self) -> _VanillaTracker:
+        return _VanillaTracker()
+
+
+class _VanillaTracker:
+    __slots__ = ("guard",)
+
+    def __init__(self) -> None:
+        self.guard = _PositionGuard()
+
+    def update(self, probe: Probe) -> Decision:
+        self.guard.check(probe)
+        return CONTINUE
+
+
+def _check_confidence_name(name: str) -> None:
+    from codestop.confidence import confidence_function
+
+    confidence_function(name)
+
+
+METHODS = {"codestop": CodeStop, "deer": Deer, "consistency": Consistency, "budget": TokenBudget, "vanilla": Vanilla}
+
+# Which knobs each method takes, by Python parameter name (CLI flags are these in kebab-case).
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "codestop": ("tau", "delta", "r_min", "r_max", "ramp_steps", "variant", "confidence"),
+    "deer": ("threshold", "confidence"),
+    "consistency": ("window", "confidence"),
+    "budget": ("budget",),
+    "vanilla": (),
+}
+
+
+def make_policy(method: str, **options: object) -> Policy:
+    """Build a policy by method name; options that are None are left at their defaults.
+
+    Options that do not belong to ``method`` raise a ValueError naming them.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    foreign = sorted(set(given) - set(METHOD_OPTIONS[method]))
+    if foreign:
+        raise ValueError(
+            f"{foreign[0]}: not an option of method {method!r} (its options: {', '.join(METHOD_OPTIONS[method]) or 'none'})"
+        )
+    return METHODS[method](**given)  # type: ignore[arg-type]
+
+
+def policy_options(policy: object) -> dict[str, object]:
+    """The method name and knobs of a policy as a JSON-ready dict."""
+    out: dict[str, object] = {"method": getattr(policy, "name", type(policy).__name__)}
+    for key in METHOD_OPTIONS.get(out["method"], ()):  # type: ignore[arg-type]
+        if hasattr(policy, key):
+            out[key] = getattr(policy, key)
+    return out
