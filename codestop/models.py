@@ -7,6 +7,7 @@ from pathlib import Path
 from codestop.engines.base import CodestopError, Engine
 
 ENGINES = ("transformers",)
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # the embedded default (a preset; see the embedded-default issue)
 
 
 def load_engine(
