@@ -292,8 +292,9 @@ class LocalBackend(abc.ABC):
 
     @abc.abstractmethod
     def crop(self, n_tokens: int) -> None:
-        """Cut the context back to its first ``n_tokens`` tokens (KV rollback). The last logits are
-        then undefined until ``set_logits`` or ``feed``."""
+        """Cut the context back to its first ``n_tokens`` tokens (KV rollback). ``logits()`` then
+        still returns the last logits computed (stale) until ``set_logits`` or ``feed``: the session
+        never samples from them (a probe restores them, a held-back word is fed first)."""
 
     @abc.abstractmethod
     def logits(self) -> np.ndarray:
