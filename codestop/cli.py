@@ -20,6 +20,12 @@ from codestop.engines.base import CodestopError
 # the modules that add verbs, in the order `codestop --help` lists them
 VERB_MODULES = (
     "codestop.cli",  # run
+    "codestop.demo",  # demo
+    "codestop.evaluate",  # eval
+    "codestop.traces",  # record, replay
+    "codestop.sweep",  # sweep, calibrate
+    "codestop.plots",  # plot, report
+    "codestop.serve",  # serve
 )
 
 
@@ -183,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not live:
             return
         if event.kind == "reasoning":
-            out.out(event.text, style="dim", end="", markup=False, highlight=False)
+            out.out(event.text, style="dim", end="", highlight=False)
         elif event.kind == "probe" and event.probe is not None:
             p = event.probe
             out.print(
@@ -192,7 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif event.kind == "stop":
             out.print(f"\n[bold yellow]stop: {event.reason} at {event.position} reasoning tokens[/bold yellow]")
         elif event.kind == "answer":
-            out.out(event.text, end="", markup=False, highlight=False)
+            out.out(event.text, end="", highlight=False)
 
     result = generate(engine, question, policy, on_event=show, **generation_options(args))
     if args.json:

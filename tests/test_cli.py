@@ -1,0 +1,90 @@
+"""`codestop run` end to end, as a user runs it (a subprocess), on a tiny model and on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import build_tiny_model
+
+
+def codestop(*args, stdin=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "codestop.cli", *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_run_json_prints_one_result_object(tiny_dir):
+    proc = codestop("run", "What is 2 + 3?", "--model", str(tiny_dir), "--json", "--method", "budget", "--budget", "12", "--seed", "0", "--temperature", "1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # nothing else on stdout
+    assert result["stop_reason"] == "budget" and result["tokens"]["reasoning"] == 12
+    assert result["method"] == {"method": "budget", "budget": 12}
+    assert result["engine"] == "transformers"
+
+
+def test_run_reads_stdin_and_files(tiny_dir, tmp_path):
+    proc = codestop("run", "-", "--model", str(tiny_dir), "--json", "--max-new-tokens", "5", stdin="What is 1 + 1?")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["question"] == "What is 1 + 1?"
+    question = tmp_path / "q.txt"
+    question.write_text("What is 4 + 4?")
+    proc = codestop("run", "--file", str(question), "--model", str(tiny_dir), "--json", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["question"] == "What is 4 + 4?"
+
+
+def test_run_streams_and_summarises(tiny_dir):
+    proc = codestop(
+        "run", "What is 2 + 3?", "--model", str(tiny_dir), "--method", "deer", "--threshold", "0",
+        "--boundaries", "\\n\\n, the,.", "--probe-interval", "1", "--max-new-tokens", "60", "--seed", "0", "--temperature", "1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "answer:" in proc.stdout and "reasoning +" in proc.stdout and "stop:" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--model", "{tiny}", "--tau", "-1"], "tau: -1.0 must be a number >= 0"),
+        (["--model", "{tiny}", "--method", "deer", "--tau", "3"], "tau: not an option of method 'deer'"),
+        (["--model", "{tiny}", "--method", "fastest"], "method: unknown method 'fastest'"),
+        (["--model", "{tiny}", "--ramp-steps", "0"], "ramp_steps: 0 must be an integer >= 1"),
+        (["--model", "{tiny}", "--file", "/no/such/file"], "file: cannot read"),
+    ],
+)
+def test_user_errors_are_one_line(tiny_dir, args, message):
+    args = [a.replace("{tiny}", str(tiny_dir)) for a in args]
+    proc = codestop("run", "What?", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_run_end_to_end_on_smollm2(smollm2_path):
+    """The real SmolLM2-135M (a plumbing model, not a reasoning one) through the transformers engine."""
+    proc = codestop(
+        "run", "Tom has 3 apples and buys 2 more. How many apples does he have?", "--model", str(smollm2_path),
+        "--engine", "transformers", "--max-new-tokens", "120", "--probe-interval", "8", "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["family"] == "plain" and result["engine"] == "transformers"
+    assert 0 < result["tokens"]["reasoning"] <= 120
+    assert result["stop_reason"] in ("confident", "degenerate", "finished", "budget")
+    assert result["answer"]  # a box is always read or forced
+    for probe in result["probes"]:
+        assert 0.0 <= probe["confidence"] <= 1.0 and probe["position"] <= result["tokens"]["reasoning"]
