@@ -223,7 +223,14 @@ def _converted_gguf(gguf: Path) -> str:
     if (target / "config.json").exists():
         return str(target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers >= 5 keeps GGUF weights packed (not serializable) unless told to dequantize
+    try:
+        from transformers import GgufConfig
+
+        unpack = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # transformers 4 always dequantizes
+        unpack = {}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **unpack)
     # the weights are already dequantized; drop the GGUF quantizer so they can be saved plainly
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

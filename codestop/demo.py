@@ -1,0 +1,387 @@
+"""``codestop demo``: vanilla, DEER and CoDE-Stop side by side on a few word problems.
+
+With no arguments it runs the default preset (a small instruct model that installs from PyPI) on
+the built-in grade-school word problems (``demo_problems.json``, written for this demo), shows a
+progress bar, and ends with one table: accuracy, mean reasoning tokens, tokens saved against
+vanilla, what the probes cost, and wall time. Every method answers the same problems greedily, so
+the differences come from when each one stops.
+
+The demo's settings were chosen by measurement on a 2-core CPU (see ``DEMO_INSTRUCTION``): the
+preset models are instruct models, not reasoning models, so their whole answer is the "reasoning"
+(family ``plain``), a blank line ends a step, and the prompt asks them to solve and then check the
+answer, as reasoning models do by themselves. A model with thinking markers (``--model`` a Qwen3,
+an R1 distill, ...) keeps its own family's prompt and boundaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+from codestop.engines.base import CodestopError, Engine
+
+DEFAULT_METHODS = ("vanilla", "deer", "codestop")
+DEFAULT_PROBLEMS = 12
+DEMO_MAX_NEW_TOKENS = 500  # vanilla answers these in ~150-450 tokens; the cap bounds a runaway
+# For a plain instruct model the demo asks for what a reasoning model does by itself: solve, then
+# check the answer. Measured on the 0.5B, greedy, all 24 problems (probes replayed offline from one
+# recording per prompt; BENCHMARKS.md, "Demo settings"): with the plain "reason step by step"
+# prompt the answer is the last line, so there is nothing after it to save, and every early stop
+# lands on an intermediate result (a probe copies the last number computed, with confidence ~1):
+# vanilla 67% -> 25-50% whatever the probe interval. With the check, the answer comes at about half the
+# tokens and the check then often talks the model out of it (overthinking), which is what early
+# stopping is for.
+DEMO_INSTRUCTION = (
+    "Solve it step by step and write the answer in \\boxed{}. Then check the answer a second way, by "
+    "working backwards from it, and state the final answer again in \\boxed{}."
+)
+# Probes at blank lines at least 128 reasoning tokens apart: the first probe then comes after the
+# solution, not inside it (24 problems: vanilla 46% / 339 tokens; CoDE-Stop 50% / 199; DEER 54% /
+# 219; probing every 16-64 tokens stopped on intermediate results: 21-38%).
+DEMO_PROBE_INTERVAL = 128
+DEMO_POLICY_OPTIONS: dict[str, dict[str, Any]] = {"vanilla": {}, "deer": {}, "codestop": {}}
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str
+
+
+def load_problems(limit: int | None = None) -> list[Problem]:
+    """The built-in problems (package data), the first ``limit`` of them."""
+    text = resources.files("codestop").joinpath("demo_problems.json").read_text(encoding="utf-8")
+    problems = [Problem(p["question"], str(p["answer"])) for p in json.loads(text)["problems"]]
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"problems: {limit!r} must be >= 1")
+        if limit > len(problems):
+            raise ValueError(f"problems: {limit} asked, the demo has {len(problems)}")
+        problems = problems[:limit]
+    return problems
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def first_number(text: str | None) -> float | None:
+    """The first number an answer states: "$18", "18 dollars", "1,080", "\\text{65 minutes}"."""
+    if not text:
+        return None
+    m = _NUMBER.search(text.replace("\\,", "").replace("{,}", ","))
+    if not m:
+        return None
+    raw = m.group(0)
+    if "," in raw and not re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", raw):
+        raw = raw.split(",")[0]  # "3, 4": a list, take its first item
+    try:
+        return float(raw.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numeric_match(prediction: str | None, gold: str) -> bool:
+    got, want = first_number(prediction), first_number(gold)
+    return got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@dataclass
+class MethodSummary:
+    method: str
+    problems: int
+    correct: int
+    reasoning_tokens: float  # mean per problem
+    cost_tokens: float  # mean reasoning + probe + answer tokens (the paper's accounting)
+    probe_tokens: float  # mean probe tokens generated
+    probes: float  # mean probes per problem
+    probe_seconds: float  # total time in probes
+    wall_seconds: float  # total time for the method
+    stop_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.problems if self.problems else 0.0
+
+    @property
+    def probe_overhead(self) -> float:
+        """Share of the wall time spent probing."""
+        return self.probe_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+
+@dataclass
+class DemoReport:
+    model: str
+    engine: str
+    summaries: list[MethodSummary]
+    results: dict[str, list[dict[str, Any]]]
+    load_seconds: float
+    wall_seconds: float
+
+    def saved_vs_vanilla(self, summary: MethodSummary) -> float | None:
+        """Fraction of vanilla's mean cost (reasoning + probe + answer tokens) this method saved."""
+        base = next((s for s in self.summaries if s.method == "vanilla"), None)
+        if base is None or base.cost_tokens == 0:
+            return None
+        return 1.0 - summary.cost_tokens / base.cost_tokens
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"codestop demo: {self.model} ({self.engine}), {self.summaries[0].problems} problems")
+        for name, justify in (
+            ("method", "left"),
+            ("accuracy", "right"),
+            ("reasoning tokens", "right"),
+            ("saved vs vanilla", "right"),
+            ("probe overhead", "right"),
+            ("wall time", "right"),
+        ):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for s in self.summaries:
+            saved = self.saved_vs_vanilla(s)
+            table.add_row(
+                s.method,
+                f"{s.accuracy * 100:.0f}%",
+                f"{s.reasoning_tokens:.0f}",
+                "-" if saved is None or s.method == "vanilla" else f"{saved * 100:.0f}%",
+                "-" if not s.probes else f"{s.probe_tokens:.0f} tok, {s.probe_overhead * 100:.0f}% time",
+                f"{s.wall_seconds:.0f} s",
+            )
+        table.caption = (
+            "Per problem: mean reasoning tokens; saved = fewer reasoning + probe + answer tokens than "
+            "vanilla; probe overhead = probe tokens, share of wall time. The presets are instruct models, "
+            "not reasoning models: the demo prompt asks them to solve, then check the answer."
+        )
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "engine": self.engine,
+            "load_seconds": self.load_seconds,
+            "wall_seconds": self.wall_seconds,
+            "methods": [
+                {
+                    **asdict(s),
+                    "accuracy": s.accuracy,
+                    "probe_overhead": s.probe_overhead,
+                    "tokens_saved_vs_vanilla": self.saved_vs_vanilla(s),
+                }
+                for s in self.summaries
+            ],
+            "results": self.results,
+        }
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    from codestop.policies import METHODS
+
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    if not names:
+        raise ValueError("methods: give at least one method, e.g. vanilla,deer,codestop")
+    for name in names:
+        if name not in METHODS:
+            raise ValueError(f"methods: unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods: {','.join(names)} names a method twice")
+    return names
+
+
+def demo(
+    model: str | Engine | None = None,
+    *,
+    problems: int | None = DEFAULT_PROBLEMS,
+    methods: str | Sequence[str] = DEFAULT_METHODS,
+    engine: str | None = None,
+    threads: int | None = None,
+    family: str | None = None,
+    max_new_tokens: int = DEMO_MAX_NEW_TOKENS,
+    probe_interval: int = DEMO_PROBE_INTERVAL,
+    tau: float | None = None,
+    threshold: float | None = None,
+    show: bool = True,
+    console: Any = None,
+) -> DemoReport:
+    """Run ``methods`` on the first ``problems`` built-in word problems and return the report
+    (printing a progress bar and the table when ``show``)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from codestop.controller import agenerate, run_sync
+    from codestop.engines.base import Boundaries, Sampling
+    from codestop.families import get_family
+    from codestop.models import DEFAULT_MODEL, load_engine
+    from codestop.policies import make_policy
+
+    names = parse_methods(methods)
+    items = load_problems(problems)
+    out = console or Console(highlight=False)
+    policies = {}
+    for name in names:
+        options = dict(DEMO_POLICY_OPTIONS.get(name, {}))
+        if name == "codestop" and tau is not None:
+            options["tau"] = tau
+        if name == "deer" and threshold is not None:
+            options["threshold"] = threshold
+        policies[name] = make_policy(name, **options)
+
+    t_load = time.perf_counter()
+    if model is None or isinstance(model, str):
+        name = model or DEFAULT_MODEL
+        options = {"threads": threads} if threads is not None else {}
+        if show:
+            with out.status(f"loading {name} (a preset is joined and checked once, then reused) ..."):
+                eng = load_engine(name, engine=engine, **options)
+        else:
+            eng = load_engine(name, engine=engine, **options)
+    else:
+        eng = model
+    load_seconds = time.perf_counter() - t_load
+    fam = get_family(family, eng)
+    if fam.name == "plain":
+        fam = replace(fam, instruction=DEMO_INSTRUCTION)
+
+    summaries: list[MethodSummary] = []
+    results: dict[str, list[dict[str, Any]]] = {}
+    t_all = time.perf_counter()
+    progress = Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=out,
+        disable=not show,
+        transient=False,
+    )
+    with progress:
+        tasks = {n: progress.add_task(n, total=len(items), status="") for n in names}
+        for method in names:
+            rows: list[dict[str, Any]] = []
+            correct = 0
+            t_method = time.perf_counter()
+            for item in items:
+                result = run_sync(
+                    agenerate(
+                        eng,
+                        item.question,
+                        policies[method],
+                        fam,
+                        max_new_tokens=max_new_tokens,
+                        probe_interval=probe_interval,
+                        boundaries=Boundaries(),
+                        sampling=Sampling(temperature=0.0),
+                    )
+                )
+                ok = numeric_match(result.answer, item.answer)
+                correct += ok
+                rows.append(
+                    {
+                        "question": item.question,
+                        "gold": item.answer,
+                        "answer": result.answer,
+                        "correct": ok,
+                        "stop_reason": result.stop_reason,
+                        "reasoning_text": result.reasoning_text,
+                        "tokens": result.tokens,
+                        "cost": result.cost,
+                        "probes": [(p.position, round(p.confidence, 4), p.answer) for p in result.probes],
+                        "timings": result.timings,
+                    }
+                )
+                progress.update(tasks[method], advance=1, status=f"{correct}/{len(rows)} right")
+            wall = time.perf_counter() - t_method
+            n = len(rows)
+            reasons: dict[str, int] = {}
+            for r in rows:
+                reasons[r["stop_reason"]] = reasons.get(r["stop_reason"], 0) + 1
+            summaries.append(
+                MethodSummary(
+                    method=method,
+                    problems=n,
+                    correct=correct,
+                    reasoning_tokens=sum(r["tokens"]["reasoning"] for r in rows) / n,
+                    cost_tokens=sum(r["cost"] for r in rows) / n,
+                    probe_tokens=sum(r["tokens"]["probe"] for r in rows) / n,
+                    probes=sum(len(r["probes"]) for r in rows) / n,
+                    probe_seconds=sum(r["timings"]["probe"] for r in rows),
+                    wall_seconds=wall,
+                    stop_reasons=reasons,
+                )
+            )
+            results[method] = rows
+    report = DemoReport(
+        model=eng.model_name,
+        engine=eng.name,
+        summaries=summaries,
+        results=results,
+        load_seconds=load_seconds,
+        wall_seconds=time.perf_counter() - t_all,
+    )
+    if show:
+        out.print(report.table())
+        out.print(f"total {report.wall_seconds + load_seconds:.0f} s (loading {load_seconds:.0f} s)")
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# codestop demo
+# --------------------------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="vanilla, DEER and CoDE-Stop side by side on built-in word problems (runs offline)",
+        description=(
+            "Run vanilla, DEER and CoDE-Stop on the built-in grade-school word problems with a small "
+            "model and print accuracy, tokens and time side by side."
+        ),
+    )
+    p.add_argument("--model", default=None, help="preset name, .gguf file, HF directory or hub id (default: the default preset)")
+    p.add_argument("--engine", default=None, help="llamacpp or transformers (default: from the model's format)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the free cores)")
+    p.add_argument("--family", default=None, help="model family (default: detected)")
+    p.add_argument("--problems", type=int, default=DEFAULT_PROBLEMS, help=f"how many problems (default {DEFAULT_PROBLEMS})")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods (default vanilla,deer,codestop)")
+    p.add_argument("--max-new-tokens", type=int, default=DEMO_MAX_NEW_TOKENS, help="reasoning token cap per problem")
+    p.add_argument("--probe-interval", type=int, default=DEMO_PROBE_INTERVAL, help="least reasoning tokens between probes")
+    p.add_argument("--tau", type=float, default=None, help="CoDE-Stop degeneration threshold")
+    p.add_argument("--threshold", type=float, default=None, help="DEER exit threshold")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report (every answer and probe) to FILE")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.json:  # fail before the run, not after it
+        try:
+            with open(args.json, "a", encoding="utf-8"):
+                pass
+        except OSError as err:
+            raise CodestopError(f"json: cannot write {args.json!r} ({err.strerror})") from None
+    report = demo(
+        args.model,
+        problems=args.problems,
+        methods=args.methods,
+        engine=args.engine,
+        threads=args.threads,
+        family=args.family,
+        max_new_tokens=args.max_new_tokens,
+        probe_interval=args.probe_interval,
+        tau=args.tau,
+        threshold=args.threshold,
+    )
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(report.to_dict(), fh, indent=1)
+        except OSError as err:
+            raise CodestopError(f"json: cannot write {args.json!r} ({err.strerror})") from None
+    return 0

@@ -1,0 +1,350 @@
+"""``codestop plot dynamics`` and ``codestop report``: the paper's analysis as figures, and one page.
+
+The dynamics figure has three panels, computed from recorded traces alone:
+
+1. mean probe confidence (with a 95% band, normal approximation of the mean) against normalised
+   reasoning position (probe position / full reasoning length, in 10 bins), for trajectories whose
+   final answer is correct and for those whose final answer is wrong;
+2. the reasoning lengths of each group;
+3. AUROC of early-confidence features (read from the first 25% / 50% of the reasoning only)
+   predicting that the final answer is correct: 0.5 is chance.
+
+A trace's outcome is its ``final_correct`` (minimal traces: the last probe's ``correct``); its
+length is ``reasoning_tokens`` (minimal traces: the last probe's position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from codestop.engines.base import CodestopError
+from codestop.evaluate import read_jsonl, summarize
+from codestop.policies import CodeStop, Probe
+from codestop.traces import Trace, load_traces, rescored
+
+BINS = 10
+
+
+def _outcome(t: Trace) -> bool:
+    if t.final_correct is not None:
+        return t.final_correct
+    return bool(t.probes[-1].correct) if t.probes else False
+
+
+def _length(t: Trace) -> int:
+    if t.reasoning_tokens:
+        return t.reasoning_tokens
+    return t.probes[-1].position if t.probes else 0
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve (the Mann-Whitney statistic, ties counted half); None when one
+    class is empty."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    ranked = sorted((s, i) for i, s in enumerate(scores))
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(ranked):
+        j = i
+        while j + 1 < len(ranked) and ranked[j + 1][0] == ranked[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[ranked[k][1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = sum(r for r, y in zip(ranks, labels) if y)
+    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def _early(t: Trace, probes: Sequence[Probe], fraction: float) -> list[Probe]:
+    limit = fraction * _length(t)
+    early = [p for p in probes if p.position <= limit]
+    return early or list(probes[:1])
+
+
+def _drops(ps: Sequence[Probe]) -> float:
+    return float(sum(1 for a, b in zip(ps, ps[1:]) if b.confidence < a.confidence))
+
+
+def _degeneration(ps: Sequence[Probe]) -> float:
+    tracker = CodeStop(tau=1e9, r_min=1.0, r_max=1.0).start()  # never stops: just the score D_k
+    for p in ps:
+        tracker.update(p)
+    return tracker.score
+
+
+# name -> (fraction of the reasoning read, feature; higher should mean "more likely correct")
+FEATURES: dict[str, tuple[float, Callable[[Sequence[Probe]], float]]] = {
+    "first-probe confidence": (0.0, lambda ps: ps[0].confidence),
+    "mean confidence, first 25%": (0.25, lambda ps: sum(p.confidence for p in ps) / len(ps)),
+    "mean confidence, first 50%": (0.5, lambda ps: sum(p.confidence for p in ps) / len(ps)),
+    "max confidence, first 50%": (0.5, lambda ps: max(p.confidence for p in ps)),
+    "minus confidence drops, first 50%": (0.5, lambda ps: -_drops(ps)),
+    "minus degeneration score D, first 50%": (0.5, lambda ps: -_degeneration(ps)),
+    "minus reasoning length (whole trace)": (1.0, lambda ps: -float(ps[-1].position)),
+}
+
+
+def dynamics(traces: Sequence[Trace], confidence: str = "geometric") -> dict[str, Any]:
+    """The numbers behind the figure: per-bin mean confidence and 95% half-width for each group,
+    the lengths of each group, and the AUROC of each early feature."""
+    usable = [t for t in traces if t.probes]
+    if not usable:
+        raise CodestopError("traces: no trace has probes; record traces with `codestop record`")
+    probes = [rescored(t.probes, confidence) for t in usable]
+    labels = [_outcome(t) for t in usable]
+    curves: dict[str, dict[str, list[float | None]]] = {}
+    for group, want in (("correct", True), ("incorrect", False)):
+        sums: list[list[float]] = [[] for _ in range(BINS)]
+        for t, ps, y in zip(usable, probes, labels):
+            if y != want:
+                continue
+            length = max(_length(t), ps[-1].position)
+            per_bin: list[list[float]] = [[] for _ in range(BINS)]
+            for p in ps:
+                b = min(BINS - 1, int(p.position / length * BINS))
+                per_bin[b].append(p.confidence)
+            for b, vals in enumerate(per_bin):
+                if vals:  # one value per trace and bin, so long traces do not outweigh short ones
+                    sums[b].append(sum(vals) / len(vals))
+        mean: list[float | None] = []
+        half: list[float | None] = []
+        for vals in sums:
+            if not vals:
+                mean.append(None)
+                half.append(None)
+                continue
+            m = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            mean.append(m)
+            half.append(1.96 * sd / math.sqrt(len(vals)))
+        curves[group] = {"mean": mean, "half_width": half, "n_per_bin": [len(v) for v in sums]}
+    features = {}
+    for name, (fraction, fn) in FEATURES.items():
+        scores = [fn(_early(t, ps, fraction)) for t, ps in zip(usable, probes)]
+        features[name] = auroc(scores, labels)
+    return {
+        "n": len(usable),
+        "n_correct": sum(labels),
+        "bins": [(b + 0.5) / BINS for b in range(BINS)],
+        "curves": curves,
+        "lengths": {"correct": [_length(t) for t, y in zip(usable, labels) if y], "incorrect": [_length(t) for t, y in zip(usable, labels) if not y]},
+        "auroc": features,
+        "confidence": confidence,
+    }
+
+
+def plot_dynamics(stats: dict[str, Any], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    ax = axes[0]
+    colors = {"correct": "tab:green", "incorrect": "tab:red"}
+    for group, c in stats["curves"].items():
+        xs = [x for x, m in zip(stats["bins"], c["mean"]) if m is not None]
+        ms = [m for m in c["mean"] if m is not None]
+        hs = [h for h in c["half_width"] if h is not None]
+        n = len(stats["lengths"][group])
+        ax.plot(xs, ms, marker="o", color=colors[group], label=f"{group} (n={n})")
+        ax.fill_between(xs, [m - h for m, h in zip(ms, hs)], [m + h for m, h in zip(ms, hs)], color=colors[group], alpha=0.2)
+    ax.set_xlabel("normalised reasoning position")
+    ax.set_ylabel(f"probe confidence ({stats['confidence']}), mean and 95% band")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    data = [stats["lengths"]["correct"], stats["lengths"]["incorrect"]]
+    if any(data):
+        bins = 20
+        hi = max(max(d) for d in data if d)
+        for group, d in zip(("correct", "incorrect"), data):
+            if d:
+                mean = sum(d) / len(d)
+                ax.hist(d, bins=bins, range=(0, hi), alpha=0.5, color=colors[group], label=f"{group}: mean {mean:.0f}")
+    ax.set_xlabel("reasoning tokens")
+    ax.set_ylabel("trajectories")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    names = [k for k, v in stats["auroc"].items() if v is not None]
+    vals = [stats["auroc"][k] for k in names]
+    ax.barh(range(len(names)), vals, color="tab:blue")
+    ax.axvline(0.5, color="black", lw=1, ls="--")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("AUROC for final-answer correctness (0.5 = chance)")
+    for i, v in enumerate(vals):
+        ax.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def auroc_table(stats: dict[str, Any]) -> str:
+    rows = ["| early-confidence feature | AUROC |", "|---|---:|"]
+    for name, v in stats["auroc"].items():
+        rows.append(f"| {name} | {'n/a' if v is None else f'{v:.3f}'} |")
+    return "\n".join(rows) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The HTML report
+# --------------------------------------------------------------------------------------------
+
+
+def _md_table_to_html(text: str) -> str:
+    """Markdown pipe tables to HTML; other lines as paragraphs."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|") and i + 1 < len(lines) and set(lines[i + 1].replace("|", "").strip()) <= set("-: "):
+            head = [c.strip() for c in line.strip("|").split("|")]
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip("|").split("|")]
+                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+                i += 1
+            out.append("</table>")
+            continue
+        if line.startswith("#"):
+            level = min(4, len(line) - len(line.lstrip("#")) + 1)
+            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+        i += 1
+    return "\n".join(out)
+
+
+def _csv_to_html(path: Path) -> str:
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return ""
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]
+    return "\n".join(out) + "</table>"
+
+
+def _run_summary_html(path: Path) -> str | None:
+    """A summary row for an eval run file or a trace file (None for other JSON lines)."""
+    try:
+        records = read_jsonl(path)
+    except CodestopError:
+        return None
+    if not records or "id" not in records[0]:
+        return None
+    if "probes" in records[0] and "final_correct" in records[0]:
+        n = len(records)
+        acc = sum(bool(r.get("final_correct")) for r in records) / n
+        length = sum(int(r.get("reasoning_tokens") or 0) for r in records) / n
+        probes = sum(len(r.get("probes") or ()) for r in records) / n
+        return f"<p><b>{html.escape(path.name)}</b>: {n} traces, final accuracy {acc * 100:.1f}%, {length:.0f} reasoning tokens and {probes:.1f} probes per question</p>"
+    if "correct" in records[0]:
+        s = summarize(records)
+        return (f"<p><b>{html.escape(path.name)}</b>: {s['n']} questions, accuracy {s['accuracy'] * 100:.1f}%, "
+                f"mean tokens {s['mean_tokens']:.0f}, mean cost {s['mean_cost']:.0f}, wall time {s['wall_time']:.0f} s</p>")
+    return None
+
+
+def report(directory: str | Path, out: str | Path | None = None, title: str = "codestop report") -> Path:
+    """One self-contained HTML page (figures embedded) of everything in ``directory``: run and trace
+    summaries, Markdown and CSV tables, PNG figures."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CodestopError(f"report: {str(d)!r} is not a directory; give the folder holding a run's tables and figures")
+    target = Path(out) if out is not None else d / "report.html"
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>from {html.escape(str(d))}</p>"]
+    runs = [s for p in sorted(d.glob("*.jsonl")) if (s := _run_summary_html(p))]
+    if runs:
+        parts += ["<h2>runs and traces</h2>", *runs]
+    for p in sorted(d.glob("*.md")):
+        parts += [f"<h2>{html.escape(p.name)}</h2>", _md_table_to_html(p.read_text(encoding="utf-8"))]
+    for p in sorted(d.glob("*.csv")):
+        if p.with_suffix(".md").exists():
+            continue  # the same table already shown
+        parts += [f"<h2>{html.escape(p.name)}</h2>", _csv_to_html(p)]
+    for p in sorted(d.glob("*.png")):
+        data = base64.b64encode(p.read_bytes()).decode()
+        parts += [f"<h2>{html.escape(p.name)}</h2>", f'<img alt="{html.escape(p.name)}" src="data:image/png;base64,{data}">']
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "img{max-width:100%}")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("plot", help="figures from traces (dynamics: confidence over the reasoning, correct vs incorrect)")
+    kinds = p.add_subparsers(dest="plot", metavar="KIND")
+    d = kinds.add_parser(
+        "dynamics",
+        help="confidence against normalised position, lengths, and AUROC of early-confidence features",
+        description="Plot confidence dynamics of correct vs incorrect trajectories from recorded traces.",
+    )
+    d.add_argument("traces", help="a trace file (codestop record)")
+    d.add_argument("--out", default=None, help="the PNG to write (default: the trace file's path with .dynamics.png)")
+    d.add_argument("--confidence", default="geometric", help="confidence function used to score the probes")
+    d.add_argument("--json", action="store_true", help="print the numbers behind the figure as JSON")
+    d.set_defaults(func=cmd_plot_dynamics)
+    p.set_defaults(func=cmd_plot)
+
+    r = sub.add_parser("report", help="gather a run folder's tables and figures into one HTML page")
+    r.add_argument("directory", help="the folder of a run (e.g. bench/results)")
+    r.add_argument("--out", default=None, help="the HTML file (default: DIRECTORY/report.html)")
+    r.add_argument("--title", default="codestop report")
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    if getattr(args, "plot", None) == "dynamics":
+        return cmd_plot_dynamics(args)
+    raise CodestopError("plot: name a figure, e.g. `codestop plot dynamics TRACES`")
+
+
+def cmd_plot_dynamics(args: argparse.Namespace) -> int:
+    traces = load_traces(args.traces)
+    stats = dynamics(traces, args.confidence)
+    base = str(args.traces)[: -len(".jsonl")] if str(args.traces).endswith(".jsonl") else str(args.traces)
+    out = Path(args.out or base + ".dynamics.png")
+    plot_dynamics(stats, out, title=f"{Path(args.traces).name}: {stats['n']} trajectories, {stats['n_correct']} correct")
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(auroc_table(stats))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = report(args.directory, args.out, args.title)
+    print(f"wrote {path}")
+    return 0

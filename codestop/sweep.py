@@ -1,0 +1,462 @@
+"""``codestop sweep`` and ``codestop calibrate``: the accuracy/tokens trade-off on recorded traces.
+
+A sweep replays each method over a range of its one knob (CoDE-Stop's ``tau``, DEER's
+``threshold``, Consistency's ``window``, TokenBudget's ``budget``) and writes the Pareto table
+(CSV and Markdown) and a PNG of accuracy against mean tokens, vanilla as a point.
+
+Calibration picks the knob value that saves the most tokens while the accuracy drop against vanilla
+on a calibration split stays within ``max_accuracy_drop``, then measures the chosen value on the
+held-out rest, the only honest estimate, with a one-sided 95% upper bound on the drop (see
+:func:`drop_bounds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from codestop.engines.base import CodestopError
+from codestop.policies import METHOD_OPTIONS, Policy, Probe, make_policy
+from codestop.traces import Replayed, Trace, load_traces, replay_trace, rescored
+
+# each method's one knob, its type and the range swept when none is given
+KNOBS: dict[str, tuple[str, type, str]] = {
+    "codestop": ("tau", float, "0.5:16:0.5"),
+    "deer": ("threshold", float, "0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.999"),
+    "consistency": ("window", int, "2:8:1"),
+    "budget": ("budget", int, "64:1024:64"),
+}
+FIXED_OPTIONS = ("delta", "r_min", "r_max", "ramp_steps", "variant", "confidence")
+
+
+def parse_range(text: str, kind: type = float, name: str = "range") -> list[Any]:
+    """``start:stop:step`` (stop included), a comma list, or one value."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = (float(p) for p in parts)
+            if step <= 0 or stop < start:
+                raise CodestopError(f"{name}: {text!r}: need start <= stop and step > 0 (start:stop:step)")
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CodestopError(f"{name}: {text!r} is not start:stop:step, a comma list, or a number") from None
+    if not values:
+        raise CodestopError(f"{name}: {text!r} holds no value")
+    if kind is int:
+        if any(v != int(v) for v in values):
+            raise CodestopError(f"{name}: {text!r} must hold whole numbers")
+        return sorted({int(v) for v in values})
+    return sorted(set(values))
+
+
+@dataclass
+class Point:
+    """One policy's replayed outcome on all traces; ``pareto``: no other point of the sweep is at
+    least as accurate with fewer tokens (or more accurate with as few)."""
+
+    method: str
+    knob: str
+    value: float | int | None
+    n: int
+    accuracy: float
+    mean_tokens: float
+    mean_cost: float
+    accuracy_change: float  # vs vanilla on the same traces, a fraction
+    token_saving: float  # 1 - mean_tokens / vanilla's
+    pareto: bool = False
+
+
+def run_policy(traces: Sequence[Trace], policy: Policy, cache: dict[str, list[list[Probe]]] | None = None) -> list[Replayed]:
+    """Replay ``policy`` on every trace; ``cache`` keeps the re-scored probes per confidence function."""
+    if cache is not None:
+        if policy.confidence not in cache:
+            cache[policy.confidence] = [rescored(t.probes, policy.confidence) for t in traces]
+        probes = cache[policy.confidence]
+        return [replay_trace(t, policy, p) for t, p in zip(traces, probes)]
+    return [replay_trace(t, policy) for t in traces]
+
+
+def _point(method: str, knob: str, value: Any, rows: Sequence[Replayed], vanilla: Sequence[Replayed]) -> Point:
+    n = len(rows)
+    acc = sum(r.correct for r in rows) / n
+    toks = sum(r.tokens for r in rows) / n
+    v_acc = sum(r.correct for r in vanilla) / n
+    v_toks = sum(r.tokens for r in vanilla) / n
+    return Point(method, knob, value, n, acc, toks, sum(r.cost for r in rows) / n, acc - v_acc, 1 - toks / v_toks if v_toks else 0.0)
+
+
+def mark_pareto(points: list[Point]) -> None:
+    for p in points:
+        p.pareto = not any(
+            (q.accuracy >= p.accuracy and q.mean_tokens <= p.mean_tokens) and (q.accuracy > p.accuracy or q.mean_tokens < p.mean_tokens)
+            for q in points
+        )
+
+
+def fixed_policy(method: str, value: Any = None, **options: Any) -> Policy:
+    """``method`` with its knob at ``value`` and the options it takes from ``options``."""
+    allowed = METHOD_OPTIONS[method]
+    given = {k: v for k, v in options.items() if k in allowed and v is not None}
+    if method in KNOBS and value is not None:
+        given[KNOBS[method][0]] = value
+    return make_policy(method, **given)
+
+
+def sweep(traces: Sequence[Trace], ranges: dict[str, Sequence[Any]], **options: Any) -> list[Point]:
+    """Points for vanilla and for each method over its knob values; ``options`` (delta, r_min, ...,
+    confidence) go to the methods that take them."""
+    if not traces:
+        raise CodestopError("traces: no traces to sweep")
+    cache: dict[str, list[list[Probe]]] = {}
+    vanilla = run_policy(traces, make_policy("vanilla"), cache)
+    points = [_point("vanilla", "", None, vanilla, vanilla)]
+    for method, values in ranges.items():
+        if method == "vanilla":
+            continue
+        if method not in KNOBS:
+            raise CodestopError(f"method: {method!r} has no knob to sweep; choose from {', '.join(KNOBS)}")
+        knob = KNOBS[method][0]
+        for value in values:
+            policy = fixed_policy(method, value, **options)
+            points.append(_point(method, knob, value, run_policy(traces, policy, cache), vanilla))
+    mark_pareto(points)
+    return points
+
+
+# --------------------------------------------------------------------------------------------
+# Tables and the figure
+# --------------------------------------------------------------------------------------------
+
+
+def markdown_table(points: Sequence[Point], only_pareto: bool = False) -> str:
+    rows = ["| method | knob | accuracy | mean tokens | mean cost (incl. probes) | accuracy change | fewer tokens | Pareto |",
+            "|---|---|---:|---:|---:|---:|---:|:-:|"]
+    for p in points:
+        if only_pareto and not p.pareto:
+            continue
+        knob = f"{p.knob}={p.value}" if p.knob else "-"
+        rows.append(
+            f"| {p.method} | {knob} | {p.accuracy * 100:.1f}% | {p.mean_tokens:.0f} | {p.mean_cost:.0f} | "
+            f"{p.accuracy_change * 100:+.1f} pts | {p.token_saving * 100:.1f}% | {'yes' if p.pareto else ''} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def write_csv(points: Sequence[Point], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(asdict(points[0])))
+        w.writeheader()
+        for p in points:
+            w.writerow(asdict(p))
+
+
+STYLE = {"codestop": ("tab:red", "o"), "deer": ("tab:blue", "s"), "consistency": ("tab:green", "^"), "budget": ("tab:gray", "x")}
+
+
+def plot_tradeoff(points: Sequence[Point], path: Path, title: str = "") -> None:
+    """Accuracy (%) against mean reasoning tokens: each method's points, its own Pareto frontier as
+    a line, vanilla as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for method in dict.fromkeys(p.method for p in points):
+        mine = [p for p in points if p.method == method]
+        if method == "vanilla":
+            ax.scatter([mine[0].mean_tokens], [mine[0].accuracy * 100], marker="*", s=220, color="black", zorder=5, label="vanilla")
+            continue
+        color, marker = STYLE.get(method, ("tab:purple", "d"))
+        ax.scatter([p.mean_tokens for p in mine], [p.accuracy * 100 for p in mine], color=color, marker=marker, alpha=0.35, s=22)
+        own = sorted(mine, key=lambda p: (p.mean_tokens, -p.accuracy))
+        frontier, best = [], -1.0
+        for p in own:
+            if p.accuracy > best:
+                frontier.append(p)
+                best = p.accuracy
+        ax.plot([p.mean_tokens for p in frontier], [p.accuracy * 100 for p in frontier], color=color, marker=marker, label=method)
+    ax.set_xlabel("mean reasoning tokens (replayed)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+
+
+def _log_binom_cdf(k: int, n: int, p: float) -> float:
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 0.0 if k >= n else -math.inf
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    m = max(terms)
+    return m + math.log(sum(math.exp(t - m) for t in terms))
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """Exact one-sided upper confidence bound on a binomial rate after ``k`` events in ``n`` trials."""
+    if n == 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    alpha = math.log(1 - confidence)
+    lo, hi = k / n, 1.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if _log_binom_cdf(k, n, mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def paired_counts(policy_rows: Sequence[Replayed], vanilla_rows: Sequence[Replayed]) -> tuple[int, int]:
+    """(lost, gained): questions vanilla gets right and the policy wrong, and the reverse."""
+    lost = sum(v.correct and not r.correct for r, v in zip(policy_rows, vanilla_rows))
+    gained = sum(r.correct and not v.correct for r, v in zip(policy_rows, vanilla_rows))
+    return lost, gained
+
+
+def drop_bounds(lost: int, gained: int, n: int, confidence: float = 0.95) -> dict[str, float]:
+    """The accuracy drop (lost - gained) / n and two one-sided upper bounds on it:
+
+    * ``exact``: the Clopper-Pearson upper bound on the rate of lost questions. The drop can never
+      exceed that rate, so this bound holds whatever the gains (conservative, no approximation);
+    * ``normal``: mean + z * sd / sqrt(n) of the paired differences (tighter, approximate).
+    """
+    if n == 0:
+        return {"drop": 0.0, "exact": 1.0, "normal": 1.0}
+    d = (lost - gained) / n
+    var = (lost + gained) / n - d * d
+    z = {0.9: 1.2816, 0.95: 1.6449, 0.99: 2.3263}.get(confidence, 1.6449)
+    return {"drop": d, "exact": clopper_pearson_upper(lost, n, confidence), "normal": d + z * math.sqrt(max(var, 0.0) / n)}
+
+
+def calibrate(
+    traces: Sequence[Trace],
+    max_accuracy_drop: float,
+    *,
+    method: str = "codestop",
+    values: Sequence[Any] | None = None,
+    calibration_fraction: float = 0.5,
+    seed: int = 0,
+    **options: Any,
+) -> dict[str, Any]:
+    """Choose ``method``'s knob on a calibration split and measure it on the held-out rest."""
+    if not (0 <= max_accuracy_drop < 1):
+        raise CodestopError(f"max_accuracy_drop: {max_accuracy_drop!r} must be a fraction in [0, 1), e.g. 0.01 for one point")
+    if not (0 < calibration_fraction <= 1):
+        raise CodestopError(f"calibration_fraction: {calibration_fraction!r} must be in (0, 1]")
+    if method not in KNOBS:
+        raise CodestopError(f"method: {method!r} has no knob to calibrate; choose from {', '.join(KNOBS)}")
+    knob, kind, default = KNOBS[method]
+    values = list(values) if values is not None else parse_range(default, kind, knob)
+    order = list(traces)
+    random.Random(seed).shuffle(order)
+    n_cal = max(1, round(len(order) * calibration_fraction))
+    cal, held = order[:n_cal], order[n_cal:]
+    if len(traces) < 2:
+        raise CodestopError("traces: calibration needs at least 2 traces")
+
+    cache: dict[str, list[list[Probe]]] = {}
+    vanilla_cal = run_policy(cal, make_policy("vanilla"), cache)
+    v_tokens = sum(r.tokens for r in vanilla_cal) / len(cal)
+    candidates = []
+    for value in values:
+        rows = run_policy(cal, fixed_policy(method, value, **options), cache)
+        lost, gained = paired_counts(rows, vanilla_cal)
+        drop = (lost - gained) / len(cal)
+        tokens = sum(r.tokens for r in rows) / len(cal)
+        candidates.append({"value": value, "drop": drop, "mean_tokens": tokens, "token_saving": 1 - tokens / v_tokens if v_tokens else 0.0})
+    ok = [c for c in candidates if c["drop"] <= max_accuracy_drop + 1e-12]
+    # the fewest tokens; among equals, the smaller drop
+    chosen = min(ok, key=lambda c: (c["mean_tokens"], c["drop"])) if ok else None
+
+    out: dict[str, Any] = {
+        "method": method,
+        "knob": knob,
+        "max_accuracy_drop": max_accuracy_drop,
+        "n_calibration": len(cal),
+        "n_held_out": len(held),
+        "seed": seed,
+        "chosen": chosen["value"] if chosen else None,
+        "calibration": chosen,
+        "candidates": candidates,
+    }
+    if chosen is None:
+        out["statement"] = (
+            f"No {knob} in the range keeps the calibration drop within {max_accuracy_drop * 100:.1f} points: "
+            "run without stopping (vanilla), or allow a larger drop."
+        )
+        return out
+    if held:
+        policy = fixed_policy(method, chosen["value"], **options)
+        rows = run_policy(held, policy)
+        vanilla_held = run_policy(held, make_policy("vanilla"))
+        lost, gained = paired_counts(rows, vanilla_held)
+        bounds = drop_bounds(lost, gained, len(held))
+        vt = sum(r.tokens for r in vanilla_held) / len(held)
+        mt = sum(r.tokens for r in rows) / len(held)
+        out["held_out"] = {
+            "n": len(held),
+            "accuracy": sum(r.correct for r in rows) / len(held),
+            "vanilla_accuracy": sum(r.correct for r in vanilla_held) / len(held),
+            "accuracy_drop": bounds["drop"],
+            "lost": lost,
+            "gained": gained,
+            "drop_upper_95_exact": bounds["exact"],
+            "drop_upper_95_normal": bounds["normal"],
+            "mean_tokens": mt,
+            "vanilla_mean_tokens": vt,
+            "token_saving": 1 - mt / vt if vt else 0.0,
+        }
+        h = out["held_out"]
+        certified = "which certifies" if h["drop_upper_95_exact"] <= max_accuracy_drop else "which does NOT certify"
+        out["statement"] = (
+            f"{knob}={chosen['value']} was chosen on {len(cal)} calibration traces (drop {chosen['drop'] * 100:+.1f} pts, "
+            f"{chosen['token_saving'] * 100:.1f}% fewer tokens). On the {len(held)} held-out traces, not used to choose it: "
+            f"drop {h['accuracy_drop'] * 100:+.1f} pts ({lost} lost, {gained} gained), {h['token_saving'] * 100:.1f}% fewer tokens. "
+            f"With 95% confidence the drop on new questions like these is at most {h['drop_upper_95_exact'] * 100:.1f} pts "
+            f"(exact one-sided Clopper-Pearson bound on the lost-question rate, gains not credited; "
+            f"normal approximation of the paired difference: {h['drop_upper_95_normal'] * 100:.1f} pts), {certified} "
+            f"the {max_accuracy_drop * 100:.1f}-point target. This holds only for questions exchangeable with these traces, "
+            "with the same model, sampling, boundaries and token cap; the calibration-split figures are optimistic "
+            "(the value was picked on them)."
+        )
+    else:
+        out["statement"] = (
+            f"{knob}={chosen['value']} was chosen on all {len(cal)} traces: no held-out traces remain, so there is no "
+            "honest estimate of its drop on new questions (use --calibration-fraction below 1)."
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def _add_knob_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("knob ranges (start:stop:step with stop included, a comma list, or one value)")
+    g.add_argument("--tau", default=None, help=f"CoDE-Stop tau (default {KNOBS['codestop'][2]})")
+    g.add_argument("--threshold", default=None, help="DEER threshold (default 0.5 ... 0.999)")
+    g.add_argument("--window", default=None, help=f"Consistency window (default {KNOBS['consistency'][2]})")
+    g.add_argument("--budget", default=None, help=f"token budget (default {KNOBS['budget'][2]})")
+    f = p.add_argument_group("fixed options (for the methods that take them)")
+    f.add_argument("--delta", type=float, default=None)
+    f.add_argument("--r-min", type=float, default=None)
+    f.add_argument("--r-max", type=float, default=None)
+    f.add_argument("--ramp-steps", type=int, default=None)
+    f.add_argument("--variant", default=None, help="CoDE-Stop variant: paper or reference")
+    f.add_argument("--confidence", default=None, help="confidence function: mean, geometric, min, span")
+
+
+def _ranges(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, list[Any]]:
+    out = {}
+    for method in methods:
+        if method == "vanilla":
+            continue
+        if method not in KNOBS:
+            raise CodestopError(f"method: unknown method {method!r}; choose from {', '.join(['vanilla', *KNOBS])}")
+        knob, kind, default = KNOBS[method]
+        out[method] = parse_range(getattr(args, knob) or default, kind, knob)
+    return out
+
+
+def _fixed(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in FIXED_OPTIONS if getattr(args, k) is not None}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="replay methods over a range of their knob: Pareto table and accuracy-vs-tokens plot",
+        description="Replay one or several methods over a range of their knob on recorded traces; write "
+        "PREFIX.csv, PREFIX.md (the Pareto table) and PREFIX.png (accuracy against mean tokens).",
+    )
+    p.add_argument("traces", help="a trace file (codestop record)")
+    p.add_argument("--method", action="append", default=None, help="codestop, deer, consistency, budget; repeat or comma-separate (default: codestop,deer,consistency)")
+    p.add_argument("--out", default=None, help="output prefix (default: the trace file's path without .jsonl, plus .sweep)")
+    p.add_argument("--json", action="store_true", help="print the points as JSON")
+    _add_knob_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="pick the knob value that saves the most tokens within an accuracy-drop budget, with a held-out bound",
+        description="Choose a method's knob on a calibration split of the traces so that the accuracy drop "
+        "against vanilla stays within --max-accuracy-drop, then measure it on the held-out rest.",
+    )
+    c.add_argument("traces", help="a trace file (codestop record)")
+    c.add_argument("--max-accuracy-drop", type=float, required=True, help="a fraction: 0.01 allows one point")
+    c.add_argument("--method", default="codestop", help="codestop, deer, consistency or budget")
+    c.add_argument("--calibration-fraction", type=float, default=0.5, help="share of traces used to choose (default 0.5)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
+    c.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _add_knob_options(c)
+    c.set_defaults(func=cmd_calibrate)
+
+
+def _methods(raw: Sequence[str] | None) -> list[str]:
+    if not raw:
+        return ["codestop", "deer", "consistency"]
+    return [m.strip() for item in raw for m in item.split(",") if m.strip()]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    traces = load_traces(args.traces)
+    points = sweep(traces, _ranges(args, _methods(args.method)), **_fixed(args))
+    prefix = args.out or (str(args.traces)[: -len(".jsonl")] if str(args.traces).endswith(".jsonl") else str(args.traces)) + ".sweep"
+    out = Path(prefix)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(points, Path(prefix + ".csv"))
+    Path(prefix + ".md").write_text(markdown_table(points), encoding="utf-8")
+    plot_tradeoff(points, Path(prefix + ".png"), title=f"{Path(args.traces).name}: {len(traces)} traces")
+    if args.json:
+        print(json.dumps([asdict(p) for p in points]))
+    else:
+        print(markdown_table(points, only_pareto=True))
+        print(f"wrote {prefix}.csv, {prefix}.md, {prefix}.png", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    traces = load_traces(args.traces)
+    knob, kind, default = KNOBS.get(args.method, ("", float, ""))
+    values = parse_range(getattr(args, knob) or default, kind, knob) if knob else None
+    result = calibrate(
+        traces, args.max_accuracy_drop, method=args.method, values=values,
+        calibration_fraction=args.calibration_fraction, seed=args.seed, **_fixed(args),
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["statement"])
+    return 0
+
+
+__all__ = ["sweep", "calibrate", "parse_range", "Point", "drop_bounds", "clopper_pearson_upper"]

@@ -1,0 +1,95 @@
+"""`codestop demo`: the built-in problems, the numeric grading, and a reduced run of the real demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codestop.cli import main
+from codestop.demo import demo, first_number, load_problems, numeric_match, parse_methods
+
+
+def test_builtin_problems_are_well_formed():
+    problems = load_problems()
+    assert len(problems) >= 20
+    assert len({p.question for p in problems}) == len(problems)
+    for p in problems:
+        assert p.question.strip().endswith("?")
+        assert first_number(p.answer) is not None and first_number(p.answer) == float(p.answer)
+    assert len(load_problems(3)) == 3
+    with pytest.raises(ValueError, match="problems"):
+        load_problems(0)
+    with pytest.raises(ValueError, match="the demo has"):
+        load_problems(len(problems) + 1)
+
+
+@pytest.mark.parametrize(
+    "prediction, gold, expected",
+    [
+        ("29", "29", True),
+        ("\\$18", "18", True),
+        ("18 dollars", "18", True),
+        ("\\text{65 minutes}", "65", True),
+        ("1,080", "1080", True),
+        ("18.0", "18", True),
+        ("17", "18", False),
+        ("", "18", False),
+        (None, "18", False),
+        ("x", "18", False),
+        ("-3", "3", False),
+    ],
+)
+def test_numeric_match(prediction, gold, expected):
+    assert numeric_match(prediction, gold) is expected
+
+
+def test_methods_are_checked():
+    assert parse_methods("vanilla, codestop") == ["vanilla", "codestop"]
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        parse_methods("vanilla,fast")
+    with pytest.raises(ValueError, match="twice"):
+        parse_methods("deer,deer")
+    with pytest.raises(ValueError, match="at least one"):
+        parse_methods(" , ")
+
+
+def test_cli_rejects_nonsense_in_one_line(capsys):
+    assert main(["demo", "--methods", "vanilla,nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("codestop: error: methods: unknown method 'nope'") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_reduced_demo_runs_and_prints_its_table(tmp_path, capsys):
+    """The demo as a user runs it (default model), on 3 problems."""
+    report_path = tmp_path / "demo.json"
+    assert main(["demo", "--problems", "3", "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    for heading in ("method", "accuracy", "reasoning", "saved", "overhead", "wall"):
+        assert heading in out
+    for method in ("vanilla", "deer", "codestop"):
+        assert method in out
+    report = json.loads(report_path.read_text())
+    assert [m["method"] for m in report["methods"]] == ["vanilla", "deer", "codestop"]
+    for m in report["methods"]:
+        assert m["problems"] == 3 and 0 <= m["accuracy"] <= 1
+        assert m["reasoning_tokens"] > 0
+    vanilla = report["methods"][0]
+    assert vanilla["probes"] == 0 and vanilla["probe_tokens"] == 0
+    assert all(r["stop_reason"] in ("finished", "budget") for r in report["results"]["vanilla"])
+    # greedy decoding and probes that leave the session unchanged: an early stop cuts vanilla's
+    # own reasoning short, it never changes it
+    vanilla_text = {r["question"]: r["reasoning_text"] for r in report["results"]["vanilla"]}
+    for method in ("deer", "codestop"):
+        for row in report["results"][method]:
+            assert vanilla_text[row["question"]].startswith(row["reasoning_text"])
+
+
+@pytest.mark.slow
+def test_demo_function_on_a_chosen_model(smollm2_path):
+    report = demo(str(smollm2_path), problems=2, methods=["vanilla", "codestop"], show=False)
+    assert [s.method for s in report.summaries] == ["vanilla", "codestop"]
+    assert report.engine == "llamacpp"
+    saved = report.saved_vs_vanilla(report.summaries[1])
+    assert saved is not None and saved <= 1

@@ -1,0 +1,66 @@
+"""Dynamics figures and the HTML report, on synthetic traces with known answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codestop.cli import main
+from codestop.engines.base import CodestopError
+from codestop.plots import auroc, dynamics, report
+from codestop.traces import trace_from_json
+
+
+def test_auroc():
+    assert auroc([0.9, 0.8, 0.2, 0.1], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], [True, False, True, False]) == 0.5
+    assert auroc([0.9, 0.3, 0.6, 0.1], [True, False, False, True]) == 0.5
+    assert auroc([1, 2], [True, True]) is None
+
+
+def _trace(i: int, correct: bool) -> dict:
+    # correct: confident early and short; incorrect: unsure, jumping, and twice as long
+    n = 5 if correct else 10
+    confs = [0.9] * n if correct else [0.3 if k % 2 else 0.6 for k in range(n)]
+    probes = [{"position": 50 * (k + 1), "confidence": c, "answer": "1", "correct": correct, "tokens": 3} for k, c in enumerate(confs)]
+    return {"id": f"t{i}", "probes": probes, "final_correct": correct, "reasoning_tokens": 50 * n + 10}
+
+
+@pytest.fixture()
+def traces_file(tmp_path):
+    path = tmp_path / "syn.jsonl"
+    path.write_text("".join(json.dumps(_trace(i, i % 3 != 0)) + "\n" for i in range(12)))
+    return path
+
+
+def test_dynamics_separates_what_was_built_to_separate(traces_file):
+    from codestop.traces import load_traces
+
+    stats = dynamics(load_traces(traces_file))
+    assert stats["n"] == 12 and stats["n_correct"] == 8
+    assert all(m == pytest.approx(0.9) for m in stats["curves"]["correct"]["mean"] if m is not None)
+    assert all(m < 0.7 for m in stats["curves"]["incorrect"]["mean"] if m is not None)
+    assert stats["auroc"]["first-probe confidence"] == 1.0
+    assert stats["auroc"]["minus reasoning length (whole trace)"] == 1.0
+    assert sorted(stats["lengths"]["correct"]) == [260] * 8
+
+
+def test_plot_dynamics_and_report(traces_file, tmp_path, capsys):
+    png = tmp_path / "dyn.png"
+    assert main(["plot", "dynamics", str(traces_file), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "| first-probe confidence | 1.000 |" in capsys.readouterr().out
+    (tmp_path / "table.md").write_text("# Results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    page = report(tmp_path).read_text()
+    assert "<td>1</td><td>2</td>" in page and "data:image/png;base64," in page
+    assert "12 traces, final accuracy 66.7%" in page
+    assert main(["plot"]) == 2
+
+
+def test_dynamics_needs_probes():
+    with pytest.raises(CodestopError, match="no trace has probes"):
+        dynamics([trace_from_json({"id": "a", "probes": [], "final_correct": True}, "x:1")])
+    with pytest.raises(CodestopError, match="not a directory"):
+        report("/nonexistent/dir")

@@ -1,0 +1,360 @@
+"""``codestop serve`` with the official ``openai`` client, in front of a REAL llama.cpp server
+(SmolLM2-135M on loopback; see tests/test_server_engine.py for how it is started and for the
+fault-injecting proxy). Reliability: a load of 16 concurrent clients x 2 requests, an upstream
+killed mid-stream, an upstream that hangs, bad requests, and no leaks between load rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from codestop.engines.server import ServerEngine
+from codestop.families import FAMILIES
+from codestop.serve import ServeSettings, Splitter, create_app
+from test_server_engine import FaultProxy, LlamaServer, free_port
+
+pytestmark = pytest.mark.slow
+SHORT = 16  # tokens per answer in the load rounds: short answers
+REPO = Path(__file__).resolve().parents[1]
+
+
+class InProcessProxy:
+    """``create_app`` served by uvicorn in a thread of the test process."""
+
+    def __init__(self, engine, **kwargs) -> None:
+        self.app = create_app(engine, **kwargs)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="critical"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        kwargs.setdefault("api_key", "unused")
+        kwargs.setdefault("max_retries", 0)
+        return openai.OpenAI(base_url=self.url + "/v1", **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.server.force_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def llama(smollm2_path):
+    server = LlamaServer(smollm2_path).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def proxy(llama):
+    engine = ServerEngine.connect(llama.url + "/v1", backoff=0.05)
+    p = InProcessProxy(engine)
+    yield p
+    p.stop()
+    engine.close()
+
+
+def ask(client: openai.OpenAI, question: str, **kwargs):
+    kwargs.setdefault("max_tokens", SHORT)
+    return client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}], **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The OpenAI surface
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_openai_client_works_unchanged_streaming_or_not(proxy):
+    client = proxy.client()
+    models = client.models.list()
+    assert [m.id for m in models.data] == [proxy.app.state.engine.model_name]
+
+    r = ask(client, "What is 12 + 30?", temperature=0)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason in ("stop", "length") and "\\boxed{" in msg.content
+    usage = r.usage
+    assert usage.completion_tokens == usage.codestop["reasoning_tokens"] + usage.codestop["answer_tokens"]
+    assert usage.completion_tokens_details.reasoning_tokens == usage.codestop["reasoning_tokens"]
+    for key in ("probe_tokens", "stop_reason", "tokens_saved", "probes", "method"):
+        assert key in usage.codestop
+
+    stream = ask(client, "What is 12 + 30?", temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content  # greedy: streaming gives the same answer
+    assert chunks[-1].usage.codestop["stop_reason"] == usage.codestop["stop_reason"]
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+    c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=12, temperature=0)
+    assert c.choices[0].text and c.usage.codestop["reasoning_tokens"] <= 12
+    streamed = "".join(x.choices[0].text for x in client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=12, temperature=0, stream=True) if x.choices)
+    assert streamed == c.choices[0].text
+
+
+def test_the_policy_is_chosen_per_request_over_the_server_default(proxy):
+    client = proxy.client()
+    r = ask(client, "What is 3 + 4?", extra_body={"codestop": {"method": "deer", "threshold": 0.5, "probe_interval": 4, "boundaries": [" "]}})
+    cs = r.usage.codestop
+    assert cs["method"] == {"method": "deer", "threshold": 0.5, "confidence": "mean"}
+    assert cs["probes"] >= 1 and cs["probe_tokens"] >= 1
+    r = ask(client, "What is 3 + 4?", extra_body={"codestop": {"method": "budget", "budget": 5}})
+    assert r.usage.codestop["reasoning_tokens"] == 5 and r.usage.codestop["stop_reason"] == "budget"
+    r = ask(client, "What is 3 + 4?", extra_body={"codestop": {"tau": 3.5}})  # the default method, one knob changed
+    assert r.usage.codestop["method"]["method"] == "codestop" and r.usage.codestop["method"]["tau"] == 3.5
+
+
+def test_bad_requests_are_400_naming_the_field(proxy, llama):
+    client = proxy.client()
+    cases = [
+        ({"codestop": {"taux": 3}}, "codestop.taux"),
+        ({"codestop": {"tau": -1}}, "codestop.tau"),
+        ({"codestop": {"method": "magic"}}, "codestop.method"),
+        ({"codestop": {"method": "deer", "tau": 3}}, "codestop.tau"),
+        ({"codestop": "fast"}, "codestop"),
+        ({"n": 2}, "n"),
+        ({"temperature": "hot"}, "temperature"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, "hi", extra_body=extra)
+        assert err.value.body["param"] == param, (extra, err.value.body)
+        assert err.value.body["message"].startswith(param)
+    for body, param in ((b"{not json", "body"), (json.dumps({"model": "m"}).encode(), "messages"),
+                        (json.dumps({"model": "m", "messages": [{"content": "x"}]}).encode(), "messages[0]")):
+        r = httpx.post(proxy.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    # larger than the model's window: 400 context_length_exceeded, and the proxy carries on
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, "word " * 2500, stream=stream)
+        assert err.value.code == "context_length_exceeded" and "2048" in err.value.message
+    assert ask(client, "What is 1 + 1?").choices[0].message.content
+
+
+def test_a_thinking_family_streams_reasoning_content_then_content(llama):
+    engine = ServerEngine.connect(llama.url + "/v1", backoff=0.05)
+    p = InProcessProxy(engine, settings=ServeSettings(family="think", policy={"method": "budget", "budget": 12}))
+    try:
+        client = p.client()
+        r = ask(client, "What is 5 + 5?", temperature=0)
+        msg = r.choices[0].message
+        reasoning = msg.model_extra["reasoning_content"]
+        assert reasoning and "</think>" not in reasoning and "</think>" not in msg.content
+        assert msg.content.startswith("**Final Answer**") and "\\boxed{" in msg.content
+        chunks = [c for c in ask(client, "What is 5 + 5?", temperature=0, stream=True) if c.choices]
+        kinds = [("r" if (c.choices[0].delta.model_extra or {}).get("reasoning_content") else "c") for c in chunks
+                 if c.choices[0].delta.content or (c.choices[0].delta.model_extra or {}).get("reasoning_content")]
+        assert kinds == sorted(kinds, key=lambda k: k == "c")  # all reasoning first, then the answer
+        assert "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks) == reasoning
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    finally:
+        p.stop()
+        engine.close()
+
+
+def test_splitter_hides_a_think_marker_split_across_events():
+    s = Splitter(FAMILIES["think"], split=True)
+    out = []
+    for kind, text in [("reasoning", "so 2+2=4 </th"), ("reasoning", "ink>\n\nThe answer"), ("answer", " is 4")]:
+        out += s.feed(kind, text)
+    out += s.flush()
+    joined = {k: "".join(t for kk, t in out if kk == k) for k in ("reasoning_content", "content")}
+    assert joined == {"reasoning_content": "so 2+2=4 ", "content": "\n\nThe answer is 4"}
+    s = Splitter(FAMILIES["think"], split=True)  # codestop's own forced close is hidden too
+    out = s.feed("reasoning", "hmm <") + s.feed("answer", "\n</think>\n\n**Final Answer**\n\nThe final answer is \\boxed{") + s.flush()
+    assert out == [("reasoning_content", "hmm "), ("reasoning_content", "<"), ("content", "**Final Answer**\n\nThe final answer is \\boxed{")]
+
+
+def test_the_proxy_key_is_required_when_set_and_health_and_metrics_answer(llama):
+    engine = ServerEngine.connect(llama.url + "/v1", backoff=0.05)
+    p = InProcessProxy(engine, proxy_api_key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            p.client(api_key="wrong").models.list()
+        assert ask(p.client(api_key="s3cret"), "Hi!").choices[0].message.content
+        assert httpx.get(p.url + "/health").json()["upstream"] == "ok"
+        text = httpx.get(p.url + "/metrics").text
+        assert re.search(r'codestop_requests_total\{endpoint="chat",status="200"\} 1\b', text)
+        assert re.search(r'codestop_requests_total\{endpoint="chat",status="401"\} 0', text) is None  # /v1/models is not counted
+        assert re.search(r'codestop_tokens_total\{kind="reasoning"\} [1-9]', text)
+        assert re.search(r'codestop_upstream_requests_total\{kind="step"\} [1-9]', text)
+        assert "codestop_request_duration_seconds_bucket" in text and "process_cpu_seconds_total" in text
+    finally:
+        p.stop()
+        engine.close()
+
+
+def test_an_in_process_engine_serves_too(tiny_engine):
+    p = InProcessProxy(tiny_engine, settings=ServeSettings(policy={"method": "vanilla"}))
+    try:
+        r = ask(p.client(), "What is 2 + 2?", max_tokens=8, temperature=0)
+        assert r.usage.codestop["reasoning_tokens"] == 8 and r.model == "tiny-qwen3"
+    finally:
+        p.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Faults
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_upstream_killed_mid_stream_gives_a_clean_error_and_the_proxy_serves_the_next_request(smollm2_path):
+    upstream = LlamaServer(smollm2_path, slots=1).start()
+    engine = ServerEngine.connect(upstream.url + "/v1", backoff=0.05)
+    p = InProcessProxy(engine, settings=ServeSettings(policy={"method": "vanilla"}))
+    try:
+        client = p.client()
+        stream = ask(client, "Write a long story about a dragon and a knight.", max_tokens=400, stream=True)
+        got = []
+        with pytest.raises(openai.APIError) as err:
+            for chunk in stream:
+                got.append(chunk)
+                if len(got) == 5:
+                    upstream.kill()
+        assert len(got) >= 5
+        assert "unreachable" in str(err.value.message)
+        with pytest.raises(openai.APIStatusError) as down:  # still down: a 502 with an OpenAI-style body
+            ask(client, "Hi")
+        assert down.value.status_code == 502 and down.value.body["code"] == "upstream_unavailable"
+        assert httpx.get(p.url + "/health").status_code == 503
+        upstream.start()  # back on the same port
+        r = ask(client, "What is 2 + 2?")
+        assert r.choices[0].message.content and httpx.get(p.url + "/health").status_code == 200
+        assert re.search(r'codestop_requests_in_flight 0', httpx.get(p.url + "/metrics").text)
+    finally:
+        p.stop()
+        engine.close()
+        upstream.kill()
+
+
+def test_a_hanging_upstream_times_out_with_a_clear_error(llama):
+    fault = FaultProxy(llama.url)
+    engine = ServerEngine.connect(fault.url + "/v1", timeout=3.0, backoff=0.05)
+    p = InProcessProxy(engine)
+    try:
+        fault.mode = "hang"
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(p.client(), "Hi", stream=stream)
+            assert err.value.status_code == 504 and "did not answer within 3 s" in err.value.message
+        fault.mode = "pass"
+        assert ask(p.client(), "Hi").choices[0].message.content
+    finally:
+        p.stop()
+        engine.close()
+        fault.server.force_exit = True
+        fault.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Load and leaks: the real CLI verb in a subprocess
+# --------------------------------------------------------------------------------------------
+
+
+def _proxy_sockets(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _round(base_url: str, body: dict, clients: int = 16, per_client: int = 2) -> tuple[list, float]:
+    async def one_client() -> list:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300) as c:
+            out = []
+            for _ in range(per_client):
+                try:
+                    out.append(await c.chat.completions.create(**body))
+                except Exception as err:  # noqa: BLE001 - counted as a failure
+                    out.append(err)
+            return out
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one_client() for _ in range(clients)))
+    return [r for rs in results for r in rs], time.perf_counter() - t0
+
+
+def test_load_16_clients_x_2_requests_without_failures_or_leaks(llama):
+    port = free_port()
+    cmd = [sys.executable, "-m", "codestop.cli", "serve", "--base-url", llama.url + "/v1", "--port", str(port),
+           "--log-level", "warning", "--probe-interval", "6", "--boundaries", "\\n"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        questions = {"model": "smollm2", "messages": [{"role": "user", "content": "Name three colours, one per line."}], "max_tokens": SHORT, "temperature": 0}
+        sockets0 = _proxy_sockets(proc.pid)
+        warm, warm_s = asyncio.run(_round(url + "/v1", questions))
+        sockets1, rss1 = _proxy_sockets(proc.pid), _rss(proc.pid)
+        second, second_s = asyncio.run(_round(url + "/v1", questions))
+        sockets2, rss2 = _proxy_sockets(proc.pid), _rss(proc.pid)
+        for results in (warm, second):
+            failures = [r for r in results if isinstance(r, Exception)]
+            assert not failures, failures[:3]
+            assert len(results) == 32
+            for r in results:  # complete: a finish reason, the forced or own answer, codestop's figures
+                assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+                assert r.usage.codestop["stop_reason"] and r.usage.completion_tokens >= 1
+        probes = sum(r.usage.codestop["probes"] for r in second)
+        # no leaks: the second round leaves the sockets where the first left them (the pool of
+        # keep-alive connections to the upstream may differ by a connection or two with the peak
+        # concurrency of the round; a leak would add one per request, 32 a round), memory within 10%
+        assert sockets2 <= sockets1 + 2, (sockets0, sockets1, sockets2)
+        assert abs(rss2 - rss1) <= 0.10 * rss1, (rss1, rss2)
+        assert re.search(r"codestop_requests_in_flight 0", httpx.get(url + "/metrics").text)
+        # the same vanilla requests through the proxy and straight to the upstream
+        vanilla = dict(questions, extra_body=None)
+        vanilla.pop("extra_body")
+        via, via_s = asyncio.run(_round(url + "/v1", dict(vanilla, extra_body={"codestop": {"method": "vanilla"}})))
+        direct, direct_s = asyncio.run(_round(llama.url + "/v1", vanilla))
+        assert not [r for r in via + direct if isinstance(r, Exception)]
+        tok_via = sum(r.usage.completion_tokens for r in via)
+        tok_direct = sum(r.usage.completion_tokens for r in direct)
+        print(
+            f"\nload 16x2: codestop round 1 {warm_s:.1f} s, round 2 {second_s:.1f} s ({probes} probes), 0 failures; "
+            f"sockets {sockets0}->{sockets1}->{sockets2}; RSS {rss1 / 2**20:.1f}->{rss2 / 2**20:.1f} MiB; "
+            f"vanilla via proxy {32 / via_s:.2f} req/s {tok_via / via_s:.1f} tok/s, "
+            f"direct {32 / direct_s:.2f} req/s {tok_direct / direct_s:.1f} tok/s"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
