@@ -44,7 +44,7 @@ def qwen25_05b_shape() -> Qwen2ForCausalLM:
 
 def forward(model, ids, cache):
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
 
 

@@ -67,7 +67,7 @@ class TransformersBackend(LocalBackend):
         torch = self.engine.torch
         with torch.inference_mode():
             input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.engine.device)
-            out = self.engine.model(input_ids=input_ids, use_cache=True, **{self.engine.cache_kwarg: self.cache})
+            out = self.engine.model(input_ids=input_ids, use_cache=True, **{self.engine.cache_kwarg: self.cache}, **self.engine.last_logits_only)
         self._n += len(ids)
         self._logits = out.logits[0, -1].float().cpu().numpy()
 
@@ -114,6 +114,8 @@ class TransformersEngine(LocalEngine):
         # transformers 5 renamed forward's past_key_values to cache
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # only the last position's logits are read: skip the vocabulary projection for the rest
+        self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         eos: set[int] = set()
         gen = getattr(model, "generation_config", None)
         for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
