@@ -200,6 +200,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif event.kind == "answer":
             out.out(event.text, end="", highlight=False)
 
+    if live and engine.name == "server":
+        from codestop.engines.server import LIVE_TEXT
+
+        LIVE_TEXT.set(True)  # stream each step token by token rather than a step at a time
     result = generate(engine, question, policy, on_event=show, **generation_options(args))
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
