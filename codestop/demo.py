@@ -28,7 +28,7 @@ from typing import Any
 from codestop.engines.base import CodestopError, Engine
 
 DEFAULT_METHODS = ("vanilla", "deer", "codestop")
-DEFAULT_PROBLEMS = 12
+DEFAULT_PROBLEMS = 6  # 6 x 3 runs: 4.2 min on 2 idle cores (8 took 5.2 min, 12 took 7.9 min)
 DEMO_MAX_NEW_TOKENS = 500  # vanilla answers these in ~150-450 tokens; the cap bounds a runaway
 # For a plain instruct model the demo asks for what a reasoning model does by itself: solve, then
 # check the answer. Measured on the 0.5B, greedy, all 24 problems (probes replayed offline from one
