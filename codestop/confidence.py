@@ -73,3 +73,11 @@ def confidence_function(name: str) -> ConfidenceFn:
         raise ValueError(
             f"confidence: unknown function {name!r}; choose one of {', '.join(CONFIDENCE_FUNCTIONS)}"
         ) from None
+
+
+def score_probe(logprobs: Sequence[float], name: str) -> float:
+    """A probe's confidence: the named function over its answer-token log-probabilities, each
+    clamped to <= 0 (engines round) and the result to [0, 1]. Live generation and replay both
+    score probes with this, so a confidence means the same thing in both."""
+    value = confidence_function(name)(tuple(min(0.0, lp) for lp in logprobs))
+    return min(1.0, max(0.0, value))
