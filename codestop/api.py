@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from codestop.controller import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_PROBE_INTERVAL,
-    EventCallback,
-    Result,
-    agenerate,
-    run_sync,
-)
-from codestop.engines.base import Boundaries, Engine, Sampling
-from codestop.families import get_family
+from codestop.config import GenerationConfig
+from codestop.controller import EventCallback, Result, agenerate, run_sync
+from codestop.engines.base import Engine
 from codestop.models import load_engine
 from codestop.policies import CodeStop, Policy
 
@@ -31,39 +23,35 @@ async def agenerate_question(
     model: Engine,
     question: str,
     policy: Policy | None = None,
+    config: GenerationConfig | None = None,
     *,
-    family: str | None = None,
-    enable_thinking: bool | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    probe_interval: int = DEFAULT_PROBE_INTERVAL,
-    boundaries: Sequence[str] | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    probe_every_boundary: bool = False,
     on_event: EventCallback | None = None,
+    **options: Any,
 ) -> Result:
-    """Async :func:`generate`, for callers that already run an event loop."""
-    return await agenerate(
-        model,
-        question,
-        policy if policy is not None else CodeStop(),
-        get_family(family, model, enable_thinking),
-        max_new_tokens=max_new_tokens,
-        probe_interval=probe_interval,
-        boundaries=Boundaries.parse(boundaries) if boundaries is not None else Boundaries(),
-        sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-        probe_every_boundary=probe_every_boundary,
-        on_event=on_event,
-    )
+    """Async :func:`generate` on a loaded engine, for callers that already run an event loop."""
+    config = (config or GenerationConfig()).with_options(options)
+    return await agenerate(model, question, policy if policy is not None else CodeStop(), config, on_event=on_event)
 
 
-def generate(model: Engine | str, question: str, policy: Policy | None = None, **options: Any) -> Result:
+def generate(
+    model: Engine | str,
+    question: str,
+    policy: Policy | None = None,
+    config: GenerationConfig | None = None,
+    *,
+    on_event: EventCallback | None = None,
+    **options: Any,
+) -> Result:
     """Answer ``question`` with ``model`` under ``policy`` (CoDE-Stop with its defaults when None).
 
-    ``model`` is an engine from :func:`load` (reused) or a model name (loaded for this call only).
-    Options: family, enable_thinking, max_new_tokens, probe_interval, boundaries, temperature,
-    top_p, top_k, seed, on_event."""
+    ``model`` is an engine from :func:`load` (reused) or a model name (loaded for this call and
+    freed after it). ``options`` are :class:`~codestop.config.GenerationConfig` fields
+    (max_new_tokens, probe_interval, boundaries, temperature, top_p, top_k, seed, family,
+    enable_thinking) applied over ``config``; ``on_event`` sees each event as it happens."""
+    config = (config or GenerationConfig()).with_options(options)  # a bad option fails before any loading
     engine = load(model) if isinstance(model, str) else model
-    return run_sync(agenerate_question(engine, question, policy, **options))
+    try:
+        return run_sync(agenerate_question(engine, question, policy, config, on_event=on_event))
+    finally:
+        if isinstance(model, str):
+            run_sync(engine.aclose())

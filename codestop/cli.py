@@ -15,7 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from codestop.engines.base import CodestopError
+from codestop.config import add_generation_options
+from codestop.errors import CodestopError
+
+__all__ = ["add_generation_options", "add_model_options", "add_policy_options", "main"]
 
 # the modules that add verbs, in the order `codestop --help` lists them
 VERB_MODULES = (
@@ -44,89 +47,50 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = False) -
     g.add_argument("--base-url", default=None, help="an OpenAI-compatible completions server (engine server)")
     g.add_argument("--api-key", default=None, help="the completions server's API key")
     g.add_argument("--tokenizer", default=None, help="the server model's tokenizer (token-id prompts)")
-    g.add_argument("--family", default=None, help="model family (default: detected): qwen3, deepseek-r1, qwq, nemotron, think, gpt-oss, plain")
-    g.add_argument(
-        "--enable-thinking",
-        default=None,
-        type=_bool,
-        metavar="{true,false}",
-        help="Qwen3's thinking switch (default: on)",
-    )
 
 
 def add_policy_options(parser: argparse.ArgumentParser, default_method: str = "codestop") -> None:
+    """``--method`` and one flag per policy knob, from the policies' own fields."""
+    from codestop.policies import METHODS, knob_help
+
     g = parser.add_argument_group("stopping policy")
-    g.add_argument("--method", default=default_method, help="codestop, deer, consistency, budget or vanilla")
-    g.add_argument("--tau", type=float, default=None, help="CoDE-Stop degeneration threshold (default 7.0)")
-    g.add_argument("--delta", type=float, default=None, help="CoDE-Stop instability margin (default 0.55)")
-    g.add_argument("--r-min", type=float, default=None, help="CoDE-Stop first confidence threshold (default 0.9)")
-    g.add_argument("--r-max", type=float, default=None, help="CoDE-Stop final confidence threshold (default 0.95)")
-    g.add_argument("--ramp-steps", type=int, default=None, help="CoDE-Stop probes to ramp r_min to r_max (default 2)")
-    g.add_argument("--variant", default=None, help="CoDE-Stop variant: paper or reference")
-    g.add_argument("--confidence", default=None, help="confidence function: mean, geometric, min, span")
-    g.add_argument("--threshold", type=float, default=None, help="DEER exit threshold (default 0.95)")
-    g.add_argument("--window", type=int, default=None, help="Consistency window (default 3)")
-    g.add_argument("--budget", type=int, default=None, help="TokenBudget reasoning tokens")
+    g.add_argument("--method", default=default_method, help=", ".join(METHODS))
+    for name, help_text in knob_help().items():
+        g.add_argument("--" + name.replace("_", "-"), type=_knob_type(name), default=None, help=help_text)
 
 
-def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    from codestop.controller import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROBE_INTERVAL
+def _knob_type(name: str) -> Any:
+    from dataclasses import fields
 
-    g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="reasoning token cap")
-    g.add_argument("--probe-interval", type=int, default=DEFAULT_PROBE_INTERVAL, help="least reasoning tokens between probes")
-    g.add_argument("--boundaries", default=None, help='step boundaries, comma-separated, e.g. "\\n\\n,Wait" (default: blank line, Wait, But wait, Alternatively)')
-    g.add_argument("--temperature", type=float, default=None, help="reasoning temperature (default: the model's)")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    from codestop.policies import METHODS
 
-
-POLICY_KNOBS = ("tau", "delta", "r_min", "r_max", "ramp_steps", "variant", "confidence", "threshold", "window", "budget")
+    for cls in METHODS.values():
+        for f in fields(cls):
+            if f.name == name and not isinstance(f.default, str):
+                return type(f.default)
+    return str
 
 
 def policy_from_args(args: argparse.Namespace) -> Any:
-    from codestop.policies import make_policy
+    from codestop.policies import METHOD_OPTIONS, make_policy
 
-    return make_policy(args.method, **{k: getattr(args, k, None) for k in POLICY_KNOBS})
+    knobs = {k for opts in METHOD_OPTIONS.values() for k in opts}
+    return make_policy(args.method, **{k: getattr(args, k, None) for k in knobs})
 
 
 def engine_from_args(args: argparse.Namespace) -> Any:
     from codestop.models import load_engine
 
-    options = {
+    return load_engine(args.model, engine=args.engine, **engine_options_from_args(args))
+
+
+def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options the model flags set (auto values left to the engine)."""
+    return {
         k: getattr(args, k)
         for k in ("dtype", "device", "threads", "base_url", "api_key", "tokenizer")
-        if getattr(args, k, None) is not None
+        if getattr(args, k, None) is not None and getattr(args, k) != "auto"
     }
-    return load_engine(args.model, engine=args.engine, **options)
-
-
-def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of :func:`codestop.generate` that the flags set."""
-    boundaries = None
-    if args.boundaries is not None:
-        boundaries = [b.encode().decode("unicode_escape") for b in args.boundaries.split(",")]
-    return dict(
-        family=args.family,
-        enable_thinking=args.enable_thinking,
-        max_new_tokens=args.max_new_tokens,
-        probe_interval=args.probe_interval,
-        boundaries=boundaries,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-
-
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("true", "1", "yes", "on"):
-        return True
-    if low in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,10 +135,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from codestop.api import generate
+    from codestop.config import GenerationConfig
     from codestop.controller import Event
 
     question = _read_question(args)
     policy = policy_from_args(args)
+    live = not args.json
+    config = GenerationConfig.from_args(args, live_text=live)
     if args.model is None:
         from codestop.models import DEFAULT_MODEL
 
@@ -183,7 +150,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     with err.status(f"loading {args.model} ..."):
         engine = engine_from_args(args)
     out = Console(highlight=False, soft_wrap=True)
-    live = not args.json
 
     def show(event: Event) -> None:
         if not live:
@@ -200,11 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif event.kind == "answer":
             out.out(event.text, end="", highlight=False)
 
-    if live and engine.name == "server":
-        from codestop.engines.server import LIVE_TEXT
-
-        LIVE_TEXT.set(True)  # stream each step token by token rather than a step at a time
-    result = generate(engine, question, policy, on_event=show, **generation_options(args))
+    result = generate(engine, question, policy, config, on_event=show)
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
         return 0

@@ -1,26 +1,30 @@
 """The one loop: extend to the next step boundary, probe, ask the policy, continue or stop.
 
-Live generation, trace recording, evaluation and the server all run :func:`agenerate`; it is async
-so a server engine can drive many sessions on one event loop, and :func:`run_sync` is the facade
-for everything else.
+:func:`astream` is the loop as a stream of events (reasoning text, probe, stop, answer text) that
+ends with the :class:`Result`; live views, the proxy, evaluation and recording all run it.
+:func:`agenerate` consumes it, and :func:`run_sync` is the facade for sync code. The stream owns
+its session: closing it early (a client gone, a cancelled task) closes the session, so nothing
+keeps generating for nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from codestop.confidence import confidence_function
-from codestop.engines.base import Boundaries, ContextTooLong, Engine, Sampling, Session
-from codestop.families import Family
+from codestop.config import GenerationConfig
+from codestop.confidence import score_probe
+from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
+from codestop.errors import ContextTooLong
+from codestop.families import Family, get_family
 from codestop.grading import extract_boxed
-from codestop.policies import Policy, Probe, policy_options
+from codestop.policies import Policy, Probe, Vanilla, policy_options
+from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index, probe_answer
 
-DEFAULT_MAX_NEW_TOKENS = 32768
-DEFAULT_PROBE_INTERVAL = 32
 PROBE_MAX_TOKENS = 20
 ANSWER_MAX_TOKENS = 30  # a forced answer: the box's content
 FREE_ANSWER_MAX_TOKENS = 1024  # the model's own answer after it closed its thinking itself
@@ -79,6 +83,9 @@ class Result:
 
 @dataclass
 class _Clock:
+    """Seconds spent waiting on the engine, by phase (time the consumer of the stream spends
+    between events is not counted)."""
+
     times: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "reasoning": 0.0, "probe": 0.0, "answer": 0.0})
 
     async def timed(self, phase: str, coro: Coroutine[Any, Any, T]) -> T:
@@ -88,137 +95,148 @@ class _Clock:
         finally:
             self.times[phase] += time.perf_counter() - t0
 
+    async def step(self, phase: str, session: Session, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
+        async with aclosing(session.extend(max_tokens, rules)) as items:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self.times[phase] += time.perf_counter() - t0
+                yield item
 
-def probe_from_output(out: Any, position: int, confidence_name: str, engine: Engine) -> Probe:
-    """Score a probe continuation: answer = box content, confidence over the answer tokens."""
-    from codestop.engines.base import answer_span
 
-    pieces = [engine.detokenize([t]) for t in out.token_ids]
-    answer, n_answer = answer_span(pieces)
+def score(out: ProbeOutput, position: int, confidence: str, engine: Engine) -> Probe:
+    """A probe's continuation as a Probe: answer = the box's content, confidence over its answer
+    tokens (decoded as a stream, so characters split across tokens stay whole)."""
+    decoder = IncrementalDecoder(engine.detokenize, out.token_ids)
+    answer, n_answer = probe_answer(decoder)
     lps = tuple(min(0.0, lp) for lp in out.logprobs[:n_answer])
-    conf = confidence_function(confidence_name)(lps)
     return Probe(
         position=position,
-        confidence=min(1.0, max(0.0, conf)),
+        confidence=score_probe(lps, confidence),
         answer=answer,
-        text=out.text,
+        text=decoder.text,
         token_logprobs=lps,
-        tokens=len(out.token_ids),
+        probe_tokens=len(out.token_ids),
     )
 
 
-async def agenerate(
+async def astream(
     engine: Engine,
     question: str,
-    policy: Policy,
-    family: Family,
+    policy: Policy | None = None,
+    config: GenerationConfig = GenerationConfig(),
     *,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    probe_interval: int = DEFAULT_PROBE_INTERVAL,
-    boundaries: Boundaries = Boundaries(),
-    sampling: Sampling = Sampling(),
-    probe_every_boundary: bool = False,
-    on_event: EventCallback | None = None,
-) -> Result:
-    """Answer ``question`` on ``engine`` under ``policy``.
-
-    ``probe_every_boundary`` probes at every boundary even when the policy needs none (recording
-    traces); the policy still decides. ``probe_interval`` is the least number of reasoning tokens
-    between two probes."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: {max_new_tokens!r} must be >= 1")
-    if probe_interval < 0:
-        raise ValueError(f"probe_interval: {probe_interval!r} must be >= 0")
-    emit = on_event or (lambda e: None)
+    family: Family | None = None,
+    prompt: str | None = None,
+) -> AsyncIterator[Event | Result]:
+    """Answer ``question`` on ``engine`` under ``policy``: yields Events as they happen, then the
+    Result. ``family`` overrides the one ``config`` names or the engine's detected one; ``prompt``
+    (already templated, e.g. a client's conversation) replaces the family's prompt for ``question``."""
+    policy = policy if policy is not None else Vanilla()
+    family = family or get_family(config.family, engine, config.enable_thinking)
     clock = _Clock()
     t_start = time.perf_counter()
-    prompt_ids = engine.tokenize(family.build_prompt(engine, question))
+    if prompt is None:
+        prompt = await engine.run_tokenizer(family.build_prompt, engine, question)
+    prompt_ids = await engine.run_tokenizer(engine.tokenize, prompt)
     if engine.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != engine.bos_token_id):
         prompt_ids = [engine.bos_token_id, *prompt_ids]
-    session: Session = await clock.timed("prefill", engine.start(prompt_ids, sampling))
+    probe_ids = await engine.run_tokenizer(engine.tokenize, family.probe_prompt)
+    forced_ids = await engine.run_tokenizer(engine.tokenize, family.forced_answer_text())
+    cap = config.max_new_tokens
+    if policy.max_reasoning_tokens is not None:
+        cap = min(cap, policy.max_reasoning_tokens)
+    if engine.context_window is not None:
+        # leave room in the window for a probe, or for the forced answer, after the reasoning
+        reserve = max(len(probe_ids) + PROBE_MAX_TOKENS, len(forced_ids) + ANSWER_MAX_TOKENS) + 1
+        room = engine.context_window - len(prompt_ids) - reserve
+        if room < 1:
+            raise ContextTooLong(
+                f"the prompt is {len(prompt_ids)} tokens and leaves no room to reason in the model's "
+                f"{engine.context_window}-token window; shorten the question"
+            )
+        cap = min(cap, room)
+    session = await clock.timed("prefill", engine.start(prompt_ids, config.sampling, live=config.live_text))
     try:
-        probe_ids = engine.tokenize(family.probe_prompt)
-        cap = max_new_tokens
-        if policy.max_reasoning_tokens is not None:
-            cap = min(cap, policy.max_reasoning_tokens)
-        if engine.context_window is not None:
-            # leave room for a probe and a forced answer inside the window
-            room = engine.context_window - len(prompt_ids) - len(probe_ids) - PROBE_MAX_TOKENS - 64
-            if room < 1:
-                raise ContextTooLong(
-                    f"the prompt is {len(prompt_ids)} tokens and leaves no room to reason in the model's "
-                    f"{engine.context_window}-token window; shorten the question"
-                )
-            cap = min(cap, room)
         stop_texts = (family.think_end,) if family.thinks else ()
         tracker = policy.start()
-        probing = policy.needs_probes or probe_every_boundary
+        probing = policy.needs_probes or config.always_probe
+        # a policy that never probes needs no steps: one request (or one run) to the end
+        rules = config.step_rules(stop_texts, probing)
         probes: list[Probe] = []
         reasoning_ids: list[int] = []
         reasoning_text = ""
         probe_tokens = probe_prompt_tokens = 0
         last_probe_at = 0
-        stop_reason = ""
-
-        def show(text: str) -> None:
-            emit(Event("reasoning", text=text))
-
         while True:
-            step = await clock.timed(
-                "reasoning", session.extend(cap - len(reasoning_ids), boundaries, stop_texts, on_text=show)
-            )
+            step: StepOutput | None = None
+            async for item in clock.step("reasoning", session, cap - len(reasoning_ids), rules):
+                if isinstance(item, str):
+                    yield Event("reasoning", text=item)
+                else:
+                    step = item
+            assert step is not None
             reasoning_ids += step.token_ids
             reasoning_text += step.text
             position = len(reasoning_ids)
             if step.end in ("eos", "stop_text"):
                 stop_reason = "finished"
                 break
-            if position >= cap:
-                stop_reason = "budget"
+            if step.end == "length" or position >= cap:
+                capped_by_policy = policy.max_reasoning_tokens is not None and position >= policy.max_reasoning_tokens
+                stop_reason = "budget" if capped_by_policy else "max_new_tokens"
                 break
-            if not probing or position == 0 or position - last_probe_at < max(1, probe_interval):
+            if not probing or position == 0 or position - last_probe_at < max(1, config.probe_interval):
                 continue
             out = await clock.timed("probe", session.probe(probe_ids, PROBE_MAX_TOKENS))
             last_probe_at = position
             probe_tokens += len(out.token_ids)
             probe_prompt_tokens += out.prompt_tokens
-            probe = probe_from_output(out, position, policy.confidence, engine)
+            probe = score(out, position, policy.confidence, engine)
             probes.append(probe)
-            emit(Event("probe", probe=probe))
+            yield Event("probe", probe=probe)
             decision = tracker.update(probe)
             if decision.stop:
                 stop_reason = decision.reason or "budget"
                 break
 
         stop_position = len(reasoning_ids)
-        emit(Event("stop", reason=stop_reason, position=stop_position))
+        yield Event("stop", reason=stop_reason, position=stop_position)
+        answer_text = ""
         answer_ids: list[int] = []
-        if stop_reason == "finished" and (family.thinks or step.end == "eos"):
-            if family.thinks and step.end == "stop_text":
-                # the model closed its thinking: let it write its own answer
-                out_step = await clock.timed(
-                    "answer", session.generate(FREE_ANSWER_MAX_TOKENS, on_text=lambda t: emit(Event("answer", text=t)))
-                )
-                answer_text = out_step.text
-                answer_ids = out_step.token_ids
-            else:
-                answer_text = ""
-            answer = extract_boxed(answer_text) if answer_text else None
-            if answer is None and not family.thinks:
-                answer = extract_boxed(reasoning_text)
-            if answer is None:
-                # no box written: ask for it (costs a few answer tokens)
-                forced, forced_ids = await _force_answer(engine, session, family, reasoning_text, clock, emit)
-                answer_text += forced
-                answer_ids += forced_ids
-                answer = extract_boxed(answer_text) or _box_content(forced)
-        else:
-            answer_text, answer_ids = await _force_answer(engine, session, family, reasoning_text, clock, emit)
+        answer: str | None = None
+        if stop_reason == "finished" and family.thinks and step.end == "stop_text":
+            # the model closed its thinking itself: let it write its own answer
+            async for item in clock.step("answer", session, FREE_ANSWER_MAX_TOKENS, StepRules(greedy=True)):
+                if isinstance(item, str):
+                    yield Event("answer", text=item)
+                else:
+                    answer_text, answer_ids = item.text, list(item.token_ids)
+            answer = extract_boxed(answer_text)
+        elif stop_reason == "finished" and not family.thinks:
+            answer = extract_boxed(reasoning_text)
+        if answer is None:
+            # stopped, or no box written: close the thinking and ask for the box (a few tokens)
+            forced = family.forced_answer_text()
+            if not family.thinks and reasoning_text.endswith("\n\n"):
+                forced = forced.lstrip("\n")
+            yield Event("answer", text=forced)
+            await clock.timed("answer", session.append(await engine.run_tokenizer(engine.tokenize, forced)))
+            async for item in clock.step("answer", session, ANSWER_MAX_TOKENS, StepRules(close_box=True, greedy=True)):
+                if isinstance(item, str):
+                    yield Event("answer", text=item)
+                else:
+                    answer_text += forced + item.text
+                    answer_ids += item.token_ids
             answer = _box_content(answer_text)
 
         timings = dict(clock.times)
         timings["total"] = time.perf_counter() - t_start
-        return Result(
+        yield Result(
             question=question,
             answer=answer,
             answer_text=answer_text,
@@ -243,25 +261,28 @@ async def agenerate(
         await session.close()
 
 
-async def _force_answer(
-    engine: Engine, session: Session, family: Family, reasoning_text: str, clock: _Clock, emit: EventCallback
-) -> tuple[str, list[int]]:
-    """Close the thinking and decode the box's content greedily; returns (text, generated ids)."""
-    forced = family.forced_answer_text()
-    if not family.thinks and reasoning_text.endswith("\n\n"):
-        forced = forced.lstrip("\n")
-    emit(Event("answer", text=forced))
-    await clock.timed("answer", session.append(engine.tokenize(forced)))
-    out = await clock.timed(
-        "answer", session.generate(ANSWER_MAX_TOKENS, on_text=lambda t: emit(Event("answer", text=t)), close_box=True)
-    )
-    return forced + out.text, out.token_ids
+async def agenerate(
+    engine: Engine,
+    question: str,
+    policy: Policy | None = None,
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    on_event: EventCallback | None = None,
+    family: Family | None = None,
+    prompt: str | None = None,
+) -> Result:
+    """:func:`astream` run to its Result; ``on_event`` sees every event on the way."""
+    async with aclosing(astream(engine, question, policy, config, family=family, prompt=prompt)) as stream:
+        async for item in stream:
+            if isinstance(item, Result):
+                return item
+            if on_event is not None:
+                on_event(item)
+    raise RuntimeError("astream ended without a Result")  # pragma: no cover - astream always ends with one
 
 
 def _box_content(answer_text: str) -> str | None:
     """The answer after a forced ``\\boxed{``: the text up to its closing brace."""
-    from codestop.engines.base import closing_brace_index
-
     start = answer_text.rfind("\\boxed{")
     if start == -1:
         return extract_boxed(answer_text)

@@ -11,9 +11,10 @@ answer prompt directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from codestop.engines.base import Engine
+if TYPE_CHECKING:
+    from codestop.engines.base import Engine
 
 # The reference code's probe: still inside the thinking, ends at \boxed{ so the first generated
 # token is already the answer; the probe stops at the "}" that closes the box.
@@ -45,7 +46,11 @@ class Family:
 
     def build_prompt(self, engine: Engine, question: str) -> str:
         """The prompt text, ending where the model starts reasoning."""
-        prompt = engine.chat_template(self.messages(question), **self.template_kwargs)
+        return self.render(engine, self.messages(question))
+
+    def render(self, engine: Engine, messages: list[dict[str, str]]) -> str:
+        """A conversation through the model's chat template, opened for reasoning."""
+        prompt = engine.chat_template(messages, **self.template_kwargs)
         if self.think_start and not prompt.rstrip().endswith(self.think_start):
             # Qwen3 and Nemotron open <think> themselves, R1 distill templates already did; either
             # way the reasoning starts inside the thinking, so open it for the model.

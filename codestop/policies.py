@@ -13,7 +13,8 @@ the confidence function it wants probes scored with, see :mod:`codestop.confiden
 policy; :class:`Policy` is the protocol.
 
 Stop reasons are one fixed vocabulary: ``confident`` and ``degenerate`` (CodeStop), ``threshold``
-(Deer), ``consistent`` (Consistency), ``budget`` (TokenBudget or max_new_tokens) and ``finished``
+(Deer), ``consistent`` (Consistency), ``budget`` (TokenBudget), ``max_new_tokens`` (the generation
+cap, set by the controller) and ``finished``
 (the model ended its thinking itself; set by the controller, never by a policy).
 """
 
@@ -23,10 +24,10 @@ import math
 import re
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
-STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "finished")
+STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_new_tokens", "finished")
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class Probe:
     confidence: a probability in [0, 1], from the probe's answer-token log-probabilities.
     answer: the intermediate answer (the content of the box), "" when there is none.
     text: the raw probe continuation; token_logprobs: its answer tokens' log-probabilities (so replay
-    can re-score with another confidence function); tokens: probe tokens generated; correct: whether
-    ``answer`` is right, when known (traces).
+    can re-score with another confidence function); probe_tokens: tokens the probe generated (its
+    cost); correct: whether ``answer`` is right, when known (traces).
     """
 
     position: int
@@ -46,7 +47,7 @@ class Probe:
     answer: str = ""
     text: str | None = None
     token_logprobs: tuple[float, ...] | None = None
-    tokens: int | None = None
+    probe_tokens: int | None = None
     correct: bool | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +124,11 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _knob(help: str) -> dict[str, str]:
+    """Field metadata of a policy knob: the CLI, the proxy and sweeps read the knobs from here."""
+    return {"help": help}
+
+
 # --------------------------------------------------------------------------------------------
 # CoDE-Stop
 # --------------------------------------------------------------------------------------------
@@ -153,13 +159,13 @@ class CodeStop(_PolicyBase):
     reference variant).
     """
 
-    tau: float = 7.0
-    delta: float = 0.55
-    r_min: float = 0.9
-    r_max: float = 0.95
-    ramp_steps: int = 2
-    variant: Literal["paper", "reference"] = "paper"
-    confidence: str = ""
+    tau: float = field(default=7.0, metadata=_knob("CoDE-Stop degeneration threshold"))
+    delta: float = field(default=0.55, metadata=_knob("CoDE-Stop instability margin"))
+    r_min: float = field(default=0.9, metadata=_knob("CoDE-Stop first confidence threshold"))
+    r_max: float = field(default=0.95, metadata=_knob("CoDE-Stop final confidence threshold"))
+    ramp_steps: int = field(default=2, metadata=_knob("CoDE-Stop probes to ramp r_min to r_max"))
+    variant: Literal["paper", "reference"] = field(default="paper", metadata=_knob("CoDE-Stop variant: paper or reference"))
+    confidence: str = field(default="", metadata=_knob("confidence function: mean, geometric, min, span"))
     name: str = field(default="codestop", init=False)
 
     def __post_init__(self) -> None:
@@ -207,8 +213,8 @@ class _CodeStopTracker:
             if p.variant == "paper":
                 unstable = 2 * c - self.prev < p.delta
             else:
-                # log space: 2 ln c_i - ln c_{i-1} < delta holds for every falling pair, so only
-                # "falling" matters there; the log test is kept for rising pairs with delta < 0.
+                # only falling pairs count; in log space 2 ln c_i - ln c_{i-1} < delta then holds
+                # whenever delta >= 0, so the log test only matters for a negative delta.
                 unstable = self.prev > c and _log_delta_test(c, self.prev, p.delta)
             if unstable:
                 self.sum_v += 1
@@ -251,8 +257,8 @@ class Deer(_PolicyBase):
     Confidence: arithmetic mean of the answer-token probabilities (DEER's default).
     """
 
-    threshold: float = 0.95
-    confidence: str = "mean"
+    threshold: float = field(default=0.95, metadata=_knob("DEER exit threshold"))
+    confidence: str = field(default="mean", metadata=_knob("confidence function: mean, geometric, min, span"))
     name: str = field(default="deer", init=False)
 
     def __post_init__(self) -> None:
@@ -287,9 +293,9 @@ class Consistency(_PolicyBase):
     case-insensitive). Uses no probabilities; the confidence function only fills ``Probe.confidence``.
     """
 
-    window: int = 3
+    window: int = field(default=3, metadata=_knob("Consistency: agreeing answers needed"))
     hedges: tuple[str, ...] = DEFAULT_HEDGES
-    confidence: str = "mean"
+    confidence: str = field(default="mean", metadata=_knob("confidence function: mean, geometric, min, span"))
     name: str = field(default="consistency", init=False)
 
     def __post_init__(self) -> None:
@@ -337,7 +343,7 @@ class TokenBudget(_PolicyBase):
     """Stop thinking after ``budget`` reasoning tokens. Spends no probes live; in replay it stops at the
     first probe at or past the budget."""
 
-    budget: int = 1024
+    budget: int = field(default=1024, metadata=_knob("TokenBudget: reasoning tokens"))
     confidence: str = "geometric"
     name: str = field(default="budget", init=False)
     needs_probes: bool = field(default=False, init=False)
@@ -398,14 +404,22 @@ def _check_confidence_name(name: str) -> None:
 
 METHODS = {"codestop": CodeStop, "deer": Deer, "consistency": Consistency, "budget": TokenBudget, "vanilla": Vanilla}
 
-# Which knobs each method takes, by Python parameter name (CLI flags are these in kebab-case).
+# Which knobs each method takes, by Python parameter name (CLI flags are these in kebab-case): the
+# policy dataclasses' own fields marked with _knob, the one registry for the CLI, the proxy and sweeps.
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "codestop": ("tau", "delta", "r_min", "r_max", "ramp_steps", "variant", "confidence"),
-    "deer": ("threshold", "confidence"),
-    "consistency": ("window", "confidence"),
-    "budget": ("budget",),
-    "vanilla": (),
+    method: tuple(f.name for f in fields(cls) if "help" in f.metadata) for method, cls in METHODS.items()
 }
+
+
+def knob_help() -> dict[str, str]:
+    """Every knob of every method with its help text (a knob shared by methods, such as
+    ``confidence``, appears once)."""
+    out: dict[str, str] = {}
+    for cls in METHODS.values():
+        for f in fields(cls):
+            if "help" in f.metadata:
+                out.setdefault(f.name, f.metadata["help"])
+    return out
 
 
 def make_policy(method: str, **options: object) -> Policy:

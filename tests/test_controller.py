@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from contextlib import aclosing
 
 import pytest
 
-from codestop import CodeStop, Deer, TokenBudget, Vanilla, generate
-from codestop.engines.base import Boundaries, ContextTooLong, Sampling, answer_span, find_word_boundary
+from codestop import CodeStop, Deer, GenerationConfig, Result, Sampling, TokenBudget, Vanilla, astream, generate
+from codestop.errors import ContextTooLong
 from codestop.families import FAMILIES
+from codestop.steps import StepRules, decode_text
 
 from scripted import ScriptedEngine
 
@@ -27,7 +30,7 @@ def ntok(tokenizer, text, script=SCRIPT):
 
 def test_probes_sit_after_blank_lines_and_before_boundary_words(tokenizer):
     engine = ScriptedEngine(tokenizer, SCRIPT)
-    result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=1, probe_every_boundary=True)
+    result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=1, always_probe=True)
     expected = [
         ntok(tokenizer, "Step one.\n\n"),
         ntok(tokenizer, "Step one.\n\nStep two, 3 apples."),
@@ -44,7 +47,7 @@ def test_probes_sit_after_blank_lines_and_before_boundary_words(tokenizer):
 
 def test_probe_interval_skips_close_boundaries(tokenizer):
     engine = ScriptedEngine(tokenizer, SCRIPT)
-    result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=10, probe_every_boundary=True)
+    result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=10, always_probe=True)
     positions = [p.position for p in result.probes]
     assert all(b - a >= 10 for a, b in zip([0, *positions], positions))
     assert len(positions) < 5
@@ -55,7 +58,8 @@ def test_probe_leaves_the_session_unchanged(tokenizer):
 
     async def go():
         session = await engine.start(tokenizer.encode("prompt"), Sampling(temperature=0.0))
-        await session.extend(100, Boundaries())
+        async for _ in session.extend(100, GenerationConfig().step_rules()):
+            pass
         before = (list(session.backend.history), session.backend.logits().copy())
         out = await session.probe(engine.tokenize("\n**Final Answer**\n\nThe final answer is \\boxed{"))
         after = (list(session.backend.history), session.backend.logits())
@@ -64,7 +68,7 @@ def test_probe_leaves_the_session_unchanged(tokenizer):
     before, after, out = asyncio.run(go())
     assert before[0] == after[0]
     assert (before[1] == after[1]).all()
-    assert out.text == "5}" and len(out.logprobs) == len(out.token_ids)
+    assert decode_text(engine.detokenize, out.token_ids) == "5}" and len(out.logprobs) == len(out.token_ids)
 
 
 def test_a_stop_forces_the_answer(tokenizer):
@@ -92,7 +96,7 @@ def test_budget_is_respected(tokenizer):
     assert result.probes == [] and result.tokens["probe"] == 0
     assert result.answer == "5"
     result = generate(engine, "Q?", CodeStop(), family="plain", max_new_tokens=9)
-    assert result.tokens["reasoning"] == 9 and result.stop_reason == "budget"
+    assert result.tokens["reasoning"] == 9 and result.stop_reason == "max_new_tokens"
 
 
 def test_vanilla_spends_no_probes_and_reads_the_models_box(tokenizer):
@@ -136,7 +140,7 @@ def test_events_stream_in_order(tokenizer):
 def test_streamed_reasoning_equals_the_reasoning_text(tokenizer):
     engine = ScriptedEngine(tokenizer, SCRIPT)
     events = []
-    result = generate(engine, "Q?", Vanilla(), family="plain", probe_every_boundary=True, probe_interval=1, on_event=events.append)
+    result = generate(engine, "Q?", Vanilla(), family="plain", always_probe=True, probe_interval=1, on_event=events.append)
     assert "".join(e.text for e in events if e.kind == "reasoning") == result.reasoning_text
 
 
@@ -149,7 +153,7 @@ def test_a_prompt_longer_than_the_window_is_a_clear_error(tokenizer):
 def test_the_window_bounds_the_reasoning(tokenizer):
     engine = ScriptedEngine(tokenizer, SCRIPT * 20, window=200)
     result = generate(engine, "Q?", Vanilla(), family="plain")
-    assert result.stop_reason == "budget"
+    assert result.stop_reason == "max_new_tokens"
     assert result.tokens["prompt"] + result.tokens["reasoning"] + result.tokens["answer"] < 200
 
 
@@ -164,14 +168,90 @@ def test_result_serialises(tokenizer):
     assert data["cost"] == result.cost and data["engine"] == "scripted"
 
 
-def test_text_helpers():
-    assert find_word_boundary("so 3. Wait, no", ["Wait"], 1) == 6
-    assert find_word_boundary("Waiting for it", ["Wait"], 0) is None
-    assert find_word_boundary("Await", ["Wait"], 0) is None
-    assert answer_span(["1", "2", "}"]) == ("12", 2)
-    assert answer_span(["\\frac{1", "}{2", "}}"]) == ("\\frac{1}{2}", 3)
-    assert answer_span(["7", "}."]) == ("7", 1)
-    assert answer_span(["abc"]) == ("abc", 1)
-    with pytest.raises(ValueError, match="boundaries"):
-        Boundaries.parse([])
-    assert Boundaries.parse(["\n\n", "Wait"]) == Boundaries(("\n\n",), ("Wait",))
+class ClosingEngine(ScriptedEngine):
+    """Counts sessions closed, and the threads events were seen on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.closed = 0
+
+    def new_backend(self, prompt_ids):
+        backend = super().new_backend(prompt_ids)
+        engine = self
+
+        def close():
+            engine.closed += 1
+
+        backend.close = close
+        return backend
+
+
+def test_closing_the_stream_early_closes_the_session(tokenizer):
+    engine = ClosingEngine(tokenizer, SCRIPT * 10)
+
+    async def go():
+        seen = 0
+        async with aclosing(astream(engine, "Q?", Vanilla(), GenerationConfig(family="plain"))) as stream:
+            async for event in stream:
+                seen += event.kind == "reasoning"
+                if seen == 2:
+                    break  # the client went away
+        return seen
+
+    assert asyncio.run(go()) == 2
+    assert engine.closed == 1
+
+
+def test_a_cancelled_generation_stops_between_chunks_and_frees_the_engine(tokenizer):
+    engine = ClosingEngine(tokenizer, SCRIPT * 50)
+
+    async def go():
+        async def consume():
+            async with aclosing(astream(engine, "Q?", Vanilla(), GenerationConfig(family="plain"))) as stream:
+                async for _ in stream:
+                    await asyncio.sleep(0)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the engine's lock is free again: another question runs to its end
+        other = await asyncio.wait_for(_result(engine), timeout=30)
+        return other
+
+    other = asyncio.run(go())
+    assert other.stop_reason == "max_new_tokens" or other.stop_reason == "finished"
+    assert engine.closed == 2
+
+
+async def _result(engine):
+    async with aclosing(astream(engine, "Q?", Vanilla(), GenerationConfig(family="plain", max_new_tokens=5))) as stream:
+        async for item in stream:
+            if isinstance(item, Result):
+                return item
+
+
+def test_events_come_on_the_event_loops_thread(tokenizer):
+    engine = ScriptedEngine(tokenizer, SCRIPT)
+    threads = set()
+    generate(engine, "Q?", Vanilla(), family="plain", always_probe=True, probe_interval=1,
+             on_event=lambda e: threads.add(threading.get_ident()))
+    assert threads == {threading.get_ident()}
+
+
+def test_greedy_answer_steps_keep_the_seed():
+    assert Sampling(temperature=0.7, seed=3).greedy() == Sampling(temperature=0.0, seed=3)
+
+
+def test_unknown_generation_options_fail_before_loading(tokenizer):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate("no-such-model-anywhere", "Q?", max_new_tokens=0)
+    with pytest.raises(ValueError, match="probe_intervl"):
+        generate("no-such-model-anywhere", "Q?", probe_intervl=3)
+
+
+def test_step_rules_from_the_config():
+    config = GenerationConfig(boundaries=("\n\n", "Wait"))
+    assert config.step_rules(("</think>",)) == StepRules(("\n\n",), ("Wait",), ("</think>",))
+    assert config.step_rules(probing=False) == StepRules()

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from codestop.api import agenerate_question, generate
-from codestop.engines.base import Boundaries, CodestopError, ContextTooLong, Sampling, log_softmax
+from codestop.config import Sampling
+from codestop.engines.base import StepOutput, log_softmax
+from codestop.errors import CodestopError, ContextTooLong
+from codestop.steps import StepRules, decode_text
 from codestop.families import FAMILIES, PROBE_PROMPT
 from codestop.policies import CodeStop, Deer, TokenBudget, Vanilla
 
@@ -41,7 +44,9 @@ def _session_after_reasoning(engine, n_tokens: int = 24):
 
     async def run():
         session = await engine.start(_prompt(engine), Sampling(temperature=0.0))
-        step = await session.extend(n_tokens, Boundaries((), ()))
+        async for step in session.extend(n_tokens, StepRules()):
+            pass
+        assert isinstance(step, StepOutput)
         return session, step.token_ids
 
     return asyncio.run(run())
@@ -76,7 +81,8 @@ def test_probe_leaves_the_session_unchanged(engine, force_state_copy, monkeypatc
 def test_probe_is_greedy_and_stops_at_the_closing_brace(engine):
     session, _ = _session_after_reasoning(engine)
     out = asyncio.run(session.probe(engine.tokenize(PROBE_PROMPT), 20))
-    assert out.text.count("}") <= 1 and (out.text.endswith("}") or len(out.token_ids) == 20 or out.token_ids[-1] in engine.eos_token_ids)
+    text = decode_text(engine.detokenize, out.token_ids)
+    assert text.count("}") <= 1 and (text.endswith("}") or len(out.token_ids) == 20)
     asyncio.run(session.close())
 
 
@@ -86,14 +92,14 @@ def test_controller_stops_and_answers_within_budgets(engine):
         engine, QUESTION, CodeStop(), max_new_tokens=60, probe_interval=8, boundaries=["\n"], temperature=0.0
     )
     assert result.tokens["reasoning"] <= 60
-    assert result.stop_reason in ("confident", "degenerate", "finished", "budget")
+    assert result.stop_reason in ("confident", "degenerate", "finished", "max_new_tokens")
     assert result.answer_text and result.engine == "llamacpp"
     assert result.probes, "CoDE-Stop probes at the step boundaries"
     budget = generate(engine, QUESTION, TokenBudget(budget=12), temperature=0.0)
     assert budget.tokens["reasoning"] <= 12 and budget.stop_reason == "budget"
     assert "\\boxed{" in budget.answer_text  # a forced answer
     capped = generate(engine, QUESTION, Vanilla(), max_new_tokens=10, temperature=0.0)
-    assert capped.tokens["reasoning"] == 10 and capped.stop_reason == "budget"
+    assert capped.tokens["reasoning"] == 10 and capped.stop_reason == "max_new_tokens"
     assert capped.tokens["probe"] == 0
 
 
@@ -118,7 +124,7 @@ def test_greedy_matches_across_sessions_and_concurrency(engine):
 
 def test_a_thinking_model_that_never_closes_is_stopped_cleanly(engine):
     result = generate(engine, QUESTION, Vanilla(), family="think", max_new_tokens=30, temperature=0.0)
-    assert result.stop_reason in ("budget", "finished")
+    assert result.stop_reason in ("max_new_tokens", "finished")
     assert "</think>" in result.answer_text  # codestop closed the thinking itself
     assert result.tokens["reasoning"] <= 30
 
@@ -132,7 +138,7 @@ def test_context_window_is_enforced(smollm2_path):
             generate(small, "How many? " * 200, Vanilla(), temperature=0.0)
         # reasoning that reaches the window is a clean budget stop with an answer, not a crash
         result = generate(small, QUESTION, Vanilla(), family="think", max_new_tokens=1000, temperature=0.0)
-        assert result.stop_reason in ("budget", "finished")
+        assert result.stop_reason in ("max_new_tokens", "finished")
         assert result.tokens["prompt"] + result.tokens["reasoning"] + result.tokens["answer"] <= 256
     finally:
         small.close()
@@ -169,7 +175,7 @@ def test_tokenizer_and_template_match_transformers(engine, tokenizer):
 
 def test_parity_with_transformers_on_the_same_gguf(engine, smollm2_path):
     """The same GGUF on both engines: probe confidences within 0.05 at fixed prefixes."""
-    from codestop.controller import probe_from_output
+    from codestop.controller import score
     from codestop.engines.transformers import TransformersEngine
 
     hf = TransformersEngine.load(str(smollm2_path))
@@ -186,7 +192,7 @@ def test_parity_with_transformers_on_the_same_gguf(engine, smollm2_path):
         for prefix in prefixes:
             prompt = eng.tokenize(FAMILIES["plain"].build_prompt(eng, QUESTION) + prefix)
             session = await eng.start(prompt, Sampling(temperature=0.0))
-            probe = probe_from_output(await session.probe(probe_ids, 20), 1, "geometric", eng)
+            probe = score(await session.probe(probe_ids, 20), 1, "geometric", eng)
             out.append((probe.answer, probe.confidence))
             await session.close()
         return out

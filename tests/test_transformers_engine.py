@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from codestop import CodeStop, Deer, TokenBudget, generate
-from codestop.engines.base import Boundaries, Sampling
+from codestop.config import Sampling
+from codestop.steps import StepRules
 from codestop.engines.transformers import TransformersEngine
 from codestop.families import PROBE_PROMPT
 
@@ -21,7 +22,8 @@ def _prompt(engine):
 
 async def _session_after(engine, n_tokens, sampling=Sampling(temperature=0.0)):
     session = await engine.start(_prompt(engine), sampling)
-    await session.extend(n_tokens, Boundaries((), ()))
+    async for _ in session.extend(n_tokens, StepRules()):
+        pass
     return session
 
 
@@ -92,7 +94,7 @@ def test_controller_on_a_real_model_stops_and_answers(tiny_engine):
         tiny_engine, "What is 2 + 3?", Deer(threshold=0.0), family="plain", boundaries=["\n\n", " the", ","],
         probe_interval=1, max_new_tokens=300, temperature=1.0, seed=0,
     )
-    assert result.stop_reason in ("threshold", "finished", "budget")
+    assert result.stop_reason in ("threshold", "finished", "max_new_tokens")
     assert result.tokens["reasoning"] <= 300
     if result.stop_reason == "threshold":
         assert len(result.probes) == 1 and result.tokens["answer"] >= 1
@@ -127,7 +129,7 @@ def test_qwen3_template_switch(tokenizer):
 
 
 def test_a_bad_model_path_is_one_clear_error(tmp_path):
-    from codestop.engines.base import CodestopError
+    from codestop.errors import CodestopError
     from codestop.models import load_engine
 
     with pytest.raises(CodestopError, match="does not exist"):

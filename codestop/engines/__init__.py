@@ -1,5 +1,5 @@
 """Engines: how tokens and probabilities are obtained (see :mod:`codestop.engines.base`)."""
 
-from codestop.engines.base import Boundaries, CodestopError, ContextTooLong, Engine, Sampling, Session
+from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
 
-__all__ = ["Boundaries", "CodestopError", "ContextTooLong", "Engine", "Sampling", "Session"]
+__all__ = ["Engine", "ProbeOutput", "Session", "StepOutput"]

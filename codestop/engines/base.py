@@ -1,115 +1,59 @@
 """The engine interface: how tokens and probabilities are obtained, and nothing about stopping.
 
 An :class:`Engine` owns a model (and its tokenizer) and starts :class:`Session` objects, one per
-question. A session holds one growing context and offers four async operations:
+question. A session holds one growing context and offers:
 
-* ``extend(max_tokens, boundaries, stop_texts)``: sample reasoning tokens until a step boundary,
-  a stop text (e.g. ``</think>``), EOS, or ``max_tokens``;
+* ``extend(max_tokens, rules)``: generate until the step ends by the rules of
+  :mod:`codestop.steps` (a boundary, a stop text, EOS, ``max_tokens``), yielding the step's text as
+  it becomes certain and then one :class:`StepOutput`; the final answer is a greedy step;
 * ``probe(prompt_ids, max_tokens)``: greedily decode a short continuation of context + prompt,
   returning its tokens and their log-probabilities, and leave the session exactly as it was;
-* ``append(ids)``: force tokens into the context (closing the thinking, the answer prompt);
-* ``generate(max_tokens, stop_texts)``: greedy continuation that is kept (the final answer).
+* ``append(ids)``: force tokens into the context (closing the thinking, the answer prompt).
 
-Methods are async so one event loop can drive many sessions on a server engine; in-process engines
-run their blocking work in a worker thread under one lock per engine (the model is the bottleneck
-anyway). The controller's sync facade is ``asyncio.run``.
+Everything is async so one event loop drives many sessions. In-process engines run their blocking
+work in a worker thread under one lock per engine, a few tokens at a time, so a long step never
+holds the model for long, other sessions interleave, and a cancelled request stops between chunks.
+Text and events are always produced on the event loop.
 
-In-process engines (transformers, llama.cpp) share :class:`LocalSession`, which implements
-boundaries, sampling and probing once on top of four primitives: feed tokens, crop the context,
-read the last logits, count context tokens.
+In-process engines (transformers, llama.cpp) share :class:`LocalSession`, which samples on four
+primitives (feed tokens, crop the context, read the last logits, count context tokens) and feeds
+each token to the one step scanner.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import math
-import re
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-TextCallback = Callable[[str], None]
+from codestop.config import Sampling
+from codestop.errors import ContextTooLong
+from codestop.steps import EndKind, StepRules, StepScanner
 
-
-class CodestopError(Exception):
-    """An error a user can cause and fix; the CLI prints its message alone, no traceback."""
-
-
-class ContextTooLong(CodestopError):
-    pass
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling for the reasoning itself. None means the model's own default (its generation
-    config); temperature 0 means greedy."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature is not None and not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature: {self.temperature!r} must be >= 0")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p: {self.top_p!r} must be in (0, 1]")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k: {self.top_k!r} must be >= 0 (0 = off)")
-
-    def merged(self, defaults: "Sampling") -> "Sampling":
-        """Fill the unset fields from ``defaults`` (the model's generation config)."""
-        return Sampling(
-            temperature=self.temperature if self.temperature is not None else defaults.temperature,
-            top_p=self.top_p if self.top_p is not None else defaults.top_p,
-            top_k=self.top_k if self.top_k is not None else defaults.top_k,
-            seed=self.seed if self.seed is not None else defaults.seed,
-        )
-
-
-@dataclass(frozen=True)
-class Boundaries:
-    """Step boundaries. ``separators`` (e.g. a blank line) end a step just after them; ``words``
-    (e.g. "Wait") end a step just before them, so the probe's context does not contain the word.
-    Words match at a word start, case-sensitively."""
-
-    separators: tuple[str, ...] = ("\n\n",)
-    words: tuple[str, ...] = ("Wait", "But wait", "Alternatively")
-
-    @classmethod
-    def parse(cls, spec: Sequence[str]) -> "Boundaries":
-        """From a list such as ["\\n\\n", "Wait"]: whitespace-only entries are separators."""
-        seps = tuple(s for s in spec if s and not s.strip())
-        words = tuple(s for s in spec if s.strip())
-        if not seps and not words:
-            raise ValueError("boundaries: at least one boundary is needed")
-        return cls(seps, words)
-
-    def as_list(self) -> list[str]:
-        return [*self.separators, *self.words]
+LOCAL_CHUNK_TOKENS = 4  # tokens per locked worker-thread call: the latency of a cancel, the grain of interleaving
 
 
 @dataclass
 class StepOutput:
-    """What ``extend``/``generate`` produced. token_ids were committed to the context (for word
-    boundaries, the word itself is held back and starts the next step)."""
+    """A finished step: the tokens committed to the context (a boundary word's tokens are held
+    back and start the next step), their text, and how the step ended."""
 
     token_ids: list[int]
     text: str
-    end: Literal["boundary", "stop_text", "eos", "budget"]
+    end: EndKind
 
 
 @dataclass
 class ProbeOutput:
-    """A probe's greedy continuation: its tokens, text and per-token log-probabilities (natural log,
-    of the chosen token under the model's raw distribution), and how many prompt tokens it prefilled."""
+    """A probe's greedy continuation: its tokens and per-token log-probabilities (natural log, of
+    the chosen token under the model's raw distribution), and how many prompt tokens it prefilled."""
 
     token_ids: list[int]
-    text: str
     logprobs: list[float]
     prompt_tokens: int
 
@@ -123,30 +67,14 @@ class Session(abc.ABC):
         """Tokens in the context now (prompt included)."""
 
     @abc.abstractmethod
-    async def extend(
-        self,
-        max_tokens: int,
-        boundaries: Boundaries,
-        stop_texts: Sequence[str] = (),
-        on_text: TextCallback | None = None,
-    ) -> StepOutput: ...
+    def extend(self, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
+        """Generate one step: yields text pieces as they become certain, then the StepOutput."""
 
     @abc.abstractmethod
     async def probe(self, prompt_ids: Sequence[int], max_tokens: int = 20) -> ProbeOutput: ...
 
     @abc.abstractmethod
     async def append(self, ids: Sequence[int]) -> None: ...
-
-    @abc.abstractmethod
-    async def generate(
-        self,
-        max_tokens: int,
-        stop_texts: Sequence[str] = (),
-        on_text: TextCallback | None = None,
-        close_box: bool = False,
-    ) -> StepOutput:
-        """Greedy continuation kept in the context (the final answer). ``close_box``: the context
-        ends inside ``\\boxed{``; stop at the "}" that closes it (end "stop_text")."""
 
     async def close(self) -> None:  # noqa: B027 - optional
         """Release what the session holds."""
@@ -178,6 +106,11 @@ class Engine(abc.ABC):
     def chat_template(self, messages: list[dict[str, str]], **template_kwargs: Any) -> str:
         """The model's chat template rendered with add_generation_prompt=True."""
 
+    async def run_tokenizer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a tokenizer or template call from the event loop. Engines whose tokenizer is remote
+        run it in a worker thread; a local tokenizer answers at once."""
+        return fn(*args)
+
     def default_sampling(self) -> Sampling:
         """The model's own sampling defaults (generation config); greedy when it has none."""
         return Sampling(temperature=0.0)
@@ -187,65 +120,35 @@ class Engine(abc.ABC):
         return {"name": self.model_name, "model_type": "", "chat_template": ""}
 
     @abc.abstractmethod
-    async def start(self, prompt_ids: Sequence[int], sampling: Sampling) -> Session: ...
+    async def start(self, prompt_ids: Sequence[int], sampling: Sampling, *, live: bool = False) -> Session:
+        """A session holding ``prompt_ids``. ``live``: its text is shown as it comes (server
+        engines then stream each step token by token)."""
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt_ids: the prompt is empty")
+        if self.context_window is not None and len(prompt_ids) >= self.context_window:
+            raise ContextTooLong(
+                f"the prompt is {len(prompt_ids)} tokens but the model's context window is {self.context_window}; "
+                "shorten the question or use a model with a longer context"
+            )
+
+    async def health(self) -> dict[str, Any]:
+        """Whether the engine can answer now (the proxy's /health): ``{"ok": bool, ...}``."""
+        return {"ok": True}
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Counters for the proxy's /metrics: ``{name: {kind: count}}``, exported as
+        ``codestop_<name>_total`` with one label ``kind`` (key "" for a counter without it), e.g.
+        the server engine's ``{"upstream_requests": {"step": 12, "probe": 4}, "upstream_retries": {"": 1}}``."""
+        return {}
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release the engine's resources."""
 
 
 # --------------------------------------------------------------------------------------------
-# Text helpers shared by every engine
-# --------------------------------------------------------------------------------------------
-
-
-def find_word_boundary(text: str, words: Sequence[str], search_from: int) -> int | None:
-    """Start index of the first boundary word in ``text`` that begins at or after ``search_from``,
-    at a word start (start of text or after whitespace/punctuation) and not followed by a letter."""
-    best: int | None = None
-    for word in words:
-        for m in re.finditer(re.escape(word), text[max(0, search_from - len(word)) :]):
-            start = m.start() + max(0, search_from - len(word))
-            if start < search_from:
-                continue
-            if start > 0 and text[start - 1].isalnum():
-                continue
-            end = start + len(word)
-            if end < len(text) and text[end].isalpha():
-                continue
-            if best is None or start < best:
-                best = start
-    return best
-
-
-def closing_brace_index(text: str) -> int | None:
-    """Index of the "}" that closes a box opened just before ``text`` (depth starts at 1)."""
-    depth = 1
-    for i, ch in enumerate(text):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return None
-
-
-def answer_span(token_texts: Sequence[str]) -> tuple[str, int]:
-    """For a probe continuation after ``\\boxed{``: the answer (text before the closing brace) and
-    how many leading tokens are answer tokens. The token that holds the closing brace counts as an
-    answer token only when it also carries answer text before the brace (e.g. "5}")."""
-    text = ""
-    for n, piece in enumerate(token_texts):
-        idx = closing_brace_index(text + piece)
-        if idx is not None:
-            has_content = idx > len(text) and (text + piece)[len(text) : idx].strip() != ""
-            return (text + piece)[:idx].strip(), n + (1 if has_content else 0)
-        text += piece
-    return text.strip(), len(token_texts)
-
-
-# --------------------------------------------------------------------------------------------
-# In-process sessions: boundaries, sampling and probing on four primitives
+# In-process sessions: sampling on four primitives, steps by the one scanner
 # --------------------------------------------------------------------------------------------
 
 
@@ -319,7 +222,7 @@ class LocalBackend(abc.ABC):
         self.set_logits(logits)
 
     def close(self) -> None:  # noqa: B027 - optional
-        pass
+        """Release the context (the session calls it under the engine's lock)."""
 
 
 class LocalEngine(Engine):
@@ -339,14 +242,8 @@ class LocalEngine(Engine):
 
         return await asyncio.to_thread(locked)
 
-    async def start(self, prompt_ids: Sequence[int], sampling: Sampling) -> "LocalSession":
-        if not prompt_ids:
-            raise ValueError("prompt_ids: the prompt is empty")
-        if self.context_window is not None and len(prompt_ids) >= self.context_window:
-            raise ContextTooLong(
-                f"the prompt is {len(prompt_ids)} tokens but the model's context window is {self.context_window}; "
-                "shorten the question or use a model with a longer context"
-            )
+    async def start(self, prompt_ids: Sequence[int], sampling: Sampling, *, live: bool = False) -> LocalSession:
+        self.check_prompt(prompt_ids)
         backend = await self.run_blocking(self.new_backend, list(prompt_ids))
         return LocalSession(self, backend, sampling.merged(self.default_sampling()))
 
@@ -366,135 +263,80 @@ class LocalSession(Session):
     def n_tokens(self) -> int:
         return self.backend.n_tokens + len(self.pending)
 
-    def _room(self) -> int:
-        window = self.engine.context_window
-        return max(0, window - self.backend.n_tokens - 1) if window is not None else 1 << 60
-
-    # -- reasoning --------------------------------------------------------------------------
-    def _extend(
-        self,
-        max_tokens: int,
-        boundaries: Boundaries,
-        stop_texts: Sequence[str],
-        on_text: TextCallback | None,
-        greedy: bool,
-        close_box: bool = False,
-    ) -> StepOutput:
+    # -- reasoning and answers ----------------------------------------------------------------
+    async def extend(self, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
         eng, be = self.engine, self.backend
-        step: list[int] = []
-        text = ""
-        if self.pending:  # the word held back at the last boundary starts this step (already shown)
-            be.feed(self.pending)
-            step, self.pending = list(self.pending), []
-            text = eng.detokenize(step)
-        word_search_from = max(1, len(text))  # never the held-back word itself
-        sampling = Sampling(temperature=0.0) if greedy else self.sampling
-        while True:
-            if len(step) >= max_tokens or self._room() <= 0:
-                return StepOutput(step, text, "budget")
-            tok = sample_token(be.logits(), sampling, self.rng)
-            if tok in eng.eos_token_ids:
-                return StepOutput(step, text, "eos")
-            new_text = eng.detokenize(step + [tok])
-            added = new_text[len(text) :]
-            if close_box and closing_brace_index(new_text) is not None:
-                be.feed([tok])
-                step.append(tok)
-                if on_text:
-                    on_text(added)
-                return StepOutput(step, new_text, "stop_text")
-            # a stop text (e.g. </think>) written by the model: keep it and end
-            for stop in stop_texts:
-                if new_text.find(stop, max(0, len(text) - len(stop) + 1)) != -1:
-                    be.feed([tok])
-                    step.append(tok)
-                    if on_text:
-                        on_text(added)
-                    return StepOutput(step, new_text, "stop_text")
-            if boundaries.words:
-                at = find_word_boundary(new_text, boundaries.words, word_search_from)
-                if at is not None:
-                    # hold back every token that carries part of the word: they start the next step,
-                    # so the probe's context ends just before the word
-                    keep = len(step)
-                    while be.can_crop and keep > 0 and len(eng.detokenize(step[:keep])) > at:
-                        keep -= 1
-                    if keep < len(step):
-                        be.crop(be.n_tokens - (len(step) - keep))
-                    self.pending = step[keep:] + [tok]
-                    if on_text and added:
-                        on_text(added)
-                    return StepOutput(step[:keep], eng.detokenize(step[:keep]), "boundary")
-            be.feed([tok])
-            step.append(tok)
-            if on_text and added:
-                on_text(added)
-            prev_len = len(text)
-            text = new_text
-            if any(sep in text[max(0, prev_len - len(sep) + 1) :] for sep in boundaries.separators):
-                return StepOutput(step, text, "boundary")
+        window = eng.context_window
+        room = window - 1 - be.n_tokens if window is not None else max_tokens
+        held, self.pending = self.pending, []
+        scanner = StepScanner(eng.detokenize, rules, eng.eos_token_ids, max(1, min(max_tokens, room)), held)
+        sampling = self.sampling.greedy() if rules.greedy else self.sampling
+        if held:
+            await eng.run_blocking(be.feed, held)
+        while scanner.end is None:
+            await eng.run_blocking(self._sample_chunk, scanner, sampling)
+            piece = scanner.take_text()
+            if piece:
+                yield piece
+        piece = scanner.take_text()
+        if piece:
+            yield piece
+        end = scanner.end
+        self.pending = list(end.carry)
+        yield StepOutput(scanner.ids[: end.keep], scanner.kept_text(), end.kind)
 
-    async def extend(
-        self,
-        max_tokens: int,
-        boundaries: Boundaries,
-        stop_texts: Sequence[str] = (),
-        on_text: TextCallback | None = None,
-    ) -> StepOutput:
-        return await self.engine.run_blocking(self._extend, max_tokens, boundaries, stop_texts, on_text, False)
+    def _sample_chunk(self, scanner: StepScanner, sampling: Sampling) -> None:
+        """A few tokens through the scanner (worker thread, engine lock held). A token is fed to
+        the model only once the scanner keeps it; at a word boundary the word's tokens already fed
+        are cut back off the cache."""
+        be = self.backend
+        for _ in range(LOCAL_CHUNK_TOKENS):
+            tok = sample_token(be.logits(), sampling, self.rng)
+            end = scanner.feed(tok)
+            if end is None:
+                be.feed([tok])
+                continue
+            fed = len(scanner.ids) - 1 if end.kind != "eos" else len(scanner.ids)
+            if end.keep > fed:
+                be.feed([tok])
+            elif end.keep < fed:
+                if be.can_crop:
+                    be.crop(be.n_tokens - (fed - end.keep))
+                else:  # a cache that cannot be cut back keeps the word's first tokens; only the rest is carried
+                    scanner.end = replace(end, keep=fed, carry=end.carry[len(end.carry) - (len(scanner.ids) - fed) :])
+            return
 
     # -- probing ----------------------------------------------------------------------------
     def _probe(self, prompt_ids: Sequence[int], max_tokens: int) -> ProbeOutput:
         eng, be = self.engine, self.backend
-        # the context as committed: a held-back boundary word is not part of it
-        snap = be.snapshot()
-        ids: list[int] = []
+        snap = be.snapshot()  # the context as committed: a held-back boundary word is not part of it
+        scanner = StepScanner(eng.detokenize, StepRules(close_box=True, greedy=True), eng.eos_token_ids, max_tokens)
         lps: list[float] = []
         try:
             be.feed(list(prompt_ids))
-            for _ in range(max_tokens):
-                if be.n_tokens >= (eng.context_window or 1 << 60):
-                    break
+            while scanner.end is None and be.n_tokens < (eng.context_window or 1 << 60):
                 logits = be.logits()
                 tok = int(np.argmax(logits))
-                ids.append(tok)
                 lps.append(float(log_softmax(logits)[tok]))
-                if tok in eng.eos_token_ids:
-                    break
-                if closing_brace_index(eng.detokenize(ids)) is not None:
-                    break
-                if len(ids) < max_tokens:
+                if scanner.feed(tok) is None:
                     be.feed([tok])
         finally:
             be.restore(snap)
-        return ProbeOutput(ids, eng.detokenize(ids), lps, len(prompt_ids))
+        return ProbeOutput(list(scanner.ids), lps[: len(scanner.ids)], len(prompt_ids))
 
     async def probe(self, prompt_ids: Sequence[int], max_tokens: int = 20) -> ProbeOutput:
         return await self.engine.run_blocking(self._probe, prompt_ids, max_tokens)
 
-    # -- forcing and answering --------------------------------------------------------------
+    # -- forcing ----------------------------------------------------------------------------
     def _append(self, ids: Sequence[int]) -> None:
         self.pending = []  # forcing after a word boundary: the held-back word is dropped, never said
         if self.engine.context_window is not None and self.backend.n_tokens + len(ids) >= self.engine.context_window:
-            raise ContextTooLong(
-                f"the context would exceed the model's window of {self.engine.context_window} tokens"
-            )
+            raise ContextTooLong(f"the context would exceed the model's window of {self.engine.context_window} tokens")
         if ids:
             self.backend.feed(ids)
 
     async def append(self, ids: Sequence[int]) -> None:
         await self.engine.run_blocking(self._append, ids)
 
-    async def generate(
-        self,
-        max_tokens: int,
-        stop_texts: Sequence[str] = (),
-        on_text: TextCallback | None = None,
-        close_box: bool = False,
-    ) -> StepOutput:
-        return await self.engine.run_blocking(
-            self._extend, max_tokens, Boundaries((), ()), stop_texts, on_text, True, close_box
-        )
-
     async def close(self) -> None:
-        self.backend.close()
+        await self.engine.run_blocking(self.backend.close)

@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from codestop.engines.base import CodestopError, ContextTooLong, LocalBackend, LocalEngine, Sampling
+from codestop.config import Sampling
+from codestop.engines.base import LocalBackend, LocalEngine
+from codestop.errors import CodestopError, ContextTooLong
 
 DEFAULT_MAX_CONTEXT = 16384  # the KV cache is allocated whole per session: cap the default window
 BATCH = 512
@@ -250,12 +252,12 @@ class LlamaCppEngine(LocalEngine):
         return backend
 
     def release_context(self, backend: LlamaCppBackend) -> None:
-        """A closed session's context goes back to the pool, emptied."""
+        """A closed session's context goes back to the pool, emptied (called under the engine's
+        lock, by the session's close)."""
         if backend in self._idle:
             return
-        with self._lock:
-            backend.reset()
-            self._idle.append(backend)
+        backend.reset()
+        self._idle.append(backend)
 
     @property
     def live_sessions(self) -> int:

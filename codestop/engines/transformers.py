@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from codestop.engines.base import CodestopError, LocalBackend, LocalEngine, Sampling
+from codestop.config import Sampling
+from codestop.engines.base import LocalBackend, LocalEngine
+from codestop.errors import CodestopError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -206,6 +208,18 @@ class TransformersEngine(LocalEngine):
 
     def new_backend(self, prompt_ids: Sequence[int]) -> TransformersBackend:
         return TransformersBackend(self, prompt_ids)
+
+    async def aclose(self) -> None:
+        """Drop the model so its memory (and the GPU's) is freed; the engine is unusable after."""
+        await self.run_blocking(self._release)
+
+    def _release(self) -> None:
+        import gc
+
+        self.model = None
+        gc.collect()
+        if self.torch.cuda.is_available():
+            self.torch.cuda.empty_cache()
 
 
 def _first_line(err: BaseException) -> str:
