@@ -19,7 +19,7 @@ from pathlib import Path
 from codestop import sweep as sw
 from codestop.policies import make_policy
 from codestop.sweep import Point, calibrate, fixed_policy, mark_pareto, parse_range, plot_tradeoff, run_policy
-from codestop.traces import load_traces
+from codestop.replay import load_traces
 
 TAUS = parse_range("0.25:16:0.25")
 THRESHOLDS = parse_range("0.3,0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.999,0.9995,0.9999")
@@ -66,14 +66,14 @@ def main(folder: str) -> None:
         cache: dict = {}
         vanilla_rows = run_policy(traces, make_policy("vanilla"), cache)
         v_acc = sum(r.correct for r in vanilla_rows) / n
-        v_tok = sum(r.tokens for r in vanilla_rows) / n
+        v_tok = sum(r.reasoning_tokens for r in vanilla_rows) / n
         points: list[Point] = [Point("vanilla", "", None, n, v_acc, v_tok, v_tok, 0.0, 0.0)]
         rows_of: dict[tuple[str, object], list] = {}
         for label, (method, values, fixed) in VARIANTS.items():
             for value in values:
                 rows = run_policy(traces, fixed_policy(method, value, **fixed), cache)
                 acc = sum(r.correct for r in rows) / n
-                tok = sum(r.tokens for r in rows) / n
+                tok = sum(r.reasoning_tokens for r in rows) / n
                 cost = sum(r.cost for r in rows) / n
                 points.append(Point(label, sw.KNOBS[method][0], value, n, acc, tok, cost, acc - v_acc, 1 - tok / v_tok))
                 rows_of[(label, value)] = rows

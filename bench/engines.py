@@ -33,8 +33,9 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from codestop.api import agenerate_question  # noqa: E402
-from codestop.controller import PROBE_MAX_TOKENS, probe_from_output  # noqa: E402
-from codestop.engines.base import Boundaries, Engine, Sampling  # noqa: E402
+from codestop.config import Sampling  # noqa: E402
+from codestop.controller import PROBE_MAX_TOKENS, score  # noqa: E402
+from codestop.engines.base import Engine  # noqa: E402
 from codestop.families import FAMILIES, PROBE_PROMPT  # noqa: E402
 from codestop.models import load_engine, resolve_model  # noqa: E402
 from codestop.policies import Vanilla  # noqa: E402
@@ -50,9 +51,9 @@ SECTION = "## Engines: llama.cpp vs transformers on one GGUF"
 async def decode_rate(engine: Engine, n: int) -> float:
     prompt = engine.tokenize(FAMILIES["plain"].build_prompt(engine, QUESTION))
     session = await engine.start(prompt, Sampling(temperature=0.0))
-    await session.extend(4, Boundaries((), ()))  # warm up
+    await session.step(4)  # warm up
     t0 = time.perf_counter()
-    out = await session.extend(n, Boundaries((), ()))
+    out = await session.step(n)
     elapsed = time.perf_counter() - t0
     await session.close()
     return len(out.token_ids) / elapsed
@@ -65,13 +66,13 @@ async def probe_latency(engine: Engine, positions: tuple[int, ...] = (32, 64, 96
     session = await engine.start(prompt, Sampling(temperature=0.0))
     times, tokens, done = [], [], 0
     for pos in positions:
-        await session.extend(pos - done, Boundaries((), ()))
+        await session.step(pos - done)
         done = pos
         t0 = time.perf_counter()
         out = await session.probe(probe_ids, PROBE_MAX_TOKENS)
         times.append(time.perf_counter() - t0)
         tokens.append(len(out.token_ids))
-        probe_from_output(out, pos, "geometric", engine)
+        score(out, pos, "geometric", engine)
     await session.close()
     return statistics.mean(times), statistics.mean(tokens)
 
@@ -88,7 +89,7 @@ async def end_to_end(engine: Engine, intervals: tuple[int, ...], max_new_tokens:
             Vanilla(),
             max_new_tokens=max_new_tokens,
             probe_interval=interval,
-            probe_every_boundary=True,
+            always_probe=True,
             temperature=0.0,
         )
         assert probed.reasoning_text == base.reasoning_text, "a probe changed the session"

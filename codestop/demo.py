@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-from codestop.engines.base import CodestopError, Engine
+from codestop.engines.base import Engine
+from codestop.errors import CodestopError
 
 DEFAULT_METHODS = ("vanilla", "deer", "codestop")
 DEFAULT_PROBLEMS = 6  # 6 x 3 runs: 4.2 min on 2 idle cores (8 took 5.2 min, 12 took 7.9 min)
@@ -46,7 +47,6 @@ DEMO_INSTRUCTION = (
 # solution, not inside it (24 problems: vanilla 46% / 339 tokens; CoDE-Stop 50% / 199; DEER 54% /
 # 219; probing every 16-64 tokens stopped on intermediate results: 21-38%).
 DEMO_PROBE_INTERVAL = 128
-DEMO_POLICY_OPTIONS: dict[str, dict[str, Any]] = {"vanilla": {}, "deer": {}, "codestop": {}}
 
 
 @dataclass(frozen=True)
@@ -214,8 +214,8 @@ def demo(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from codestop.config import GenerationConfig
     from codestop.controller import agenerate, run_sync
-    from codestop.engines.base import Boundaries, Sampling
     from codestop.families import get_family
     from codestop.models import DEFAULT_MODEL, load_engine
     from codestop.policies import make_policy
@@ -225,7 +225,7 @@ def demo(
     out = console or Console(highlight=False)
     policies = {}
     for name in names:
-        options = dict(DEMO_POLICY_OPTIONS.get(name, {}))
+        options: dict[str, Any] = {}
         if name == "codestop" and tau is not None:
             options["tau"] = tau
         if name == "deer" and threshold is not None:
@@ -247,6 +247,8 @@ def demo(
     fam = get_family(family, eng)
     if fam.name == "plain":
         fam = replace(fam, instruction=DEMO_INSTRUCTION)
+    # greedy, the default step boundaries (a blank line, "Wait", ...)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, probe_interval=probe_interval, temperature=0.0)
 
     summaries: list[MethodSummary] = []
     results: dict[str, list[dict[str, Any]]] = {}
@@ -268,18 +270,7 @@ def demo(
             correct = 0
             t_method = time.perf_counter()
             for item in items:
-                result = run_sync(
-                    agenerate(
-                        eng,
-                        item.question,
-                        policies[method],
-                        fam,
-                        max_new_tokens=max_new_tokens,
-                        probe_interval=probe_interval,
-                        boundaries=Boundaries(),
-                        sampling=Sampling(temperature=0.0),
-                    )
-                )
+                result = run_sync(agenerate(eng, item.question, policies[method], config, family=fam))
                 ok = numeric_match(result.answer, item.answer)
                 correct += ok
                 rows.append(

@@ -1,11 +1,15 @@
-"""``codestop eval``: a benchmark under a stopping policy, one JSON line per question, resumable.
+"""``codestop eval`` and ``codestop record``: a benchmark under a stopping policy, one JSON line per
+question, resumable.
 
 The output file holds one JSON object per line, written and flushed as each question finishes, so
 a killed run loses only the questions in flight. Every line carries the run's ``config`` (model,
 engine, method and its options, generation options); re-running the same command skips the ids
-already there, a half-written last line is dropped and redone, and a file whose config differs is
-refused rather than mixed. ``codestop record`` (:mod:`codestop.traces`) writes its trace files
-through the same machinery.
+already there, a half-written last line is dropped (saying so) and redone, and a file whose config
+differs is refused rather than mixed.
+
+Recording is evaluation with another record maker: ``codestop record`` runs with no stopping (the
+Vanilla policy) and a probe at every step boundary, and writes one trace per question (schema:
+``docs/traces.md``) for :mod:`codestop.replay`, sweeps and figures to read without the model.
 
 Token accounting in a run line: ``tokens`` holds each kind (prompt, reasoning, probe, probe_prompt,
 answer); the summary's *tokens* are reasoning + answer (what the model wrote, probes excluded) and
@@ -24,10 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codestop.config import GenerationConfig
 from codestop.datasets import DATASETS, Example, load_examples
-from codestop.engines.base import CodestopError, ContextTooLong, Engine
+from codestop.engines.base import Engine
+from codestop.errors import CodestopError, ContextTooLong
 from codestop.grading import extract_answer, grade
-from codestop.policies import Policy, policy_options
+from codestop.jsonl import read_jsonl
+from codestop.policies import CodeStop, Policy, Vanilla, policy_options
+from codestop.replay import TRACE_SCHEMA
 
 RUN_SCHEMA = 1
 
@@ -35,43 +43,6 @@ RUN_SCHEMA = 1
 # --------------------------------------------------------------------------------------------
 # Run files: JSON lines with a config, resumable
 # --------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | os.PathLike[str], repair: bool = False) -> list[dict[str, Any]]:
-    """The JSON objects of a run or trace file, one per line.
-
-    A last line that does not parse (cut short by a killed writer) is dropped; with ``repair`` the
-    file is also truncated to its last complete line, so appending continues cleanly. A bad line
-    anywhere else raises an error naming the file and line."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as err:
-        raise CodestopError(f"file: cannot read {str(p)!r} ({err.strerror})") from None
-    lines = raw.split(b"\n")
-    records: list[dict[str, Any]] = []
-    good_end = 0  # bytes of the file that hold complete, valid lines
-    for n, line in enumerate(lines, start=1):
-        is_last = n == len(lines) or (n == len(lines) - 1 and lines[-1] == b"")
-        if line.strip():
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("a JSON value that is not an object")
-            except (ValueError, UnicodeDecodeError) as err:
-                if is_last:
-                    break  # half-written by a killed run: dropped, and redone on resume
-                raise CodestopError(f"file: {p}:{n}: not a valid JSON object ({err}); fix or delete that line") from None
-            records.append(obj)
-        good_end = min(good_end + len(line) + 1, len(raw))
-    if repair:
-        if good_end < len(raw):
-            with open(p, "r+b") as fh:
-                fh.truncate(good_end)
-        elif raw and not raw.endswith(b"\n"):
-            with open(p, "ab") as fh:  # a complete last line that lost only its newline
-                fh.write(b"\n")
-    return records
 
 
 def check_config(path: Path, records: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
@@ -128,25 +99,8 @@ class RunFile:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GenerationOptions:
-    """The options of :func:`codestop.api.agenerate_question` a run fixes (part of its config)."""
-
-    family: str | None = None
-    enable_thinking: bool | None = None
-    max_new_tokens: int = 32768
-    probe_interval: int = 32
-    boundaries: tuple[str, ...] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-
-    def as_kwargs(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["boundaries"] = list(self.boundaries) if self.boundaries is not None else None
-        return d
-
+# a recording must end: a cap that fits small models, and a probe at every boundary
+RECORD_GENERATION = GenerationConfig(max_new_tokens=1024, probe_interval=1)
 
 Make = Callable[[Example, Any, float], dict[str, Any]]
 
@@ -155,12 +109,11 @@ def run_questions(
     engine: Engine,
     examples: Sequence[Example],
     policy: Policy,
-    generation: GenerationOptions,
+    generation: GenerationConfig,
     out: RunFile,
     make_record: Make,
     *,
     concurrency: int = 1,
-    probe_every_boundary: bool = False,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     """Answer every example not yet in ``out``; each record is appended as soon as it is made."""
@@ -175,9 +128,7 @@ def run_questions(
         async with gate:
             t0 = time.perf_counter()
             try:
-                result: Any = await agenerate_question(
-                    engine, example.question, policy, probe_every_boundary=probe_every_boundary, **generation.as_kwargs()
-                )
+                result: Any = await agenerate_question(engine, example.question, policy, generation)
             except ContextTooLong as err:
                 result = err  # recorded as an error line, so a resume does not retry it forever
             record = make_record(example, result, time.perf_counter() - t0)
@@ -210,9 +161,40 @@ def eval_record(example: Example, result: Any, wall_time: float) -> dict[str, An
         "correct": grade(answer, example.gold, example.kind),
         "tokens": dict(result.tokens),
         "cost": result.cost,
-        "probes": [{"position": p.position, "confidence": round(p.confidence, 6), "answer": p.answer, "tokens": p.tokens} for p in result.probes],
+        "probes": [{"position": p.position, "confidence": round(p.confidence, 6), "answer": p.answer, "probe_tokens": p.probe_tokens}
+                   for p in result.probes],
         "stop_reason": result.stop_reason,
         "stop_position": result.stop_position,
+        "wall_time": round(wall_time, 3),
+    }
+
+
+def trace_record(example: Example, result: Any, wall_time: float) -> dict[str, Any]:
+    """One trace line (schema 1) from a Vanilla run with a probe at every boundary."""
+    base = {"schema": TRACE_SCHEMA, "id": example.id, "dataset": example.dataset, "gold": example.gold, "grading": example.kind}
+    if isinstance(result, Exception):
+        return {**base, "probes": [], "reasoning_tokens": 0, "finish_reason": "error", "error": str(result),
+                "final_answer": None, "final_correct": False, "tokens": {}, "wall_time": round(wall_time, 3)}
+    final = result.answer if result.answer is not None else extract_answer(result.answer_text)
+    return {
+        **base,
+        "probes": [
+            {
+                "position": p.position,
+                "confidence": p.confidence,
+                "answer": p.answer,
+                "correct": grade(p.answer, example.gold, example.kind),
+                "probe_tokens": p.probe_tokens,
+                "token_logprobs": list(p.token_logprobs or ()),
+                "text": p.text,
+            }
+            for p in result.probes
+        ],
+        "reasoning_tokens": result.tokens["reasoning"],
+        "finish_reason": result.stop_reason,
+        "final_answer": final,
+        "final_correct": grade(final, example.gold, example.kind),
+        "tokens": dict(result.tokens),
         "wall_time": round(wall_time, 3),
     }
 
@@ -285,7 +267,7 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_config(kind: str, dataset: str, model: str, engine_name: str | None, policy: Policy, generation: GenerationOptions) -> dict[str, Any]:
+def run_config(kind: str, dataset: str, model: str, engine_name: str | None, policy: Policy, generation: GenerationConfig) -> dict[str, Any]:
     return {
         "kind": kind,
         "schema": RUN_SCHEMA,
@@ -293,7 +275,7 @@ def run_config(kind: str, dataset: str, model: str, engine_name: str | None, pol
         "model": model,
         "engine": engine_name,
         "method": policy_options(policy),
-        "generation": generation.as_kwargs(),
+        "generation": generation.to_dict(),
     }
 
 
@@ -334,6 +316,49 @@ def _load_engine(model: Engine | str, engine: str | None, engine_options: dict[s
     return load_engine(model, engine=engine, **(engine_options or {}))
 
 
+def _run_dataset(
+    kind: str,
+    model: Engine | str,
+    dataset: str | None,
+    data: str | os.PathLike[str] | None,
+    limit: int | None,
+    out: str | os.PathLike[str],
+    policy: Policy,
+    generation: GenerationConfig,
+    make_record: Make,
+    *,
+    concurrency: int,
+    engine: str | None,
+    engine_options: dict[str, Any] | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """The one runner behind eval and record (which differ in the record they make): the questions
+    not yet in ``out`` are answered and appended; returns the records of the requested questions."""
+    examples = load_examples(dataset, data, limit)
+    name = examples[0].dataset if examples else (dataset or "")
+    model_name = model.model_name if isinstance(model, Engine) else model
+    engine_name = model.name if isinstance(model, Engine) else engine
+    config = run_config(kind, name, model_name, engine_name, policy, generation)
+    if kind == "trace":
+        config["probe_confidence"] = policy.confidence  # what the stored confidences were scored with
+    run = RunFile.open(out, config)
+    wanted = {e.id for e in examples}
+    todo = [e for e in examples if e.id not in run.done]
+
+    def shown(rec: dict[str, Any]) -> dict[str, Any]:  # what the progress bar counts (a trace: its final answer)
+        return rec if kind == "eval" else {"correct": rec.get("final_correct"), "tokens": rec.get("tokens")}
+
+    if todo:
+        eng = _load_engine(model, engine, engine_options)
+        on_record, close = _progress(len(examples), [shown(r) for r in run.records if r.get("id") in wanted], name, progress)
+        try:
+            run_questions(eng, todo, policy, generation, run, make_record, concurrency=concurrency,
+                          on_record=lambda rec: on_record(shown(rec)))
+        finally:
+            close()
+    return [r for r in run.records if r.get("id") in wanted]
+
+
 def evaluate(
     model: Engine | str,
     dataset: str | None = None,
@@ -346,33 +371,40 @@ def evaluate(
     concurrency: int = 1,
     engine: str | None = None,
     engine_options: dict[str, Any] | None = None,
-    generation: GenerationOptions = GenerationOptions(),
+    generation: GenerationConfig = GenerationConfig(),
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run ``dataset`` (its first ``limit`` questions) under ``policy``, appending one line per
     question to ``out`` (resuming it when it exists), and return the summary of every line in it
     (see :func:`summarize`; paired against ``baseline`` when given)."""
-    from codestop.policies import CodeStop
-
-    policy = policy if policy is not None else CodeStop()
-    examples = load_examples(dataset, data, limit)
-    name = examples[0].dataset if examples else (dataset or "")
-    model_name = model.model_name if isinstance(model, Engine) else model
-    engine_name = model.name if isinstance(model, Engine) else engine
-    config = run_config("eval", name, model_name, engine_name, policy, generation)
-    run = RunFile.open(out, config)
     base_records = read_jsonl(baseline) if baseline is not None else None
-    wanted = {e.id for e in examples}
-    todo = [e for e in examples if e.id not in run.done]
-    if todo:
-        eng = _load_engine(model, engine, engine_options)
-        on_record, close = _progress(len(examples), [r for r in run.records if r.get("id") in wanted], name, progress)
-        try:
-            run_questions(eng, todo, policy, generation, run, eval_record, concurrency=concurrency, on_record=on_record)
-        finally:
-            close()
-    records = [r for r in run.records if r.get("id") in wanted]
+    records = _run_dataset(
+        "eval", model, dataset, data, limit, out, policy if policy is not None else CodeStop(), generation, eval_record,
+        concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
+    )
     return summarize(records, base_records)
+
+
+def record(
+    model: Engine | str,
+    dataset: str | None = None,
+    *,
+    out: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    engine: str | None = None,
+    engine_options: dict[str, Any] | None = None,
+    generation: GenerationConfig = RECORD_GENERATION,
+    concurrency: int = 1,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Record traces of ``dataset`` into ``out`` (resumable, like :func:`evaluate`): no stopping, a
+    probe at every step boundary at least ``generation.probe_interval`` tokens after the last.
+    Returns the traces of the requested questions."""
+    return _run_dataset(
+        "trace", model, dataset, data, limit, out, Vanilla(), generation.replace(always_probe=True), trace_record,
+        concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,25 +420,9 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--concurrency", type=int, default=1, help="questions in flight at once (for server engines)")
 
 
-def generation_from_args(args: argparse.Namespace) -> GenerationOptions:
-    from codestop.cli import generation_options
-
-    opts = generation_options(args)
-    if opts["boundaries"] is not None:
-        opts["boundaries"] = tuple(opts["boundaries"])
-    return GenerationOptions(**opts)
-
-
-def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        k: getattr(args, k)
-        for k in ("dtype", "device", "threads", "base_url", "api_key", "tokenizer")
-        if getattr(args, k, None) is not None and not (k in ("dtype", "device") and getattr(args, k) == "auto")
-    }
-
-
 def add_parser(sub: Any) -> None:
-    from codestop.cli import add_generation_options, add_model_options, add_policy_options
+    from codestop.cli import add_model_options, add_policy_options
+    from codestop.config import add_generation_options
 
     p = sub.add_parser(
         "eval",
@@ -423,9 +439,21 @@ def add_parser(sub: Any) -> None:
     add_generation_options(p)
     p.set_defaults(func=cmd_eval)
 
+    r = sub.add_parser(
+        "record",
+        help="record traces: run to the end with a probe at every step boundary (for replay, sweep, calibrate)",
+        description="Run the model on a benchmark with no stopping and a probe at every step boundary, "
+        "one trace (JSON line, schema 1, see docs/traces.md) per question; re-running resumes.",
+    )
+    add_dataset_options(r)
+    r.add_argument("--out", required=True, help="the trace file (JSON lines); re-running resumes it")
+    add_model_options(r)
+    add_generation_options(r, max_new_tokens=RECORD_GENERATION.max_new_tokens, probe_interval=RECORD_GENERATION.probe_interval)
+    r.set_defaults(func=cmd_record)
+
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from codestop.cli import policy_from_args
+    from codestop.cli import engine_options_from_args, policy_from_args
 
     if args.dataset is None and args.data is None:
         raise CodestopError("dataset: give --dataset (" + ", ".join(DATASETS) + ") or --data PATH")
@@ -444,11 +472,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         engine=args.engine,
         engine_options=engine_options_from_args(args),
-        generation=generation_from_args(args),
+        generation=GenerationConfig.from_args(args),
         progress=not args.json,
     )
     if args.json:
         print(json.dumps(summary))
     else:
         print_summary(summary, f"{args.dataset or args.data} · {args.method} · {args.model}")
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from codestop.cli import engine_options_from_args
+
+    if args.dataset is None and args.data is None:
+        raise CodestopError("dataset: give --dataset (" + ", ".join(DATASETS) + ") or --data PATH")
+    if args.model is None:
+        from codestop.models import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
+    t0 = time.perf_counter()
+    traces = record(
+        args.model, args.dataset, out=args.out, data=args.data, limit=args.limit, engine=args.engine,
+        engine_options=engine_options_from_args(args), generation=GenerationConfig.from_args(args),
+        concurrency=args.concurrency, progress=True,
+    )
+    n = len(traces)
+    acc = sum(bool(t.get("final_correct")) for t in traces) / n if n else 0.0
+    probes = sum(len(t.get("probes", ())) for t in traces) / n if n else 0.0
+    length = sum(int(t.get("reasoning_tokens", 0)) for t in traces) / n if n else 0.0
+    print(f"{n} traces in {args.out}: final accuracy {acc * 100:.1f}%, {length:.0f} reasoning tokens and "
+          f"{probes:.1f} probes per question ({time.perf_counter() - t0:.0f} s this session)")
     return 0

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from codestop.engines.base import CodestopError, Engine
+from codestop.engines.base import Engine
+from codestop.errors import CodestopError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # see DEFAULT_MODEL_WHY
 DEFAULT_MODEL_WHY = (

@@ -26,10 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from codestop.engines.base import CodestopError
-from codestop.evaluate import read_jsonl, summarize
+from codestop.errors import CodestopError
+from codestop.evaluate import summarize
+from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Probe
-from codestop.traces import Trace, load_traces, rescored
+from codestop.replay import Trace, load_traces, rescored
 
 BINS = 10
 

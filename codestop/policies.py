@@ -124,9 +124,10 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _knob(help: str) -> dict[str, str]:
-    """Field metadata of a policy knob: the CLI, the proxy and sweeps read the knobs from here."""
-    return {"help": help}
+def _knob(help: str, sweep: str | None = None) -> dict[str, str]:
+    """Field metadata of a policy knob: the CLI, the proxy and sweeps read the knobs from here.
+    ``sweep``: the method's trade-off knob, with the range ``codestop sweep`` tries by default."""
+    return {"help": help, "sweep": sweep} if sweep else {"help": help}
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class CodeStop(_PolicyBase):
     reference variant).
     """
 
-    tau: float = field(default=7.0, metadata=_knob("CoDE-Stop degeneration threshold"))
+    tau: float = field(default=7.0, metadata=_knob("CoDE-Stop degeneration threshold", sweep="0.5:16:0.5"))
     delta: float = field(default=0.55, metadata=_knob("CoDE-Stop instability margin"))
     r_min: float = field(default=0.9, metadata=_knob("CoDE-Stop first confidence threshold"))
     r_max: float = field(default=0.95, metadata=_knob("CoDE-Stop final confidence threshold"))
@@ -257,7 +258,9 @@ class Deer(_PolicyBase):
     Confidence: arithmetic mean of the answer-token probabilities (DEER's default).
     """
 
-    threshold: float = field(default=0.95, metadata=_knob("DEER exit threshold"))
+    threshold: float = field(
+        default=0.95, metadata=_knob("DEER exit threshold", sweep="0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.999")
+    )
     confidence: str = field(default="mean", metadata=_knob("confidence function: mean, geometric, min, span"))
     name: str = field(default="deer", init=False)
 
@@ -293,7 +296,7 @@ class Consistency(_PolicyBase):
     case-insensitive). Uses no probabilities; the confidence function only fills ``Probe.confidence``.
     """
 
-    window: int = field(default=3, metadata=_knob("Consistency: agreeing answers needed"))
+    window: int = field(default=3, metadata=_knob("Consistency: agreeing answers needed", sweep="2:8:1"))
     hedges: tuple[str, ...] = DEFAULT_HEDGES
     confidence: str = field(default="mean", metadata=_knob("confidence function: mean, geometric, min, span"))
     name: str = field(default="consistency", init=False)
@@ -343,7 +346,7 @@ class TokenBudget(_PolicyBase):
     """Stop thinking after ``budget`` reasoning tokens. Spends no probes live; in replay it stops at the
     first probe at or past the budget."""
 
-    budget: int = field(default=1024, metadata=_knob("TokenBudget: reasoning tokens"))
+    budget: int = field(default=1024, metadata=_knob("TokenBudget: reasoning tokens", sweep="64:1024:64"))
     confidence: str = "geometric"
     name: str = field(default="budget", init=False)
     needs_probes: bool = field(default=False, init=False)
@@ -411,6 +414,25 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def swept_knobs() -> dict[str, tuple[str, type, str]]:
+    """Each method's trade-off knob: ``{method: (knob, its type, default sweep range)}``."""
+    return {
+        method: (f.name, type(f.default), f.metadata["sweep"])
+        for method, cls in METHODS.items()
+        for f in fields(cls)
+        if "sweep" in f.metadata
+    }
+
+
+def knob_type(name: str) -> type:
+    """The type a knob's values have (for parsing flags): its field default's, str for text."""
+    for cls in METHODS.values():
+        for f in fields(cls):
+            if f.name == name and "help" in f.metadata:
+                return type(f.default)
+    raise ValueError(f"{name}: not a policy knob")
+
+
 def knob_help() -> dict[str, str]:
     """Every knob of every method with its help text (a knob shared by methods, such as
     ``confidence``, appears once)."""
@@ -418,7 +440,8 @@ def knob_help() -> dict[str, str]:
     for cls in METHODS.values():
         for f in fields(cls):
             if "help" in f.metadata:
-                out.setdefault(f.name, f.metadata["help"])
+                default = f" (default {f.default})" if f.default != "" and f.name != "confidence" else ""
+                out.setdefault(f.name, f.metadata["help"] + default)
     return out
 
 

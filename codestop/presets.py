@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from codestop.engines.base import CodestopError
+from codestop.errors import CodestopError
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 

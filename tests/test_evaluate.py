@@ -7,12 +7,14 @@ import json
 
 import pytest
 
-from codestop.engines.base import CodestopError
-from codestop.evaluate import GenerationOptions, evaluate, read_jsonl
+from codestop.errors import CodestopError
+from codestop.config import GenerationConfig
+from codestop.evaluate import evaluate
+from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Vanilla
 
 # the tiny random model writes spaces but seldom blank lines: a space is its step boundary
-GEN = GenerationOptions(family="plain", max_new_tokens=16, probe_interval=1, boundaries=(" ",), temperature=0.0)
+GEN = GenerationConfig(family="plain", max_new_tokens=16, probe_interval=1, boundaries=(" ",), temperature=0.0)
 
 
 @pytest.fixture()
@@ -38,11 +40,13 @@ def test_one_line_per_question_with_what_a_run_needs(tiny_engine, questions, tmp
         assert r["cost"] == r["tokens"]["reasoning"] + r["tokens"]["probe"] + r["tokens"]["answer"]
         assert r["correct"] is False  # a random model
         assert r["config"]["method"]["method"] == "codestop" and r["config"]["method"]["tau"] == 2.0
+        assert all(set(p) == {"position", "confidence", "answer", "probe_tokens"} for p in r["probes"])
+        assert sum(p["probe_tokens"] for p in r["probes"]) == r["tokens"]["probe"]
     assert summary["n"] == 3 and summary["accuracy"] == 0.0
     assert summary["mean_tokens"] == sum(r["tokens"]["reasoning"] + r["tokens"]["answer"] for r in lines) / 3
 
 
-def test_resume_after_a_kill_redoes_only_the_cut_line(tiny_engine, questions, tmp_path):
+def test_resume_after_a_kill_redoes_only_the_cut_line(tiny_engine, questions, tmp_path, capsys):
     out = tmp_path / "run.jsonl"
     evaluate(tiny_engine, data=questions, out=out, policy=Vanilla(), limit=3, generation=GEN)
     full = out.read_text()
@@ -50,6 +54,8 @@ def test_resume_after_a_kill_redoes_only_the_cut_line(tiny_engine, questions, tm
     # a kill in the middle of writing the third line
     out.write_text("".join(first_two) + full.splitlines(keepends=True)[2][:25])
     summary = evaluate(tiny_engine, data=questions, out=out, policy=Vanilla(), limit=4, generation=GEN)
+    err = capsys.readouterr().err  # repaired, saying so
+    assert f"{out}:3: the last line is not a complete JSON object" in err and "redone" in err
     lines = out.read_text().splitlines(keepends=True)
     assert lines[:2] == first_two  # untouched, not rerun (their wall times would differ)
     assert [json.loads(x)["id"] for x in lines] == ["q:1", "q:2", "q:3", "q:4"]
@@ -69,7 +75,7 @@ def test_resume_with_other_options_is_refused(tiny_engine, questions, tmp_path):
         evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=3.0), limit=2, generation=GEN)
     with pytest.raises(CodestopError, match="holds a different run"):
         evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=2.0), limit=2,
-                 generation=GenerationOptions(**{**GEN.__dict__, "max_new_tokens": 8}))
+                 generation=GEN.replace(max_new_tokens=8))
     assert out.read_text() == before
 
 
@@ -109,3 +115,21 @@ def test_cli_eval_json_summary(tiny_engine, questions, tmp_path, capsys, monkeyp
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
     assert _lines(out)[0]["config"]["method"] == {"method": "deer", "threshold": 0.5, "confidence": "mean"}
+
+
+def test_cli_record_writes_traces_with_the_record_defaults(tiny_engine, questions, tmp_path, capsys, monkeypatch):
+    import codestop.evaluate as ev
+    from codestop.cli import main
+
+    monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
+    out = tmp_path / "t.traces.jsonl"
+    code = main(["record", "--data", str(questions), "--model", "tiny", "--limit", "2", "--out", str(out),
+                 "--family", "plain", "--max-new-tokens", "12", "--boundaries", " ", "--temperature", "0"])
+    assert code == 0
+    assert f"\n2 traces in {out}: final accuracy" in capsys.readouterr().out  # after the progress bar
+    traces = _lines(out)
+    assert [t["id"] for t in traces] == ["q:1", "q:2"] and all(t["schema"] == 1 for t in traces)
+    generation = traces[0]["config"]["generation"]
+    # a probe at every boundary, and no stopping
+    assert generation["probe_interval"] == 1 and generation["always_probe"] is True and generation["max_new_tokens"] == 12
+    assert traces[0]["config"]["kind"] == "trace" and traces[0]["config"]["method"] == {"method": "vanilla"}

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from codestop.cli import main
-from codestop.engines.base import CodestopError
+from codestop.errors import CodestopError
 from codestop.plots import auroc, dynamics, report
-from codestop.traces import trace_from_json
+from codestop.replay import load_traces, trace_from_json
 
 
 def test_auroc():
@@ -24,7 +24,7 @@ def _trace(i: int, correct: bool) -> dict:
     # correct: confident early and short; incorrect: unsure, jumping, and twice as long
     n = 5 if correct else 10
     confs = [0.9] * n if correct else [0.3 if k % 2 else 0.6 for k in range(n)]
-    probes = [{"position": 50 * (k + 1), "confidence": c, "answer": "1", "correct": correct, "tokens": 3} for k, c in enumerate(confs)]
+    probes = [{"position": 50 * (k + 1), "confidence": c, "answer": "1", "correct": correct, "probe_tokens": 3} for k, c in enumerate(confs)]
     return {"id": f"t{i}", "probes": probes, "final_correct": correct, "reasoning_tokens": 50 * n + 10}
 
 
@@ -36,8 +36,6 @@ def traces_file(tmp_path):
 
 
 def test_dynamics_separates_what_was_built_to_separate(traces_file):
-    from codestop.traces import load_traces
-
     stats = dynamics(load_traces(traces_file))
     assert stats["n"] == 12 and stats["n_correct"] == 8
     assert all(m == pytest.approx(0.9) for m in stats["curves"]["correct"]["mean"] if m is not None)

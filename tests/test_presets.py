@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from codestop.engines.base import CodestopError
+from codestop.errors import CodestopError
 from codestop.models import ModelSource, pick_engine, resolve_model
 from codestop.presets import PRESETS, Part, Preset, join_parts, preset_path
 

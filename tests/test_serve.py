@@ -2,6 +2,8 @@
 (SmolLM2-135M on loopback; see tests/test_server_engine.py for how it is started and for the
 fault-injecting proxy). Reliability: a load of 16 concurrent clients x 2 requests, an upstream
 killed mid-stream, an upstream that hangs, bad requests, and no leaks between load rounds.
+Clients that leave (mid-stream, before the first byte, during a plain request) run on a slow
+scripted in-process engine that counts its sessions.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import openai
 import pytest
 import uvicorn
 
+from codestop.config import GenerationConfig
 from codestop.engines.server import ServerEngine
+from codestop.errors import CodestopError
 from codestop.families import FAMILIES
-from codestop.serve import ServeSettings, Splitter, create_app
+from codestop.serve import Splitter, create_app
+from scripted import ScriptedBackend, ScriptedEngine
 from test_server_engine import FaultProxy, LlamaServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -52,10 +57,16 @@ class InProcessProxy:
         kwargs.setdefault("max_retries", 0)
         return openai.OpenAI(base_url=self.url + "/v1", **kwargs)
 
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics").text
+
     def stop(self) -> None:
+        """A graceful shutdown (it runs the app's lifespan, which closes the engine)."""
         self.server.should_exit = True
-        self.server.force_exit = True
         self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +82,6 @@ def proxy(llama):
     p = InProcessProxy(engine)
     yield p
     p.stop()
-    engine.close()
 
 
 def ask(client: openai.OpenAI, question: str, **kwargs):
@@ -87,7 +97,7 @@ def ask(client: openai.OpenAI, question: str, **kwargs):
 def test_the_openai_client_works_unchanged_streaming_or_not(proxy):
     client = proxy.client()
     models = client.models.list()
-    assert [m.id for m in models.data] == [proxy.app.state.engine.model_name]
+    assert [m.id for m in models.data] == [proxy.app.state.served.engine.model_name]
 
     r = ask(client, "What is 12 + 30?", temperature=0)
     msg = r.choices[0].message
@@ -134,6 +144,10 @@ def test_bad_requests_are_400_naming_the_field(proxy, llama):
         ({"codestop": "fast"}, "codestop"),
         ({"n": 2}, "n"),
         ({"temperature": "hot"}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"codestop": {"boundaries": "\n"}}, "codestop.boundaries"),
+        ({"codestop": {"probe_interval": -1}}, "codestop.probe_interval"),
+        ({"codestop": {"live_text": True}}, "codestop.live_text"),  # set by the proxy, not by clients
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as err:
@@ -154,7 +168,7 @@ def test_bad_requests_are_400_naming_the_field(proxy, llama):
 
 def test_a_thinking_family_streams_reasoning_content_then_content(llama):
     engine = ServerEngine.connect(llama.url + "/v1", backoff=0.05)
-    p = InProcessProxy(engine, settings=ServeSettings(family="think", policy={"method": "budget", "budget": 12}))
+    p = InProcessProxy(engine, config=GenerationConfig(family="think"), policy={"method": "budget", "budget": 12})
     try:
         client = p.client()
         r = ask(client, "What is 5 + 5?", temperature=0)
@@ -170,7 +184,6 @@ def test_a_thinking_family_streams_reasoning_content_then_content(llama):
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
     finally:
         p.stop()
-        engine.close()
 
 
 def test_splitter_hides_a_think_marker_split_across_events():
@@ -191,25 +204,37 @@ def test_the_proxy_key_is_required_when_set_and_health_and_metrics_answer(llama)
     p = InProcessProxy(engine, proxy_api_key="s3cret")
     try:
         with pytest.raises(openai.AuthenticationError):
-            p.client(api_key="wrong").models.list()
+            p.client(api_key="wrong").models.list()  # /v1/models is refused too, but not counted
+        with pytest.raises(openai.AuthenticationError) as refused:
+            ask(p.client(api_key="wrong"), "Hi!")
+        assert refused.value.body["code"] == "invalid_api_key"
         assert ask(p.client(api_key="s3cret"), "Hi!").choices[0].message.content
-        assert httpx.get(p.url + "/health").json()["upstream"] == "ok"
-        text = httpx.get(p.url + "/metrics").text
-        assert re.search(r'codestop_requests_total\{endpoint="chat",status="200"\} 1\b', text)
-        assert re.search(r'codestop_requests_total\{endpoint="chat",status="401"\} 0', text) is None  # /v1/models is not counted
-        assert re.search(r'codestop_tokens_total\{kind="reasoning"\} [1-9]', text)
-        assert re.search(r'codestop_upstream_requests_total\{kind="step"\} [1-9]', text)
-        assert "codestop_request_duration_seconds_bucket" in text and "process_cpu_seconds_total" in text
+        health = httpx.get(p.url + "/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        text = p.metrics()
+        assert re.search(r'^codestop_requests_total\{endpoint="chat",status="401"\} 1\.0$', text, re.MULTILINE)
+        assert re.search(r'^codestop_requests_total\{endpoint="chat",status="200"\} 1\.0$', text, re.MULTILINE)
+        assert re.search(r'^codestop_tokens_total\{kind="reasoning"\} [1-9]', text, re.MULTILINE)
+        assert re.search(r'^codestop_stops_total\{reason="\w+"\} 1\.0$', text, re.MULTILINE)
+        assert re.search(r'^codestop_request_duration_seconds_count\{endpoint="chat"\} 2\.0$', text, re.MULTILINE)
+        assert re.search(r"^codestop_requests_in_flight 0\.0$", text, re.MULTILINE)
+        assert re.search(r"^process_cpu_seconds_total [0-9.e+-]+$", text, re.MULTILINE)
+        counters = engine.counters()
+        assert counters, "the server engine counts its upstream requests"
+        for name, by_kind in counters.items():
+            for kind in by_kind:
+                label = f'{{kind="{kind}"}}' if kind else ""
+                assert f"codestop_{name.removesuffix('_total')}_total{label} " in text, (name, kind)
     finally:
         p.stop()
-        engine.close()
 
 
 def test_an_in_process_engine_serves_too(tiny_engine):
-    p = InProcessProxy(tiny_engine, settings=ServeSettings(policy={"method": "vanilla"}))
+    p = InProcessProxy(tiny_engine, policy={"method": "vanilla"}, close_engine=False)  # the engine is shared
     try:
         r = ask(p.client(), "What is 2 + 2?", max_tokens=8, temperature=0)
         assert r.usage.codestop["reasoning_tokens"] == 8 and r.model == "tiny-qwen3"
+        assert r.usage.codestop["stop_reason"] == "max_new_tokens" and r.choices[0].finish_reason == "length"
     finally:
         p.stop()
 
@@ -222,7 +247,7 @@ def test_an_in_process_engine_serves_too(tiny_engine):
 def test_an_upstream_killed_mid_stream_gives_a_clean_error_and_the_proxy_serves_the_next_request(smollm2_path):
     upstream = LlamaServer(smollm2_path, slots=1).start()
     engine = ServerEngine.connect(upstream.url + "/v1", backoff=0.05)
-    p = InProcessProxy(engine, settings=ServeSettings(policy={"method": "vanilla"}))
+    p = InProcessProxy(engine, policy={"method": "vanilla"})
     try:
         client = p.client()
         stream = ask(client, "Write a long story about a dragon and a knight.", max_tokens=400, stream=True)
@@ -241,10 +266,9 @@ def test_an_upstream_killed_mid_stream_gives_a_clean_error_and_the_proxy_serves_
         upstream.start()  # back on the same port
         r = ask(client, "What is 2 + 2?")
         assert r.choices[0].message.content and httpx.get(p.url + "/health").status_code == 200
-        assert re.search(r'codestop_requests_in_flight 0', httpx.get(p.url + "/metrics").text)
+        assert re.search(r"^codestop_requests_in_flight 0\.0$", p.metrics(), re.MULTILINE)
     finally:
         p.stop()
-        engine.close()
         upstream.kill()
 
 
@@ -262,9 +286,172 @@ def test_a_hanging_upstream_times_out_with_a_clear_error(llama):
         assert ask(p.client(), "Hi").choices[0].message.content
     finally:
         p.stop()
-        engine.close()
         fault.server.force_exit = True
         fault.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Clients that leave: a slow scripted engine that counts its sessions
+# --------------------------------------------------------------------------------------------
+
+LONG = "Step. " * 3000  # far more than any test waits for
+
+
+class SlowBackend(ScriptedBackend):
+    def feed(self, ids) -> None:
+        if self.history:  # the prompt goes in at once, each generated token takes a while
+            time.sleep(0.004)
+            self.engine.fed += len(ids)
+        super().feed(ids)
+
+    def close(self) -> None:
+        self.engine.closed += 1
+
+
+class SlowEngine(ScriptedEngine):
+    """Writes ``LONG`` at ~250 tokens/s; counts sessions opened and closed, and tokens fed."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__(tokenizer, LONG)
+        self.opened = self.closed = self.fed = self.aclosed = 0
+
+    def new_backend(self, prompt_ids):
+        self.opened += 1
+        return SlowBackend(self, prompt_ids)
+
+    def counters(self):
+        return {"sessions": {"opened": self.opened, "closed": self.closed}, "tokens_fed": {"": self.fed}}
+
+    async def aclose(self) -> None:
+        self.aclosed += 1
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def settled(engine: SlowEngine) -> None:
+    """Every session closed, and nothing is generated any more."""
+    wait_for(lambda: engine.closed == engine.opened)
+    fed = engine.fed
+    time.sleep(0.3)
+    assert engine.fed == fed, "a closed session still generates"
+
+
+@pytest.fixture
+def slow(tokenizer):
+    engine = SlowEngine(tokenizer)
+    p = InProcessProxy(engine, policy={"method": "vanilla"})
+    yield engine, p
+    p.stop()
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation_and_frees_its_session(slow):
+    engine, p = slow
+    body = {"model": "m", "messages": [{"role": "user", "content": "Go on."}], "stream": True}
+    with httpx.stream("POST", p.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [line for line, _ in zip(lines, range(12)) if line.startswith("data: ")]
+    assert len(got) >= 5 and engine.opened == 1
+    settled(engine)
+    text = p.metrics()
+    assert re.search(r'^codestop_requests_total\{endpoint="chat",status="499"\} 1\.0$', text, re.MULTILINE)
+    assert re.search(r"^codestop_requests_in_flight 0\.0$", text, re.MULTILINE)
+    # the engine is free for the next request
+    r = ask(p.client(), "Hi", max_tokens=6, extra_body={"codestop": {"method": "budget", "budget": 4}})
+    assert r.usage.codestop["reasoning_tokens"] == 4 and r.choices[0].finish_reason == "stop"
+    settled(engine)
+
+
+def test_a_client_leaving_a_plain_request_cancels_it(slow):
+    engine, p = slow
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(p.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "Go."}]}, timeout=1.0)
+    settled(engine)
+    assert engine.opened == 1
+    text = p.metrics()
+    assert re.search(r'^codestop_requests_total\{endpoint="chat",status="499"\} 1\.0$', text, re.MULTILINE)
+    assert re.search(r"^codestop_requests_in_flight 0\.0$", text, re.MULTILINE)
+
+
+@pytest.mark.parametrize("fault", ["response start fails", "client gone at once"])
+def test_a_stream_whose_body_never_starts_still_closes_its_session(tokenizer, fault):
+    """Driven at the ASGI level: the status line cannot be sent (so the body never runs), or the
+    client is gone as soon as the response starts."""
+    engine = SlowEngine(tokenizer)
+    app = create_app(engine, policy={"method": "vanilla"})
+    request = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Go."}], "stream": True}).encode()
+    sent: list[dict] = []
+    pending = [{"type": "http.request", "body": request, "more_body": False}]
+
+    async def receive():
+        if pending:
+            return pending.pop()
+        if fault == "client gone at once":
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        if fault == "response start fails":
+            raise OSError("connection reset by peer")
+        sent.append(message)
+
+    async def call():
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 9), "server": ("127.0.0.1", 80)}
+        try:
+            await app(scope, receive, send)
+        except OSError:
+            pass
+
+    asyncio.run(call())
+    if fault == "response start fails":
+        assert not sent
+    settled(engine)
+    assert engine.opened == 1
+    metrics = app.state.served.metrics.registry
+    assert metrics.get_sample_value("codestop_requests_in_flight") == 0
+    assert metrics.get_sample_value("codestop_requests_total", {"endpoint": "chat", "status": "499"}) == 1
+
+
+def test_engine_counters_are_exported_and_the_app_closes_its_engine_at_shutdown(slow):
+    engine, p = slow
+    ask(p.client(), "Hi", max_tokens=5)
+    text = p.metrics()
+    assert re.search(r'^codestop_sessions_total\{kind="opened"\} 1\.0$', text, re.MULTILINE)
+    assert re.search(r'^codestop_sessions_total\{kind="closed"\} 1\.0$', text, re.MULTILINE)
+    assert re.search(r"^codestop_tokens_fed_total [1-9]", text, re.MULTILINE)
+    assert re.search(r'^codestop_stops_total\{reason="max_new_tokens"\} 1\.0$', text, re.MULTILINE)
+    assert engine.aclosed == 0
+    p.stop()
+    assert engine.aclosed == 1
+
+
+def test_the_default_config_and_policy_apply_and_requests_override_them(tokenizer):
+    engine = SlowEngine(tokenizer)
+    p = InProcessProxy(engine, config=GenerationConfig(max_new_tokens=7), policy={"method": "budget", "budget": 5})
+    try:
+        client = p.client()
+        cs = ask(client, "Hi", max_tokens=None).usage.codestop
+        assert cs["reasoning_tokens"] == 5 and cs["method"] == {"method": "budget", "budget": 5}
+        cs = ask(client, "Hi", max_tokens=None, extra_body={"codestop": {"budget": 6}}).usage.codestop
+        assert cs["reasoning_tokens"] == 6 and cs["stop_reason"] == "budget"
+        r = ask(client, "Hi", max_tokens=None, extra_body={"codestop": {"method": "vanilla"}})
+        assert r.usage.codestop["reasoning_tokens"] == 7 and r.choices[0].finish_reason == "length"
+        r = ask(client, "Hi", max_tokens=3, extra_body={"codestop": {"method": "vanilla"}})
+        assert r.usage.codestop["reasoning_tokens"] == 3 and r.usage.codestop["stop_reason"] == "max_new_tokens"
+        r = ask(client, "Hi", max_tokens=3, extra_body={"codestop": {"method": "vanilla", "max_new_tokens": 2}})
+        assert r.usage.codestop["reasoning_tokens"] == 2  # codestop's own field over OpenAI's
+    finally:
+        p.stop()
+    with pytest.raises(CodestopError, match="tau"):
+        create_app(engine, policy={"method": "codestop", "tau": -1})
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +527,7 @@ def test_load_16_clients_x_2_requests_without_failures_or_leaks(llama):
         # concurrency of the round; a leak would add one per request, 32 a round), memory within 10%
         assert sockets2 <= sockets1 + 2, (sockets0, sockets1, sockets2)
         assert abs(rss2 - rss1) <= 0.10 * rss1, (rss1, rss2)
-        assert re.search(r"codestop_requests_in_flight 0", httpx.get(url + "/metrics").text)
+        assert re.search(r"^codestop_requests_in_flight 0\.0$", httpx.get(url + "/metrics").text, re.MULTILINE)
         # the same vanilla requests through the proxy and straight to the upstream
         vanilla = dict(questions, extra_body=None)
         vanilla.pop("extra_body")

@@ -1,15 +1,19 @@
 """The completions-server engine against a REAL llama.cpp server (xllamacpp's build of llama.cpp's
-``llama-server``, in a subprocess on loopback) serving SmolLM2-135M from PyPI.
+``llama-server``, in a subprocess on loopback) serving SmolLM2-135M from PyPI, and against
+recorded answers of the SGLang dialect (``httpx.MockTransport``; no SGLang server runs here).
 
 Faults are injected by a small HTTP proxy between the engine and the real server (reject token-id
 prompts as llama-cpp-python's server does, answer 503 once, drop a stream mid-way, hang, strip
 log-probabilities); nothing stands in for the model. The helpers here (``LlamaServer``,
-``FaultProxy``) are reused by tests/test_serve.py.
+``FaultProxy``) are reused by tests/test_serve.py. tests/test_parity.py pins the step rules of
+every dialect to the in-process engines' with a scripted server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 import signal
 import socket
@@ -24,11 +28,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from test_parity import ToyTokenizer
 
 from codestop import CodeStop, Vanilla
 from codestop.api import agenerate_question
-from codestop.engines.base import Boundaries, Sampling
-from codestop.engines.server import ServerEngine, ServerError, ServerTimeout, TextAssembler, parse_logprobs
+from codestop.config import Sampling
+from codestop.engines.server import HFTokens, ServerEngine, parse_choice, parse_logprobs
+from codestop.errors import CodestopError, ContextTooLong, ServerError, ServerTimeout
+from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +79,7 @@ class LlamaServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LlamaServer":
+    def start(self) -> LlamaServer:
         args = [sys.executable, "-c", LAUNCH, str(self.gguf), str(self.port), str(self.slots), str(self.n_ctx)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -144,6 +151,11 @@ class FaultProxy:
                         n += 1
                         if mode == "drop_once" and n > 6:
                             raise ConnectionResetError("fault injected: stream cut")
+                        if mode == "no_logprobs" and line.startswith("data: {"):
+                            event = json.loads(line[6:])
+                            for c in event.get("choices", []):
+                                c["logprobs"] = None
+                            line = "data: " + json.dumps(event)
                         yield line + "\n"
 
             return StreamingResponse(relay(), media_type="text/event-stream")
@@ -190,18 +202,30 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def greedy_direct(url: str, prompt_ids: list[int], n: int) -> tuple[list[int], str]:
+def greedy_direct(url: str, prompt_ids: list[int], n: int) -> tuple[list[int], str, list[float]]:
     r = httpx.post(url + "/v1/completions", json={"prompt": prompt_ids, "max_tokens": n, "temperature": 0, "logprobs": 1}, timeout=60)
     r.raise_for_status()
     choice = r.json()["choices"][0]
     ids = [t["id"] for t in choice["logprobs"]["content"]]
+    lps = [t["logprob"] for t in choice["logprobs"]["content"]]
     if ids and ids[-1] == SMOLLM2_EOS:  # llama.cpp lists the EOS it stopped at; a session does not keep it
         ids.pop()
-    return ids, choice["text"]
+    return ids, choice["text"], lps
 
 
 def prompt_ids(engine: ServerEngine, question: str) -> list[int]:
     return engine.tokenize(engine.chat_template([{"role": "user", "content": question}]))
+
+
+async def steps_of(session, max_tokens: int, rules: StepRules) -> list:
+    """Steps until one ends otherwise than at a boundary or the tokens run out."""
+    outs: list = []
+    while sum(len(o.token_ids) for o in outs) < max_tokens:
+        out = [item async for item in session.extend(max_tokens - sum(len(o.token_ids) for o in outs), rules)][-1]
+        outs.append(out)
+        if out.end != "boundary":
+            break
+    return outs
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,26 +234,241 @@ def prompt_ids(engine: ServerEngine, question: str) -> list[int]:
 
 
 def test_parse_logprobs_reads_both_server_formats():
-    llama_cpp = {"content": [{"id": 33, "token": "1", "bytes": [49], "logprob": -0.5}, {"id": 7, "token": "", "bytes": [], "logprob": -0.1}]}
+    llama_cpp = {"content": [{"id": 33, "token": "1", "bytes": [49], "logprob": -0.5}, {"id": 7, "token": "", "bytes": [226, 152], "logprob": -0.1}]}
     toks = parse_logprobs(llama_cpp)
-    assert [(t.id, t.logprob, t.text) for t in toks] == [(33, -0.5, "1"), (7, -0.1, "")]
+    assert [(t.id, t.logprob, t.piece) for t in toks] == [(33, -0.5, b"1"), (7, -0.1, b"\xe2\x98")]  # bytes kept whole
     vllm = {"tokens": ["token_id:12", "token_id:5"], "token_logprobs": [-0.2, -0.3], "text_offset": [0, 1], "top_logprobs": None}
     assert [(t.id, t.logprob) for t in parse_logprobs(vllm)] == [(12, -0.2), (5, -0.3)]
     sglang = {"tokens": ["4", "2"], "token_logprobs": [-0.2, -0.3]}
-    assert [(t.id, t.text) for t in parse_logprobs(sglang)] == [(None, "4"), (None, "2")]
+    assert [(t.id, t.logprob) for t in parse_logprobs(sglang)] == [(None, -0.2), (None, -0.3)]
     assert parse_logprobs(None) is None
 
 
-def test_text_assembler_matches_full_decode_and_waits_for_whole_characters(tokenizer):
-    text = "Schrödinger's 猫 wait 42 — done\n\nWait"
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    asm = TextAssembler(lambda x: tokenizer.decode(x))
-    pieces = [asm.add(i) for i in ids]
-    assert "".join(pieces) == tokenizer.decode(ids) == asm.text
-    assert all("\ufffd" not in p for p in pieces)
-    at = asm.text.index("Wait")
-    keep = asm.keep_before(at)
-    assert len(tokenizer.decode(ids[:keep])) <= at < len(tokenizer.decode(ids[: keep + 1]))
+# --------------------------------------------------------------------------------------------
+# SGLang, from recorded answers of the shape its OpenAI server writes (checked against its
+# source, python/sglang/srt/entrypoints/openai/{protocol,serving_completions}.py: the matched stop
+# is ``matched_stop``, a string for a stop string and the token id for EOS; ids come as
+# ``token_ids`` when asked with ``return_token_ids``; logprob tokens are text only)
+# --------------------------------------------------------------------------------------------
+
+# SmolLM2's ids: "Q: 2+2?\nA:" | " I am Waiting here\n\n" | "Wait, ok" <|im_end|> | probe "4}"
+SGLANG_PROMPT = [65, 42, 216, 34, 27, 34, 47, 198, 49, 42]
+PROBE_PROMPT = [198, 504, 3403, 2988, 314, 3814, 4810, 277, 107]  # "\nThe final answer is \\boxed{"
+SGLANG_MODELS = json.loads("""{"object": "list", "data": [{"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "object": "model",
+  "created": 1735000000, "owned_by": "sglang", "root": "HuggingFaceTB/SmolLM2-135M-Instruct", "parent": null, "max_model_len": 8192}]}""")
+SGLANG_PLAIN = [json.loads(s) for s in [
+    # step 1, first request: the stop string "Wait" matched inside " Waiting" (no boundary here)
+    """{"id": "cmpl-1", "object": "text_completion", "created": 1735000001, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+      "choices": [{"index": 0, "text": " I am Waiting", "logprobs": {"text_offset": [-1, -1, -1, -1],
+        "token_logprobs": [-0.31, -0.12, -1.05, -0.02], "tokens": [" I", " am", " Wa", "iting"],
+        "top_logprobs": [{" I": -0.31}, {" am": -0.12}, {" Wa": -1.05}, {"iting": -0.02}]},
+        "finish_reason": "stop", "matched_stop": "Wait", "token_ids": [339, 744, 20319, 1802],
+        "prompt_token_ids": [65, 42, 216, 34, 27, 34, 47, 198, 49, 42]}],
+      "usage": {"prompt_tokens": 10, "total_tokens": 14, "completion_tokens": 4, "prompt_tokens_details": null, "reasoning_tokens": 0},
+      "metadata": {"weight_version": "default"}}""",
+    # step 1 continued: the blank line
+    """{"id": "cmpl-2", "object": "text_completion", "created": 1735000001, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+      "choices": [{"index": 0, "text": " here\\n\\n", "logprobs": {"text_offset": [-1, -1], "token_logprobs": [-0.4, -0.2],
+        "tokens": [" here", "\\n\\n"], "top_logprobs": [{" here": -0.4}, {"\\n\\n": -0.2}]},
+        "finish_reason": "stop", "matched_stop": "\\n\\n", "token_ids": [1535, 1116],
+        "prompt_token_ids": [65, 42, 216, 34, 27, 34, 47, 198, 49, 42, 339, 744, 20319, 1802]}],
+      "usage": {"prompt_tokens": 14, "total_tokens": 16, "completion_tokens": 2, "prompt_tokens_details": null, "reasoning_tokens": 0},
+      "metadata": {"weight_version": "default"}}""",
+    # a probe: "4}" with the stop "}" kept (no_stop_trim)
+    """{"id": "cmpl-3", "object": "text_completion", "created": 1735000002, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+      "choices": [{"index": 0, "text": "4}", "logprobs": {"text_offset": [-1, -1], "token_logprobs": [-0.05, -0.01],
+        "tokens": ["4", "}"], "top_logprobs": [{"4": -0.05}, {"}": -0.01}]},
+        "finish_reason": "stop", "matched_stop": "}", "token_ids": [36, 109], "prompt_token_ids": []}],
+      "usage": {"prompt_tokens": 25, "total_tokens": 27, "completion_tokens": 2, "prompt_tokens_details": null, "reasoning_tokens": 0},
+      "metadata": {"weight_version": "default"}}""",
+    # step 2: "Wait" at the very start of a step is no boundary either
+    """{"id": "cmpl-4", "object": "text_completion", "created": 1735000003, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+      "choices": [{"index": 0, "text": "Wait", "logprobs": {"text_offset": [-1], "token_logprobs": [-0.7], "tokens": ["Wait"],
+        "top_logprobs": [{"Wait": -0.7}]}, "finish_reason": "stop", "matched_stop": "Wait", "token_ids": [33359], "prompt_token_ids": []}],
+      "usage": {"prompt_tokens": 16, "total_tokens": 17, "completion_tokens": 1, "prompt_tokens_details": null, "reasoning_tokens": 0},
+      "metadata": {"weight_version": "default"}}""",
+    # step 2 continued: EOS, listed in token_ids, matched_stop = its id
+    """{"id": "cmpl-5", "object": "text_completion", "created": 1735000003, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+      "choices": [{"index": 0, "text": ", ok", "logprobs": {"text_offset": [-1, -1, -1], "token_logprobs": [-0.3, -0.6, -0.1],
+        "tokens": [",", " ok", "<|im_end|>"], "top_logprobs": [{",": -0.3}, {" ok": -0.6}, {"<|im_end|>": -0.1}]},
+        "finish_reason": "stop", "matched_stop": 2, "token_ids": [28, 10907, 2], "prompt_token_ids": []}],
+      "usage": {"prompt_tokens": 17, "total_tokens": 20, "completion_tokens": 3, "prompt_tokens_details": null, "reasoning_tokens": 0},
+      "metadata": {"weight_version": "default"}}""",
+]]
+
+
+def sglang_stream(ids: list[int], texts: list[str], lps: list[float], matched: int | str | None) -> bytes:
+    """A recorded SGLang stream: one event per token (``token_ids`` the delta), the finish reason
+    and ``matched_stop`` on the last, then ``[DONE]``."""
+    events = []
+    for i, (t, text, lp) in enumerate(zip(ids, texts, lps)):
+        last = i == len(ids) - 1
+        choice = {"index": 0, "text": text, "logprobs": {"text_offset": [-1], "token_logprobs": [lp], "tokens": [text], "top_logprobs": [{text: lp}]},
+                  "finish_reason": "stop" if last else None, "matched_stop": matched if last else None, "token_ids": [t]}
+        events.append({"id": "cmpl-9", "object": "text_completion", "created": 1735000009, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                       "choices": [choice], "usage": None})
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+
+
+class Replay:
+    """Answers requests with recorded answers, in order, and keeps what was asked."""
+
+    def __init__(self, answers: list) -> None:
+        self.answers = list(answers)
+        self.seen: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=SGLANG_MODELS)
+        self.seen.append(json.loads(request.content))
+        answer = self.answers.pop(0)
+        if isinstance(answer, bytes):
+            return httpx.Response(200, content=answer, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=answer)
+
+
+def test_sglang_plain_steps_read_matched_stop_and_token_ids(tokenizer):
+    replay = Replay(SGLANG_PLAIN)
+    eng = ServerEngine.connect("http://sglang:30000/v1", tokenizer=tokenizer, transport=httpx.MockTransport(replay))
+    assert eng.server_kind == "sglang" and eng.context_window == 8192
+
+    async def go():
+        session = await eng.start(SGLANG_PROMPT, Sampling(temperature=0.0))
+        first = [item async for item in session.extend(100, StepRules(("\n\n",), ("Wait",)))][-1]
+        probe = await session.probe(PROBE_PROMPT, 20)
+        second = [item async for item in session.extend(100, StepRules(("\n\n",), ("Wait",)))][-1]
+        return first, probe, second
+
+    first, probe, second = run(go())
+    # "Waiting" matched the stop "Wait" server-side: the step goes on (before: it ended as if at EOS)
+    assert (first.token_ids, first.text, first.end) == ([339, 744, 20319, 1802, 1535, 1116], " I am Waiting here\n\n", "boundary")
+    assert (probe.token_ids, probe.logprobs) == ([36, 109], [-0.05, -0.01])
+    # matched_stop 2 is EOS's id: the step ends there, EOS not kept
+    assert (second.token_ids, second.text, second.end) == ([33359, 28, 10907], "Wait, ok", "eos")
+    steps = [b for b in replay.seen if b["stop"] != ["}"]]
+    assert all(b["no_stop_trim"] is True and b["return_token_ids"] is True and b["logprobs"] == 1 for b in replay.seen)
+    assert steps[0]["stop"] == ["\n\n", "Wait"] and steps[1]["prompt"] == SGLANG_PROMPT + [339, 744, 20319, 1802]
+    assert replay.seen[2]["prompt"] == SGLANG_PROMPT + first.token_ids + PROBE_PROMPT and replay.seen[2]["temperature"] == 0.0
+    assert eng.counters()["upstream_requests"] == {"step": 4, "probe": 1}
+    eng.close()
+
+
+def test_sglang_streamed_steps_read_token_id_deltas(tokenizer):
+    one = sglang_stream([339, 744, 20319, 1802, 1535, 1116, 33359, 28, 10907, 2],
+                        [" I", " am", " Wa", "iting", " here", "\n\n", "Wait", ",", " ok", ""], [-0.1] * 10, 2)
+    two = sglang_stream([33359, 28, 10907, 2], ["Wait", ",", " ok", ""], [-0.1] * 4, 2)
+    replay = Replay([one, two])
+    eng = ServerEngine.connect("http://sglang:30000/v1", tokenizer=tokenizer, transport=httpx.MockTransport(replay))
+
+    async def go():
+        session = await eng.start(SGLANG_PROMPT, Sampling(temperature=0.0), live=True)
+        return await steps_of(session, 100, StepRules(("\n\n",), ("Wait",)))
+
+    first, second = run(go())
+    assert (first.text, first.end, second.text, second.end) == (" I am Waiting here\n\n", "boundary", "Wait, ok", "eos")
+    assert all(b["stream"] is True and "stop" not in b and b["return_token_ids"] is True for b in replay.seen)
+    assert parse_choice(json.loads(one.split(b"\n\n")[-3][6:])).stop == 2  # the last event: EOS's id
+    eng.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Text prompts, health, counters, closing (a scripted server)
+# --------------------------------------------------------------------------------------------
+
+
+def scripted_server(reject_ids: bool, reject_text: bool, calls: list):
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "owned_by": "vllm"}]})
+        body = json.loads(request.content)
+        calls.append(body)
+        if isinstance(body["prompt"], list) and reject_ids or isinstance(body["prompt"], str) and reject_text:
+            return httpx.Response(400, json={"error": {"message": "bad request: max_tokens too large"}})
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": "ok", "finish_reason": "stop", "stop_reason": None,
+                                                      "logprobs": {"tokens": ["token_id:0"], "token_logprobs": [-0.1]}}]})
+    return httpx.MockTransport(handler)
+
+
+def toy_engine(transport, **kwargs) -> tuple[ServerEngine, ToyTokenizer]:
+    tok = ToyTokenizer()
+    eng = ServerEngine("http://up", model="m", server_kind="vllm", tokens=HFTokens(tok, "toy"), eos_ids=frozenset({0}),
+                       backoff=0.0, transport=transport, **kwargs)
+    return eng, tok
+
+
+async def one_step(eng: ServerEngine, prompt: list[int]):
+    session = await eng.start(prompt, Sampling())
+    return [item async for item in session.extend(10, StepRules())][-1]
+
+
+def test_a_400_for_token_ids_switches_to_text_only_when_text_works():
+    calls: list = []
+    eng, tok = toy_engine(scripted_server(reject_ids=True, reject_text=True, calls=calls))
+    with pytest.raises(ServerError, match="answered 400: bad request: max_tokens too large"):
+        run(one_step(eng, tok.ids("hi")))
+    assert not eng.text_prompts and eng.stats.text_fallbacks == 0  # an ordinary 400 switches nothing
+    assert [type(c["prompt"]) for c in calls] == [list, str]  # the same request, tried once as text
+
+    calls.clear()
+    eng, tok = toy_engine(scripted_server(reject_ids=True, reject_text=False, calls=calls))
+    assert run(one_step(eng, tok.ids("hi"))).end == "eos"
+    assert run(one_step(eng, tok.ids("hi"))).end == "eos"
+    assert eng.text_prompts and eng.counters()["upstream_text_fallbacks"] == {"": 1}
+    assert [type(c["prompt"]) for c in calls] == [list, str, str]  # switched: later requests go as text
+
+
+def test_a_400_after_token_ids_worked_is_an_error_not_a_switch():
+    calls: list = []
+    state = {"reject": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        calls.append(body)
+        if state["reject"]:
+            return httpx.Response(422, json={"detail": "logprobs: must be <= 0"})
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": "", "finish_reason": "stop",
+                                                      "logprobs": {"tokens": ["token_id:0"], "token_logprobs": [-0.1]}}]})
+
+    eng, tok = toy_engine(httpx.MockTransport(handler))
+    run(one_step(eng, tok.ids("hi")))
+    state["reject"] = True
+    with pytest.raises(ServerError, match="422: logprobs: must be <= 0"):
+        run(one_step(eng, tok.ids("hi")))
+    assert not eng.text_prompts and all(isinstance(c["prompt"], list) for c in calls)
+
+
+def test_health_counters_and_aclose_close_every_loops_client():
+    up = {"ok": True}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if not up["ok"]:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json={"data": [{"id": "m"}]})
+
+    eng, _ = toy_engine(httpx.MockTransport(handler))
+    assert run(eng.health())["ok"] is True
+    up["ok"] = False
+    health = run(eng.health())
+    assert (health["ok"], health["upstream"], health["error"]) == (False, "unreachable", "ConnectError")
+    assert set(eng.counters()) == {"upstream_requests", "upstream_retries", "upstream_text_fallbacks"}
+
+    up["ok"] = True
+    other = asyncio.new_event_loop()  # a loop running in another thread, as a server's might
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(eng.health(), other).result(10)
+
+    async def here():
+        await eng.health()
+        clients = [s.client for s in eng._loops.values()]
+        await eng.aclose()
+        return clients
+
+    clients = run(here())
+    assert len(clients) == 2 and all(c.is_closed for c in clients) and eng._sync.is_closed
+    other.call_soon_threadsafe(other.stop)
+    thread.join(10)
+    other.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,37 +482,33 @@ def test_connect_reads_the_served_model_and_the_servers_tokenizer_matches_the_re
     assert engine.eos_token_ids == frozenset({tokenizer.convert_tokens_to_ids("<|im_end|>")})
     sample = "<|im_start|>user\nWhat is 12 + 30? Wait, déjà vu.\n\n<|im_end|>"
     assert engine.tokenize(sample) == tokenizer.encode(sample, add_special_tokens=False)
-    ids = tokenizer.encode("Hello wörld\n\nWait", add_special_tokens=False)
-    assert engine.detokenize(ids) == tokenizer.decode(ids)
+    # a character over 3 tokens: its pieces' bytes come with /tokenize (and logprobs), never as U+FFFD
+    ids = engine.tokenize("Hello wörld 猫\n\nWait")
+    assert ids == tokenizer.encode("Hello wörld 猫\n\nWait", add_special_tokens=False)
+    assert engine.detokenize(ids) == IncrementalDecoder(engine.detokenize, ids).text == "Hello wörld 猫\n\nWait"
     assert "<|im_start|>assistant\n" in engine.chat_template([{"role": "user", "content": "hi"}])
+    assert run(engine.health())["upstream"] == "ok"
 
 
 def test_connect_errors_are_one_clear_line():
-    from codestop.engines.base import CodestopError
-
     with pytest.raises(CodestopError, match="cannot reach a completions server"):
         ServerEngine.connect(f"http://127.0.0.1:{free_port()}/v1")
     with pytest.raises(CodestopError, match="not an http"):
         ServerEngine.connect("localhost:8000")
 
 
-def test_steps_split_at_separators_reassemble_the_servers_own_greedy_text(engine, llama):
+@pytest.mark.parametrize("live", [False, True], ids=["plain", "live"])
+def test_steps_split_at_separators_reassemble_the_servers_own_greedy_text(engine, llama, live):
     ids = prompt_ids(engine, "Describe the moon in three short sentences.")
-    want_ids, want_text = greedy_direct(llama.url, ids, 40)
+    want_ids, want_text, _ = greedy_direct(llama.url, ids, 40)
 
     async def steps():
-        session = await engine.start(ids, Sampling(temperature=0.0))
-        outs = []
-        while sum(len(o.token_ids) for o in outs) < 40:
-            out = await session.extend(40 - sum(len(o.token_ids) for o in outs), Boundaries((" ",), ()))
-            outs.append(out)
-            if out.end != "boundary":
-                break
-        return outs
+        session = await engine.start(ids, Sampling(temperature=0.0), live=live)
+        return await steps_of(session, 40, StepRules((" ",)))
 
     outs = run(steps())
     assert len(outs) > 5  # a step per word
-    # a separator ends the step with the token that holds it (" moon" ends one here)
+    # a separator ends the step with the token that holds it
     assert all(" " in engine.detokenize(o.token_ids[-1:]) for o in outs if o.end == "boundary")
     assert [t for o in outs for t in o.token_ids] == want_ids
     assert "".join(o.text for o in outs) == want_text
@@ -283,102 +518,115 @@ def test_plain_requests_per_step_walk_the_tokens_by_the_same_rules_as_streams(ll
     """Unless the text is shown live, a step is one plain request with the boundaries as server
     stops (llama.cpp: its native /completion, which lists every generated id, the trimmed stop
     string's too); a live step is streamed and cut by codestop. Both must give the same steps."""
-    plain = ServerEngine.connect(llama.url, stream_steps=False)
-    streaming = ServerEngine.connect(llama.url, stream_steps=True)
     ids = prompt_ids(engine, "List three colours, one per line.")
-    boundaries = Boundaries(("\n",), ("Blue",))
+    rules = StepRules(("\n",), ("Blue",))
 
-    async def steps(eng):
-        session = await eng.start(ids, Sampling(temperature=0.0))
-        outs = []
-        for _ in range(8):
-            out = await session.extend(30, boundaries)
-            outs.append((out.token_ids, out.text, out.end))
-            if out.end != "boundary":
-                break
-        return outs
+    async def steps(live: bool):
+        eng = ServerEngine.connect(llama.url)
+        session = await eng.start(ids, Sampling(temperature=0.0), live=live)
+        outs = await steps_of(session, 60, rules)
+        await eng.aclose()
+        return [(o.token_ids, o.text, o.end) for o in outs], eng.counters()["upstream_requests"]
 
-    streamed, walked = run(steps(streaming)), run(steps(plain))
-    assert walked == streamed and len(streamed) >= 2
-    assert plain.stats.by_kind["step"] == len(walked)
-    assert run(steps(engine)) == walked  # the default when nobody watches live: plain
-    plain.close()
-    streaming.close()
+    (streamed, n_streamed), (walked, n_walked) = run(steps(True)), run(steps(False))
+    assert walked == streamed and len(streamed) >= 3
+    assert n_walked["step"] <= 2 * len(walked) and n_streamed["step"] == len(streamed)
 
 
 def test_word_boundary_ends_the_step_before_the_word_and_carries_it_into_the_next(engine, llama):
     ids = prompt_ids(engine, "Describe the moon in three short sentences.")
-    want_ids, want_text = greedy_direct(llama.url, ids, 40)
+    want_ids, want_text, _ = greedy_direct(llama.url, ids, 40)
     word = "the" if " the" in want_text[1:] else want_text.split()[3]
 
     async def steps():
         session = await engine.start(ids, Sampling(temperature=0.0))
-        outs = []
-        while sum(len(o.token_ids) for o in outs) < 40:
-            out = await session.extend(40 - sum(len(o.token_ids) for o in outs), Boundaries((), (word,)))
-            outs.append(out)
-            if out.end != "boundary":
-                break
-        return outs, session.pending
+        return await steps_of(session, 40, StepRules((), (word,)))
 
-    outs, _ = run(steps())
+    outs = run(steps())
     boundary_steps = [o for o in outs if o.end == "boundary"]
     assert boundary_steps, f"the greedy text has {word!r}: {want_text!r}"
     assert all(word not in o.text.split()[-1:] for o in boundary_steps)  # the word is not in the step that it ends
-    for prev, nxt in zip(outs, outs[1:]):
+    for prev, nxt in itertools.pairwise(outs):
         if prev.end == "boundary":
             assert nxt.text.lstrip().startswith(word)  # it starts the next step
     assert [t for o in outs for t in o.token_ids] == want_ids[: sum(len(o.token_ids) for o in outs)]
 
 
-def test_probe_is_greedy_short_stops_at_the_box_and_leaves_the_session_unchanged(engine, llama):
+def test_probe_is_greedy_stops_at_the_closing_brace_and_leaves_the_session_unchanged(engine, llama):
     ids = prompt_ids(engine, "What is 12 + 30? Answer with a number.")
     probe_ids = engine.tokenize("\n**Final Answer**\n\nThe final answer is \\boxed{")
 
     async def go():
         session = await engine.start(ids, Sampling(temperature=0.0))
-        first = await session.extend(12, Boundaries(("\n\n",), ()))
+        first = [x async for x in session.extend(12, StepRules(("\n\n",)))][-1]
         n_before = session.n_tokens
         probe = await session.probe(probe_ids, 20)
         assert session.n_tokens == n_before
-        second = await session.extend(12, Boundaries(("\n\n",), ()))
+        second = [x async for x in session.extend(12, StepRules(("\n\n",)))][-1]
         return first, probe, second
 
     first, probe, second = run(go())
     # the probe changed nothing: the two steps equal one uninterrupted greedy run
-    want_ids, _ = greedy_direct(llama.url, ids, len(first.token_ids) + len(second.token_ids))
+    want_ids, _, _ = greedy_direct(llama.url, ids, len(first.token_ids) + len(second.token_ids))
     assert first.token_ids + second.token_ids == want_ids
-    assert 1 <= len(probe.token_ids) <= 20
-    assert all(lp <= 0 for lp in probe.logprobs) and len(probe.logprobs) == len(probe.token_ids)
     assert probe.prompt_tokens == len(probe_ids)
-    # the same greedy continuation, asked directly, begins with the probe's tokens
-    direct_ids, direct_text = greedy_direct(llama.url, ids + first.token_ids + probe_ids, 20)
-    assert direct_ids[: len(probe.token_ids)] == probe.token_ids
-    if "}" in direct_text:  # stopped at the closing brace, not 20 tokens later
-        assert len(probe.token_ids) <= len(direct_ids)
-        assert probe.text == direct_text[: len(probe.text)]
+    # the same greedy continuation asked directly, cut where its box closes, is the probe exactly
+    direct_ids, direct_text, direct_lps = greedy_direct(llama.url, ids + first.token_ids + probe_ids, 20)
+    assert closing_brace_index(direct_text) is not None, f"the model closes its box within 20 tokens: {direct_text!r}"
+    decoder = IncrementalDecoder(engine.detokenize)
+    for n, tok in enumerate(direct_ids, 1):
+        decoder.add(tok)
+        if closing_brace_index(decoder.text) is not None:
+            break
+    assert n < 20 and probe.token_ids == direct_ids[:n]  # not 20 tokens, not one token short of the brace
+    assert probe.logprobs == pytest.approx(direct_lps[:n], abs=1e-3)
 
 
 def test_probe_requests_never_ask_for_echo_or_prompt_logprobs(fault):
     eng = ServerEngine.connect(fault.url, backoff=0.05)
     result = run(agenerate_question(eng, "What is 2 + 2?", CodeStop(), max_new_tokens=40, probe_interval=1, boundaries=[" "], temperature=0.0))
     ids = fault.seen[0]["prompt"]  # the question's prompt, as the first step sent it
-    probes = [b for b in fault.seen if b.get("stop") == ["}"] and "max_tokens" in b]
+    probes = [b for b in fault.seen if b.get("max_tokens") and b["max_tokens"] <= 20 and b.get("temperature") == 0.0 and b.get("stream")]
     assert probes and len(probes) >= len(result.probes) >= 1
     for body in probes:
-        assert not body.get("echo") and "prompt_logprobs" not in body
-        assert body["temperature"] == 0.0 and body["max_tokens"] <= 20 and body["logprobs"]
+        assert not body.get("echo") and "prompt_logprobs" not in body and body["logprobs"]
         assert isinstance(body["prompt"], list) and body["prompt"][: len(ids)] == ids  # token ids, same prefix
     eng.close()
 
 
-def test_a_whole_question_runs_through_the_controller(engine):
-    result = run(agenerate_question(engine, "What is 12 + 30?", CodeStop(), max_new_tokens=60, probe_interval=1, boundaries=[" "], temperature=0.0))
+@pytest.mark.parametrize("live", [False, True], ids=["plain", "live"])
+def test_a_whole_question_runs_through_the_controller(engine, live):
+    result = run(agenerate_question(engine, "What is 12 + 30?", CodeStop(), max_new_tokens=60, probe_interval=1,
+                                    boundaries=[" "], temperature=0.0, live_text=live))
     assert result.engine == "server"
     assert result.probes and all(0 <= p.confidence <= 1 for p in result.probes)
-    assert result.stop_reason in ("confident", "degenerate", "finished", "budget")
+    assert result.stop_reason in ("confident", "degenerate", "finished", "max_new_tokens")
     assert result.tokens["reasoning"] == result.stop_position <= 60
     assert result.answer_text  # the forced (or own) answer
+
+
+def test_the_servers_own_tokenizer_never_blocks_the_event_loop(llama):
+    eng = ServerEngine.connect(llama.url, backoff=0.05)
+    loop_thread: list = []
+    calls: list = []
+    post = eng.tokens.client.post
+
+    def recording_post(*args, **kwargs):
+        calls.append(threading.current_thread())
+        return post(*args, **kwargs)
+
+    eng.tokens.client.post = recording_post
+    eng._sync.post = recording_post
+
+    async def go():
+        loop_thread.append(threading.current_thread())
+        return await agenerate_question(eng, "Name a prime number greater than 10.", CodeStop(), max_new_tokens=30,
+                                        probe_interval=1, boundaries=[" "], temperature=0.0)
+
+    result = run(go())
+    assert result.probes and calls  # the template and the prompt went to the server...
+    assert loop_thread[0] not in calls  # ...from worker threads only
+    eng.close()
 
 
 def test_many_concurrent_sessions_share_one_engine(engine):
@@ -444,9 +692,7 @@ def test_a_server_without_logprobs_is_a_clear_error(fault):
 
 
 def test_a_prompt_longer_than_the_window_is_refused_before_any_request(engine):
-    from codestop.engines.base import ContextTooLong
-
-    with pytest.raises(ContextTooLong, match="context window is 2048"):
+    with pytest.raises(ContextTooLong, match="2048"):
         run(agenerate_question(engine, "word " * 2500, Vanilla(), max_new_tokens=8))
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from codestop.cli import main
-from codestop.engines.base import CodestopError
+from codestop.errors import CodestopError
 from codestop.sweep import (
     Point,
     calibrate,
@@ -18,7 +18,7 @@ from codestop.sweep import (
     parse_range,
     sweep,
 )
-from codestop.traces import trace_from_json
+from codestop.replay import trace_from_json
 
 
 def test_parse_range():
@@ -47,7 +47,7 @@ def test_pareto_marks_only_undominated_points():
 
 def _ladder(i: int, right_from: int) -> dict:
     """Probes every 100 tokens up to 1000; the answer is right from position ``right_from`` on."""
-    probes = [{"position": pos, "confidence": 0.5, "answer": "x", "correct": pos >= right_from, "tokens": 4}
+    probes = [{"position": pos, "confidence": 0.5, "answer": "x", "correct": pos >= right_from, "probe_tokens": 4}
               for pos in range(100, 1001, 100)]
     return {"id": f"t{i}", "probes": probes, "final_correct": True, "reasoning_tokens": 1000}
 
@@ -70,7 +70,7 @@ def test_sweep_on_a_budget_ladder():
 def test_sweep_codestop_tau_is_monotone():
     # confidence rises to 1.0 late; falling pairs along the way make D grow: lower tau stops sooner
     conf = [0.6, 0.3, 0.55, 0.2, 0.5, 0.1, 0.4, 0.2, 0.3, 1.0]
-    t = {"id": "a", "probes": [{"position": 100 * (i + 1), "confidence": c, "answer": "1", "correct": i >= 8, "tokens": 3}
+    t = {"id": "a", "probes": [{"position": 100 * (i + 1), "confidence": c, "answer": "1", "correct": i >= 8, "probe_tokens": 3}
                                for i, c in enumerate(conf)]}
     pts = [p for p in sweep([trace_from_json(t, "x:1")], {"codestop": [0.5, 1, 2, 4, 8, 50]}) if p.method == "codestop"]
     tokens = [p.mean_tokens for p in pts]

@@ -70,6 +70,15 @@ class Session(abc.ABC):
     def extend(self, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
         """Generate one step: yields text pieces as they become certain, then the StepOutput."""
 
+    async def step(self, max_tokens: int, rules: StepRules = StepRules()) -> StepOutput:
+        """:meth:`extend` run to its StepOutput (for callers that do not show the text)."""
+        out: StepOutput | None = None
+        async for item in self.extend(max_tokens, rules):
+            if isinstance(item, StepOutput):
+                out = item
+        assert out is not None
+        return out
+
     @abc.abstractmethod
     async def probe(self, prompt_ids: Sequence[int], max_tokens: int = 20) -> ProbeOutput: ...
 

@@ -3,27 +3,43 @@ llama.cpp's server) drives the reasoning, codestop only decides when to stop.
 
 One request per reasoning step and one per probe; the server's prefix cache does the reuse, so a
 probe costs about its own tokens. Prompts go as token ids (no re-tokenisation drift, the cache is
-hit) unless the server rejects them, then as text. Every request is async on one shared
-``httpx.AsyncClient`` per event loop, under a concurrency limit, with timeouts and retries (429,
-5xx, connection resets; a step broken mid-stream resumes from the tokens already received).
+hit). Every request is async on one ``httpx.AsyncClient`` per event loop, under a concurrency limit,
+with timeouts and retries (429, 5xx, connection resets; a step broken mid-stream resumes from the
+tokens already received; a request that makes no progress is re-sent at most ``retries`` times).
 
-A step's tokens are checked against the boundaries with exactly the rules of
-:class:`~codestop.engines.base.LocalSession` (a separator ends a step just after it; a word such as
-"Wait" ends it just before, and its tokens are carried into the next step's prompt). Where the text
-is shown live (:data:`LIVE_TEXT`) a step is streamed and the stream closed at the boundary, which
-aborts the request on the server. Otherwise a step is one plain request with the boundaries as stop
-strings, on servers that say exactly which tokens they generated: vLLM
-(``include_stop_str_in_output``), SGLang (``no_stop_trim``), llama.cpp (its native ``/completion``
-with ``return_tokens``); a stop string that is no boundary here (``Waiting``) just continues the
-step. Plain requests cost the client a few ms of CPU per step; streams about a ms per token.
+This module is transport only: every token id the server returns is fed to the one
+:class:`~codestop.steps.StepScanner`, which decides where a step ends exactly as it does for the
+in-process engines. A session whose text is shown live (``start(..., live=True)``) streams each
+step and closes the stream where the scanner ends it, which aborts the request on the server.
+Otherwise a step is one plain request with the boundaries as server-side stop strings, on servers
+that say exactly which tokens they generated: vLLM (``include_stop_str_in_output``), SGLang
+(``no_stop_trim``), llama.cpp (its native ``/completion`` with ``return_tokens``); a stop string
+that is no boundary here ("Wait" inside "Waiting") just continues the step with another request.
+Tokens a plain request returns after the end of the step are not kept.
 
-A probe is one greedy request of at most ``max_tokens`` with ``logprobs`` and ``stop=["}"]`` (a
-nested brace continues it); never echo or prompt logprobs, which make vLLM skip its prefix cache.
+A probe is a greedy request of at most ``max_tokens`` with ``logprobs``, fed to the same scanner
+as in-process probes: plain with ``stop=["}"]`` where the server keeps the stop string, else
+streamed and closed at the brace (llama.cpp drops the logprobs of a token that holds a stop string).
+Never echo or prompt logprobs, which make vLLM skip its prefix cache.
+
+Server dialects. Checked against a live server (the tests run llama.cpp's ``llama-server`` through
+xllamacpp): llama.cpp's ``/v1/models`` (``owned_by: llamacpp``), ``/props``, ``/tokenize`` with
+pieces, ``/detokenize``, ``/apply-template``, streamed ``/v1/completions`` with chat-format
+logprobs (``id``, ``bytes``; the EOS it stopped at is listed, with no bytes), and the native
+``/completion`` (``tokens``, EOS included; ``stop_type``, ``stopping_word``); text prompts through
+a proxy that refuses token ids as llama-cpp-python does. Checked against source only: vLLM
+(logprob tokens as ``token_id:N`` with ``return_tokens_as_token_ids``; the matched stop string as
+``stop_reason``) and SGLang (python/sglang/srt/entrypoints/openai/protocol.py and
+serving_completions.py: ids as the choice's ``token_ids`` with ``return_token_ids``, a delta per
+event when streamed; logprob tokens are text only, so an SGLang without ``token_ids`` has its text
+re-tokenized; the matched stop as ``matched_stop``: the string, or the id of a stop token such as
+EOS; ``/v1/tokenize`` and ``/v1/detokenize``).
 
 Tokenisation: ``tokenizer`` (a Hugging Face tokenizer name, directory or .gguf file) when given;
-otherwise the server's own ``/tokenize`` and ``/detokenize`` endpoints (llama.cpp, vLLM; the
-llama-cpp-python server's ``/extras/tokenize``), cached, with token texts learned from the
-log-probabilities the server returns.
+otherwise the server's own ``/tokenize`` and ``/detokenize`` (cached), with token bytes learned
+from what the server reports. That remote tokenizer is blocking HTTP, so the engine runs tokenizer
+and template calls in a worker thread (:meth:`ServerEngine.run_tokenizer`), and fetches unknown
+pieces with the async client before the step loop decodes them.
 """
 
 from __future__ import annotations
@@ -31,83 +47,65 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextvars import ContextVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
-from codestop.engines.base import (
-    Boundaries,
+from codestop.config import Sampling
+from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
+from codestop.errors import (
     CodestopError,
     ContextTooLong,
-    Engine,
-    ProbeOutput,
-    Sampling,
-    Session,
-    StepOutput,
-    TextCallback,
-    closing_brace_index,
-    find_word_boundary,
+    ServerError,
+    ServerTimeout,
+    ServerUnreachable,
 )
+from codestop.steps import StepEnd, StepRules, StepScanner
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_TIMEOUT_S = 600.0  # one request: a long reasoning step on a busy server can take minutes
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
+HEALTH_TIMEOUT_S = 5.0
 DEFAULT_RETRIES = 3
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # servers that keep a stop string in the output when asked (so boundaries can be server-side stops)
 KEEPS_STOP_STRINGS = {"vllm": {"include_stop_str_in_output": True}, "sglang": {"no_stop_trim": True}}
 # servers where one plain request can end a step at a boundary and say exactly which tokens it
 # generated: those that keep stop strings, and llama.cpp through its native /completion endpoint
-# (``return_tokens`` lists every generated id, the trimmed stop string's included)
 PLAIN_STEPS = frozenset({*KEEPS_STOP_STRINGS, "llamacpp"})
+# how a server is asked for the ids of the tokens it generated (llama.cpp lists them in logprobs)
+TOKEN_IDS = {"vllm": {"return_tokens_as_token_ids": True}, "sglang": {"return_token_ids": True}}
+PROBE_RULES = StepRules(close_box=True, greedy=True)
 
-LIVE_TEXT: ContextVar[bool] = ContextVar("codestop_live_text", default=False)
-"""Set to True where a caller shows the text as it is generated (the proxy's streaming responses,
-a live view): steps are then streamed token by token. Otherwise a step is one plain request where
-the server allows it, which costs the client far less CPU."""
-CHATML_FALLBACK = "chatml"
-
-
-class ServerError(CodestopError):
-    """The completions server failed a request; ``status`` is the HTTP status the proxy should give."""
-
-    def __init__(self, message: str, status: int = 502) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ServerUnreachable(ServerError):
-    pass
-
-
-class ServerTimeout(ServerError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=504)
+__all__ = ["RemoteTokens", "ServerEngine", "ServerError", "ServerSession", "ServerTimeout", "ServerUnreachable", "parse_logprobs"]
 
 
 @dataclass
 class Token:
-    """One generated token as a server reports it: id (None when the server only gives text),
-    natural-log probability (None without logprobs) and its text (None when unknown)."""
+    """One generated token as a server's logprobs report it: id (None when the server gives only
+    text), natural-log probability, and its exact bytes where the server says them (llama.cpp)."""
 
     id: int | None
     logprob: float | None
-    text: str | None
+    piece: bytes | None = None
 
 
 @dataclass
 class Chunk:
-    """A piece of a completion: the tokens it carries, its text, and the finish reason when last."""
+    """A piece of a completion: its token ids (None when the server reports only text), their
+    logprobs (None without), its text, and on the last piece the finish reason and what matched
+    (a stop string, or a stop token's id; None for EOS or when the server does not say)."""
 
-    tokens: list[Token]
-    text: str
-    finish_reason: str | None = None
-    stop_reason: Any = None  # vLLM: the stop string that matched, None for EOS
+    ids: list[int] | None
+    logprobs: list[float | None] | None
+    text: str = ""
+    finish: str | None = None
+    stop: str | int | None = None
+    pieces: dict[int, bytes] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,50 +118,56 @@ def parse_logprobs(logprobs: Any) -> list[Token] | None:
     format (llama.cpp: ``{"content": [{"id", "token", "bytes", "logprob"}]}``) or the legacy
     completions format (vLLM, SGLang: ``{"tokens", "token_logprobs"}``; vLLM writes tokens as
     ``token_id:N`` when asked with ``return_tokens_as_token_ids``). None when there are none."""
-    if not logprobs:
+    if not isinstance(logprobs, dict):
         return None
-    if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+    if isinstance(logprobs.get("content"), list):
         out = []
         for entry in logprobs["content"]:
             raw = entry.get("bytes")
-            text = bytes(raw).decode("utf-8", errors="replace") if raw else entry.get("token")
-            out.append(Token(entry.get("id"), entry.get("logprob"), text))
+            out.append(Token(entry.get("id"), entry.get("logprob"), bytes(raw) if isinstance(raw, list) and raw else None))
         return out
-    if isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
+    if isinstance(logprobs.get("tokens"), list):
         lps = logprobs.get("token_logprobs") or [None] * len(logprobs["tokens"])
         out = []
         for tok, lp in zip(logprobs["tokens"], lps):
-            if isinstance(tok, str) and tok.startswith("token_id:") and tok[9:].lstrip("-").isdigit():
-                out.append(Token(int(tok[9:]), lp, None))
-            else:
-                out.append(Token(None, lp, tok))
+            digits = tok[9:] if isinstance(tok, str) and tok.startswith("token_id:") else ""
+            out.append(Token(int(digits) if digits.lstrip("-").isdigit() else None, lp))
         return out
     return None
 
 
 def parse_choice(data: dict[str, Any]) -> Chunk:
+    """A ``/v1/completions`` answer or stream event (vLLM, SGLang and llama.cpp dialects)."""
     choices = data.get("choices") or []
     if not choices:
-        return Chunk([], "")
+        return Chunk([], None)  # e.g. a usage-only stream event
     choice = choices[0]
-    tokens = parse_logprobs(choice.get("logprobs")) or []
-    return Chunk(tokens, choice.get("text") or "", choice.get("finish_reason"), choice.get("stop_reason"))
+    tokens = parse_logprobs(choice.get("logprobs"))
+    ids = choice.get("token_ids")  # SGLang's (and newer vLLM's) return_token_ids
+    if not isinstance(ids, list):
+        ids = [t.id for t in tokens] if tokens is not None and all(t.id is not None for t in tokens) else None
+    stop = choice.get("stop_reason")  # vLLM
+    if stop is None:
+        stop = choice.get("matched_stop")  # SGLang
+    pieces = {t.id: t.piece for t in tokens or [] if t.id is not None and t.piece is not None}
+    lps = [t.logprob for t in tokens] if tokens is not None else None
+    return Chunk(ids, lps, choice.get("text") or "", choice.get("finish_reason"), stop, pieces)
 
 
 def parse_native(data: dict[str, Any]) -> Chunk:
     """llama.cpp's native ``/completion`` answer (asked with ``return_tokens`` and ``n_probs``): every
-    generated id, the texts of those it has probabilities for, how and where it stopped."""
+    generated id (a stop string's too, though ``content`` is trimmed), and how it stopped."""
     ids = [int(t) for t in data.get("tokens") or []]
-    probs = data.get("completion_probabilities") or []
-    texts: list[str | None] = [None] * len(ids)
-    for i, entry in enumerate(probs[: len(ids)]):
-        if isinstance(entry, dict) and entry.get("id") == ids[i]:
-            raw = entry.get("bytes")
-            texts[i] = bytes(raw).decode("utf-8", errors="replace") if raw else None
+    pieces = {}
+    for entry in data.get("completion_probabilities") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("bytes"), list) and entry["bytes"]:
+            pieces[entry["id"]] = bytes(entry["bytes"])
     stop_type = data.get("stop_type")
-    finish = "length" if stop_type == "limit" else "stop"
-    stop_reason = data.get("stopping_word") if stop_type == "word" else None
-    return Chunk([Token(i, None, t) for i, t in zip(ids, texts)], str(data.get("content") or ""), finish, stop_reason)
+    if stop_type is None:  # before llama.cpp had stop_type
+        stop_type = next((k for k in ("eos", "word", "limit") if data.get(f"stopped_{k}")), None)
+    finish = {"eos": "stop", "word": "stop", "limit": "length"}.get(str(stop_type))
+    stop = data.get("stopping_word") if stop_type == "word" else None
+    return Chunk(ids, None, str(data.get("content") or ""), finish, stop, pieces)
 
 
 def error_message(response: httpx.Response) -> str:
@@ -191,48 +195,22 @@ def _mentions_context(message: str) -> bool:
     return "context" in low and ("exceed" in low or "length" in low or "too long" in low or "maximum" in low)
 
 
+def _json(content: bytes, where: str) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        raise ServerError(f"the completions server at {where} answered with invalid JSON: {content[:200]!r}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizers: a Hugging Face one, or the server's own over HTTP
 # --------------------------------------------------------------------------------------------
 
 
-class TextAssembler:
-    """Turns a growing list of token ids into text incrementally (O(1) per token), decoding a small
-    window around the new token the way vLLM's incremental detokenizer does, so multi-byte
-    characters split over tokens come out whole. ``ends[i]`` is the text length after token i."""
+class Tokens(Protocol):
+    def tokenize(self, text: str) -> list[int]: ...
 
-    WINDOW = 6
-
-    def __init__(self, decode: Any, ids: Sequence[int] = ()) -> None:
-        self.decode = decode
-        self.ids: list[int] = []
-        self.text = ""
-        self.ends: list[int] = []
-        self._emitted = 0  # tokens whose text is final
-        for i in ids:
-            self.add(i)
-
-    def add(self, token_id: int, known_text: str | None = None) -> str:
-        """Append a token; returns the text it added (maybe "" until a character completes)."""
-        self.ids.append(token_id)
-        start = max(self._emitted - self.WINDOW, 0)
-        prefix = self.decode(self.ids[start : self._emitted]) if self._emitted > start else ""
-        full = self.decode(self.ids[start:])
-        if full.endswith("\ufffd"):  # an incomplete character: wait for the next token
-            self.ends.append(len(self.text))
-            return ""
-        added = full[len(prefix) :]
-        self.text += added
-        self._emitted = len(self.ids)
-        self.ends.append(len(self.text))
-        return added
-
-    def keep_before(self, at: int) -> int:
-        """How many leading tokens end at or before text index ``at``."""
-        keep = 0
-        while keep < len(self.ends) and self.ends[keep] <= at:
-            keep += 1
-        return keep
+    def detokenize(self, ids: Sequence[int]) -> str: ...
 
 
 class HFTokens:
@@ -243,7 +221,7 @@ class HFTokens:
         self.name = name
 
     @classmethod
-    def load(cls, name: str) -> "HFTokens":
+    def load(cls, name: str) -> HFTokens:
         from transformers import AutoTokenizer
 
         path = Path(name).expanduser()
@@ -280,19 +258,27 @@ class HFTokens:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
 
-class RemoteTokens:
-    """The server's own tokenizer over HTTP (sync; results cached). Token texts seen in
-    log-probabilities are remembered, so decoding generated tokens rarely needs a request."""
+_MISSING = object()
 
-    # (path, request body, key of the token list / of the text in the answer)
+
+class RemoteTokens:
+    """The server's own tokenizer over HTTP, cached. The sync methods block (the engine calls them
+    in a worker thread); ``atokenize`` and ``fetch`` are their async twins for the event loop. Token
+    bytes the server reports (llama.cpp's pieces and logprobs) are exact; a piece fetched as text
+    is exact unless the token is part of a character: pass a Hugging Face tokenizer for servers
+    that report no token bytes and models that split characters."""
+
+    # (path, request body, key of the answer) for llama.cpp, vLLM, SGLang, llama-cpp-python
     TOKENIZE = (
         ("/tokenize", lambda text, model: {"content": text, "add_special": False, "parse_special": True, "with_pieces": True}, "tokens"),
         ("/tokenize", lambda text, model: {"model": model, "prompt": text, "add_special_tokens": False}, "tokens"),
+        ("/v1/tokenize", lambda text, model: {"model": model, "prompt": text, "add_special_tokens": False}, "tokens"),
         ("/extras/tokenize", lambda text, model: {"input": text}, "tokens"),
     )
     DETOKENIZE = (
         ("/detokenize", lambda ids, model: {"tokens": ids}, "content"),
         ("/detokenize", lambda ids, model: {"model": model, "tokens": ids}, "prompt"),
+        ("/v1/detokenize", lambda ids, model: {"model": model, "tokens": ids, "skip_special_tokens": False}, "text"),
         ("/extras/detokenize", lambda ids, model: {"tokens": ids}, "text"),
     )
 
@@ -301,40 +287,63 @@ class RemoteTokens:
         self.root = root
         self.model = model
         self.pieces: dict[int, bytes] = {}
-        self._tok_route: tuple[Any, ...] | None = None
-        self._detok_route: tuple[Any, ...] | None = None
+        self.requests = 0
+        self._routes: dict[str, tuple[Any, ...]] = {}  # the route that answered, by kind
         self._cache: dict[str, list[int]] = {}
 
-    def _post(self, routes: Sequence[tuple[Any, ...]], chosen: tuple[Any, ...] | None, arg: Any) -> tuple[Any, tuple[Any, ...]]:
-        for route in [chosen] if chosen else routes:
-            path, body, key = route
+    def _candidates(self, kind: str) -> Sequence[tuple[Any, ...]]:
+        chosen = self._routes.get(kind)
+        return [chosen] if chosen else (self.TOKENIZE if kind == "tokenize" else self.DETOKENIZE)
+
+    def _answer(self, kind: str, route: tuple[Any, ...], r: httpx.Response) -> Any:
+        if r.status_code == 200:
             try:
-                r = self.client.post(self.root + path, json=body(arg, self.model))
-            except httpx.HTTPError as err:
-                raise ServerUnreachable(f"the completions server at {self.root} is unreachable ({type(err).__name__})") from None
-            if r.status_code == 200:
                 data = r.json()
-                if isinstance(data, dict) and key in data:
-                    return data[key], route
-        raise CodestopError(
+            except ValueError:
+                return _MISSING
+            if isinstance(data, dict) and route[2] in data:
+                self._routes[kind] = route
+                return data[route[2]]
+        return _MISSING
+
+    def _fail(self, err: Exception | None = None) -> CodestopError:
+        if err is not None:
+            return ServerUnreachable(f"the completions server at {self.root} is unreachable ({type(err).__name__})")
+        return CodestopError(
             f"tokenizer: the server at {self.root} offers no /tokenize endpoint codestop knows; "
             "pass --tokenizer with the model's Hugging Face tokenizer"
         )
 
-    def tokenize(self, text: str) -> list[int]:
-        cached = self._cache.get(text)
-        if cached is not None:
-            return list(cached)
-        raw, self._tok_route = self._post(self.TOKENIZE, self._tok_route, text)
+    def _call(self, kind: str, arg: Any) -> Any:
+        for route in self._candidates(kind):
+            self.requests += 1
+            try:
+                r = self.client.post(self.root + route[0], json=route[1](arg, self.model))
+            except httpx.HTTPError as err:
+                raise self._fail(err) from None
+            if (value := self._answer(kind, route, r)) is not _MISSING:
+                return value
+        raise self._fail()
+
+    async def _acall(self, client: httpx.AsyncClient, kind: str, arg: Any) -> Any:
+        for route in self._candidates(kind):
+            self.requests += 1
+            try:
+                r = await client.post(self.root + route[0], json=route[1](arg, self.model))
+            except httpx.HTTPError as err:
+                raise self._fail(err) from None
+            if (value := self._answer(kind, route, r)) is not _MISSING:
+                return value
+        raise self._fail()
+
+    def _ids(self, text: str, raw: Any) -> list[int]:
         ids: list[int] = []
         for item in raw:
-            if isinstance(item, dict):  # llama.cpp with_pieces
+            if isinstance(item, dict):  # llama.cpp with_pieces: a string, or bytes when not UTF-8
                 ids.append(int(item["id"]))
                 piece = item.get("piece")
-                if isinstance(piece, str):
-                    self.pieces.setdefault(ids[-1], piece.encode())
-                elif isinstance(piece, list):
-                    self.pieces.setdefault(ids[-1], bytes(piece))
+                if isinstance(piece, (str, list)):
+                    self.pieces.setdefault(ids[-1], piece.encode() if isinstance(piece, str) else bytes(piece))
             else:
                 ids.append(int(item))
         if len(self._cache) > 4096:
@@ -342,16 +351,30 @@ class RemoteTokens:
         self._cache[text] = ids
         return list(ids)
 
-    def learn(self, token: Token) -> None:
-        if token.id is not None and token.text and token.id not in self.pieces:
-            self.pieces[token.id] = token.text.encode()
+    def tokenize(self, text: str) -> list[int]:
+        cached = self._cache.get(text)
+        return list(cached) if cached is not None else self._ids(text, self._call("tokenize", text))
+
+    async def atokenize(self, client: httpx.AsyncClient, text: str) -> list[int]:
+        cached = self._cache.get(text)
+        return list(cached) if cached is not None else self._ids(text, await self._acall(client, "tokenize", text))
+
+    def learn(self, pieces: dict[int, bytes]) -> None:
+        for i, piece in pieces.items():
+            self.pieces.setdefault(i, piece)
+
+    def missing(self, ids: Sequence[int]) -> list[int]:
+        return list(dict.fromkeys(i for i in ids if i not in self.pieces))
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        for i in ids:
-            if i not in self.pieces:  # once per token id (special tokens carry no bytes in logprobs)
-                text, self._detok_route = self._post(self.DETOKENIZE, self._detok_route, [i])
-                self.pieces[i] = str(text).encode()
+        for i in self.missing(ids):  # once per token id (special tokens carry no bytes in logprobs)
+            self.pieces[i] = str(self._call("detokenize", [i])).encode()
         return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    async def fetch(self, client: httpx.AsyncClient, ids: Sequence[int]) -> None:
+        """Fetch the pieces of ``ids`` not known yet, so that decoding them makes no request."""
+        for i in self.missing(ids):
+            self.pieces[i] = str(await self._acall(client, "detokenize", [i])).encode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,17 +393,19 @@ class _LoopState:
 
 @dataclass
 class RequestStats:
-    """Counters of what the engine sent, for the proxy's metrics and the benchmarks."""
+    """What the engine sent (see :meth:`ServerEngine.counters`)."""
 
-    requests: int = 0
     retries: int = 0
-    probe_requests: int = 0
     text_fallbacks: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class ServerEngine(Engine):
-    """An OpenAI-compatible completions server as an engine. Build it with :meth:`connect`."""
+    """An OpenAI-compatible completions server as an engine. Build it with :meth:`connect`.
+
+    ``stream_steps``: None streams a session's steps when it is live or when the server cannot end
+    a plain request at a boundary; True or False forces it. ``transport``: an httpx transport for
+    every client the engine makes (tests: ``httpx.MockTransport``)."""
 
     name = "server"
 
@@ -390,7 +415,7 @@ class ServerEngine(Engine):
         *,
         model: str,
         server_kind: str,
-        tokens: HFTokens | RemoteTokens,
+        tokens: Tokens,
         api_key: str | None = None,
         context_window: int | None = None,
         chat_template_text: str = "",
@@ -402,6 +427,7 @@ class ServerEngine(Engine):
         backoff: float = 0.5,
         stream_steps: bool | None = None,
         sync_client: httpx.Client | None = None,
+        transport: Any = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency: {concurrency!r} must be >= 1")
@@ -421,16 +447,14 @@ class ServerEngine(Engine):
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self.retries = retries
         self.backoff = backoff
-        self.text_prompts = False  # switched on when the server rejects token-id prompts
-        self._ids_confirmed = False
-        self.stats = RequestStats()
-        self._loops: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]" = weakref.WeakKeyDictionary()
-        self._sync = sync_client or httpx.Client(timeout=self.timeout, headers=self._headers())
-        self._server_stops = KEEPS_STOP_STRINGS.get(server_kind)
-        # steps are streamed when a caller shows them live, or when only a stream can end them at a
-        # boundary (servers that trim stop strings); else one plain request per step, far less CPU
         self.stream_steps = stream_steps
-        self._ssl = None  # one SSL context for every client this engine makes (building one costs ~90 ms)
+        self.text_prompts = False  # switched on when only text prompts work on this server
+        self._ids_confirmed = False  # a token-id prompt has succeeded: never switch to text
+        self.stats = RequestStats()
+        self._transport = transport
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._sync = sync_client or httpx.Client(timeout=self.timeout, headers=self._headers(), transport=transport)
+        self._ssl: Any = None  # one SSL context for every client this engine makes (building one costs ~90 ms)
         self._template_cache: dict[str, str] = {}
 
     # -- connecting ----------------------------------------------------------------------------
@@ -447,46 +471,48 @@ class ServerEngine(Engine):
         retries: int = DEFAULT_RETRIES,
         backoff: float = 0.5,
         stream_steps: bool | None = None,
+        transport: Any = None,
         **_ignored: Any,
-    ) -> "ServerEngine":
+    ) -> ServerEngine:
         """Connect to the server at ``base_url`` (e.g. ``http://127.0.0.1:8000`` or ``.../v1``) and
         read what it serves. ``model``: the served model's name (default: the server's first);
         ``tokenizer``: a Hugging Face tokenizer (name, directory, .gguf file or object)."""
         if not base_url:
             raise CodestopError("base_url: the server engine needs --base-url, e.g. http://127.0.0.1:8000/v1")
         root = base_url.rstrip("/")
-        if root.endswith("/v1"):
-            root = root[: -len("/v1")]
+        root = root.removesuffix("/v1")
         if not root.startswith(("http://", "https://")):
             raise CodestopError(f"base_url: {base_url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        client = httpx.Client(timeout=httpx.Timeout(timeout, connect=DEFAULT_CONNECT_TIMEOUT_S), headers=headers)
+        client = httpx.Client(timeout=httpx.Timeout(timeout, connect=DEFAULT_CONNECT_TIMEOUT_S), headers=headers, transport=transport)
+        try:
+            options = {"concurrency": concurrency, "timeout": timeout, "retries": retries, "backoff": backoff,
+                       "stream_steps": stream_steps, "transport": transport}
+            return cls._connect(client, root, model, api_key, tokenizer, options)
+        except BaseException:
+            client.close()
+            raise
+
+    @classmethod
+    def _connect(cls, client: httpx.Client, root: str, model: str | None, api_key: str | None, tokenizer: Any, options: dict[str, Any]) -> ServerEngine:
         try:
             r = client.get(root + "/v1/models")
         except httpx.HTTPError as err:
-            client.close()
             raise ServerUnreachable(
                 f"base_url: cannot reach a completions server at {root} ({type(err).__name__}); "
                 "check that it is running and the URL (host, port) is right"
             ) from None
         if r.status_code in (401, 403):
-            client.close()
             raise CodestopError(f"api_key: the server at {root} refused the API key ({r.status_code}); pass --api-key")
         if r.status_code != 200:
-            client.close()
             raise ServerError(f"base_url: {root}/v1/models answered {r.status_code}: {error_message(r)}")
         served = [m for m in (r.json().get("data") or []) if isinstance(m, dict)]
         if not served:
-            client.close()
             raise CodestopError(f"base_url: the server at {root} lists no models")
-        if model:
-            chosen = next((m for m in served if m.get("id") == model), None)
-            if chosen is None:
-                client.close()
-                names = ", ".join(str(m.get("id")) for m in served)
-                raise CodestopError(f"model: the server at {root} does not serve {model!r}; it serves {names}")
-        else:
-            chosen = served[0]
+        chosen = next((m for m in served if m.get("id") == model), None) if model else served[0]
+        if chosen is None:
+            names = ", ".join(str(m.get("id")) for m in served)
+            raise CodestopError(f"model: the server at {root} does not serve {model!r}; it serves {names}")
         model_id = str(chosen["id"])
         kind = str(chosen.get("owned_by") or "").lower()
         window = chosen.get("max_model_len") or (chosen.get("meta") or {}).get("n_ctx")
@@ -498,8 +524,9 @@ class ServerEngine(Engine):
             except (httpx.HTTPError, ValueError):
                 props = {}
             window = (props.get("default_generation_settings") or {}).get("n_ctx") or window
+        tokens: HFTokens | RemoteTokens
         if tokenizer is None:
-            tokens: HFTokens | RemoteTokens = RemoteTokens(client, root, model_id)
+            tokens = RemoteTokens(client, root, model_id)
             template = str(props.get("chat_template") or "")
             eos: set[int] = set()
             eos_text = props.get("eos_token")
@@ -516,20 +543,9 @@ class ServerEngine(Engine):
             template = tokens.chat_template_text()
             eos = tokens.eos_ids()
         return cls(
-            root,
-            model=model_id,
-            server_kind=kind,
-            tokens=tokens,
-            api_key=api_key,
-            context_window=int(window) if window else None,
-            chat_template_text=template,
-            eos_ids=frozenset(eos),
-            concurrency=concurrency,
-            timeout=timeout,
-            retries=retries,
-            backoff=backoff,
-            stream_steps=stream_steps,
-            sync_client=client,
+            root, model=model_id, server_kind=kind, tokens=tokens, api_key=api_key,
+            context_window=int(window) if window else None, chat_template_text=template,
+            eos_ids=frozenset(eos), sync_client=client, **options,
         )
 
     def _headers(self) -> dict[str, str]:
@@ -542,6 +558,32 @@ class ServerEngine(Engine):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokens.detokenize(ids)
 
+    async def run_tokenizer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """The server's own tokenizer and template are blocking HTTP calls: run them in a worker
+        thread so the event loop (and every other session on it) never waits on them."""
+        if isinstance(self.tokens, RemoteTokens):
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _known(self, ids: Sequence[int]) -> None:
+        """Make ``ids`` decodable without a blocking call (unknown pieces fetched asynchronously)."""
+        if isinstance(self.tokens, RemoteTokens) and self.tokens.missing(ids):
+            await self.tokens.fetch(self._state().client, ids)
+
+    async def _chunk_ids(self, chunk: Chunk) -> list[int]:
+        """The ids of a chunk's tokens, decodable without blocking: as the server reports them,
+        else (a server that gives only text) by tokenizing the text, which can drift at seams."""
+        if isinstance(self.tokens, RemoteTokens):
+            self.tokens.learn(chunk.pieces)
+        ids = chunk.ids
+        if (ids is None or not ids) and chunk.text:
+            if isinstance(self.tokens, RemoteTokens):
+                ids = await self.tokens.atokenize(self._state().client, chunk.text)
+            else:
+                ids = self.tokens.tokenize(chunk.text)
+        await self._known(ids or [])
+        return list(ids or [])
+
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
@@ -553,7 +595,6 @@ class ServerEngine(Engine):
         cached = self._template_cache.get(key)
         if cached is not None:
             return cached
-        rendered: str | None = None
         if isinstance(self.tokens, HFTokens):
             rendered = self.tokens.render(messages, **template_kwargs)
         else:
@@ -589,43 +630,81 @@ class ServerEngine(Engine):
         # unset fields are left to the server, which applies the model's generation config (vLLM)
         return Sampling()
 
-    # -- sessions ------------------------------------------------------------------------------
-    async def start(self, prompt_ids: Sequence[int], sampling: Sampling) -> "ServerSession":
-        if not prompt_ids:
-            raise ValueError("prompt_ids: the prompt is empty")
-        if self.context_window is not None and len(prompt_ids) >= self.context_window:
-            raise ContextTooLong(
-                f"the prompt is {len(prompt_ids)} tokens but the model's context window is {self.context_window}; "
-                "shorten the question or use a model with a longer context"
-            )
-        return ServerSession(self, list(prompt_ids), sampling)
+    # -- sessions, health, counters, closing -------------------------------------------------------
+    async def start(self, prompt_ids: Sequence[int], sampling: Sampling, *, live: bool = False) -> ServerSession:
+        self.check_prompt(prompt_ids)
+        return ServerSession(self, list(prompt_ids), sampling, live)
+
+    async def health(self) -> dict[str, Any]:
+        """GET the upstream's /v1/models with a short timeout."""
+        out: dict[str, Any] = {"ok": False, "upstream": "unreachable", "base_url": self.base_url, "model": self.model_name}
+        try:
+            r = await self._state().client.get(self.base_url + "/v1/models", timeout=HEALTH_TIMEOUT_S)
+        except httpx.HTTPError as err:
+            return {**out, "error": type(err).__name__}
+        if r.status_code != 200:
+            return {**out, "error": f"{r.status_code}: {error_message(r)}"}
+        return {**out, "ok": True, "upstream": "ok"}
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Requests sent upstream by kind ("step", "answer", "probe", "tokenizer"), retries, and
+        switches to text prompts."""
+        kinds: dict[str, float] = dict(self.stats.by_kind)
+        if isinstance(self.tokens, RemoteTokens) and self.tokens.requests:
+            kinds["tokenizer"] = self.tokens.requests
+        return {
+            "upstream_requests": kinds,
+            "upstream_retries": {"": self.stats.retries},
+            "upstream_text_fallbacks": {"": self.stats.text_fallbacks},
+        }
 
     async def aclose(self) -> None:
-        state = self._loops.pop(asyncio.get_running_loop(), None)
-        if state is not None:
-            await state.client.aclose()
+        """Close every HTTP client this engine made: each event loop's async client (the current
+        loop's here, one of a loop running in another thread there; a closed loop's client cannot
+        be closed any more and is dropped) and the sync one."""
+        current = asyncio.get_running_loop()
+        states, self._loops = self._loops, {}
+        for loop, state in states.items():
+            if loop is current:
+                await state.client.aclose()
+            elif loop.is_running() and not loop.is_closed():
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(state.client.aclose(), loop))
+        self.close()
 
     def close(self) -> None:
+        """Close the sync client (sync callers; :meth:`aclose` closes the async ones too)."""
         self._sync.close()
+        if isinstance(self.tokens, RemoteTokens):
+            self.tokens.client.close()
 
     # -- HTTP ------------------------------------------------------------------------------------
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None:
-            limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-            if self._ssl is None:
-                self._ssl = httpx.create_ssl_context()
-            client = httpx.AsyncClient(timeout=self.timeout, headers=self._headers(), limits=limits, verify=self._ssl)
-            state = _LoopState(client, asyncio.Semaphore(self.concurrency))
-            self._loops[loop] = state
+            for dead in [lp for lp in self._loops if lp.is_closed()]:
+                del self._loops[dead]  # a finished asyncio.run: its client cannot be closed any more
+            if self._transport is not None:
+                kwargs: dict[str, Any] = {"transport": self._transport}
+            else:
+                if self._ssl is None:
+                    self._ssl = httpx.create_ssl_context()
+                limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+                kwargs = {"limits": limits, "verify": self._ssl}
+            client = httpx.AsyncClient(timeout=self.timeout, headers=self._headers(), **kwargs)
+            state = self._loops[loop] = _LoopState(client, asyncio.Semaphore(self.concurrency))
         return state
 
-    def _body(self, prompt_ids: Sequence[int], **fields: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model_name}
-        body["prompt"] = self.detokenize(prompt_ids) if self.text_prompts else list(prompt_ids)
-        if self.server_kind == "vllm":
-            fields.setdefault("return_tokens_as_token_ids", True)
+    def sampling_fields(self, sampling: Sampling) -> dict[str, Any]:
+        fields: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+        if sampling.top_k:
+            fields["top_k"] = sampling.top_k
+        return fields
+
+    async def _body(self, prompt_ids: Sequence[int], as_text: bool, fields: dict[str, Any]) -> dict[str, Any]:
+        if as_text:
+            await self._known(prompt_ids)
+        body: dict[str, Any] = {"model": self.model_name, "prompt": self.detokenize(prompt_ids) if as_text else list(prompt_ids)}
         body.update({k: v for k, v in fields.items() if v is not None})
         return body
 
@@ -636,14 +715,6 @@ class ServerEngine(Engine):
         if _mentions_context(message):
             raise ContextTooLong(f"the completions server says: {message}")
         raise ServerError(f"the completions server answered {response.status_code}: {message}", 502)
-
-    def _should_fall_back_to_text(self, response: httpx.Response) -> bool:
-        return (
-            not self.text_prompts
-            and not self._ids_confirmed
-            and response.status_code in (400, 422)
-            and not _mentions_context(error_message(response))
-        )
 
     async def _sleep_backoff(self, attempt: int, response: httpx.Response | None = None) -> None:
         delay = self.backoff * (2**attempt) * (0.5 + random.random())
@@ -663,23 +734,25 @@ class ServerEngine(Engine):
             f"({type(err).__name__}) after {self.retries} retries; check that it is running"
         )
 
-    async def complete(
-        self,
-        prompt_ids: Sequence[int],
-        kind: str,
-        path: str = "/v1/completions",
-        parse: Callable[[dict[str, Any]], Chunk] = parse_choice,
-        **fields: Any,
-    ) -> Chunk:
-        """One non-streaming completion (retried on 429/5xx/connection errors)."""
-        state = self._state()
+    def _no_progress(self, attempts: int, finish: str | None) -> ServerError:
+        return ServerError(
+            f"the completions server at {self.base_url} returned no new tokens {attempts} times in a row "
+            f"(finish reason {finish!r}); it may be capping the request (its own context or max-tokens limit)"
+        )
+
+    async def _send(self, client: httpx.AsyncClient, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], stream: bool) -> httpx.Response:
+        """Send one request until a 200 answer: 429/5xx and connection errors are retried with
+        backoff. A 400/422 for a token-id prompt, while token ids never worked here, is re-sent
+        once as text; only if that works does the engine switch to text prompts (llama-cpp-python
+        takes no token ids), else the server's first error is raised."""
         attempt = 0
+        as_text = self.text_prompts
+        rejected: httpx.Response | None = None
         while True:
-            body = self._body(prompt_ids, **fields)
+            body = await self._body(prompt_ids, as_text, fields)
+            self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
             try:
-                async with state.limit:
-                    self._count(kind)
-                    response = await state.client.post(self.base_url + path, json=body)
+                response = await client.send(client.build_request("POST", self.base_url + path, json=body), stream=stream)
             except httpx.TimeoutException as err:
                 raise self._unreachable(err) from None
             except httpx.TransportError as err:
@@ -689,94 +762,94 @@ class ServerEngine(Engine):
                 attempt += 1
                 continue
             if response.status_code == 200:
-                self._ids_confirmed = True
-                return parse(response.json())
+                if not as_text:
+                    self._ids_confirmed = True
+                elif not self.text_prompts and not self._ids_confirmed:
+                    self.text_prompts = True
+                    self.stats.text_fallbacks += 1
+                return response
+            await response.aread()
+            await response.aclose()
             if response.status_code in RETRY_STATUSES and attempt < self.retries:
                 await self._sleep_backoff(attempt, response)
                 attempt += 1
                 continue
-            if self._should_fall_back_to_text(response):
-                self.text_prompts = True
-                self.stats.text_fallbacks += 1
+            if (
+                rejected is None and not as_text and not self._ids_confirmed and response.status_code in (400, 422)
+                and not _mentions_context(error_message(response))
+            ):
+                rejected, as_text = response, True
                 continue
-            self._raise_for(response)
+            self._raise_for(rejected or response)
 
-    async def stream(self, prompt_ids: Sequence[int], kind: str, **fields: Any) -> AsyncIterator[Chunk]:
-        """One streaming completion, chunk by chunk. Closing the generator early closes the
-        connection, which aborts the request on the server. Connection errors before the first
-        chunk are retried; after it they propagate (the caller resumes from what it kept)."""
+    @asynccontextmanager
+    async def _post(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], stream: bool) -> AsyncIterator[httpx.Response]:
+        """One request (see :meth:`_send`), holding a slot of the concurrency limit until closed."""
         state = self._state()
-        attempt = 0
-        while True:
-            body = self._body(prompt_ids, stream=True, **fields)
-            got_any = False
+        async with state.limit:
+            response = await self._send(state.client, path, prompt_ids, kind, fields, stream)
             try:
-                async with state.limit:
-                    self._count(kind)
-                    async with state.client.stream("POST", self.base_url + "/v1/completions", json=body) as response:
-                        if response.status_code != 200:
-                            await response.aread()
-                        else:
-                            async for line in response.aiter_lines():
-                                if not line.startswith("data:"):
-                                    continue
-                                payload = line[5:].strip()
-                                if payload == "[DONE]":
-                                    return
-                                data = json.loads(payload)
-                                if isinstance(data, dict) and data.get("error"):
-                                    err = data["error"]
-                                    msg = err.get("message") if isinstance(err, dict) else str(err)
-                                    if _mentions_context(str(msg)):
-                                        raise ContextTooLong(f"the completions server says: {msg}")
-                                    raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
-                                self._ids_confirmed = True
-                                got_any = True
-                                yield parse_choice(data)
-                            return
-            except httpx.TimeoutException as err:
-                raise self._unreachable(err) from None
-            except httpx.TransportError as err:
-                if got_any:
-                    raise
-                if attempt >= self.retries:
-                    raise self._unreachable(err) from None
-                await self._sleep_backoff(attempt)
-                attempt += 1
-                continue
-            if response.status_code in RETRY_STATUSES and attempt < self.retries:
-                await self._sleep_backoff(attempt, response)
-                attempt += 1
-                continue
-            if self._should_fall_back_to_text(response):
-                self.text_prompts = True
-                self.stats.text_fallbacks += 1
-                continue
-            self._raise_for(response)
+                yield response
+            finally:
+                await response.aclose()
 
-    def _count(self, kind: str) -> None:
-        self.stats.requests += 1
-        self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+    async def complete(self, prompt_ids: Sequence[int], kind: str, path: str = "/v1/completions",
+                       parse: Callable[[dict[str, Any]], Chunk] = parse_choice, **fields: Any) -> Chunk:
+        """One plain (non-streaming) completion."""
+        async with self._post(path, prompt_ids, kind, fields, stream=False) as response:
+            return parse(_json(response.content, self.base_url))
 
-    def sampling_fields(self, sampling: Sampling) -> dict[str, Any]:
-        fields: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
-        if sampling.top_k:
-            fields["top_k"] = sampling.top_k
-        return fields
+    async def stream(self, prompt_ids: Sequence[int], kind: str, **fields: Any) -> AsyncGenerator[Chunk, None]:
+        """One streaming completion, event by event. Closing the generator closes the connection,
+        which aborts the request on the server; a connection broken mid-stream raises (the session
+        resumes from what it kept)."""
+        async with self._post("/v1/completions", prompt_ids, kind, {**fields, "stream": True}, stream=True) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return
+                data = _json(payload.encode(), self.base_url)
+                if isinstance(data, dict) and data.get("error"):
+                    err = data["error"]
+                    msg = str(err.get("message") if isinstance(err, dict) else err)
+                    if _mentions_context(msg):
+                        raise ContextTooLong(f"the completions server says: {msg}")
+                    raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
+                yield parse_choice(data)
+
+    def step_chunks(self, prompt_ids: Sequence[int], max_tokens: int, rules: StepRules, sampling: Sampling,
+                    streamed: bool) -> AsyncGenerator[Chunk, None]:
+        """One step request: a stream, or one plain answer that a server-side stop string ends at
+        a boundary candidate."""
+        kind = "answer" if rules.greedy else "step"
+        fields = {**self.sampling_fields(sampling), **TOKEN_IDS.get(self.server_kind, {})}
+        stops = [*rules.separators, *rules.words, *rules.stop_texts, *(["}"] if rules.close_box else [])]
+        if streamed:
+            return self.stream(prompt_ids, kind, max_tokens=max_tokens, logprobs=1, **fields)
+        if self.server_kind == "llamacpp":
+            return _once(self.complete(
+                prompt_ids, kind, path="/completion", parse=parse_native, n_predict=max_tokens, stop=stops or None,
+                return_tokens=True, n_probs=1, cache_prompt=True, **fields,
+            ))
+        if stops and self.server_kind in KEEPS_STOP_STRINGS:
+            fields.update(stop=stops, **KEEPS_STOP_STRINGS[self.server_kind])
+        return _once(self.complete(prompt_ids, kind, max_tokens=max_tokens, logprobs=1, **fields))
+
+    def probe_chunks(self, prompt_ids: Sequence[int], max_tokens: int) -> AsyncGenerator[Chunk, None]:
+        """One probe request, greedy with logprobs: plain with the stop "}" where the server keeps
+        it in the output; elsewhere streamed and closed at the brace, since llama.cpp drops the
+        logprobs of the token that holds a stop string (an answer token "2}" with them)."""
+        fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "logprobs": 1, **TOKEN_IDS.get(self.server_kind, {})}
+        if self.server_kind in KEEPS_STOP_STRINGS:
+            fields.update(stop=["}"], **KEEPS_STOP_STRINGS[self.server_kind])
+            return _once(self.complete(prompt_ids, "probe", **fields))
+        return self.stream(prompt_ids, "probe", **fields)
 
 
-def _learn(engine: ServerEngine, tokens: Sequence[Token]) -> None:
-    if isinstance(engine.tokens, RemoteTokens):
-        for t in tokens:
-            engine.tokens.learn(t)
-
-
-def _token_ids(engine: ServerEngine, chunk: Chunk) -> list[int]:
-    """The ids of a chunk's tokens: from the logprobs when the server gives ids, else by
-    tokenizing the chunk's text (a fallback that can drift at token seams)."""
-    if chunk.tokens and all(t.id is not None for t in chunk.tokens):
-        return [int(t.id) for t in chunk.tokens]  # type: ignore[arg-type]
-    return engine.tokenize(chunk.text) if chunk.text else []
+async def _once(answer: Awaitable[Chunk]) -> AsyncGenerator[Chunk, None]:
+    yield await answer
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,190 +858,123 @@ def _token_ids(engine: ServerEngine, chunk: Chunk) -> list[int]:
 
 
 class ServerSession(Session):
-    def __init__(self, engine: ServerEngine, prompt_ids: list[int], sampling: Sampling) -> None:
+    """One question's committed context as token ids (``ids``, sent whole with every request) and
+    a held-back boundary word (``pending``) that starts the next step."""
+
+    def __init__(self, engine: ServerEngine, prompt_ids: list[int], sampling: Sampling, live: bool = False) -> None:
         self.engine = engine
-        self.ids = prompt_ids  # the committed context
-        self.pending: list[int] = []  # a held-back boundary word, starting the next step
+        self.ids = prompt_ids
+        self.pending: list[int] = []
         self.sampling = sampling
+        self.live = live
 
     @property
     def n_tokens(self) -> int:
         return len(self.ids) + len(self.pending)
 
-    def _room(self, extra: int) -> int:
-        window = self.engine.context_window
-        return max(0, window - len(self.ids) - extra - 1) if window is not None else 1 << 60
-
-    async def extend(
-        self,
-        max_tokens: int,
-        boundaries: Boundaries,
-        stop_texts: Sequence[str] = (),
-        on_text: TextCallback | None = None,
-    ) -> StepOutput:
-        return await self._run(max_tokens, boundaries, stop_texts, on_text, greedy=False)
-
-    async def generate(
-        self,
-        max_tokens: int,
-        stop_texts: Sequence[str] = (),
-        on_text: TextCallback | None = None,
-        close_box: bool = False,
-    ) -> StepOutput:
-        return await self._run(max_tokens, Boundaries((), ()), stop_texts, on_text, greedy=True, close_box=close_box)
-
-    async def _run(
-        self,
-        max_tokens: int,
-        boundaries: Boundaries,
-        stop_texts: Sequence[str],
-        on_text: TextCallback | None,
-        greedy: bool,
-        close_box: bool = False,
-    ) -> StepOutput:
-        """LocalSession's step rules on tokens streamed by the server (see the module doc)."""
+    @property
+    def streamed(self) -> bool:
         eng = self.engine
-        held, self.pending = self.pending, []
-        text_of = TextAssembler(eng.detokenize, held)  # the held-back word starts this step (already shown)
-        word_search_from = max(1, len(text_of.text))
-        sampling = Sampling(temperature=0.0, seed=self.sampling.seed) if greedy else self.sampling
-        fields = eng.sampling_fields(sampling)
-        stops = [*boundaries.separators, *boundaries.words, *stop_texts] + (["}"] if close_box else [])
-        if eng._server_stops and stops:
-            fields.update(stop=stops, **eng._server_stops)
-        fields["logprobs"] = 1  # the token ids (and texts) of what is generated
-        step_kind = "answer" if greedy else "step"
+        if eng.stream_steps is not None:
+            return eng.stream_steps
+        return self.live or eng.server_kind not in PLAIN_STEPS
 
-        streamed = eng.stream_steps
-        if streamed is None:
-            streamed = LIVE_TEXT.get() or eng.server_kind not in PLAIN_STEPS
+    def _room(self, context: int) -> int:
+        """Tokens a request may generate after ``context`` tokens of prompt (the server's limit)."""
+        window = self.engine.context_window
+        return window - context if window is not None else 1 << 60
 
-        async def source(prompt: list[int], n: int) -> AsyncIterator[Chunk]:
-            if streamed:
-                async for chunk in eng.stream(prompt, step_kind, max_tokens=n, **fields):
-                    yield chunk
-            elif eng.server_kind == "llamacpp":
-                native = {k: v for k, v in fields.items() if k not in ("logprobs", "stop")}
-                yield await eng.complete(
-                    prompt, step_kind, path="/completion", parse=parse_native, n_predict=n, stop=stops or None,
-                    return_tokens=True, n_probs=1, cache_prompt=True, **native,
-                )
-            else:
-                yield await eng.complete(prompt, step_kind, max_tokens=n, **fields)
-
-        def commit(n: int, end: str) -> StepOutput:
-            ids = text_of.ids[:n]
-            self.ids += ids
-            return StepOutput(ids, eng.detokenize(ids) if n < len(text_of.ids) else text_of.text, end)  # type: ignore[arg-type]
-
-        resumes = 0
-        while True:
-            room = self._room(len(text_of.ids))
-            remaining = min(max_tokens - len(text_of.ids), room)
-            if remaining <= 0:
-                return commit(len(text_of.ids), "budget")
+    async def _scan(self, scanner: StepScanner, request: Callable[[list[int], int], AsyncGenerator[Chunk, None]],
+                    logprobs: list[float] | None = None) -> AsyncGenerator[str, None]:
+        """Feed every token the server generates to ``scanner`` until it ends the step, yielding the
+        text it hands out. Requests continue after the tokens received: past a stop string that is
+        no boundary here ("Waiting"), the server's own length limit, or a connection broken
+        mid-stream; ``retries`` times at most without progress. ``logprobs`` collects the tokens'."""
+        eng = self.engine
+        idle = resumes = 0
+        while scanner.end is None:
+            fed = len(scanner.ids)
             finish: str | None = None
-            stop_reason: Any = None
+            stop: str | int | None = None
             try:
-                gen = source(self.ids + text_of.ids, remaining)
-                try:
-                    async for chunk in gen:
-                        if chunk.finish_reason:
-                            finish, stop_reason = chunk.finish_reason, chunk.stop_reason
-                        _learn(eng, chunk.tokens)
-                        for tok in _token_ids(eng, chunk):
-                            if tok in eng.eos_token_ids:
-                                return commit(len(text_of.ids), "eos")
-                            before = len(text_of.text)
-                            added = text_of.add(tok)
-                            new_text = text_of.text
-                            if close_box and closing_brace_index(new_text) is not None:
-                                if on_text and added:
-                                    on_text(added)
-                                return commit(len(text_of.ids), "stop_text")
-                            if any(new_text.find(s, max(0, before - len(s) + 1)) != -1 for s in stop_texts):
-                                if on_text and added:
-                                    on_text(added)
-                                return commit(len(text_of.ids), "stop_text")
-                            if boundaries.words and added:
-                                at = find_word_boundary(new_text, boundaries.words, word_search_from)
-                                if at is not None:
-                                    keep = text_of.keep_before(at)
-                                    self.pending = text_of.ids[keep:]
-                                    if on_text:
-                                        on_text(added)
-                                    return commit(keep, "boundary")
-                            if on_text and added:
-                                on_text(added)
-                            if added and any(
-                                sep in new_text[max(0, before - len(sep) + 1) :] for sep in boundaries.separators
-                            ):
-                                return commit(len(text_of.ids), "boundary")
-                finally:
-                    await gen.aclose()  # closes the connection: the server aborts what is left
-            except httpx.TransportError:
-                # broken mid-stream: what arrived is kept; the next request resumes from it
+                async with aclosing(request(scanner.ids, scanner.max_tokens - fed)) as chunks:
+                    async for chunk in chunks:
+                        ids = await eng._chunk_ids(chunk)
+                        if logprobs is not None:
+                            if chunk.logprobs is None and ids:
+                                raise ServerError(
+                                    f"the completions server at {eng.base_url} returned no logprobs, which confidence "
+                                    "needs; use a server that returns them (vLLM, SGLang, llama.cpp's llama-server; "
+                                    "llama-cpp-python needs --logits_all true)"
+                                )
+                            lps = [float(lp or 0.0) for lp in chunk.logprobs or []]
+                            logprobs += (lps + [0.0] * len(ids))[: len(ids)]
+                        for tok in ids:
+                            if scanner.feed(tok) is not None:
+                                break  # what a plain answer holds after the end is not kept
+                        if scanner.end is not None:
+                            break  # closing a stream aborts the request on the server
+                        if chunk.finish:
+                            finish, stop = chunk.finish, chunk.stop
+                        if piece := scanner.take_text():
+                            yield piece
+            except httpx.TimeoutException as err:
+                raise eng._unreachable(err) from None
+            except httpx.TransportError as err:  # broken mid-stream: the next request resumes after what arrived
                 if resumes >= eng.retries:
-                    raise eng._unreachable(httpx.RemoteProtocolError("dropped mid-stream")) from None
+                    raise eng._unreachable(err) from None
                 await eng._sleep_backoff(resumes)
                 resumes += 1
                 continue
-            if finish == "length" or finish is None:
-                continue  # the budget or the window; the loop's check decides
-            if finish == "stop" and isinstance(stop_reason, str):
-                continue  # a server stop string that was no boundary here (e.g. "Waiting")
-            return commit(len(text_of.ids), "eos")
+            if scanner.end is not None:
+                break
+            if finish == "stop" and not isinstance(stop, str):
+                scanner.end = StepEnd("eos", len(scanner.ids))  # an EOS (or stop token) the server did not list
+            elif len(scanner.ids) > fed:
+                idle = 0
+            elif idle < eng.retries:
+                await eng._sleep_backoff(idle)
+                idle += 1
+            else:
+                raise eng._no_progress(idle + 1, finish)
+
+    async def extend(self, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
+        eng = self.engine
+        held, self.pending = self.pending, []
+        await eng._known(held)
+        room = self._room(len(self.ids) + 1)  # as in-process: the committed context and one token spare
+        scanner = StepScanner(eng.detokenize, rules, eng.eos_token_ids, max(1, min(max_tokens, room)), held)
+        sampling = self.sampling.greedy() if rules.greedy else self.sampling
+        streamed = self.streamed
+
+        def request(ids: list[int], n: int) -> AsyncGenerator[Chunk, None]:
+            return eng.step_chunks(self.ids + ids, n, rules, sampling, streamed)
+
+        async with aclosing(self._scan(scanner, request)) as pieces:
+            async for piece in pieces:
+                yield piece
+        if piece := scanner.take_text():
+            yield piece
+        end = scanner.end
+        assert end is not None
+        self.ids += scanner.ids[: end.keep]
+        self.pending = list(end.carry)
+        yield StepOutput(scanner.ids[: end.keep], scanner.kept_text(), end.kind)
 
     async def probe(self, prompt_ids: Sequence[int], max_tokens: int = 20) -> ProbeOutput:
-        """Greedy, logprobs, stop at "}" (continued while inner braces are open); never changes
-        the session."""
+        """A greedy continuation of context + ``prompt_ids`` through the same scanner as in-process
+        probes (the "}" that closes the box ends it); never changes the session."""
         eng = self.engine
-        eng.stats.probe_requests += 1
         base = self.ids + list(prompt_ids)
-        ids: list[int] = []
+        room = self._room(len(base))
+        if room < 1:
+            return ProbeOutput([], [], len(prompt_ids))
+        scanner = StepScanner(eng.detokenize, PROBE_RULES, eng.eos_token_ids, min(max_tokens, room))
         lps: list[float] = []
-        texts: list[str] = []
-        use_stop = True
-        while len(ids) < max_tokens:
-            room = self._room(len(prompt_ids) + len(ids))
-            if room <= 0:
-                break
-            fields: dict[str, Any] = {"max_tokens": min(max_tokens - len(ids), room), "temperature": 0.0, "logprobs": 1}
-            if use_stop:
-                fields["stop"] = ["}"]
-                fields.update(eng._server_stops or {})
-            chunk = await eng.complete(base + ids, "probe", **fields)
-            if chunk.text and not chunk.tokens:
-                raise ServerError(
-                    f"the completions server at {eng.base_url} returned no logprobs, which confidence needs; "
-                    "use a server that returns them (vLLM, SGLang, llama.cpp's llama-server; llama-cpp-python "
-                    "needs --logits_all true)",
-                    502,
-                )
-            _learn(eng, chunk.tokens)
-            new_ids = _token_ids(eng, chunk)
-            new_lps = [t.logprob if t.logprob is not None else 0.0 for t in chunk.tokens][: len(new_ids)]
-            if len(new_lps) < len(new_ids):
-                new_lps += [0.0] * (len(new_ids) - len(new_lps))
-            closed = False
-            for tok, lp in zip(new_ids, new_lps):
-                if tok in eng.eos_token_ids:
-                    closed = True
-                    break
-                ids.append(tok)
-                lps.append(float(lp))
-                texts.append(eng.detokenize([tok]))
-                if closing_brace_index("".join(texts)) is not None:
-                    closed = True
-                    break
-            if closed or chunk.finish_reason != "stop" or not new_ids and not use_stop:
-                break
-            # stopped at a "}" the server trimmed: it closed the box unless an inner brace is open
-            depth = 1 + sum(t.count("{") - t.count("}") for t in texts)
-            if depth <= 1:
-                break
-            use_stop = False  # nested: fetch the rest without stops, cut at the closing brace above
-        return ProbeOutput(ids, "".join(texts), lps, len(prompt_ids))
+        async with aclosing(self._scan(scanner, lambda ids, n: eng.probe_chunks(base + ids, n), lps)) as pieces:
+            async for _ in pieces:
+                pass
+        return ProbeOutput(list(scanner.ids), lps[: len(scanner.ids)], len(prompt_ids))
 
     async def append(self, ids: Sequence[int]) -> None:
         self.pending = []  # forcing after a word boundary: the held-back word is dropped, never said
@@ -980,15 +986,3 @@ class ServerSession(Session):
     async def close(self) -> None:
         self.ids = []
         self.pending = []
-
-
-__all__ = [
-    "LIVE_TEXT",
-    "ServerEngine",
-    "ServerError",
-    "ServerSession",
-    "ServerTimeout",
-    "ServerUnreachable",
-    "TextAssembler",
-    "parse_logprobs",
-]
