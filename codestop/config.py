@@ -20,6 +20,7 @@ from codestop.families import FAMILIES
 from codestop.steps import StepRules
 
 DEFAULT_BOUNDARIES = ("\n\n", "Wait", "But wait", "Alternatively")
+ANSWER_MODES = ("boxed", "free", "none")
 
 
 def _number(x: object) -> bool:
@@ -81,6 +82,15 @@ class GenerationConfig:
     seed: int | None = field(default=None, metadata=_flag("sampling seed"))
     family: str | None = field(default=None, metadata=_flag(f"model family (default: detected): {', '.join(FAMILIES)}"))
     enable_thinking: bool | None = field(default=None, metadata=_flag("Qwen3's thinking switch (default: on)"))
+    answer: str = field(
+        default="boxed",
+        metadata=_flag('how the answer is had after a stop: "boxed" (the paper: close the thinking, force '
+                       '"The final answer is \\boxed{", read the box), "free" (close the thinking and let the model '
+                       'answer in its own words), "none" (end the output at the stop)'),
+    )
+    # not flags: an OpenAI request's own fields (the proxy), and what the verbs set
+    max_tokens: int | None = None  # hard cap on completion tokens: reasoning + answer (probes apart)
+    stop: tuple[str, ...] = ()  # a client's stop strings: end the visible output, not included
     # not flags: set by the verbs that need them
     always_probe: bool = False  # probe at every boundary (probe_interval apart) even when the policy needs none: recording
     live_text: bool = False  # the text is shown as it comes: server engines stream each step token by token
@@ -98,6 +108,11 @@ class GenerationConfig:
         )
         Sampling(self.temperature, self.top_p, self.top_k, self.seed)  # validates those four
         _require(self.family is None or self.family in FAMILIES, "family", self.family, f"must be one of {', '.join(FAMILIES)}")
+        _require(self.answer in ANSWER_MODES, "answer", self.answer, f"must be one of {', '.join(ANSWER_MODES)}")
+        _require(self.max_tokens is None or (_integer(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens, "must be an integer >= 1")
+        if isinstance(self.stop, (list, str)):
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        _require(all(isinstance(x, str) and x for x in self.stop), "stop", self.stop, "must be a string or a list of non-empty strings")
         for name in ("enable_thinking",):
             v = getattr(self, name)
             _require(v is None or isinstance(v, bool), name, v, "must be true or false")
@@ -130,6 +145,7 @@ class GenerationConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["boundaries"] = list(self.boundaries)
+        d["stop"] = list(self.stop)
         return d
 
     @classmethod
@@ -183,7 +199,7 @@ def parse_boundaries(text: str) -> tuple[str, ...]:
 
 _FLAG_TYPES: dict[str, Any] = {
     "max_new_tokens": int, "probe_interval": int, "temperature": float, "top_p": float, "top_k": int, "seed": int,
-    "family": str, "enable_thinking": parse_bool, "boundaries": parse_boundaries,
+    "family": str, "enable_thinking": parse_bool, "boundaries": parse_boundaries, "answer": str,
 }
 
 
@@ -194,7 +210,7 @@ def add_generation_options(parser: argparse.ArgumentParser, **defaults: Any) -> 
     for f in cli_fields():
         default = defaults.get(f.name)
         help_text = f.metadata["help"]
-        if default is None and f.default is not None and not isinstance(f.default, tuple):
+        if default is None and f.default is not None and not isinstance(f.default, tuple) and f.name != "answer":
             help_text += f" (default {f.default})"
         elif default is not None:
             help_text += f" (default here {default})"

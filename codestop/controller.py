@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 from codestop.config import GenerationConfig
@@ -124,6 +124,38 @@ def score(out: ProbeOutput, position: int, confidence: str, engine: Engine) -> P
     )
 
 
+@dataclass
+class _Plan:
+    """What a question needs before its session starts: token ids and the reasoning cap."""
+
+    prompt_ids: list[int]
+    probe_ids: list[int]
+    cap: int
+
+
+async def _plan(engine: Engine, question: str, prompt: str | None, family: Family, policy: Policy, config: GenerationConfig) -> _Plan:
+    if prompt is None:
+        prompt = await engine.run_tokenizer(family.build_prompt, engine, question)
+    prompt_ids = await engine.run_tokenizer(engine.tokenize, prompt)
+    if engine.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != engine.bos_token_id):
+        prompt_ids = [engine.bos_token_id, *prompt_ids]
+    probe_ids = await engine.run_tokenizer(engine.tokenize, family.probe_prompt)
+    caps = [config.max_new_tokens, policy.max_reasoning_tokens, config.max_tokens]
+    cap = min(c for c in caps if c is not None)
+    if engine.context_window is not None:
+        # leave room in the window for a probe, or for the forced answer, after the reasoning
+        forced_ids = await engine.run_tokenizer(engine.tokenize, family.forced_answer_text())
+        reserve = max(len(probe_ids) + PROBE_MAX_TOKENS, len(forced_ids) + ANSWER_MAX_TOKENS) + 1
+        room = engine.context_window - len(prompt_ids) - reserve
+        if room < 1:
+            raise ContextTooLong(
+                f"the prompt is {len(prompt_ids)} tokens and leaves no room to reason in the model's "
+                f"{engine.context_window}-token window; shorten the question"
+            )
+        cap = min(cap, room)
+    return _Plan(prompt_ids, probe_ids, cap)
+
+
 async def astream(
     engine: Engine,
     question: str,
@@ -140,41 +172,24 @@ async def astream(
     family = family or get_family(config.family, engine, config.enable_thinking)
     clock = _Clock()
     t_start = time.perf_counter()
-    if prompt is None:
-        prompt = await engine.run_tokenizer(family.build_prompt, engine, question)
-    prompt_ids = await engine.run_tokenizer(engine.tokenize, prompt)
-    if engine.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != engine.bos_token_id):
-        prompt_ids = [engine.bos_token_id, *prompt_ids]
-    probe_ids = await engine.run_tokenizer(engine.tokenize, family.probe_prompt)
-    forced_ids = await engine.run_tokenizer(engine.tokenize, family.forced_answer_text())
-    cap = config.max_new_tokens
-    if policy.max_reasoning_tokens is not None:
-        cap = min(cap, policy.max_reasoning_tokens)
-    if engine.context_window is not None:
-        # leave room in the window for a probe, or for the forced answer, after the reasoning
-        reserve = max(len(probe_ids) + PROBE_MAX_TOKENS, len(forced_ids) + ANSWER_MAX_TOKENS) + 1
-        room = engine.context_window - len(prompt_ids) - reserve
-        if room < 1:
-            raise ContextTooLong(
-                f"the prompt is {len(prompt_ids)} tokens and leaves no room to reason in the model's "
-                f"{engine.context_window}-token window; shorten the question"
-            )
-        cap = min(cap, room)
-    session = await clock.timed("prefill", engine.start(prompt_ids, config.sampling, live=config.live_text))
+    plan = await _plan(engine, question, prompt, family, policy, config)
+    session = await clock.timed("prefill", engine.start(plan.prompt_ids, config.sampling, live=config.live_text))
     try:
-        stop_texts = (family.think_end,) if family.thinks else ()
-        tracker = policy.start()
+        # a thinking model's reasoning ends at its think_end; a plain model's is the visible output,
+        # so the client's stop strings end it
+        ends = dict(stop_texts=(family.think_end,)) if family.thinks else dict(stops=config.stop)
         probing = policy.needs_probes or config.always_probe
         # a policy that never probes needs no steps: one request (or one run) to the end
-        rules = config.step_rules(stop_texts, probing)
+        rules = replace(config.step_rules(probing=probing), **ends)
+        tracker = policy.start()
         probes: list[Probe] = []
         reasoning_ids: list[int] = []
         reasoning_text = ""
-        probe_tokens = probe_prompt_tokens = 0
+        spent = {"probe": 0, "probe_prompt": 0}
         last_probe_at = 0
         while True:
             step: StepOutput | None = None
-            async for item in clock.step("reasoning", session, cap - len(reasoning_ids), rules):
+            async for item in clock.step("reasoning", session, plan.cap - len(reasoning_ids), rules):
                 if isinstance(item, str):
                     yield Event("reasoning", text=item)
                 else:
@@ -183,19 +198,19 @@ async def astream(
             reasoning_ids += step.token_ids
             reasoning_text += step.text
             position = len(reasoning_ids)
-            if step.end in ("eos", "stop_text"):
+            if step.end in ("eos", "stop_text", "stop"):
                 stop_reason = "finished"
                 break
-            if step.end == "length" or position >= cap:
+            if step.end == "length" or position >= plan.cap:
                 capped_by_policy = policy.max_reasoning_tokens is not None and position >= policy.max_reasoning_tokens
                 stop_reason = "budget" if capped_by_policy else "max_new_tokens"
                 break
             if not probing or position == 0 or position - last_probe_at < max(1, config.probe_interval):
                 continue
-            out = await clock.timed("probe", session.probe(probe_ids, PROBE_MAX_TOKENS))
+            out = await clock.timed("probe", session.probe(plan.probe_ids, PROBE_MAX_TOKENS))
             last_probe_at = position
-            probe_tokens += len(out.token_ids)
-            probe_prompt_tokens += out.prompt_tokens
+            spent["probe"] += len(out.token_ids)
+            spent["probe_prompt"] += out.prompt_tokens
             probe = score(out, position, policy.confidence, engine)
             probes.append(probe)
             yield Event("probe", probe=probe)
@@ -204,53 +219,22 @@ async def astream(
                 stop_reason = decision.reason or "budget"
                 break
 
-        stop_position = len(reasoning_ids)
-        yield Event("stop", reason=stop_reason, position=stop_position)
-        answer_text = ""
-        answer_ids: list[int] = []
-        answer: str | None = None
-        if stop_reason == "finished" and family.thinks and step.end == "stop_text":
-            # the model closed its thinking itself: let it write its own answer
-            async for item in clock.step("answer", session, FREE_ANSWER_MAX_TOKENS, StepRules(greedy=True)):
-                if isinstance(item, str):
-                    yield Event("answer", text=item)
-                else:
-                    answer_text, answer_ids = item.text, list(item.token_ids)
-            answer = extract_boxed(answer_text)
-        elif stop_reason == "finished" and not family.thinks:
-            answer = extract_boxed(reasoning_text)
-        if answer is None:
-            # stopped, or no box written: close the thinking and ask for the box (a few tokens)
-            forced = family.forced_answer_text()
-            if not family.thinks and reasoning_text.endswith("\n\n"):
-                forced = forced.lstrip("\n")
-            yield Event("answer", text=forced)
-            await clock.timed("answer", session.append(await engine.run_tokenizer(engine.tokenize, forced)))
-            async for item in clock.step("answer", session, ANSWER_MAX_TOKENS, StepRules(close_box=True, greedy=True)):
-                if isinstance(item, str):
-                    yield Event("answer", text=item)
-                else:
-                    answer_text += forced + item.text
-                    answer_ids += item.token_ids
-            answer = _box_content(answer_text)
-
+        yield Event("stop", reason=stop_reason, position=position)
+        answer = _Answer()
+        left = config.max_tokens - position if config.max_tokens is not None else None
+        async for event in _answer(engine, session, family, config, clock, step, stop_reason, reasoning_text, left, answer):
+            yield event
         timings = dict(clock.times)
         timings["total"] = time.perf_counter() - t_start
         yield Result(
             question=question,
-            answer=answer,
-            answer_text=answer_text,
+            answer=answer.value,
+            answer_text=answer.text,
             reasoning_text=reasoning_text,
             stop_reason=stop_reason,
-            stop_position=stop_position,
+            stop_position=position,
             probes=probes,
-            tokens={
-                "prompt": len(prompt_ids),
-                "reasoning": len(reasoning_ids),
-                "probe": probe_tokens,
-                "probe_prompt": probe_prompt_tokens,
-                "answer": len(answer_ids),
-            },
+            tokens={"prompt": len(plan.prompt_ids), "reasoning": position, **spent, "answer": answer.tokens},
             timings=timings,
             method=policy_options(policy),
             model=engine.model_name,
@@ -261,6 +245,61 @@ async def astream(
         # shielded: a consumer cancelled again while closing (anyio cancels every await) must not
         # leave the session open
         await asyncio.shield(session.close())
+
+
+@dataclass
+class _Answer:
+    text: str = ""
+    tokens: int = 0
+    value: str | None = None
+
+
+async def _answer(
+    engine: Engine, session: Session, family: Family, config: GenerationConfig, clock: _Clock,
+    step: StepOutput, stop_reason: str, reasoning_text: str, left: int | None, answer: _Answer,
+) -> AsyncIterator[Event]:
+    """The answer after the reasoning, by ``config.answer`` (see GenerationConfig), into ``answer``.
+    ``left``: completion tokens still allowed (max_tokens), None for no cap."""
+
+    async def write(prefix: str, max_tokens: int, rules: StepRules) -> AsyncIterator[Event]:
+        if left is not None:
+            max_tokens = min(max_tokens, left - answer.tokens)
+        if max_tokens < 1:
+            return
+        if prefix:
+            yield Event("answer", text=prefix)
+            await clock.timed("answer", session.append(await engine.run_tokenizer(engine.tokenize, prefix)))
+            answer.text += prefix
+        async for item in clock.step("answer", session, max_tokens, rules):
+            if isinstance(item, str):
+                yield Event("answer", text=item)
+            else:
+                answer.text += item.text
+                answer.tokens += len(item.token_ids)
+
+    free = StepRules(greedy=True, stops=config.stop)
+    closed_itself = family.thinks and step.end == "stop_text"
+    if closed_itself:
+        # the model closed its thinking itself: it writes its own answer, whatever the mode
+        async for event in write("", FREE_ANSWER_MAX_TOKENS, free):
+            yield event
+        answer.value = extract_boxed(answer.text)
+    elif stop_reason == "finished" and not family.thinks:
+        answer.value = extract_boxed(reasoning_text)  # a plain model's answer is in its output
+    if config.answer == "boxed" and answer.value is None:
+        # the paper's answer: close the thinking and force the box (a few tokens)
+        forced = "\n\n" + family.answer_prompt if closed_itself else family.forced_answer_text()
+        if not family.thinks and reasoning_text.endswith("\n\n"):
+            forced = forced.lstrip("\n")
+        async for event in write(forced, ANSWER_MAX_TOKENS, StepRules(close_box=True, greedy=True)):
+            yield event
+        answer.value = _box_content(answer.text)
+    elif config.answer == "free" and stop_reason != "finished":
+        # codestop ended the thinking: close it and let the model answer in its own words
+        prefix = family.close_thinking if family.thinks else "\n\n" + family.answer_prefix
+        async for event in write(prefix, FREE_ANSWER_MAX_TOKENS, free):
+            yield event
+        answer.value = extract_boxed(answer.text)
 
 
 async def agenerate(

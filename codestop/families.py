@@ -34,6 +34,7 @@ class Family:
     close_thinking: str = ""  # appended before the answer prompt on a stop
     probe_prompt: str = PROBE_PROMPT
     answer_prompt: str = ANSWER_PROMPT
+    answer_prefix: str = "**Final Answer**\n\n"  # a plain model's own answer after a stop ("free" answers)
 
     @property
     def thinks(self) -> bool:

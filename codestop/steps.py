@@ -7,6 +7,8 @@ Every engine feeds the tokens it gets (sampled in-process, or streamed by a serv
 * with ``close_box`` (the forced answer, whose context ends inside ``\\boxed{``), the "}" that
   closes the box ends the step, kept (``stop_text``);
 * a stop text the model writes (e.g. ``</think>``) ends the step, kept (``stop_text``);
+* a client's stop string (OpenAI's ``stop``) ends the step; its tokens are kept (they were
+  generated) but the text ends before it (``stop``);
 * a boundary word (e.g. "Wait") ends the step just before the word: at a word start, and only once
   the character after it is known and is not a letter ("Waiting" is no boundary). The tokens that
   carry the word (from the one where it starts) are held back and start the next step, so a probe's
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Decode = Callable[[Sequence[int]], str]
-EndKind = Literal["boundary", "stop_text", "eos", "length"]
+EndKind = Literal["boundary", "stop_text", "stop", "eos", "length"]
 
 
 def closing_brace_index(text: str) -> int | None:
@@ -95,14 +97,16 @@ def decode_text(decode: Decode, ids: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class StepRules:
-    """What ends a step: ``separators`` (after), ``words`` (before), ``stop_texts`` (kept), and
-    ``close_box`` for a forced answer. ``greedy`` decodes without sampling (answers)."""
+    """What ends a step: ``separators`` (after), ``words`` (before), ``stop_texts`` (kept),
+    ``stops`` (a client's stop strings: the text ends before them) and ``close_box`` for a forced
+    answer. ``greedy`` decodes without sampling (answers)."""
 
     separators: tuple[str, ...] = ()
     words: tuple[str, ...] = ()
     stop_texts: tuple[str, ...] = ()
     close_box: bool = False
     greedy: bool = False
+    stops: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class StepScanner:
         self.decoder = IncrementalDecoder(decode, held)
         self.search_from = max(1, len(self.decoder.text))  # a word must start after the held text
         self.longest_word = max((len(w) for w in rules.words), default=0)
+        self.longest_stop = max((len(s) for s in rules.stops), default=0)
+        self.cut_at: int | None = None  # where a client's stop string starts: the text ends there
         self._word_re = re.compile("|".join(re.escape(w) for w in sorted(rules.words, key=len, reverse=True))) if rules.words else None
         self.shown = 0
         self.end: StepEnd | None = None
@@ -163,6 +169,9 @@ class StepScanner:
                 self.end = StepEnd("stop_text", n)
             elif any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.rules.stop_texts):
                 self.end = StepEnd("stop_text", n)
+            elif (cut := self._stop_at(before)) is not None:
+                self.cut_at = cut
+                self.end = StepEnd("stop", n)
             elif (at := self._word_at(before)) is not None:
                 keep = self.decoder.tokens_before(at)
                 self.end = StepEnd("boundary", keep, tuple(self.ids[keep:]))
@@ -190,11 +199,17 @@ class StepScanner:
             return start
         return None
 
+    def _stop_at(self, before: int) -> int | None:
+        """Start of the first client stop string completed by the text added after ``before``."""
+        text = self.decoder.text
+        found = [i for s in self.rules.stops if (i := text.find(s, max(0, before - len(s) + 1))) != -1]
+        return min(found) if found else None
+
     def take_text(self) -> str:
         """Text that is now certain to be kept and was not handed out yet (to show live). After
         the end, the rest of the kept text."""
         if self.end is not None:
-            limit = len(self.decoder.text_of(self.end.keep))
+            limit = len(self.kept_text())
         elif self._word_re is None:
             limit = len(self.decoder.text)
         else:
@@ -206,6 +221,8 @@ class StepScanner:
                 if e <= cut:
                     limit = e
                     break
+        if self.end is None and self.longest_stop:  # a stop string may still be completing
+            limit = min(limit, len(self.decoder.text) - self.longest_stop + 1)
         if limit <= self.shown:
             return ""
         piece = self.decoder.text[self.shown : limit]
@@ -215,7 +232,8 @@ class StepScanner:
     def kept_text(self) -> str:
         """The text of the tokens the ended step keeps."""
         assert self.end is not None
-        return self.decoder.text_of(self.end.keep)
+        text = self.decoder.text_of(self.end.keep)
+        return text[: self.cut_at] if self.cut_at is not None else text
 
 
 def probe_answer(decoder: IncrementalDecoder) -> tuple[str, int]:

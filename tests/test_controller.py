@@ -255,3 +255,37 @@ def test_step_rules_from_the_config():
     config = GenerationConfig(boundaries=("\n\n", "Wait"))
     assert config.step_rules(("</think>",)) == StepRules(("\n\n",), ("Wait",), ("</think>",))
     assert config.step_rules(probing=False) == StepRules()
+
+
+def test_free_answers_close_the_thinking_without_forcing_a_box(tokenizer):
+    engine = ScriptedEngine(tokenizer, "Think a bit.\n\nMore.\n\nDone.</think>", answers=("3}",))
+    result = generate(engine, "Q?", Deer(threshold=0.5), family="think", probe_interval=1, answer="free")
+    assert result.stop_reason == "threshold"
+    assert result.answer_text.startswith("\n</think>\n\n")
+    assert "Final Answer" not in result.answer_text and "boxed" not in result.answer_text
+
+
+def test_answer_none_ends_the_output_at_the_stop(tokenizer):
+    engine = ScriptedEngine(tokenizer, SCRIPT)
+    result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, answer="none")
+    assert result.stop_reason == "threshold"
+    assert result.answer_text == "" and result.tokens["answer"] == 0 and result.answer is None
+
+
+@pytest.mark.parametrize("mode", ["boxed", "free"])
+def test_max_tokens_caps_reasoning_and_answer_together(tokenizer, mode):
+    engine = ScriptedEngine(tokenizer, SCRIPT, answers=("12345}",))
+    stop_at = ntok(tokenizer, "Step one.\n\n")
+    for cap in (5, stop_at + 2):
+        result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, max_tokens=cap, answer=mode)
+        assert result.tokens["reasoning"] + result.tokens["answer"] <= cap
+    assert result.tokens["answer"] == 2 if mode == "boxed" else result.tokens["answer"] <= 2
+
+
+def test_a_client_stop_string_ends_a_plain_models_output(tokenizer):
+    engine = ScriptedEngine(tokenizer, SCRIPT)
+    events = []
+    result = generate(engine, "Q?", Vanilla(), family="plain", stop=["apples"], answer="free", on_event=events.append)
+    assert result.reasoning_text == "Step one.\n\nStep two, 3 "
+    assert result.stop_reason == "finished" and result.answer_text == ""
+    assert "".join(e.text for e in events if e.kind == "reasoning") == result.reasoning_text

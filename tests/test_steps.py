@@ -49,6 +49,7 @@ CASES = [
     ("length counts held tokens", WORDS, ["b", "c", "d"], [" Wait"], 3, "length", " Waitbc", [], 2),
     ("multi-byte character split over tokens", WORDS, [b"snow " + SNOWMAN[:2], SNOWMAN[2:] + b" man", "\n\n"], [], 99, "boundary", "snow \u2603 man\n\n", [], 3),
     ("no words: only separators", StepRules(separators=("\n\n",)), ["Wait", ",", "\n\n"], [], 99, "boundary", "Wait,\n\n", [], 3),
+    ("a client stop string cuts the text", StepRules(stops=("###",)), ["The answer", " is 5", "#", "## more"], [], 99, "stop", "The answer is 5", [], 4),
     ("close box at the closing brace", StepRules(close_box=True), ["\\frac{1", "}{2", "}", "}", " and"], [], 99, "stop_text", "\\frac{1}{2}}", [], 4),
 ]
 
@@ -86,6 +87,16 @@ def test_live_text_never_shows_a_word_that_is_carried():
         shown.append(scanner.take_text())
     assert "".join(shown) == "The answer is 5."
     assert "Wa" not in "".join(shown)
+
+
+def test_live_text_never_shows_part_of_a_stop_string():
+    v = Vocab()
+    scanner = StepScanner(v.decode, StepRules(stops=("</answer>",)), {EOS}, 99)
+    shown = []
+    for tok in v.ids("It is 5", "</ans", "wer", ">"):
+        scanner.feed(tok)
+        shown.append(scanner.take_text())
+    assert "".join(shown) + scanner.take_text() == "It is 5"
 
 
 def test_feeding_after_the_end_is_an_error():
