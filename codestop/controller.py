@@ -23,6 +23,7 @@ from codestop.errors import ContextTooLong
 from codestop.families import Family, get_family
 from codestop.grading import extract_boxed
 from codestop.policies import Policy, Probe, Vanilla, policy_options
+from codestop.replay import best_probe
 from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index, probe_answer
 
 PROBE_MAX_TOKENS = 20
@@ -60,6 +61,7 @@ class Result:
     reasoning_text: str
     stop_reason: str
     stop_position: int
+    answer_position: int  # reasoning tokens the answer followed: the stop, or the best probe (answer_from="best")
     probes: list[Probe]
     tokens: dict[str, int]
     timings: dict[str, float]
@@ -187,6 +189,7 @@ async def astream(
         reasoning_text = ""
         spent = {"probe": 0, "probe_prompt": 0}
         last_probe_at = 0
+        text_at: dict[int, int] = {}  # reasoning text length at each probe's position (rollback)
         while True:
             step: StepOutput | None = None
             async for item in clock.step("reasoning", session, plan.cap - len(reasoning_ids), rules):
@@ -213,6 +216,7 @@ async def astream(
             spent["probe_prompt"] += out.prompt_tokens
             probe = score(out, position, policy.confidence, engine)
             probes.append(probe)
+            text_at[position] = len(reasoning_text)
             yield Event("probe", probe=probe)
             decision = tracker.update(probe)
             if decision.stop:
@@ -220,9 +224,16 @@ async def astream(
                 break
 
         yield Event("stop", reason=stop_reason, position=position)
+        answer_position, answered_text = position, reasoning_text
+        if policy.answer_from == "best" and stop_reason != "finished" and probes and config.answer != "none":
+            # the reference code's rollback: answer from the most confident checkpoint
+            answer_position = best_probe(probes).position
+            answered_text = reasoning_text[: text_at[answer_position]]
+            if answer_position < position:
+                await clock.timed("answer", session.rollback(len(plan.prompt_ids) + answer_position))
         answer = _Answer()
         left = config.max_tokens - position if config.max_tokens is not None else None
-        async for event in _answer(engine, session, family, config, clock, step, stop_reason, reasoning_text, left, answer):
+        async for event in _answer(engine, session, family, config, clock, step, stop_reason, answered_text, left, answer):
             yield event
         timings = dict(clock.times)
         timings["total"] = time.perf_counter() - t_start
@@ -233,6 +244,7 @@ async def astream(
             reasoning_text=reasoning_text,
             stop_reason=stop_reason,
             stop_position=position,
+            answer_position=answer_position,
             probes=probes,
             tokens={"prompt": len(plan.prompt_ids), "reasoning": position, **spent, "answer": answer.tokens},
             timings=timings,

@@ -80,6 +80,7 @@ class Policy(Protocol):
     confidence: str
     needs_probes: bool
     max_reasoning_tokens: int | None
+    answer_from: str
 
     def start(self) -> Tracker: ...
 
@@ -91,6 +92,7 @@ class _PolicyBase:
 
     needs_probes: bool = True
     max_reasoning_tokens: int | None = None
+    answer_from: str = "stop"  # policies that probe have it as a knob (see ANSWER_FROM)
 
     def start(self) -> Tracker:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -122,6 +124,13 @@ def _require(condition: bool, name: str, value: object, must: str) -> None:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+ANSWER_FROM = ("stop", "best")
+ANSWER_FROM_HELP = (
+    'answer from the reasoning "stop"ped at, or cut back to the "best" probe (the highest confidence so far: '
+    "the reference code's rollback); cost still counts up to the stop"
+)
 
 
 def _knob(help: str, sweep: str | None = None) -> dict[str, str]:
@@ -167,6 +176,7 @@ class CodeStop(_PolicyBase):
     ramp_steps: int = field(default=2, metadata=_knob("CoDE-Stop probes to ramp r_min to r_max"))
     variant: Literal["paper", "reference"] = field(default="paper", metadata=_knob("CoDE-Stop variant: paper or reference"))
     confidence: str = field(default="", metadata=_knob("confidence function: mean, geometric, min, span"))
+    answer_from: str = field(default="stop", metadata=_knob(ANSWER_FROM_HELP))
     name: str = field(default="codestop", init=False)
 
     def __post_init__(self) -> None:
@@ -183,6 +193,7 @@ class CodeStop(_PolicyBase):
         if not self.confidence:
             object.__setattr__(self, "confidence", "span" if self.variant == "reference" else "geometric")
         _check_confidence_name(self.confidence)
+        _require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
 
     def threshold(self, k: int) -> float:
         """r_k, the confidence needed to stop at probe k (0-based)."""
@@ -262,11 +273,13 @@ class Deer(_PolicyBase):
         default=0.95, metadata=_knob("DEER exit threshold", sweep="0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.999")
     )
     confidence: str = field(default="mean", metadata=_knob("confidence function: mean, geometric, min, span"))
+    answer_from: str = field(default="stop", metadata=_knob(ANSWER_FROM_HELP))
     name: str = field(default="deer", init=False)
 
     def __post_init__(self) -> None:
         _require(_is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold", self.threshold, "must be in [0, 1]")
         _check_confidence_name(self.confidence)
+        _require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
 
     def start(self) -> _DeerTracker:
         return _DeerTracker(self)
@@ -299,6 +312,7 @@ class Consistency(_PolicyBase):
     window: int = field(default=3, metadata=_knob("Consistency: agreeing answers needed", sweep="2:8:1"))
     hedges: tuple[str, ...] = DEFAULT_HEDGES
     confidence: str = field(default="mean", metadata=_knob("confidence function: mean, geometric, min, span"))
+    answer_from: str = field(default="stop", metadata=_knob(ANSWER_FROM_HELP))
     name: str = field(default="consistency", init=False)
 
     def __post_init__(self) -> None:
@@ -308,6 +322,7 @@ class Consistency(_PolicyBase):
         )
         object.__setattr__(self, "hedges", tuple(h.lower() for h in self.hedges))
         _check_confidence_name(self.confidence)
+        _require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
 
     def start(self) -> _ConsistencyTracker:
         return _ConsistencyTracker(self)

@@ -9,6 +9,8 @@ function, as live generation scores them. Milliseconds; this module imports no e
 
 Replay rules (also in docs/traces.md):
 
+* with ``answer_from="best"`` a stop is scored by the most confident probe up to it (the reasoning
+  cut back there), its cost still counted to the stop;
 * the policy stops at the first probe whose update says stop: ``stop_index`` is that probe's
   0-based index, ``correct`` its ``correct``, ``reasoning_tokens`` its ``position``;
 * a trace on which the policy never stops is scored by its final answer when the trace has one
@@ -143,6 +145,12 @@ def rescored(probes: Sequence[Probe], confidence: str) -> list[Probe]:
     ]
 
 
+def best_probe(probes: Sequence[Probe]) -> Probe:
+    """The probe with the highest confidence (the earliest of equals): where an ``answer_from="best"``
+    policy cuts the reasoning back to before answering."""
+    return max(probes, key=lambda p: p.confidence)
+
+
 def replay_trace(trace: Trace, policy: Policy, probes: Sequence[Probe] | None = None) -> Replayed:
     """Apply ``policy`` to one trace under the rules in this module's docstring. ``probes``: the
     trace's probes already re-scored for this policy (saves the work in sweeps)."""
@@ -154,7 +162,8 @@ def replay_trace(trace: Trace, policy: Policy, probes: Sequence[Probe] | None = 
         decision = tracker.update(p)
         if decision.stop:
             cost = p.position + (spent if policy.needs_probes else 0)
-            return Replayed(trace.id, i, decision.reason, bool(p.correct), p.position, cost)
+            answered = best_probe(probes[: i + 1]) if policy.answer_from == "best" else p
+            return Replayed(trace.id, i, decision.reason, bool(answered.correct), p.position, cost)
     if trace.final_correct is not None:
         correct = trace.final_correct
         tokens = trace.reasoning_tokens if trace.reasoning_tokens is not None else (probes[-1].position if probes else 0)

@@ -289,3 +289,17 @@ def test_a_client_stop_string_ends_a_plain_models_output(tokenizer):
     assert result.reasoning_text == "Step one.\n\nStep two, 3 "
     assert result.stop_reason == "finished" and result.answer_text == ""
     assert "".join(e.text for e in events if e.kind == "reasoning") == result.reasoning_text
+
+
+def test_answer_from_best_rolls_back_to_the_most_confident_probe(tokenizer):
+    from codestop import Consistency
+
+    engine = ScriptedEngine(tokenizer, SCRIPT, answers=("5}",))
+    stop = generate(engine, "Q?", Consistency(window=3), family="plain", probe_interval=1)
+    best = generate(engine, "Q?", Consistency(window=3, answer_from="best"), family="plain", probe_interval=1)
+    assert stop.stop_reason == best.stop_reason == "consistent"
+    assert stop.answer_position == stop.stop_position
+    # equal confidences: the earliest probe is the best; the cost still counts to the stop
+    assert best.answer_position == best.probes[0].position < best.stop_position
+    assert best.tokens["reasoning"] == stop.tokens["reasoning"] == best.stop_position
+    assert best.answer == "5" and best.answer_text.startswith("**Final Answer**")

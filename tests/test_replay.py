@@ -215,3 +215,22 @@ def test_replay_imports_no_engine():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_answer_from_best_scores_the_most_confident_probe_up_to_the_stop():
+    from codestop.policies import Probe
+    from codestop.replay import Trace
+
+    probes = (
+        Probe(position=10, confidence=0.90, answer="5", correct=True, probe_tokens=2),
+        Probe(position=20, confidence=0.30, answer="6", correct=False, probe_tokens=2),
+        Probe(position=30, confidence=0.50, answer="7", correct=False, probe_tokens=2),
+        Probe(position=40, confidence=0.60, answer="7", correct=False, probe_tokens=2),
+    )
+    trace = Trace("t", probes, final_correct=False, reasoning_tokens=50)
+    at_stop = replay_trace(trace, Consistency(window=2, confidence="geometric"))
+    best = replay_trace(trace, Consistency(window=2, confidence="geometric", answer_from="best"))
+    assert at_stop.stop_index == best.stop_index == 3
+    assert at_stop.correct is False and best.correct is True
+    # the cost still counts the reasoning and probes up to the stop
+    assert best.reasoning_tokens == at_stop.reasoning_tokens == 40 and best.cost == at_stop.cost == 48

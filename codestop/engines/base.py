@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from codestop.config import Sampling
-from codestop.errors import ContextTooLong
+from codestop.errors import CodestopError, ContextTooLong
 from codestop.steps import EndKind, StepRules, StepScanner
 
 LOCAL_CHUNK_TOKENS = 4  # tokens per locked worker-thread call: the latency of a cancel, the grain of interleaving
@@ -84,6 +84,11 @@ class Session(abc.ABC):
 
     @abc.abstractmethod
     async def append(self, ids: Sequence[int]) -> None: ...
+
+    @abc.abstractmethod
+    async def rollback(self, n_tokens: int) -> None:
+        """Cut the context back to its first ``n_tokens`` tokens (an answer from an earlier
+        checkpoint); the next call is an ``append``."""
 
     async def close(self) -> None:  # noqa: B027 - optional
         """Release what the session holds."""
@@ -346,6 +351,15 @@ class LocalSession(Session):
 
     async def append(self, ids: Sequence[int]) -> None:
         await self.engine.run_blocking(self._append, ids)
+
+    def _rollback(self, n_tokens: int) -> None:
+        self.pending = []
+        if not self.backend.can_crop:
+            raise CodestopError("answer_from: this model's cache cannot be cut back; use answer_from='stop'")
+        self.backend.crop(n_tokens)  # stale logits: the append that follows feeds fresh ones
+
+    async def rollback(self, n_tokens: int) -> None:
+        await self.engine.run_blocking(self._rollback, n_tokens)
 
     async def close(self) -> None:
         await self.engine.run_blocking(self.backend.close)
