@@ -14,6 +14,19 @@ Vanilla policy) and a probe at every step boundary, and writes one trace per que
 Token accounting in a run line: ``tokens`` holds each kind (prompt, reasoning, probe, probe_prompt,
 answer); the summary's *tokens* are reasoning + answer (what the model wrote, probes excluded) and
 its *cost* adds the probe tokens (the paper's accounting).
+
+What a harness user expects besides (lm-evaluation-harness is the reference):
+
+* ``--log-samples`` writes ``<run>.samples.jsonl`` beside the run file, one line per question with
+  the question, the reasoning, the answer text, the extracted answer, the gold and the verdict (as
+  lm-eval's ``--log_samples``), so a grade can be checked by reading what the model wrote;
+* the summary gives the accuracy with a 95% Wilson interval (scipy), the count of each stop
+  reason, and this session's elapsed time and throughput (questions and generated tokens per
+  second, model loading excluded): the per-question times overlap under ``--concurrency``, so
+  their sum is no time anyone waited;
+* the run config records the codestop version, the prompt actually sent (:mod:`codestop.prompts`)
+  and, for a model that is a local file, its sha256 (hashed once per file version), so a run file
+  says what produced it; a resumed run says so on stderr.
 """
 
 from __future__ import annotations
@@ -22,22 +35,28 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from codestop.config import GenerationConfig
 from codestop.datasets import DATASETS, Example, load_examples
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError, ContextTooLong
-from codestop.grading import extract_answer, grade
+from codestop.families import Family, get_family
+from codestop.grading import GRADE_KINDS, GradeKind, extract_answer, grade
 from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Policy, Vanilla, policy_options
+from codestop.prompts import PromptStyle, add_prompt_options, resolve_prompt
 from codestop.replay import TRACE_SCHEMA
 
 RUN_SCHEMA = 1
+# config keys that describe a line without defining the run: a resume may differ in them
+INFORMATIONAL_KEYS = ("codestop_version",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,14 +65,17 @@ RUN_SCHEMA = 1
 
 
 def check_config(path: Path, records: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
-    """Refuse to resume ``path`` when its lines were written under another config."""
+    """Refuse to resume ``path`` when its lines were written under another config (the codestop
+    version aside: each line records its own, and a fix release should not strand a long run)."""
     for n, rec in enumerate(records, start=1):
         theirs = rec.get("config")
         if theirs == config:
             continue
         if not isinstance(theirs, dict):
             raise CodestopError(f"out: {path} line {n} has no run config; it was not written by this command. Choose another --out")
-        keys = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k))
+        keys = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k) and k not in INFORMATIONAL_KEYS)
+        if not keys:
+            continue
         detail = "; ".join(f"{k}: file has {json.dumps(theirs.get(k))}, this run {json.dumps(config.get(k))}" for k in keys[:3])
         raise CodestopError(
             f"out: {path} holds a different run ({detail}); resume with the same options, or choose another --out"
@@ -69,7 +91,7 @@ class RunFile:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], config: dict[str, Any]) -> "RunFile":
+    def open(cls, path: str | os.PathLike[str], config: dict[str, Any]) -> RunFile:
         p = Path(path).expanduser()
         records: list[dict[str, Any]] = []
         if p.exists():
@@ -94,6 +116,55 @@ class RunFile:
         self.records.append(record)
 
 
+def samples_path(out: str | os.PathLike[str]) -> Path:
+    """Where ``--log-samples`` writes beside a run file: ``run.jsonl`` -> ``run.samples.jsonl``."""
+    p = Path(out).expanduser()
+    return p.with_name(p.name.removesuffix(".jsonl") + ".samples.jsonl")
+
+
+@dataclass
+class SampleLog:
+    """The ``--log-samples`` file: one line per question, appended as it finishes; a question
+    already logged (a resumed run) is not logged twice."""
+
+    path: Path
+    logged: set[str] = field(default_factory=set)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SampleLog:
+        p = Path(path)
+        logged = {str(r.get("id")) for r in read_jsonl(p, repair=True)} if p.exists() else set()
+        return cls(p, logged)
+
+    def append(self, sample: dict[str, Any]) -> None:
+        if str(sample["id"]) in self.logged:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
+            fh.flush()
+        self.logged.add(str(sample["id"]))
+
+
+def sample_record(example: Example, result: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """One ``--log-samples`` line: what was asked, what the model wrote, what was read from it and
+    the verdict (the run line's own, so the two files never disagree)."""
+    correct = record.get("correct", record.get("final_correct"))
+    answer = record.get("answer", record.get("final_answer"))
+    if isinstance(result, Exception):
+        return {"id": example.id, "question": example.question, "reasoning": "", "answer_text": "", "answer": None,
+                "gold": example.gold, "correct": False, "stop_reason": "error", "error": str(result)}
+    return {
+        "id": example.id,
+        "question": example.question,
+        "reasoning": result.reasoning_text,
+        "answer_text": result.answer_text,
+        "answer": answer,
+        "gold": example.gold,
+        "correct": bool(correct),
+        "stop_reason": result.stop_reason,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Running questions
 # --------------------------------------------------------------------------------------------
@@ -115,9 +186,13 @@ def run_questions(
     *,
     concurrency: int = 1,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    family: Family | None = None,
+    samples: SampleLog | None = None,
 ) -> None:
-    """Answer every example not yet in ``out``; each record is appended as soon as it is made."""
-    from codestop.api import agenerate_question
+    """Answer every example not yet in ``out``; each record is appended as soon as it is made (and
+    its sample, when ``samples`` logs them). ``family``: the prompt family (with its prompt style)
+    every question is asked through; None: the one ``generation`` names or the engine's own."""
+    from codestop.controller import agenerate
 
     if concurrency < 1:
         raise ValueError(f"concurrency: {concurrency!r} must be >= 1")
@@ -128,11 +203,13 @@ def run_questions(
         async with gate:
             t0 = time.perf_counter()
             try:
-                result: Any = await agenerate_question(engine, example.question, policy, generation)
+                result: Any = await agenerate(engine, example.question, policy, generation, family=family)
             except ContextTooLong as err:
                 result = err  # recorded as an error line, so a resume does not retry it forever
             record = make_record(example, result, time.perf_counter() - t0)
             out.append(record)
+            if samples is not None:
+                samples.append(sample_record(example, result, record))
             if on_record:
                 on_record(record)
 
@@ -150,7 +227,7 @@ def run_questions(
 
 def eval_record(example: Example, result: Any, wall_time: float) -> dict[str, Any]:
     """One line of an eval run."""
-    base = {"id": example.id, "dataset": example.dataset, "gold": example.gold}
+    base = {"id": example.id, "dataset": example.dataset, "gold": example.gold, "grading": example.kind}
     if isinstance(result, Exception):
         return {**base, "answer": None, "correct": False, "tokens": {}, "cost": 0, "probes": [],
                 "stop_reason": "error", "error": str(result), "wall_time": round(wall_time, 3)}
@@ -214,18 +291,46 @@ def record_cost(rec: dict[str, Any]) -> int:
     return int(t.get("reasoning", 0)) + int(t.get("probe", 0)) + int(t.get("answer", 0))
 
 
-def summarize(records: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Accuracy (a fraction), mean tokens, mean cost and wall time of a run; with a baseline run,
-    the paired comparison on the ids both hold: compression (1 - tokens / baseline tokens) and the
+def accuracy_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Wilson score interval of an accuracy (scipy's binomial test), None with no questions:
+    unlike the normal approximation it stays inside [0, 1] and is sound at 0 or n correct."""
+    if n == 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def summarize(
+    records: Sequence[dict[str, Any]],
+    baseline: Sequence[dict[str, Any]] | None = None,
+    *,
+    session: Sequence[dict[str, Any]] | None = None,
+    elapsed: float | None = None,
+) -> dict[str, Any]:
+    """Accuracy (a fraction) with its 95% Wilson interval, mean tokens, mean cost and the count of
+    each stop reason of a run; with ``session`` (the records answered in this session) and
+    ``elapsed`` (the seconds it took, loading excluded): the throughput; with a baseline run, the
+    paired comparison on the ids both hold: compression (1 - tokens / baseline tokens) and the
     accuracy difference."""
     n = len(records)
+    right = sum(bool(r.get("correct")) for r in records)
     s: dict[str, Any] = {
         "n": n,
-        "accuracy": sum(bool(r.get("correct")) for r in records) / n if n else 0.0,
+        "accuracy": right / n if n else 0.0,
+        "accuracy_ci95": accuracy_interval(right, n),
         "mean_tokens": sum(record_tokens(r) for r in records) / n if n else 0.0,
         "mean_cost": sum(record_cost(r) for r in records) / n if n else 0.0,
-        "wall_time": sum(float(r.get("wall_time", 0.0)) for r in records),
+        "stop_reasons": dict(sorted(Counter(str(r.get("stop_reason")) for r in records).items())),
     }
+    if elapsed is not None:
+        done = list(session or ())
+        s["elapsed_s"] = elapsed
+        s["session_n"] = len(done)
+        # generated tokens, probes included: what the engine produced in this session
+        s["questions_per_s"] = len(done) / elapsed if done and elapsed > 0 else None
+        s["tokens_per_s"] = sum(record_cost(r) for r in done) / elapsed if done and elapsed > 0 else None
     if baseline is not None:
         ours = {str(r["id"]): r for r in records}
         pairs = [(ours[str(b["id"])], b) for b in baseline if str(b.get("id")) in ours]
@@ -238,19 +343,31 @@ def summarize(records: Sequence[dict[str, Any]], baseline: Sequence[dict[str, An
     return s
 
 
+def _elapsed_line(summary: dict[str, Any]) -> str | None:
+    """This session's elapsed time and throughput, in words (None when the summary has no timing)."""
+    if "elapsed_s" not in summary:
+        return None
+    if not summary["session_n"]:
+        return "elapsed: nothing left to answer (every question was already in the run file)"
+    return (
+        f"elapsed: {summary['elapsed_s']:.1f} s for the {summary['session_n']} questions answered now (model loading excluded): "
+        f"{summary['questions_per_s']:.2f} questions/s, {summary['tokens_per_s']:.0f} generated tokens/s (probes included)"
+    )
+
+
 def print_summary(summary: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("questions", "accuracy", "mean tokens", "mean cost (incl. probes)", "wall time"):
+    for col in ("questions", "accuracy (95% CI)", "mean tokens", "mean cost (incl. probes)"):
         table.add_column(col, justify="right")
+    ci = summary.get("accuracy_ci95")
     row = [
         str(summary["n"]),
-        f"{summary['accuracy'] * 100:.1f}%",
+        f"{summary['accuracy'] * 100:.1f}%" + (f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]" if ci else ""),
         f"{summary['mean_tokens']:.0f}",
         f"{summary['mean_cost']:.0f}",
-        f"{summary['wall_time']:.0f} s",
     ]
     if "compression" in summary:
         table.add_column("vs baseline (paired)", justify="right")
@@ -259,7 +376,65 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
             f"(n={summary['paired_n']})"
         )
     table.add_row(*row)
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.print(table)
+    reasons = summary.get("stop_reasons") or {}
+    if reasons:
+        console.print("stop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))), soft_wrap=True)
+    line = _elapsed_line(summary)
+    if line:
+        console.print(line, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-grading
+# --------------------------------------------------------------------------------------------
+
+
+def regrade(record: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """``record`` (a run line or a trace) graded again with today's :func:`grade`, and how many of
+    its verdicts changed: every probe's ``correct`` and the final one (``correct`` or
+    ``final_correct``). Nothing else is touched, so a grader fix can be applied to stored runs."""
+    gold = str(record.get("gold", ""))
+    stated = record.get("grading")
+    if stated is None:  # a run line from before lines named their grading: the dataset's
+        spec = DATASETS.get(str(record.get("dataset")))
+        stated = spec.kind if spec is not None else "math"
+    if stated not in GRADE_KINDS:
+        raise CodestopError(f"grading: {record.get('id')!r} says {stated!r}; expected one of {', '.join(GRADE_KINDS)}")
+    kind = cast(GradeKind, stated)
+    flips = 0
+    out = dict(record)
+    if isinstance(record.get("probes"), list) and all("correct" in p for p in record["probes"]):
+        probes = []
+        for p in record["probes"]:
+            verdict = grade(p.get("answer"), gold, kind)
+            flips += verdict != bool(p["correct"])
+            probes.append({**p, "correct": verdict})
+        out["probes"] = probes
+    for answer_key, verdict_key in (("final_answer", "final_correct"), ("answer", "correct")):
+        if verdict_key in record and record.get("stop_reason", record.get("finish_reason")) != "error":
+            verdict = grade(record.get(answer_key), gold, kind)
+            flips += verdict != bool(record[verdict_key])
+            out[verdict_key] = verdict
+    return out, flips
+
+
+def regrade_file(path: str | os.PathLike[str]) -> int:
+    """Re-grade a run or trace file in place (see :func:`regrade`), written whole to a temporary
+    file first; returns the number of verdicts that changed."""
+    p = Path(path)
+    records = read_jsonl(p)
+    flips = 0
+    lines = []
+    for rec in records:
+        new, k = regrade(rec)
+        flips += k
+        lines.append(json.dumps(new, ensure_ascii=False) + "\n")
+    tmp = p.with_name(p.name + f".{os.getpid()}.partial")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, p)
+    return flips
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,15 +442,39 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_config(kind: str, dataset: str, model: str, engine_name: str | None, policy: Policy, generation: GenerationConfig) -> dict[str, Any]:
+def model_sha256(model: Engine | str) -> str | None:
+    """The sha256 of a model that is a local file (hashed once per file version, see
+    :func:`codestop.presets.cached_sha256`), a preset's published one (without joining it), else
+    None (a hub id or a directory: nothing single to hash)."""
+    if isinstance(model, Engine):
+        return None
+    from codestop.presets import cached_sha256, get_preset
+
+    path = Path(model).expanduser()
+    if path.is_file():
+        return cached_sha256(path)
+    preset = get_preset(model)
+    return preset.sha256 if preset is not None else None
+
+
+def run_config(
+    kind: str, dataset: str, model: str, engine_name: str | None, policy: Policy, generation: GenerationConfig,
+    prompt: PromptStyle | None = None, sha256: str | None = None,
+) -> dict[str, Any]:
+    """What defines a run (a resume must match it), and what produced it."""
+    from codestop import __version__
+
     return {
         "kind": kind,
         "schema": RUN_SCHEMA,
         "dataset": dataset,
         "model": model,
+        "model_sha256": sha256,
         "engine": engine_name,
         "method": policy_options(policy),
         "generation": generation.to_dict(),
+        "prompt": (prompt or resolve_prompt()).to_config(),
+        "codestop_version": __version__,
     }
 
 
@@ -283,7 +482,14 @@ def _progress(total: int, done_records: Sequence[dict[str, Any]], label: str, en
     """A rich progress bar showing running accuracy and mean tokens; returns (on_record, close)."""
     if not enabled:
         return (lambda r: None), (lambda: None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     seen = list(done_records)
     progress = Progress(
@@ -316,6 +522,16 @@ def _load_engine(model: Engine | str, engine: str | None, engine_options: dict[s
     return load_engine(model, engine=engine, **(engine_options or {}))
 
 
+@dataclass
+class RunOutcome:
+    """What one call of the runner did: the requested questions' records, those answered in this
+    session, and the seconds answering them took (model loading excluded)."""
+
+    records: list[dict[str, Any]]
+    session: list[dict[str, Any]]
+    elapsed: float
+
+
 def _run_dataset(
     kind: str,
     model: Engine | str,
@@ -331,32 +547,53 @@ def _run_dataset(
     engine: str | None,
     engine_options: dict[str, Any] | None,
     progress: bool,
-) -> list[dict[str, Any]]:
+    prompt: PromptStyle,
+    log_samples: bool,
+) -> RunOutcome:
     """The one runner behind eval and record (which differ in the record they make): the questions
-    not yet in ``out`` are answered and appended; returns the records of the requested questions."""
+    not yet in ``out`` are answered and appended."""
     examples = load_examples(dataset, data, limit)
     name = examples[0].dataset if examples else (dataset or "")
     model_name = model.model_name if isinstance(model, Engine) else model
     engine_name = model.name if isinstance(model, Engine) else engine
-    config = run_config(kind, name, model_name, engine_name, policy, generation)
+    config = run_config(kind, name, model_name, engine_name, policy, generation, prompt, model_sha256(model))
     if kind == "trace":
         config["probe_confidence"] = policy.confidence  # what the stored confidences were scored with
     run = RunFile.open(out, config)
     wanted = {e.id for e in examples}
     todo = [e for e in examples if e.id not in run.done]
+    if run.records:
+        verb = "eval" if kind == "eval" else "record"
+        older = sorted({str((r.get("config") or {}).get("codestop_version")) for r in run.records} - {config["codestop_version"]})
+        print(f"codestop {verb}: resuming {run.path} from its {len(run.records)} rows; {len(todo)} of the "
+              f"{len(examples)} questions left to answer"
+              + (f" (rows written by codestop {', '.join(older)}; new rows record {config['codestop_version']})" if older else ""),
+              file=sys.stderr)
+    samples = SampleLog.open(samples_path(run.path)) if log_samples else None
 
     def shown(rec: dict[str, Any]) -> dict[str, Any]:  # what the progress bar counts (a trace: its final answer)
         return rec if kind == "eval" else {"correct": rec.get("final_correct"), "tokens": rec.get("tokens")}
 
+    session: list[dict[str, Any]] = []
+    elapsed = 0.0
     if todo:
         eng = _load_engine(model, engine, engine_options)
+        # the prompt family of the loaded engine (thinking tags, answer prompt), asking the chosen style
+        family = prompt.apply(get_family(generation.family, eng, generation.enable_thinking))
         on_record, close = _progress(len(examples), [shown(r) for r in run.records if r.get("id") in wanted], name, progress)
+
+        def record_done(rec: dict[str, Any]) -> None:
+            session.append(rec)
+            on_record(shown(rec))
+
+        t0 = time.perf_counter()
         try:
             run_questions(eng, todo, policy, generation, run, make_record, concurrency=concurrency,
-                          on_record=lambda rec: on_record(shown(rec)))
+                          on_record=record_done, family=family, samples=samples)
         finally:
+            elapsed = time.perf_counter() - t0
             close()
-    return [r for r in run.records if r.get("id") in wanted]
+    return RunOutcome([r for r in run.records if r.get("id") in wanted], session, elapsed)
 
 
 def evaluate(
@@ -373,16 +610,22 @@ def evaluate(
     engine_options: dict[str, Any] | None = None,
     generation: GenerationConfig = GenerationConfig(),
     progress: bool = False,
+    prompt: str | PromptStyle | None = None,
+    system_prompt: str | None = None,
+    log_samples: bool = False,
 ) -> dict[str, Any]:
     """Run ``dataset`` (its first ``limit`` questions) under ``policy``, appending one line per
     question to ``out`` (resuming it when it exists), and return the summary of every line in it
-    (see :func:`summarize`; paired against ``baseline`` when given)."""
+    (see :func:`summarize`; paired against ``baseline`` when given). ``prompt``: a style name or a
+    template file (:mod:`codestop.prompts`); ``log_samples``: also write :func:`samples_path`."""
     base_records = read_jsonl(baseline) if baseline is not None else None
-    records = _run_dataset(
+    style = prompt if isinstance(prompt, PromptStyle) else resolve_prompt(prompt, system_prompt)
+    outcome = _run_dataset(
         "eval", model, dataset, data, limit, out, policy if policy is not None else CodeStop(), generation, eval_record,
         concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
+        prompt=style, log_samples=log_samples,
     )
-    return summarize(records, base_records)
+    return summarize(outcome.records, base_records, session=outcome.session, elapsed=outcome.elapsed)
 
 
 def record(
@@ -397,14 +640,19 @@ def record(
     generation: GenerationConfig = RECORD_GENERATION,
     concurrency: int = 1,
     progress: bool = False,
+    prompt: str | PromptStyle | None = None,
+    system_prompt: str | None = None,
+    log_samples: bool = False,
 ) -> list[dict[str, Any]]:
     """Record traces of ``dataset`` into ``out`` (resumable, like :func:`evaluate`): no stopping, a
     probe at every step boundary at least ``generation.probe_interval`` tokens after the last.
     Returns the traces of the requested questions."""
+    style = prompt if isinstance(prompt, PromptStyle) else resolve_prompt(prompt, system_prompt)
     return _run_dataset(
         "trace", model, dataset, data, limit, out, Vanilla(), generation.replace(always_probe=True), trace_record,
         concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
-    )
+        prompt=style, log_samples=log_samples,
+    ).records
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,8 +682,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="the run file (JSON lines); re-running resumes it")
     p.add_argument("--baseline", default=None, help="a vanilla run file: report compression and accuracy change against it")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write OUT's .samples.jsonl: each question, reasoning, answer text, extracted answer, gold, verdict")
     add_model_options(p)
     add_policy_options(p)
+    add_prompt_options(p)
     add_generation_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -447,7 +698,10 @@ def add_parser(sub: Any) -> None:
     )
     add_dataset_options(r)
     r.add_argument("--out", required=True, help="the trace file (JSON lines); re-running resumes it")
+    r.add_argument("--log-samples", action="store_true",
+                   help="also write OUT's .samples.jsonl: each question, reasoning, answer text, extracted answer, gold, verdict")
     add_model_options(r)
+    add_prompt_options(r)
     add_generation_options(r, max_new_tokens=RECORD_GENERATION.max_new_tokens, probe_interval=RECORD_GENERATION.probe_interval)
     r.set_defaults(func=cmd_record)
 
@@ -474,11 +728,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         engine_options=engine_options_from_args(args),
         generation=GenerationConfig.from_args(args),
         progress=not args.json,
+        prompt=args.prompt,
+        system_prompt=args.system_prompt,
+        log_samples=args.log_samples,
     )
     if args.json:
         print(json.dumps(summary))
     else:
         print_summary(summary, f"{args.dataset or args.data} · {args.method} · {args.model}")
+    if args.log_samples:
+        print(f"samples: {samples_path(args.out)}", file=sys.stderr)
     return 0
 
 
@@ -495,7 +754,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     traces = record(
         args.model, args.dataset, out=args.out, data=args.data, limit=args.limit, engine=args.engine,
         engine_options=engine_options_from_args(args), generation=GenerationConfig.from_args(args),
-        concurrency=args.concurrency, progress=True,
+        concurrency=args.concurrency, progress=True, prompt=args.prompt, system_prompt=args.system_prompt,
+        log_samples=args.log_samples,
     )
     n = len(traces)
     acc = sum(bool(t.get("final_correct")) for t in traces) / n if n else 0.0

@@ -30,6 +30,9 @@ class Family:
     think_end: str = ""  # what the model writes to end its thinking ("" = no thinking markers)
     system: str | None = None  # a system prompt the family needs (Nemotron's "detailed thinking on")
     instruction: str = STEP_BY_STEP  # appended to the question
+    # a prompt style's whole user message with a "{question}" slot; replaces question + instruction
+    # (``codestop eval --prompt FILE``, see codestop.prompts)
+    template: str | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     close_thinking: str = ""  # appended before the answer prompt on a stop
     probe_prompt: str = PROBE_PROMPT
@@ -41,7 +44,10 @@ class Family:
         return bool(self.think_end)
 
     def messages(self, question: str) -> list[dict[str, str]]:
-        user = f"{question.strip()}\n\n{self.instruction}" if self.instruction else question.strip()
+        if self.template is not None:
+            user = self.template.replace("{question}", question.strip())
+        else:
+            user = f"{question.strip()}\n\n{self.instruction}" if self.instruction else question.strip()
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return msgs + [{"role": "user", "content": user}]
 

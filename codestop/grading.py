@@ -4,9 +4,16 @@
   after its thinking, else what follows "the answer is").
 * :func:`grade`: is a predicted answer right? Three kinds of gold:
 
-  - ``integer`` (GSM8K, AIME): both sides normalised to an integer (thousands commas, leading zeros,
-    ``$``, a trailing ``.0``, units such as ``^\\circ`` dropped) and compared; anything that does not
-    normalise falls back to math-verify;
+  - ``integer`` (GSM8K, AIME): the prediction must be one number (see :func:`normalize_integer`:
+    thousands commas, leading zeros, a leading ``$``, a trailing ``.0``, period or unit are allowed)
+    and equal the gold. An expression (``16-3-4``, ``204 + 160 + 330``, ``400 + 60 = 460``) is wrong
+    even when it evaluates to the gold: the model was asked for the answer, not for a sum to finish.
+    This is lm-evaluation-harness's GSM8K **strict-match** rule (its filter takes the number right
+    after ``"#### "``, our marker being the box, and compares it exactly), not its flexible-extract
+    (the last number anywhere in the text, which would score ``400 + 60 = 460`` right). Where the two
+    differ: lm-eval would read ``#### 204 + 160`` as 204, we reject it as not one number; lm-eval
+    compares strings, so ``18.0`` is wrong there and right here. Only a gold that is not an integer
+    itself falls back to math-verify;
   - ``math`` (MATH-500, your own files): math-verify, the gold wrapped in ``$...$`` (51 MATH-500
     golds do not parse without it) and the prediction in ``\\boxed{}``;
   - ``choice`` (GPQA): the option letter.
@@ -90,13 +97,14 @@ def extract_answer(text: str) -> str | None:
 
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox|mathbf)\{([^{}]*)\}")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
-_UNITS_AFTER_NUMBER = re.compile(r"^(-?[\d.,]+)\s*(?:[a-zA-Z%$ ]+)?$")
+# one number, then at most a unit: words, "%", "/" between letters ("km/h"), no digit, no operator
+_UNITS_AFTER_NUMBER = re.compile(r"^(-?[\d.,]+)\s*(?:[a-zA-Z%$][a-zA-Z%$ ]*(?:/[a-zA-Z]+)?)?$")
 
 
 def _strip_latex_noise(text: str) -> str:
     s = text.strip()
     s = s.replace("\\!", "").replace("\\,", "").replace("\\ ", " ").replace("\\$", "$")
-    s = s.replace("\\left", "").replace("\\right", "")
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\%", "%")
     for _ in range(3):
         s = _TEXT_WRAP.sub(r"\1", s)
     s = _DEGREES.sub("", s)
@@ -107,8 +115,9 @@ def _strip_latex_noise(text: str) -> str:
 
 
 def normalize_integer(text: str | None) -> int | None:
-    """The integer ``text`` states, or None: ``"2,125"``, ``"025"``, ``"$18"``, ``"18.0"``,
-    ``"336^\\circ"``, ``"\\text{18 dollars}"`` all normalise; ``"18.5"``, ``"x=3"``, ``"1/2"`` do not."""
+    """The integer ``text`` states when it is one number, or None: ``"2,125"``, ``"025"``, ``"$18"``,
+    ``"18."``, ``"18.0"``, ``"336^\\circ"``, ``"\\text{18 dollars}"``, ``"60 km/h"`` all normalise;
+    ``"18.5"``, ``"x=3"``, ``"1/2"``, ``"16-3-4"``, ``"204 + 160 + 330"`` do not."""
     if text is None:
         return None
     s = _strip_latex_noise(text)
@@ -255,7 +264,6 @@ def grade(prediction: str | None, gold: str, kind: GradeKind = "math") -> bool:
         return letter is not None and letter == normalize_choice(gold)
     if kind == "integer":
         want = normalize_integer(gold)
-        got = normalize_integer(prediction)
-        if want is not None and got is not None:
-            return want == got
+        if want is not None:  # strict: one number equal to the gold, never an expression to evaluate
+            return normalize_integer(prediction) == want
     return math_equal(prediction.strip(), gold.strip())

@@ -7,7 +7,9 @@ The dynamics figure has three panels, computed from recorded traces alone:
    final answer is correct and for those whose final answer is wrong;
 2. the reasoning lengths of each group;
 3. AUROC of early-confidence features (read from the first 25% / 50% of the reasoning only)
-   predicting that the final answer is correct: 0.5 is chance.
+   predicting that the final answer is correct: 0.5 is chance. Not computed from fewer than
+   :data:`MIN_PER_CLASS` traces of either outcome (the panel says so instead): with a handful of
+   wrong answers an AUROC of 1.0 or 0.0 is noise that looks like a finding.
 
 A trace's outcome is its ``final_correct`` (minimal traces: the last probe's ``correct``); its
 length is ``reasoning_tokens`` (minimal traces: the last probe's position).
@@ -33,6 +35,7 @@ from codestop.policies import CodeStop, Probe
 from codestop.replay import Trace, load_traces, rescored
 
 BINS = 10
+MIN_PER_CLASS = 10  # fewest traces of each outcome (right, wrong) an AUROC is computed from
 
 
 def _outcome(t: Trace) -> bool:
@@ -131,10 +134,12 @@ def dynamics(traces: Sequence[Trace], confidence: str = "geometric") -> dict[str
             mean.append(m)
             half.append(1.96 * sd / math.sqrt(len(vals)))
         curves[group] = {"mean": mean, "half_width": half, "n_per_bin": [len(v) for v in sums]}
-    features = {}
+    features: dict[str, float | None] = {}
+    n_right, n_wrong = sum(labels), len(labels) - sum(labels)
+    enough = min(n_right, n_wrong) >= MIN_PER_CLASS
     for name, (fraction, fn) in FEATURES.items():
         scores = [fn(_early(t, ps, fraction)) for t, ps in zip(usable, probes)]
-        features[name] = auroc(scores, labels)
+        features[name] = auroc(scores, labels) if enough else None
     return {
         "n": len(usable),
         "n_correct": sum(labels),
@@ -142,17 +147,35 @@ def dynamics(traces: Sequence[Trace], confidence: str = "geometric") -> dict[str
         "curves": curves,
         "lengths": {"correct": [_length(t) for t, y in zip(usable, labels) if y], "incorrect": [_length(t) for t, y in zip(usable, labels) if not y]},
         "auroc": features,
+        "auroc_note": None if enough else (
+            f"AUROC needs at least {MIN_PER_CLASS} traces of each outcome; "
+            f"these have {n_right} correct and {n_wrong} incorrect"
+        ),
         "confidence": confidence,
     }
 
 
 def plot_dynamics(stats: dict[str, Any], path: Path, title: str = "") -> None:
+    """Write :func:`dynamics_figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = dynamics_figure(stats, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def dynamics_figure(stats: dict[str, Any], title: str = "") -> Any:
+    """The three panels, each with its own title; the confidence band is clipped to [0, 1] (a
+    confidence cannot leave it, whatever the normal approximation says), counts get integer ticks,
+    the length bins span the data (no empty stretch from 0), and the AUROC panel shows a note
+    instead of bars when a class has too few traces."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained", gridspec_kw={"width_ratios": [1, 1, 1.25]})
     ax = axes[0]
     colors = {"correct": "tab:green", "incorrect": "tab:red"}
     for group, c in stats["curves"].items():
@@ -161,51 +184,63 @@ def plot_dynamics(stats: dict[str, Any], path: Path, title: str = "") -> None:
         hs = [h for h in c["half_width"] if h is not None]
         n = len(stats["lengths"][group])
         ax.plot(xs, ms, marker="o", color=colors[group], label=f"{group} (n={n})")
-        ax.fill_between(xs, [m - h for m, h in zip(ms, hs)], [m + h for m, h in zip(ms, hs)], color=colors[group], alpha=0.2)
-    ax.set_xlabel("normalised reasoning position")
-    ax.set_ylabel(f"probe confidence ({stats['confidence']}), mean and 95% band")
+        ax.fill_between(xs, [max(0.0, m - h) for m, h in zip(ms, hs)], [min(1.0, m + h) for m, h in zip(ms, hs)],
+                        color=colors[group], alpha=0.2)
+    ax.set_title("confidence along the reasoning", fontsize=10)
+    ax.set_xlabel("normalised reasoning position (bins of 10%)")
+    ax.set_ylabel(f"probe confidence ({stats['confidence']}): mean, 95% band")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.legend()
+    ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
 
     ax = axes[1]
-    data = [stats["lengths"]["correct"], stats["lengths"]["incorrect"]]
-    if any(data):
-        bins = 20
-        hi = max(max(d) for d in data if d)
-        for group, d in zip(("correct", "incorrect"), data):
+    data = {g: stats["lengths"][g] for g in ("correct", "incorrect")}
+    values = [x for d in data.values() for x in d]
+    if values:
+        lo, hi = min(values), max(values)
+        span = (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)  # the bins cover the data, no empty stretch
+        for group, d in data.items():
             if d:
                 mean = sum(d) / len(d)
-                ax.hist(d, bins=bins, range=(0, hi), alpha=0.5, color=colors[group], label=f"{group}: mean {mean:.0f}")
+                ax.hist(d, bins=20, range=span, alpha=0.5, color=colors[group], label=f"{group}: mean {mean:.0f}")
+        ax.set_xlim(*span)
+        ax.legend()
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("reasoning length by outcome", fontsize=10)
     ax.set_xlabel("reasoning tokens")
     ax.set_ylabel("trajectories")
-    ax.legend()
     ax.grid(alpha=0.3)
 
     ax = axes[2]
+    ax.set_title("early features predicting a correct final answer", fontsize=10)
     names = [k for k, v in stats["auroc"].items() if v is not None]
     vals = [stats["auroc"][k] for k in names]
-    ax.barh(range(len(names)), vals, color="tab:blue")
-    ax.axvline(0.5, color="black", lw=1, ls="--")
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=8)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("AUROC for final-answer correctness (0.5 = chance)")
-    for i, v in enumerate(vals):
-        ax.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8)
+    if names:
+        ax.set_xlabel("AUROC (0.5 = chance)")
+        ax.barh(range(len(names)), vals, color="tab:blue")
+        ax.axvline(0.5, color="black", lw=1, ls="--")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=8)
+        for i, v in enumerate(vals):
+            ax.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        note = stats.get("auroc_note") or "no AUROC: one outcome has no trace"
+        ax.text(0.5, 0.5, note.replace("; ", ";\n"), ha="center", va="center", fontsize=9, transform=ax.transAxes, wrap=True)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def auroc_table(stats: dict[str, Any]) -> str:
     rows = ["| early-confidence feature | AUROC |", "|---|---:|"]
     for name, v in stats["auroc"].items():
         rows.append(f"| {name} | {'n/a' if v is None else f'{v:.3f}'} |")
-    return "\n".join(rows) + "\n"
+    note = f"\n{stats['auroc_note']}.\n" if stats.get("auroc_note") else ""
+    return "\n".join(rows) + "\n" + note
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,8 +300,11 @@ def _run_summary_html(path: Path) -> str | None:
         return f"<p><b>{html.escape(path.name)}</b>: {n} traces, final accuracy {acc * 100:.1f}%, {length:.0f} reasoning tokens and {probes:.1f} probes per question</p>"
     if "correct" in records[0]:
         s = summarize(records)
-        return (f"<p><b>{html.escape(path.name)}</b>: {s['n']} questions, accuracy {s['accuracy'] * 100:.1f}%, "
-                f"mean tokens {s['mean_tokens']:.0f}, mean cost {s['mean_cost']:.0f}, wall time {s['wall_time']:.0f} s</p>")
+        ci = s["accuracy_ci95"]
+        reasons = ", ".join(f"{k} {v}" for k, v in s["stop_reasons"].items())
+        return (f"<p><b>{html.escape(path.name)}</b>: {s['n']} questions, accuracy {s['accuracy'] * 100:.1f}% "
+                f"(95% CI {ci[0] * 100:.1f}-{ci[1] * 100:.1f}), mean tokens {s['mean_tokens']:.0f}, "
+                f"mean cost {s['mean_cost']:.0f}; stops: {html.escape(reasons)}</p>")
     return None
 
 

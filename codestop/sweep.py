@@ -2,12 +2,14 @@
 
 A sweep replays each method over a range of its one knob (CoDE-Stop's ``tau``, DEER's
 ``threshold``, Consistency's ``window``, TokenBudget's ``budget``) and writes the Pareto table
-(CSV and Markdown) and a PNG of accuracy against mean tokens, vanilla as a point.
+(CSV and Markdown) and a PNG of accuracy against mean tokens: every point labelled with its knob
+value, each method's frontier drawn, its dominated settings faded, vanilla as reference lines.
 
 Calibration picks the knob value that saves the most tokens while the accuracy drop against vanilla
 on a calibration split stays within ``max_accuracy_drop``, then measures the chosen value on the
 held-out rest, the only honest estimate, with a one-sided 95% upper bound on the drop (see
-:func:`drop_bounds`).
+:func:`drop_bounds`) and paired bootstrap intervals of the accuracy and cost changes (see
+:func:`paired_bootstrap`). The statistics come from scipy, not from code of our own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from codestop.errors import CodestopError
-from codestop.policies import METHOD_OPTIONS, Policy, Probe, knob_help, knob_type, make_policy, swept_knobs
+from codestop.policies import (
+    METHOD_OPTIONS,
+    Policy,
+    Probe,
+    knob_help,
+    knob_type,
+    make_policy,
+    swept_knobs,
+)
 from codestop.replay import Replayed, Trace, load_traces, replay_trace, rescored
 
 # each method's one knob, its type and the range swept when none is given (from the policies' fields)
@@ -163,38 +173,181 @@ def write_csv(points: Sequence[Point], path: Path) -> None:
 STYLE = {"codestop": ("tab:red", "o"), "deer": ("tab:blue", "s"), "consistency": ("tab:green", "^"), "budget": ("tab:gray", "x")}
 
 
+def method_frontier(points: Sequence[Point]) -> list[Point]:
+    """One method's own frontier: going right (more tokens), only the points that raise accuracy."""
+    frontier: list[Point] = []
+    best = -1.0
+    for p in sorted(points, key=lambda p: (p.mean_tokens, -p.accuracy)):
+        if p.accuracy > best:
+            frontier.append(p)
+            best = p.accuracy
+    return frontier
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _runs_text(points: Sequence[Point], indices: Sequence[int]) -> str:
+    """The knob values of ``points[i]`` for ``indices``, consecutive ones as ranges: "0.25-1, 3"."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(
+        _fmt(points[r[0]].value) if len(r) == 1 else f"{_fmt(points[r[0]].value)}-{_fmt(points[r[-1]].value)}" for r in runs
+    )
+
+
+def knob_labels(points: Sequence[Point], near: Any = None) -> list[tuple[list[int], str]]:
+    """Labels for one method's points (in sweep order): one per group of points that coincide, or
+    that ``near(i, j)`` says sit on top of each other in the figure, naming every knob value of the
+    group (runs of consecutive values as ranges), so 64 swept values stay readable."""
+    parent = list(range(len(points)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(points)):
+        for j in range(i):
+            same = points[i].mean_tokens == points[j].mean_tokens and points[i].accuracy == points[j].accuracy
+            if same or (near is not None and near(i, j)):
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(points)):
+        groups.setdefault(root(i), []).append(i)
+    return [(members, _runs_text(points, members)) for members in groups.values()]
+
+
+def place_labels(
+    fig: Any, ax: Any, labels: Sequence[tuple[float, float, str, str, bool]],
+    markers: Sequence[tuple[float, float]] = (), fontsize: float = 6,
+) -> None:
+    """Write each (x, y, text, color, strong) label next to its point where it overlaps no marker
+    (``markers`` and the labelled points, in data coordinates) and no label already placed:
+    candidate spots on rings of growing radius, a thin leader line from the second ring on, a
+    faint white backing so lines crossing a label do not hide it. A dense cluster of sweep points
+    stays readable without a layout library."""
+    import math
+
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72
+    frame = ax.get_window_extent(renderer)
+    pad = 3 * px_per_pt
+    gap = 1.2 * px_per_pt
+    obstacles = [Bbox.from_bounds(x - pad, y - pad, 2 * pad, 2 * pad) for x, y in
+                 (ax.transData.transform(xy) for xy in [*markers, *((lx, ly) for lx, ly, *_ in labels)])]
+    angles = [math.radians(a) for a in (30, -30, 150, -150, 90, -90, 0, 180, 60, -60, 120, -120)]
+    for x, y, text, color, strong in labels:
+        probe = ax.text(0, 0, text, fontsize=fontsize)
+        ext = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = ext.width, ext.height
+        px, py = ax.transData.transform((x, y))
+        best: tuple[int, float, float, Bbox] | None = None
+        for ring, radius in enumerate((5, 13, 22, 32, 44)):
+            for a in angles:
+                dx, dy = radius * math.cos(a) * px_per_pt, radius * math.sin(a) * px_per_pt
+                left = px + dx if dx >= -1e-9 else px + dx - w
+                bottom = py + dy if dy >= -1e-9 else py + dy - h
+                if abs(dy) < 1e-9:
+                    bottom = py - h / 2
+                box = Bbox.from_bounds(left - gap, bottom - gap, w + 2 * gap, h + 2 * gap)  # a little air around it
+                inside = frame.contains(left, bottom) and frame.contains(left + w, bottom + h)
+                hits = sum(box.overlaps(o) for o in obstacles) + (0 if inside else 5)
+                if best is None or hits < best[0]:
+                    best = (hits, dx / px_per_pt, dy / px_per_pt, box)
+                if hits == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        assert best is not None
+        _, ox, oy, box = best
+        far = math.hypot(ox, oy) > 6
+        ax.annotate(
+            text, (x, y), xytext=(ox, oy), textcoords="offset points", fontsize=fontsize, color=color, zorder=6,
+            alpha=1.0 if strong else 0.65, ha="left" if ox >= -1e-9 else "right",
+            va="center" if abs(oy) < 1e-9 else ("bottom" if oy > 0 else "top"),
+            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.4, "alpha": 0.5, "shrinkA": 0, "shrinkB": 2} if far else None,
+            bbox={"boxstyle": "square,pad=0.05", "facecolor": "white", "edgecolor": "none", "alpha": 0.7},
+        )
+        obstacles.append(box)
+
+
 def plot_tradeoff(points: Sequence[Point], path: Path, title: str = "") -> None:
-    """Accuracy (%) against mean reasoning tokens: each method's points, its own Pareto frontier as
-    a line, vanilla as a star."""
+    """Write :func:`tradeoff_figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = tradeoff_figure(points, title)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def tradeoff_figure(points: Sequence[Point], title: str = "") -> Any:
+    """Accuracy (%) against mean reasoning tokens: each method's own frontier as a line, its
+    dominated settings faded (the legend says so), every position labelled with the knob values
+    that reach it, and vanilla's accuracy and tokens as reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    handles: list[Any] = []
+    labels: list[tuple[float, float, str, str, bool]] = []
+    per_method: list[tuple[list[Point], str, set[int]]] = []
     for method in dict.fromkeys(p.method for p in points):
         mine = [p for p in points if p.method == method]
         if method == "vanilla":
-            ax.scatter([mine[0].mean_tokens], [mine[0].accuracy * 100], marker="*", s=220, color="black", zorder=5, label="vanilla")
+            v = mine[0]
+            ax.axhline(v.accuracy * 100, color="black", lw=1, ls="--", zorder=1)
+            ax.axvline(v.mean_tokens, color="black", lw=0.8, ls=":", zorder=1)
+            handles.append(ax.scatter([v.mean_tokens], [v.accuracy * 100], marker="*", s=200, color="black", zorder=5,
+                                      label=f"vanilla: {v.accuracy * 100:.1f}%, {v.mean_tokens:.0f} tokens (reference lines)"))
             continue
         color, marker = STYLE.get(method, ("tab:purple", "d"))
-        ax.scatter([p.mean_tokens for p in mine], [p.accuracy * 100 for p in mine], color=color, marker=marker, alpha=0.35, s=22)
-        own = sorted(mine, key=lambda p: (p.mean_tokens, -p.accuracy))
-        frontier, best = [], -1.0
-        for p in own:
-            if p.accuracy > best:
-                frontier.append(p)
-                best = p.accuracy
-        ax.plot([p.mean_tokens for p in frontier], [p.accuracy * 100 for p in frontier], color=color, marker=marker, label=method)
+        frontier = method_frontier(mine)
+        on = {id(p) for p in frontier}
+        faded = [p for p in mine if id(p) not in on]
+        ax.scatter([p.mean_tokens for p in faded], [p.accuracy * 100 for p in faded], color=color, marker=marker, alpha=0.3, s=20)
+        (line,) = ax.plot([p.mean_tokens for p in frontier], [p.accuracy * 100 for p in frontier], color=color, marker=marker,
+                          ms=5, label=f"{method} ({mine[0].knob} values labelled)")
+        handles.append(line)
+        per_method.append((mine, color, on))
+    # points whose markers overlap in the figure share one label (limits are final once all is drawn)
+    fig.canvas.draw()
+    touch = 5 * fig.dpi / 72
+    for mine, color, on in per_method:
+        xy = ax.transData.transform([(p.mean_tokens, p.accuracy * 100) for p in mine])
+
+        def near(i: int, j: int, xy: Any = xy) -> bool:
+            return bool(abs(xy[i][0] - xy[j][0]) <= touch and abs(xy[i][1] - xy[j][1]) <= touch)
+
+        for members, text in knob_labels(mine, near):
+            strong = [i for i in members if id(mine[i]) in on]
+            anchor = mine[strong[0]] if strong else mine[members[len(members) // 2]]
+            labels.append((anchor.mean_tokens, anchor.accuracy * 100, text, color, bool(strong)))
+    markers = [(p.mean_tokens, p.accuracy * 100) for p in points]
+    place_labels(fig, ax, sorted(labels, key=lambda item: not item[4]), markers)  # frontier labels get the best places
+    handles.append(Line2D([], [], color="gray", marker="o", ls="", alpha=0.3,
+                          label="faded: a setting off its method's frontier\n(another is as accurate for fewer tokens)"))
     ax.set_xlabel("mean reasoning tokens (replayed)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(handles=handles, fontsize=8, loc="best")
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,31 +355,14 @@ def plot_tradeoff(points: Sequence[Point], path: Path, title: str = "") -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _log_binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0:
-        return 0.0
-    if p >= 1:
-        return 0.0 if k >= n else -math.inf
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
-    m = max(terms)
-    return m + math.log(sum(math.exp(t - m) for t in terms))
-
-
 def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
-    """Exact one-sided upper confidence bound on a binomial rate after ``k`` events in ``n`` trials."""
-    if n == 0:
+    """Exact (Clopper-Pearson) one-sided upper confidence bound on a binomial rate after ``k``
+    events in ``n`` trials, from scipy's exact binomial test (1.0 with no trials or all events)."""
+    from scipy.stats import binomtest
+
+    if n == 0 or k >= n:
         return 1.0
-    if k >= n:
-        return 1.0
-    alpha = math.log(1 - confidence)
-    lo, hi = k / n, 1.0
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        if _log_binom_cdf(k, n, mid) > alpha:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return float(binomtest(k, n, alternative="less").proportion_ci(confidence_level=confidence, method="exact").high)
 
 
 def paired_counts(policy_rows: Sequence[Replayed], vanilla_rows: Sequence[Replayed]) -> tuple[int, int]:
@@ -243,12 +379,77 @@ def drop_bounds(lost: int, gained: int, n: int, confidence: float = 0.95) -> dic
       exceed that rate, so this bound holds whatever the gains (conservative, no approximation);
     * ``normal``: mean + z * sd / sqrt(n) of the paired differences (tighter, approximate).
     """
+    from scipy.stats import norm
+
     if n == 0:
         return {"drop": 0.0, "exact": 1.0, "normal": 1.0}
     d = (lost - gained) / n
     var = (lost + gained) / n - d * d
-    z = {0.9: 1.2816, 0.95: 1.6449, 0.99: 2.3263}.get(confidence, 1.6449)
+    z = float(norm.ppf(confidence))
     return {"drop": d, "exact": clopper_pearson_upper(lost, n, confidence), "normal": d + z * math.sqrt(max(var, 0.0) / n)}
+
+
+BOOTSTRAP_RESAMPLES = 9999
+
+
+def paired_bootstrap(
+    ours: Sequence[float], theirs: Sequence[float], *, confidence: float = 0.95,
+    n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+) -> dict[str, Any]:
+    """mean(ours) - mean(theirs) over paired observations (the same questions), with a two-sided
+    bootstrap interval from ``scipy.stats.bootstrap`` resampling questions, not answers
+    (``paired=True``), under a fixed seed so a report is reproducible. BCa, the percentile
+    interval where BCa is undefined (nearly all differences equal); a point when all are equal."""
+    import inspect
+    import warnings
+
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a = np.asarray(ours, dtype=float)
+    b = np.asarray(theirs, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_bootstrap: {a.shape} and {b.shape} are not one pair per question")
+    n = int(a.size)
+    out: dict[str, Any] = {"estimate": float(a.mean() - b.mean()) if n else 0.0, "low": None, "high": None,
+                           "n": n, "confidence": confidence, "n_resamples": n_resamples, "seed": seed, "method": None}
+    diff = a - b
+    if n == 0:
+        return out
+    if np.all(diff == diff[0]):  # nothing varies: every resample gives the same difference
+        out.update(low=float(diff[0]), high=float(diff[0]), method="degenerate")
+        return out
+
+    def statistic(x: Any, y: Any, axis: int = -1) -> Any:
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    # scipy >= 1.15 names the generator ``rng``; older releases ``random_state``
+    seed_arg = "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BCa's degenerate-data warning: the percentile interval follows
+            res = bootstrap((a, b), statistic, paired=True, vectorized=True, n_resamples=n_resamples,
+                            confidence_level=confidence, method=method, **{seed_arg: np.random.default_rng(seed)})
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if np.isfinite(lo) and np.isfinite(hi):
+            out.update(low=lo, high=hi, method=method)
+            break
+    return out
+
+
+def compare_to_vanilla(rows: Sequence[Replayed], vanilla_rows: Sequence[Replayed], *, seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap intervals of the policy minus vanilla on the same traces: accuracy (a
+    fraction) and mean cost (reasoning + probe tokens)."""
+    return {
+        "accuracy_change": paired_bootstrap([float(r.correct) for r in rows], [float(v.correct) for v in vanilla_rows], seed=seed),
+        "cost_change": paired_bootstrap([float(r.cost) for r in rows], [float(v.cost) for v in vanilla_rows], seed=seed),
+    }
+
+
+def _interval(d: dict[str, Any], scale: float, unit: str) -> str:
+    if d["low"] is None:
+        return f"{d['estimate'] * scale:+.1f}{unit}"
+    return f"{d['estimate'] * scale:+.1f}{unit} [{d['low'] * scale:+.1f}, {d['high'] * scale:+.1f}]"
 
 
 def calibrate(
@@ -270,12 +471,14 @@ def calibrate(
         raise CodestopError(f"method: {method!r} has no knob to calibrate; choose from {', '.join(KNOBS)}")
     knob, kind, default = KNOBS[method]
     values = list(values) if values is not None else parse_range(default, kind, knob)
+    if len(traces) < 2:
+        raise CodestopError("traces: calibration needs at least 2 traces")
     order = list(traces)
     random.Random(seed).shuffle(order)
     n_cal = max(1, round(len(order) * calibration_fraction))
     cal, held = order[:n_cal], order[n_cal:]
-    if len(traces) < 2:
-        raise CodestopError("traces: calibration needs at least 2 traces")
+    # every size below is len() of these two lists: what the report says is what was used
+    sizes = f"{len(cal)} calibration and {len(held)} held-out traces of {len(order)} (seed {seed})"
 
     cache: dict[str, list[list[Probe]]] = {}
     vanilla_cal = run_policy(cal, make_policy("vanilla"), cache)
@@ -298,14 +501,16 @@ def calibrate(
         "n_calibration": len(cal),
         "n_held_out": len(held),
         "seed": seed,
+        "calibration_ids": [t.id for t in cal],
+        "held_out_ids": [t.id for t in held],
         "chosen": chosen["value"] if chosen else None,
         "calibration": chosen,
         "candidates": candidates,
     }
     if chosen is None:
         out["statement"] = (
-            f"No {knob} in the range keeps the calibration drop within {max_accuracy_drop * 100:.1f} points: "
-            "run without stopping (vanilla), or allow a larger drop."
+            f"Split: {sizes}. No {knob} in the range keeps the drop on the {len(cal)} calibration traces within "
+            f"{max_accuracy_drop * 100:.1f} points: run without stopping (vanilla), or allow a larger drop."
         )
         return out
     if held:
@@ -328,23 +533,32 @@ def calibrate(
             "mean_tokens": mt,
             "vanilla_mean_tokens": vt,
             "token_saving": 1 - mt / vt if vt else 0.0,
+            "mean_cost": sum(r.cost for r in rows) / len(held),
+            "vanilla_mean_cost": sum(r.cost for r in vanilla_held) / len(held),
+            # two-sided 95% paired bootstrap intervals, policy minus vanilla
+            "paired_bootstrap": compare_to_vanilla(rows, vanilla_held, seed=seed),
         }
         h = out["held_out"]
+        boot = h["paired_bootstrap"]
         certified = "which certifies" if h["drop_upper_95_exact"] <= max_accuracy_drop else "which does NOT certify"
         out["statement"] = (
-            f"{knob}={chosen['value']} was chosen on {len(cal)} calibration traces (drop {chosen['drop'] * 100:+.1f} pts, "
+            f"Split: {sizes}. "
+            f"{knob}={chosen['value']} was chosen on the {len(cal)} calibration traces (drop {chosen['drop'] * 100:+.1f} pts, "
             f"{chosen['token_saving'] * 100:.1f}% fewer tokens). On the {len(held)} held-out traces, not used to choose it: "
             f"drop {h['accuracy_drop'] * 100:+.1f} pts ({lost} lost, {gained} gained), {h['token_saving'] * 100:.1f}% fewer tokens. "
             f"With 95% confidence the drop on new questions like these is at most {h['drop_upper_95_exact'] * 100:.1f} pts "
             f"(exact one-sided Clopper-Pearson bound on the lost-question rate, gains not credited; "
             f"normal approximation of the paired difference: {h['drop_upper_95_normal'] * 100:.1f} pts), {certified} "
-            f"the {max_accuracy_drop * 100:.1f}-point target. This holds only for questions exchangeable with these traces, "
+            f"the {max_accuracy_drop * 100:.1f}-point target. Paired bootstrap, policy minus vanilla on the held-out "
+            f"traces (95%, {boot['accuracy_change']['method']}, {BOOTSTRAP_RESAMPLES} resamples, seed {seed}): accuracy "
+            f"{_interval(boot['accuracy_change'], 100, ' pts')}, mean cost {_interval(boot['cost_change'], 1, ' tokens')}. "
+            "This holds only for questions exchangeable with these traces, "
             "with the same model, sampling, boundaries and token cap; the calibration-split figures are optimistic "
             "(the value was picked on them)."
         )
     else:
         out["statement"] = (
-            f"{knob}={chosen['value']} was chosen on all {len(cal)} traces: no held-out traces remain, so there is no "
+            f"Split: {sizes}. {knob}={chosen['value']} was chosen on all {len(cal)} traces: no held-out traces remain, so there is no "
             "honest estimate of its drop on new questions (use --calibration-fraction below 1)."
         )
     return out
@@ -450,4 +664,4 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["sweep", "calibrate", "parse_range", "Point", "drop_bounds", "clopper_pearson_upper"]
+__all__ = ["Point", "calibrate", "clopper_pearson_upper", "compare_to_vanilla", "drop_bounds", "paired_bootstrap", "parse_range", "sweep"]

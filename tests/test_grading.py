@@ -4,6 +4,8 @@ person would; the time bound holds."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import pytest
@@ -89,6 +91,32 @@ def test_tricky_answers(prediction, gold, kind, expected):
     assert grade(prediction, gold, kind) is expected
 
 
+@pytest.mark.parametrize(
+    ("prediction", "gold", "expected"),
+    [
+        # expressions that evaluate to the gold are not answers (lm-eval's strict-match scores them wrong too)
+        ("16-3-4", "9", False),
+        ("204 + 160 + 330", "694", False),
+        ("400 + 60 = 460", "460", False),
+        ("3 + 4 + 0", "7", False),
+        ("49.50 + 67.50 + 126.00", "243", False),
+        ("2 \\times 9", "18", False),
+        ("\\frac{36}{2}", "18", False),
+        ("x = 18", "18", False),
+        # one number, dressed as people write it
+        ("1,250", "1250", True),
+        ("$18", "18", True),
+        ("\\$18", "18", True),
+        ("18.", "18", True),
+        ("18 dollars.", "18", True),
+        ("60 km/h", "60", True),
+        ("18\\%", "18", True),
+    ],
+)
+def test_integer_answers_must_be_one_number(prediction, gold, expected):
+    assert grade(prediction, gold, "integer") is expected
+
+
 def test_normalisers():
     assert normalize_integer("1,234,567") == 1234567
     assert normalize_integer("1,2") is None  # a tuple, not a thousands separator
@@ -113,9 +141,16 @@ def test_unknown_kind_is_refused():
         grade("1", "1", "float")  # type: ignore[arg-type]
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX job control to freeze the worker")
 def test_time_bound_kills_the_worker_and_recovers():
-    # a bound shorter than any round trip: the call gives up (None) and the worker is replaced
-    assert _WORKER.verify("\\frac{1}{2}", "\\boxed{0.5}", timeout=1e-6) is None
+    # a frozen worker (a hang, deterministically: a 1-microsecond bound raced a loaded machine's
+    # scheduler and lost now and then): the call gives up (None) and the worker is replaced
+    assert _WORKER.verify("\\frac{1}{2}", "\\boxed{0.5}", timeout=60) is True
+    assert _WORKER._proc is not None
+    frozen = _WORKER._proc
+    os.kill(frozen.pid, signal.SIGSTOP)
+    assert _WORKER.verify("\\frac{1}{3}", "\\boxed{0.5}", timeout=0.3) is None
+    assert frozen.poll() is not None  # killed, not left behind
     assert _WORKER.verify("\\frac{1}{2}", "\\boxed{0.5}", timeout=60) is True
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from codestop.cli import main
 from codestop.errors import CodestopError
-from codestop.plots import auroc, dynamics, report
+from codestop.plots import auroc, auroc_table, dynamics, dynamics_figure, report
 from codestop.replay import load_traces, trace_from_json
 
 
@@ -31,18 +31,56 @@ def _trace(i: int, correct: bool) -> dict:
 @pytest.fixture()
 def traces_file(tmp_path):
     path = tmp_path / "syn.jsonl"
-    path.write_text("".join(json.dumps(_trace(i, i % 3 != 0)) + "\n" for i in range(12)))
+    path.write_text("".join(json.dumps(_trace(i, i % 3 != 0)) + "\n" for i in range(30)))
     return path
 
 
 def test_dynamics_separates_what_was_built_to_separate(traces_file):
     stats = dynamics(load_traces(traces_file))
-    assert stats["n"] == 12 and stats["n_correct"] == 8
+    assert stats["n"] == 30 and stats["n_correct"] == 20
     assert all(m == pytest.approx(0.9) for m in stats["curves"]["correct"]["mean"] if m is not None)
     assert all(m < 0.7 for m in stats["curves"]["incorrect"]["mean"] if m is not None)
     assert stats["auroc"]["first-probe confidence"] == 1.0
     assert stats["auroc"]["minus reasoning length (whole trace)"] == 1.0
-    assert sorted(stats["lengths"]["correct"]) == [260] * 8
+    assert stats["auroc_note"] is None
+    assert sorted(stats["lengths"]["correct"]) == [260] * 20
+
+
+def test_no_auroc_from_fewer_than_ten_traces_of_a_class(tmp_path):
+    # 12 traces, 4 wrong: a perfect-looking AUROC of 1.0 from 4 traces is noise, so none is drawn
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps(_trace(i, i % 3 != 0)) + "\n" for i in range(12)))
+    stats = dynamics(load_traces(path))
+    assert stats["n_correct"] == 8 and all(v is None for v in stats["auroc"].values())
+    assert stats["auroc_note"] == "AUROC needs at least 10 traces of each outcome; these have 8 correct and 4 incorrect"
+    assert "8 correct and 4 incorrect" in auroc_table(stats)
+    fig = dynamics_figure(stats, "few")
+    panel = fig.axes[2]
+    assert not panel.patches  # no bars
+    assert any("at least 10 traces" in t.get_text() for t in panel.texts)
+
+
+def test_dynamics_figure_panels(traces_file):
+    import matplotlib.pyplot as plt
+
+    stats = dynamics(load_traces(traces_file))
+    # an incorrect group so spread that the normal band would leave [0, 1]
+    stats["curves"]["incorrect"]["half_width"] = [0.9 if h is not None else None for h in stats["curves"]["incorrect"]["half_width"]]
+    # counts of one or two per bin: a default locator would tick at 0.25, 0.5, ...
+    stats["lengths"] = {"correct": [120, 180, 180], "incorrect": [150, 240]}
+    fig = dynamics_figure(stats, "t")
+    conf, lengths, roc = fig.axes
+    assert all(ax.get_title() for ax in (conf, lengths, roc))  # every panel says what it shows
+    for band in conf.collections:  # the filled 95% bands
+        for path in band.get_paths():
+            ys = path.vertices[:, 1]
+            assert ys.min() >= 0.0 and ys.max() <= 1.0
+    ticks = [t for t in lengths.get_yticks() if lengths.get_ylim()[0] <= t <= lengths.get_ylim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    lo, hi = lengths.get_xlim()
+    assert (lo, hi) == (120, 240)  # the bins span the data: no blank stretch from 0
+    assert len(roc.patches) == len(stats["auroc"])
+    plt.close(fig)
 
 
 def test_plot_dynamics_and_report(traces_file, tmp_path, capsys):
@@ -53,7 +91,7 @@ def test_plot_dynamics_and_report(traces_file, tmp_path, capsys):
     (tmp_path / "table.md").write_text("# Results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     page = report(tmp_path).read_text()
     assert "<td>1</td><td>2</td>" in page and "data:image/png;base64," in page
-    assert "12 traces, final accuracy 66.7%" in page
+    assert "30 traces, final accuracy 66.7%" in page
     assert main(["plot"]) == 2
 
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
+import os
 from pathlib import Path
 
 import pytest
 
+from codestop import presets
 from codestop.errors import CodestopError
 from codestop.models import ModelSource, pick_engine, resolve_model
-from codestop.presets import PRESETS, Part, Preset, join_parts, preset_path
+from codestop.presets import (
+    PRESETS,
+    Part,
+    Preset,
+    cached_sha256,
+    preset_path,
+)
 
 
 @pytest.fixture
@@ -90,6 +99,46 @@ def test_truncated_cached_file_is_rejoined(tmp_path, monkeypatch, cache):
     path = preset_path(preset, allow_download=False)
     path.write_bytes(whole[:50])  # e.g. a full disk cut the copy short
     assert preset_path(preset, allow_download=False).read_bytes() == whole
+
+
+def test_changed_cached_bytes_are_rejoined(tmp_path, monkeypatch, cache, capsys):
+    chunks = [b"GGUF" + b"a" * 100, b"b" * 100]
+    whole = b"".join(chunks)
+    preset = _preset(_fake_parts(tmp_path, monkeypatch, chunks, "fakeparts_flip_"), whole)
+    path = preset_path(preset, allow_download=False)
+    damaged = bytearray(whole)
+    damaged[150] ^= 0xFF  # one flipped byte: same size, other content
+    path.write_bytes(bytes(damaged))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # a write always moves mtime
+    assert preset_path(preset, allow_download=False).read_bytes() == whole
+    err = capsys.readouterr().err
+    assert "has changed" in err and "joining it again from its parts" in err
+    # the re-joined file is remembered: used again without a word
+    assert preset_path(preset, allow_download=False) == path and capsys.readouterr().err == ""
+
+
+def test_sha256_is_computed_once_per_file_version(tmp_path, monkeypatch, cache):
+    chunks = [b"GGUF" + b"a" * 100, b"b" * 100]
+    whole = b"".join(chunks)
+    preset = _preset(_fake_parts(tmp_path, monkeypatch, chunks, "fakeparts_once_"), whole)
+    calls: list[Path] = []
+    real = presets.sha256_file
+    monkeypatch.setattr(presets, "sha256_file", lambda p, progress=None: calls.append(Path(p)) or real(p, progress))
+    path = preset_path(preset, allow_download=False)  # hashed while joining, not again
+    for _ in range(3):
+        preset_path(preset, allow_download=False)
+    assert calls == []
+    stamp = path.stat()
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))  # touched: hashed once more
+    preset_path(preset, allow_download=False)
+    preset_path(preset, allow_download=False)
+    assert calls == [path]
+    # any local file (a model given by path): the same cache, beside the joined files
+    other = tmp_path / "m.gguf"
+    other.write_bytes(b"GGUF" + b"z" * 50)
+    assert cached_sha256(other) == hashlib.sha256(other.read_bytes()).hexdigest() == cached_sha256(other)
+    assert calls == [path, other]
+    assert str(other.resolve()) in json.loads((cache / "models" / "sha256.json").read_text())
 
 
 def test_missing_parts_say_which_pip_line(cache):

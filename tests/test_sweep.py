@@ -9,16 +9,22 @@ import pytest
 
 from codestop.cli import main
 from codestop.errors import CodestopError
+from codestop.policies import make_policy
+from codestop.replay import trace_from_json
 from codestop.sweep import (
     Point,
     calibrate,
     clopper_pearson_upper,
+    compare_to_vanilla,
     drop_bounds,
+    knob_labels,
     mark_pareto,
+    paired_bootstrap,
     parse_range,
+    run_policy,
     sweep,
+    tradeoff_figure,
 )
-from codestop.replay import trace_from_json
 
 
 def test_parse_range():
@@ -102,12 +108,57 @@ def test_calibrate_says_when_nothing_qualifies():
 
 
 def test_bounds():
-    assert clopper_pearson_upper(0, 100) == pytest.approx(1 - 0.05 ** (1 / 100), rel=1e-6)
-    # k = n/2: the bound sits above the estimate, within a normal-approximation margin
-    ub = clopper_pearson_upper(50, 100)
-    assert 0.55 < ub < 0.5 + 1.645 * math.sqrt(0.25 / 100) + 0.01
+    from scipy.stats import beta, norm
+
+    assert clopper_pearson_upper(0, 100) == pytest.approx(1 - 0.05 ** (1 / 100), rel=1e-9)
+    # the exact bound is the beta quantile (Clopper-Pearson), at any confidence
+    for k, n, conf in [(0, 10, 0.95), (3, 40, 0.95), (50, 100, 0.9), (7, 1000, 0.99), (999, 1000, 0.95)]:
+        assert clopper_pearson_upper(k, n, conf) == pytest.approx(beta.ppf(conf, k + 1, n - k), rel=1e-9)
+    assert clopper_pearson_upper(5, 5) == 1.0 and clopper_pearson_upper(0, 0) == 1.0
     b = drop_bounds(lost=6, gained=2, n=200)
     assert b["drop"] == pytest.approx(0.02) and b["exact"] > 6 / 200 and b["normal"] > 0.02
+    # the normal bound's z is the normal quantile of the asked confidence (the old table knew 3 values)
+    sd = math.sqrt((8 / 200 - 0.02**2) / 200)
+    assert drop_bounds(6, 2, 200, confidence=0.8)["normal"] == pytest.approx(0.02 + norm.ppf(0.8) * sd, rel=1e-9)
+
+
+def test_paired_bootstrap_resamples_pairs_with_a_fixed_seed():
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(5)
+    theirs = rng.normal(300, 80, size=60)  # question difficulty varies a lot ...
+    ours = theirs - 40 + rng.normal(0, 5, size=60)  # ... the saving per question hardly
+    a = paired_bootstrap(ours, theirs)
+    assert a == paired_bootstrap(ours, theirs)  # fixed seed: the same interval every time
+    assert a["low"] < a["estimate"] < a["high"] and a["method"] == "BCa"
+    assert a["high"] - a["low"] < 6  # pairing removes the difficulty spread: unpaired it is ~60 tokens wide
+    ref = bootstrap((ours, theirs), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=True, vectorized=True,
+                    n_resamples=9999, rng=np.random.default_rng(0))
+    assert (a["low"], a["high"]) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+    same = paired_bootstrap([1, 0, 1], [1, 0, 1])
+    assert (same["estimate"], same["low"], same["high"], same["method"]) == (0.0, 0.0, 0.0, "degenerate")
+    with pytest.raises(ValueError, match="pair"):
+        paired_bootstrap([1, 2], [1])
+
+
+def test_calibrate_reports_the_split_it_used_and_bootstrap_intervals():
+    # 31 traces: round(15.5) = 16 calibration, 15 held out; the report must say 16 and 15, from the lists
+    traces = _traces([500, 300] * 15 + [300])
+    result = calibrate(traces, 0.0, method="budget", values=[100, 300, 500, 700], seed=3)
+    assert result["n_calibration"] == len(result["calibration_ids"]) == 16
+    assert result["n_held_out"] == len(result["held_out_ids"]) == result["held_out"]["n"] == 15
+    assert sorted(result["calibration_ids"] + result["held_out_ids"]) == sorted(t.id for t in traces)
+    assert result["statement"].startswith("Split: 16 calibration and 15 held-out traces of 31 (seed 3).")
+    boot = result["held_out"]["paired_bootstrap"]
+    held = [t for t in traces if t.id in set(result["held_out_ids"])]
+    rows = run_policy(held, make_policy("budget", budget=500))
+    vanilla = run_policy(held, make_policy("vanilla"))
+    assert boot == compare_to_vanilla(rows, vanilla, seed=3)
+    assert boot["cost_change"]["estimate"] == pytest.approx(-500)  # budget 500 against 1000-token traces
+    assert "Paired bootstrap" in result["statement"] and "mean cost -500.0 tokens" in result["statement"]
+    none = calibrate(traces, 0.0, method="budget", values=[100])  # nothing qualifies: the sizes are still said
+    assert none["chosen"] is None and none["statement"].startswith("Split: 16 calibration and 15 held-out traces of 31")
 
 
 def test_cli_sweep_writes_table_and_plot(tmp_path, capsys):
@@ -122,3 +173,26 @@ def test_cli_sweep_writes_table_and_plot(tmp_path, capsys):
     assert main(["calibrate", str(path), "--method", "budget", "--budget", "100:900:200", "--max-accuracy-drop", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["knob"] == "budget"
     assert main(["sweep", str(path), "--tau", "3:1:1"]) == 2
+
+
+def test_tradeoff_figure_labels_every_value_and_explains_itself():
+    import matplotlib.pyplot as plt
+
+    traces = _traces([300, 500, 200, 400])
+    pts = sweep(traces, {"budget": [100, 200, 300, 350, 500, 700, 900]})
+    budget = [p for p in pts if p.method == "budget"]
+    # every budget lands on a point of its own here: one label each
+    labels = {text: members for members, text in knob_labels(budget)}
+    assert set(labels) == {"100", "200", "300", "350", "500", "700", "900"}
+    twins = [Point("x", "k", v, 1, 0.5, 10, 10, 0, 0) for v in (0.25, 0.5, 0.75)] + [Point("x", "k", 1.0, 1, 0.6, 12, 12, 0, 0)]
+    assert sorted(text for _, text in knob_labels(twins)) == ["0.25-0.75", "1"]
+    fig = tradeoff_figure(pts, "t")
+    ax = fig.axes[0]
+    shown = {t.get_text() for t in ax.texts}
+    assert {"100", "200", "300", "350", "500", "700", "900"} <= shown  # every knob value is written by its point
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("vanilla: 100.0%, 1000 tokens") for t in legend)
+    assert any("faded" in t and "frontier" in t for t in legend)
+    vanilla_lines = [line for line in ax.get_lines() if list(line.get_ydata()) == [100.0, 100.0]]
+    assert vanilla_lines  # vanilla's accuracy as a reference line across the plot
+    plt.close(fig)
