@@ -170,6 +170,7 @@ async def astream(
     """Answer ``question`` on ``engine`` under ``policy``: yields Events as they happen, then the
     Result. ``family`` overrides the one ``config`` names or the engine's detected one; ``prompt``
     (already templated, e.g. a client's conversation) replaces the family's prompt for ``question``."""
+    await engine.ready()  # a completions server still starting: a clear 503-style error, not a hang
     policy = policy if policy is not None else Vanilla()
     family = family or get_family(config.family, engine, config.enable_thinking)
     clock = _Clock()

@@ -8,9 +8,17 @@ extra body field, ``{"codestop": {"method": "codestop", "tau": 7}}``, over the s
 ``usage`` carries codestop's own figures under ``usage.codestop``. ``/health`` and ``/metrics``
 (Prometheus) are open; everything under ``/v1`` asks for ``proxy_api_key`` when one is set.
 
+What a client sent is honoured or refused, never dropped: ``max_tokens`` caps reasoning plus answer,
+``stop`` ends the visible output, the messages are rendered exactly as sent, a model the upstream
+does not serve is a 404, and a field the proxy cannot honour (tools, logprobs, n > 1, ...) is a 400
+naming it. Nothing is appended to what the model says unless asked: when a policy stops a chat
+answer's thinking, the model closes it and answers in its own words (``answer: "free"``); a raw
+completion just ends (``"none"``); the paper's forced ``\\boxed{}`` answer is ``"boxed"``.
+
 Each answer is one :func:`codestop.controller.astream`: a streaming response turns its events into
 SSE chunks, a plain one consumes it to the Result. Closing the stream closes its session, so a
-client that leaves stops its generation.
+client that leaves stops its generation. The engine may be built at startup in the background (a
+model loading, an upstream still starting): until it answers, ``/health`` and requests are 503.
 """
 
 # no "from __future__ import annotations": FastAPI reads the handlers' annotations at runtime
@@ -23,12 +31,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from codestop.config import GenerationConfig, cli_fields
+from codestop.config import ANSWER_MODES, GenerationConfig, cli_fields
 from codestop.controller import Event, Result, agenerate, astream
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError, ContextTooLong, ServerError
@@ -40,17 +48,37 @@ log = logging.getLogger("codestop.serve")
 
 DEFAULT_CONFIG = GenerationConfig()
 DEFAULT_POLICY: Mapping[str, Any] = {"method": "codestop"}
+DEFAULT_ANSWER = "free"  # a chat answer after a stop: the model's own words (a raw completion: "none")
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # what /metrics counts
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
 DISCONNECT_POLL_S = 0.25  # how often a plain request checks that its client is still there
 # a request's ``codestop`` field: the policies' knobs and the generation config's fields, from their registries
 POLICY_FIELDS = frozenset({"method", *(k for knobs in METHOD_OPTIONS.values() for k in knobs)})
 GENERATION_FIELDS = frozenset(f.name for f in cli_fields())
-# OpenAI's top-level sampling fields and the GenerationConfig field each sets (later ones win)
+# The OpenAI request fields, each honoured, harmless or refused; any other field is a 400.
+# Honoured: the GenerationConfig field each sets (later ones win).
 OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-                 "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
-
-
+                 "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "stop": "stop"}
+HARMLESS_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metadata", "store", "service_tier",
+                             "parallel_tool_calls", "codestop"})
+# Refused unless at their neutral value (None always is): (neutral values, why)
+UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((1,), "one choice per request"),
+    "best_of": ((1,), "one choice per request"),
+    "echo": ((False,), "the prompt is not echoed"),
+    "suffix": (("",), "no suffix insertion"),
+    "logprobs": ((False,), "the answer's log-probabilities are not returned"),
+    "top_logprobs": ((0,), "the answer's log-probabilities are not returned"),
+    "logit_bias": (({},), "no logit bias"),
+    "tools": (([],), "no tool calling"),
+    "tool_choice": (("none",), "no tool calling"),
+    "functions": (([],), "no function calling"),
+    "function_call": (("none",), "no function calling"),
+    "response_format": (({"type": "text"},), "no structured output"),
+    "presence_penalty": ((0, 0.0), "no penalties on the reasoning steps"),
+    "frequency_penalty": ((0, 0.0), "no penalties on the reasoning steps"),
+}
+MAX_STOPS = 4  # as OpenAI's API
 # --------------------------------------------------------------------------------------------
 # Errors, in OpenAI's shape
 # --------------------------------------------------------------------------------------------
@@ -73,8 +101,10 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_for(exc: BaseException, prompt_param: str = "messages") -> tuple[int, dict[str, Any]]:
-    """The HTTP status and OpenAI-style body for an exception raised while answering."""
+def error_for(exc: BaseException, prompt_param: str = "messages", where: str = "") -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI-style body for an exception raised while answering; ``where`` is
+    the request's method and path (for an unknown route)."""
+    from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
     if isinstance(exc, RequestError):
@@ -82,11 +112,18 @@ def error_for(exc: BaseException, prompt_param: str = "messages") -> tuple[int, 
     if isinstance(exc, ContextTooLong):
         return 400, error_body(str(exc), "invalid_request_error", prompt_param, "context_length_exceeded")
     if isinstance(exc, ServerError):
-        return exc.status, error_body(str(exc), "upstream_error", None, "upstream_unavailable")
+        code = {503: "upstream_not_ready", 504: "upstream_timeout"}.get(exc.status, "upstream_unavailable")
+        return exc.status, error_body(str(exc), "upstream_error", None, code)
     if isinstance(exc, CodestopError):
         return 400, error_body(str(exc), "invalid_request_error")
+    if isinstance(exc, RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        param_path = ".".join(str(x) for x in first.get("loc", ())[1:])
+        return 400, error_body(f"{param_path or 'body'}: {first.get('msg', 'invalid')}", "invalid_request_error", param_path or None)
     if isinstance(exc, HTTPException):
-        return exc.status_code, error_body(str(exc.detail), "invalid_request_error")
+        message = {404: f"Invalid URL ({where})", 405: f"Method not allowed ({where})"}.get(exc.status_code, str(exc.detail))
+        return exc.status_code, error_body(message, "invalid_request_error", None,
+                                           {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
     return 500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
 
@@ -103,9 +140,9 @@ def _param(message: str) -> str | None:
 
 class EngineCounters:
     """Exports ``engine.counters()`` (``{name: {kind: n}}``) as ``codestop_<name>_total{kind}``,
-    read at each scrape so the engine keeps its own counts."""
+    read at each scrape so the engine keeps its own counts (none while the engine is being built)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
         self.engine = engine
 
     def describe(self) -> list[Any]:
@@ -114,9 +151,12 @@ class EngineCounters:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily
 
-        for name, by_kind in sorted(self.engine.counters().items()):
+        engine = self.engine()
+        if engine is None:
+            return
+        for name, by_kind in sorted(engine.counters().items()):
             labelled = any(by_kind)
-            family = CounterMetricFamily(f"codestop_{name}", f"{self.engine.name} engine: {name.replace('_', ' ')}",
+            family = CounterMetricFamily(f"codestop_{name}", f"{engine.name} engine: {name.replace('_', ' ')}",
                                          labels=["kind"] if labelled else [])
             for kind, n in sorted(by_kind.items()):
                 family.add_metric([kind] if labelled else [], n)
@@ -127,7 +167,7 @@ class Metrics:
     """The proxy's series: requests by endpoint and status, latency to the last byte, requests in
     flight, stops by reason, tokens by kind; the process's; the engine's counters."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
         self.registry = r = CollectorRegistry()
@@ -221,14 +261,44 @@ def build_policy(default: Mapping[str, Any], asked: Mapping[str, Any], prefix: s
         raise RequestError(f"{prefix}{err}", f"{prefix}{_param(str(err)) or 'method'}") from None
 
 
-def request_config(body: Mapping[str, Any], default: GenerationConfig, options: Mapping[str, Any], stream: bool) -> GenerationConfig:
-    """The default config with the request's OpenAI fields, then its ``codestop`` generation
-    fields, applied; a streamed answer shows its text live."""
-    config = default.replace(live_text=stream)
+def _neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    return value is None or any(type(value) is type(v) and value == v for v in neutral)  # True is no 1
+
+
+def check_fields(body: Mapping[str, Any], chat: bool) -> None:
+    """Every field is honoured, harmless, or a 400 naming it: nothing is accepted and ignored."""
+    prompt_field = "messages" if chat else "prompt"
+    for key, value in body.items():
+        if key in UNSUPPORTED_FIELDS:
+            neutral, why = UNSUPPORTED_FIELDS[key]
+            if not _neutral(value, neutral):
+                raise RequestError(f"{key}: {value!r} is not supported by the codestop proxy ({why})", key,
+                                   code="unsupported_parameter")
+        elif key not in OPENAI_FIELDS and key not in HARMLESS_FIELDS and key != prompt_field:
+            raise RequestError(f"{key}: unrecognized request argument (the codestop proxy honours "
+                               f"{', '.join([prompt_field, *OPENAI_FIELDS])} and codestop)", key, code="unknown_parameter")
+
+
+def parse_stop(value: Any) -> tuple[str, ...]:
+    """OpenAI's ``stop``: a string or a list of at most four (non-empty) strings."""
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+        raise RequestError(f"stop: {value!r} must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
+    if len(stops) > MAX_STOPS:
+        raise RequestError(f"stop: {len(stops)} stop strings given; at most {MAX_STOPS} are allowed", "stop")
+    return tuple(stops)
+
+
+def request_config(body: Mapping[str, Any], default: GenerationConfig, options: Mapping[str, Any], stream: bool,
+                   answer: str = DEFAULT_ANSWER) -> GenerationConfig:
+    """The default config with the endpoint's ``answer`` mode, the request's OpenAI fields, then its
+    ``codestop`` generation fields, applied; a streamed answer shows its text live."""
+    config = default.replace(live_text=stream, answer=answer)
     for key, name in OPENAI_FIELDS.items():
         if body.get(key) is not None:
+            value = parse_stop(body[key]) if key == "stop" else body[key]
             try:
-                config = config.with_options({name: body[key]})
+                config = config.with_options({name: value})
             except ValueError as err:
                 raise RequestError(key + str(err).removeprefix(name), key) from None
     try:
@@ -288,26 +358,54 @@ def parse_prompt(body: Mapping[str, Any]) -> str:
 
 
 def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
-    if body.get("n") not in (None, 1):
-        raise RequestError("n: only n = 1 is supported", "n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("stream: must be true or false", "stream")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError("stream_options: must be an object", "stream_options")
-    return stream, bool(stream_options.get("include_usage", True))
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise RequestError("stream_options.include_usage: must be true or false", "stream_options.include_usage")
+    return stream, include_usage
 
 
-async def prepare(body: Any, engine: Engine, config: GenerationConfig, policy: Mapping[str, Any], chat: bool) -> Prepared:
+def served_models(engine: Engine) -> list[str]:
+    """The model names the proxy answers to: the engine's one model, under the upstream's own name
+    for a server engine (an upstream serving several is used for that one only: a request for
+    another would otherwise be answered by the wrong model)."""
+    return [engine.model_name] if engine.model_name else []
+
+
+def check_model(body: Mapping[str, Any], engine: Engine) -> str:
+    """The model name to answer with: the one asked for, which the engine must serve (404
+    otherwise, as OpenAI's), or the engine's own when none is asked for."""
+    model = body.get("model")
+    if model is None:
+        return engine.model_name
+    if not isinstance(model, str):
+        raise RequestError(f"model: {model!r} must be a string", "model")
+    names = served_models(engine)
+    if model not in names:
+        raise RequestError(f"model: the model {model!r} does not exist; this server serves {', '.join(names)}",
+                           "model", 404, "model_not_found")
+    return model
+
+
+async def prepare(body: Any, engine: Engine, config: GenerationConfig, policy: Mapping[str, Any], chat: bool,
+                  answer: str = DEFAULT_ANSWER) -> Prepared:
     """Validate a request body (every mistake raises a RequestError naming its field) and render
-    its prompt: the client's conversation through the model's template, or its raw prompt."""
+    its prompt: the client's conversation exactly as sent through the model's template (opened for
+    thinking where the family thinks), or its raw prompt. ``answer``: a chat answer's mode after a
+    stop unless the request's ``codestop.answer`` says (a raw completion's is "none")."""
     if not isinstance(body, dict):
         raise RequestError("body: must be a JSON object", "body")
+    check_fields(body, chat)
+    model = check_model(body, engine)
     stream, include_usage = _stream_flags(body)
     knobs, generation = split_options(body.get("codestop"))
     chosen = build_policy(policy, knobs)
-    config = request_config(body, config, generation, stream)
+    config = request_config(body, config, generation, stream, answer if chat else "none")
     family = get_family(config.family, engine, config.enable_thinking)
     if chat:
         messages = parse_messages(body)
@@ -316,7 +414,7 @@ async def prepare(body: Any, engine: Engine, config: GenerationConfig, policy: M
     else:
         question = prompt = parse_prompt(body)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    return Prepared(chat, question, prompt, family, chosen, config, stream, include_usage, rid, engine.model_name, int(time.time()))
+    return Prepared(chat, question, prompt, family, chosen, config, stream, include_usage, rid, model, int(time.time()))
 
 
 async def read_json(request: Any) -> Any:
@@ -331,12 +429,20 @@ async def read_json(request: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+# markup a family's model writes at the start of a section, hidden like the thinking markers
+SECTION_MARKUP: dict[str, dict[str, tuple[str, ...]]] = {
+    "gpt-oss": {"reasoning_content": ("<|channel|>analysis<|message|>",),
+                "content": ("<|start|>assistant<|channel|>final<|message|>", "<|channel|>final<|message|>")},
+}
+
+
 class Splitter:
     """Routes the controller's text events to ``reasoning_content`` or ``content``.
 
     For a thinking family the reasoning ends at its ``think_end`` marker (hidden, possibly split
-    over events) and codestop's forced close (``close_thinking``) is hidden too. For a plain family,
-    or a raw completion, everything is ``content``."""
+    over events), codestop's forced close (``close_thinking``) is hidden too, and so are the
+    family's section markup and the blank lines that open the answer. For a plain family, or a raw
+    completion, everything is ``content``, as the model wrote it."""
 
     def __init__(self, family: Family, split: bool) -> None:
         self.split = split and family.thinks
@@ -345,8 +451,14 @@ class Splitter:
         self.in_answer = not self.split
         self.held = ""
         self.first_answer = True
+        self.markup = SECTION_MARKUP.get(family.name, {})
+        self.started = {"reasoning_content": not self.split, "content": not self.split}
+        self.opening = {"reasoning_content": "", "content": ""}  # a section's start, undecided yet
 
     def feed(self, kind: str, text: str) -> list[tuple[str, str]]:
+        return [(where, t) for where, piece in self._route(kind, text) if (t := self._open(where, piece))]
+
+    def _route(self, kind: str, text: str) -> list[tuple[str, str]]:
         if not self.split:
             return [("content", text)] if text else []
         out: list[tuple[str, str]] = []
@@ -379,11 +491,35 @@ class Splitter:
         emit = buf[: len(buf) - keep]
         return [("reasoning_content", emit)] if emit else []
 
+    def _open(self, where: str, text: str) -> str:
+        """``text`` once its section has started: the section's leading markup (and an answer's
+        leading whitespace) dropped; "" while the start is still undecided."""
+        if self.started[where]:
+            return text
+        buf = self.opening[where] + text
+        marks = self.markup.get(where, ())
+        while True:
+            if where == "content":
+                buf = buf.lstrip()
+            hit = next((m for m in marks if buf.startswith(m)), None)
+            if hit is None:
+                break
+            buf = buf[len(hit) :]
+        if not buf or any(m.startswith(buf) for m in marks):
+            self.opening[where] = buf
+            return ""
+        self.started[where], self.opening[where] = True, ""
+        return buf
+
     def flush(self) -> list[tuple[str, str]]:
         held, self.held = self.held, ""
-        if not held:
-            return []
-        return [("content" if self.in_answer else "reasoning_content", held)]
+        out = [("content" if self.in_answer else "reasoning_content", held)] if held else []
+        out = [(where, t) for where, piece in out if (t := self._open(where, piece))]
+        for where in ("reasoning_content", "content"):  # a start that looked like markup but was not
+            if self.opening[where]:
+                out.append((where, self.opening[where]))
+                self.opening[where] = ""
+        return sorted(out, key=lambda item: item[0] == "content")
 
 
 def split_result(result: Result, family: Family, split: bool) -> dict[str, str]:
@@ -402,14 +538,17 @@ def split_result(result: Result, family: Family, split: bool) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def usage_of(result: Result) -> dict[str, Any]:
+def usage_of(result: Result, family: Family) -> dict[str, Any]:
+    """OpenAI's usage: the completion is the reasoning plus the answer (what ``max_tokens`` caps);
+    ``reasoning_tokens`` the thinking block's (0 for a plain family); codestop's own figures, probes
+    included, under ``codestop``."""
     t = result.tokens
     completion = t["reasoning"] + t["answer"]
     return {
         "prompt_tokens": t["prompt"],
         "completion_tokens": completion,
         "total_tokens": t["prompt"] + completion,
-        "completion_tokens_details": {"reasoning_tokens": t["reasoning"]},
+        "completion_tokens_details": {"reasoning_tokens": t["reasoning"] if family.thinks else 0},
         "codestop": {
             "method": result.method,
             "stop_reason": result.stop_reason,
@@ -428,26 +567,37 @@ def usage_of(result: Result) -> dict[str, Any]:
     }
 
 
-def finish_reason_of(result: Result) -> str:
-    """``length`` when the generation cap (not the policy) ended the reasoning."""
-    return "length" if result.stop_reason == "max_new_tokens" else "stop"
+def finish_reason_of(result: Result, config: GenerationConfig) -> str:
+    """``length`` when a cap, not the model or the policy, ended the output: the completion reached
+    ``max_tokens``, or the reasoning reached its cap with no answer after it."""
+    completion = result.tokens["reasoning"] + result.tokens["answer"]
+    if config.max_tokens is not None and completion >= config.max_tokens:  # never an EOS: it would be one more
+        return "length"
+    if result.stop_reason == "max_new_tokens" and result.tokens["answer"] == 0:
+        return "length"
+    return "stop"
 
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _chunk(prep: Prepared, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
-    head = {"id": prep.rid, "created": prep.created, "model": prep.model}
+def _chunk(prep: Prepared, delta: dict[str, str] | None, finish: str | None = None) -> dict[str, Any]:
+    """A stream chunk: a delta (with its finish reason), or with ``delta`` None a chunk with no
+    choice (the usage chunk)."""
+    head = {"id": prep.rid, "object": "chat.completion.chunk" if prep.chat else "text_completion",
+            "created": prep.created, "model": prep.model}
+    if delta is None:
+        return {**head, "choices": []}
     if prep.chat:
-        return {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     text = delta.get("content", "") + delta.get("reasoning_content", "")
-    return {**head, "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
 
 def full_response(result: Result, prep: Prepared) -> dict[str, Any]:
     parts = split_result(result, prep.family, prep.chat)
-    finish = finish_reason_of(result)
+    finish = finish_reason_of(result, prep.config)
     if prep.chat:
         message: dict[str, Any] = {"role": "assistant", "content": parts["content"]}
         if prep.family.thinks:
@@ -456,13 +606,14 @@ def full_response(result: Result, prep: Prepared) -> dict[str, Any]:
     else:
         choice = {"index": 0, "text": parts["reasoning_content"] + parts["content"], "logprobs": None, "finish_reason": finish}
     return {"id": prep.rid, "object": "chat.completion" if prep.chat else "text_completion", "created": prep.created,
-            "model": prep.model, "choices": [choice], "usage": usage_of(result)}
+            "model": prep.model, "choices": [choice], "usage": usage_of(result, prep.family)}
 
 
 async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGenerator[Event | Result, None],
                      metrics: Metrics, state: Any) -> AsyncGenerator[str, None]:
     """The SSE chunks of one streamed answer: ``head`` (already pulled), then the rest of
-    ``stream``. A failure after the first byte ends the stream with an error event."""
+    ``stream``; the usage, when asked for (``stream_options.include_usage``), in a last chunk of
+    its own. A failure after the first byte ends the stream with an error event."""
     splitter = Splitter(prep.family, prep.chat)
     async with aclosing(stream):
         if prep.chat:
@@ -472,11 +623,11 @@ async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGe
                 if isinstance(item, Result):
                     for where, piece in splitter.flush():
                         yield _sse(_chunk(prep, {where: piece}))
-                    last = _chunk(prep, {}, finish_reason_of(item))
+                    tail = _sse(_chunk(prep, {}, finish_reason_of(item, prep.config)))
                     if prep.include_usage:
-                        last["usage"] = usage_of(item)
+                        tail += _sse({**_chunk(prep, None), "usage": usage_of(item, prep.family)})
                     metrics.count_result(item)
-                    yield _sse(last) + "data: [DONE]\n\n"
+                    yield tail + "data: [DONE]\n\n"
                     state.outcome = 200
                 elif item.kind in ("reasoning", "answer"):
                     for where, piece in splitter.feed(item.kind, item.text):
@@ -533,32 +684,46 @@ async def unless_disconnected(request: Any, work: Awaitable[T]) -> T:
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | Callable[[], Engine],
     *,
     config: GenerationConfig = DEFAULT_CONFIG,
     policy: Mapping[str, Any] = DEFAULT_POLICY,
+    answer: str = DEFAULT_ANSWER,
     proxy_api_key: str | None = None,
     close_engine: bool = True,
 ) -> Any:
-    """The FastAPI app answering OpenAI-style requests with ``engine``: ``config`` and ``policy``
-    (a method and its knobs, as in a request's ``codestop`` field) are the server-wide defaults.
-    The app closes the engine at shutdown unless ``close_engine`` is False (a shared engine)."""
+    """The FastAPI app answering OpenAI-style requests with ``engine``, or with the engine a
+    blocking ``engine()`` builds at startup in a worker thread (a model loading: ``/health`` and
+    requests are 503 until it is there). ``config`` and ``policy`` (a method and its knobs, as in a
+    request's ``codestop`` field) are the server-wide defaults; ``answer`` is a chat answer's mode
+    after a stop (``config.answer`` is not read: a raw completion's mode is "none"), a request's
+    ``codestop.answer`` overrides both. The app closes the engine at shutdown unless
+    ``close_engine`` is False (a shared engine)."""
     from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
     build_policy(policy, {}, prefix="")  # a bad server-wide default fails at start, not per request
+    if answer not in ANSWER_MODES:
+        raise CodestopError(f"answer: {answer!r} must be one of {', '.join(ANSWER_MODES)}")
+    make = None if isinstance(engine, Engine) else engine
+    served = Served(engine if isinstance(engine, Engine) else None, config, dict(policy), answer, proxy_api_key)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        yield
-        if close_engine:
-            await engine.aclose()
+        building = None if make is None else asyncio.create_task(served.build(make))
+        try:
+            yield
+        finally:
+            if building is not None:
+                await asyncio.gather(building, return_exceptions=True)  # a thread cannot be cancelled
+            if close_engine and served.engine is not None:
+                await served.engine.aclose()
 
     app = FastAPI(title="codestop", version=_version(), lifespan=lifespan)
-    served = Served(engine, Metrics(engine), config, dict(policy), proxy_api_key)
     app.state.served = served
     app.add_middleware(CountRequests, metrics=served.metrics)
-    for kind in (RequestError, CodestopError, HTTPException, Exception):
+    for kind in (RequestError, CodestopError, HTTPException, RequestValidationError, Exception):
         app.add_exception_handler(kind, on_error)
     app.add_exception_handler(ClientGone, on_client_gone)
     for router in _routes(served):
@@ -566,16 +731,38 @@ def create_app(
     return app
 
 
-@dataclass(frozen=True)
+@dataclass
 class Served:
-    """What the handlers answer with."""
+    """What the handlers answer with. ``engine`` is None until it is built (``build``)."""
 
-    engine: Engine
-    metrics: Metrics
+    engine: Engine | None
     config: GenerationConfig
     policy: dict[str, Any]
+    answer: str
     proxy_api_key: str | None
+    metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
+    load_error: str | None = None  # why building the engine failed
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.engine)
+
+    async def build(self, make: Callable[[], Engine]) -> None:
+        try:
+            self.engine = await asyncio.to_thread(make)
+        except Exception as err:
+            self.load_error = str(err) or type(err).__name__
+            log.error("the engine failed to start: %s", self.load_error, exc_info=not isinstance(err, CodestopError))
+
+    async def ready_engine(self) -> Engine:
+        """The engine once it can answer: a 503 saying why while it is being built, or while its
+        upstream is not up yet (a server engine started before it connects on first use)."""
+        if self.engine is None:
+            if self.load_error is not None:
+                raise RequestError(f"the engine failed to start: {self.load_error}", None, 503, "engine_failed", "server_error")
+            raise RequestError("the model is still loading; retry shortly", None, 503, "model_loading", "server_error")
+        await self.engine.ready()  # a server engine connects now if not yet (a 503 ServerError)
+        return self.engine
 
 
 def _routes(s: Served) -> tuple[Any, Any]:
@@ -593,6 +780,9 @@ def _routes(s: Served) -> tuple[Any, Any]:
 
     @opened.get("/health")
     async def health() -> JSONResponse:
+        if s.engine is None:
+            status = "failed" if s.load_error is not None else "loading"
+            return JSONResponse({"status": status, **({"error": s.load_error} if s.load_error else {})}, status_code=503)
         state = await s.engine.health()
         ok = bool(state.get("ok"))
         body = {"status": "ok" if ok else "degraded", "engine": s.engine.name, "model": s.engine.model_name,
@@ -607,8 +797,9 @@ def _routes(s: Served) -> tuple[Any, Any]:
 
     @v1.get("/models")
     async def models() -> JSONResponse:
-        card = {"id": s.engine.model_name, "object": "model", "created": s.created, "owned_by": "codestop"}
-        return JSONResponse({"object": "list", "data": [card]})
+        engine = await s.ready_engine()
+        cards = [{"id": name, "object": "model", "created": s.created, "owned_by": "codestop"} for name in served_models(engine)]
+        return JSONResponse({"object": "list", "data": cards})
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -625,8 +816,10 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
     """One answer: consumed to its Result, or streamed as SSE from its first text on."""
     from fastapi.responses import JSONResponse
 
-    prep = await prepare(await read_json(request), s.engine, s.config, s.policy, chat)
-    run = (s.engine, prep.question, prep.policy, prep.config)
+    body = await read_json(request)
+    engine = await s.ready_engine()
+    prep = await prepare(body, engine, s.config, s.policy, chat, s.answer)
+    run = (engine, prep.question, prep.policy, prep.config)
     if not prep.stream:
         result = await unless_disconnected(request, agenerate(*run, family=prep.family, prompt=prep.prompt))
         s.metrics.count_result(result)
@@ -640,7 +833,8 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
 async def on_error(request: Any, exc: Exception) -> Any:
     from fastapi.responses import JSONResponse
 
-    status, body = error_for(exc, "prompt" if request.url.path == "/v1/completions" else "messages")
+    prompt_param = "prompt" if request.url.path == "/v1/completions" else "messages"
+    status, body = error_for(exc, prompt_param, f"{request.method} {request.url.path}")
     if status == 500:
         log.error("answer failed", exc_info=exc)
     return JSONResponse(body, status_code=status)
@@ -700,14 +894,15 @@ def _version() -> str:
 
 def build_engine(args: argparse.Namespace) -> Engine:
     """An upstream completions server (``--base-url``; ``--model`` picks one of its models) or an
-    in-process engine (``--model`` alone)."""
+    in-process engine (``--model`` alone). The server engine does not wait for its upstream: one
+    still starting is connected to on first use (``/health`` says 503 until then)."""
     from codestop.cli import engine_options_from_args
     from codestop.models import load_engine
 
     options = engine_options_from_args(args)
     if args.base_url:
         options.update({k: getattr(args, k) for k in ("concurrency", "timeout", "retries") if getattr(args, k) is not None})
-        return load_engine(args.model, engine="server", **options)
+        return load_engine(args.model, engine="server", wait=False, **options)
     return load_engine(args.model, engine=args.engine, **options)
 
 
@@ -721,23 +916,29 @@ def add_parser(sub: Any) -> None:
             "Serve /v1/chat/completions and /v1/completions (streaming or not) under a stopping policy, "
             "in front of an upstream completions server (--base-url, e.g. vLLM with --enable-prefix-caching) "
             "or an in-process engine (--model). A request picks its own policy with "
-            '{"codestop": {"method": "codestop", "tau": 7}}; the flags below set the default.'
+            '{"codestop": {"method": "codestop", "tau": 7}}; the flags below set the default. The upstream\'s '
+            "key (--api-key) defaults to $CODESTOP_UPSTREAM_API_KEY, else $OPENAI_API_KEY. The server starts "
+            "at once: /health answers 503 until the model is loaded or the upstream answers. --answer is a chat "
+            "answer's mode after a stop (default free: the model answers in its own words); a raw completion "
+            "just ends there."
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument(
         "--proxy-api-key",
-        default=os.environ.get("CODESTOP_PROXY_API_KEY"),
+        default=None,
         help="a key clients must send (Authorization: Bearer KEY); default $CODESTOP_PROXY_API_KEY, else none",
     )
     p.add_argument("--concurrency", type=int, default=None, help="most requests in flight to the upstream (default 64)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds one upstream request may take (default 600)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds the upstream may stay silent (between streamed tokens, or for a plain answer) "
+                        "before the request fails with 504 (default 60)")
     p.add_argument("--retries", type=int, default=None, help="retries on 429/5xx/connection resets (default 3)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     add_model_options(p)
     add_policy_options(p)
-    add_generation_options(p)
+    add_generation_options(p, answer=DEFAULT_ANSWER)
     p.set_defaults(func=cmd_serve)
 
 
@@ -753,6 +954,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = GenerationConfig.from_args(args)
     policy_from_args(args)  # the default policy's knobs fail here, before the model loads
     policy = {"method": args.method, **{k: getattr(args, k) for k in METHOD_OPTIONS[args.method] if getattr(args, k, None) is not None}}
-    app = create_app(build_engine(args), config=config, policy=policy, proxy_api_key=args.proxy_api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    proxy_api_key = args.proxy_api_key or os.environ.get("CODESTOP_PROXY_API_KEY") or None
+    server: Any = None
+
+    def engine() -> Engine:  # built once the server listens: /health is 503 until it is there
+        try:
+            return build_engine(args)
+        except BaseException:
+            server.should_exit = True  # an engine that cannot be built (a bad model, key, URL) ends the server
+            raise
+
+    app = create_app(engine, config=config, policy=policy, answer=config.answer, proxy_api_key=proxy_api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    if app.state.served.load_error is not None:
+        raise CodestopError(app.state.served.load_error)
     return 0

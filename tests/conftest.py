@@ -71,3 +71,45 @@ def tiny_engine(tokenizer):
     from codestop.engines.transformers import TransformersEngine
 
     return TransformersEngine(build_tiny_model(tokenizer), tokenizer, model_name="tiny-qwen3")
+
+
+# --------------------------------------------------------------------------------------------
+# A real vLLM server (tests/vllm_server.py): started once per session, or $CODESTOP_VLLM_URL's
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vllm_url():
+    """The base URL (ending in /v1) of a real vLLM serving SmolLM2-135M-Instruct with prefix
+    caching. Fails, never skips, when vLLM is not installed (run tests/install_vllm.sh)."""
+    from vllm_server import VllmUnavailable, vllm_session
+
+    failure = ""
+    try:
+        with vllm_session() as url:
+            yield url
+    except VllmUnavailable as err:
+        failure = str(err)
+    if failure:
+        pytest.fail(failure, pytrace=False)
+
+
+def pytest_collection_finish(session):
+    from vllm_server import INFO
+
+    INFO.tests.update(item.nodeid for item in session.items if "vllm_url" in getattr(item, "fixturenames", ()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Count the tests that ran against the real vLLM, and what the server cost, in the output."""
+    from vllm_server import summary_lines
+
+    rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+    outcomes: dict[str, str] = {}
+    for kind, weight in rank.items():
+        for report in terminalreporter.stats.get(kind, []):
+            nodeid = getattr(report, "nodeid", "")
+            if weight >= rank.get(outcomes.get(nodeid, ""), -1):
+                outcomes[nodeid] = kind
+    for line in summary_lines(outcomes):
+        terminalreporter.write_line(line)

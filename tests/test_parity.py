@@ -31,6 +31,8 @@ EOS = 0
 PEAK = 12.0
 SNOWMAN = "\u2603".encode()  # 3 bytes
 RULES = StepRules(separators=("\n\n",), words=("Wait", "But wait", "Alternatively"), stop_texts=("</think>",))
+FEW_RULES = StepRules(separators=("\n\n",), words=("Wait",), stop_texts=("</think>",))  # 3 stop strings: fit any server
+VLLM_MAX_STOPS = 4  # vLLM 0.32 answers 400 to a longer stop list
 ANSWER_RULES = StepRules(close_box=True, greedy=True)
 
 
@@ -160,6 +162,7 @@ class ToyServer:
 
     def __init__(self, model: ToyModel, dialect: str) -> None:
         self.model, self.dialect = model, dialect
+        self.max_stops = VLLM_MAX_STOPS if dialect == "vllm" else None
         self.requests: list[tuple[str, dict]] = []
         self.sync_requests: list[str] = []
 
@@ -183,6 +186,10 @@ class ToyServer:
             return httpx.Response(200, json={"tokens": [{"id": i, "piece": list(tok.pieces[i])} for i in ids]})
         if path == "/detokenize":
             return httpx.Response(200, json={"content": tok.decode(body["tokens"])})
+        stops = body.get("stop") or []
+        if self.max_stops is not None and len(stops) > self.max_stops:  # vLLM's own answer
+            msg = f"List should have at most {self.max_stops} items after validation, not {len(stops)}"
+            return httpx.Response(400, json={"error": {"message": msg, "type": "Bad Request", "param": "body.stop", "code": 400}})
         prompt = body["prompt"] if isinstance(body["prompt"], list) else tok.encode(body["prompt"])
         out, finish, matched = self.generate(prompt, body.get("max_tokens") or body["n_predict"], body.get("stop") or [])
         if path == "/completion":
@@ -266,13 +273,16 @@ CASES = [
     Case("the budget ends a step", ["a", " b", " c", " Wait", " d", " e", " f", " g", "<eos>"], ["3}"], budget=6),
 ]
 
-# (server dialect, live: streamed steps, the server's own tokenizer)
+# (server dialect, live: streamed steps, the server's own tokenizer, the step rules). A step is
+# plain unless live or its 5 stop strings exceed the engine's cap of 4 (then streamed: the words
+# that do not fit are found client-side)
 MODES = [
-    ("vllm", False, False), ("vllm", True, False),
-    ("sglang", False, False), ("sglang", True, False),
-    ("llamacpp", False, False), ("llamacpp", True, False),
-    ("llamacpp", False, True), ("llamacpp", True, True),
+    ("vllm", False, False, FEW_RULES), ("vllm", False, False, RULES), ("vllm", True, False, RULES),
+    ("sglang", False, False, FEW_RULES), ("sglang", False, False, RULES), ("sglang", True, False, RULES),
+    ("llamacpp", False, False, FEW_RULES), ("llamacpp", False, False, RULES), ("llamacpp", True, False, RULES),
+    ("llamacpp", False, True, FEW_RULES), ("llamacpp", True, True, RULES),
 ]
+MODE_IDS = [f"{d}-{'live' if s else 'plain'}-{'3' if r is FEW_RULES else '5'}stops{'-remote-tokens' if t else ''}" for d, s, t, r in MODES]
 
 
 def build(case: Case) -> tuple[ToyModel, list[int], list[int]]:
@@ -285,14 +295,14 @@ def build(case: Case) -> tuple[ToyModel, list[int], list[int]]:
     return ToyModel(tok, prompt, script, box, tok.ids(*case.answer)), prompt, box
 
 
-async def run_question(engine, prompt: list[int], box: list[int], budget: int, live: bool) -> list[dict]:
+async def run_question(engine, prompt: list[int], box: list[int], budget: int, live: bool, rules: StepRules = RULES) -> list[dict]:
     """The controller's loop, short: steps to the end with a probe after each, then a forced answer."""
     session = await engine.start(prompt, Sampling(temperature=0.0), live=live)
     out: list[dict] = []
     used = 0
     while True:
         shown, step = [], None
-        async for item in session.extend(budget - used, RULES):
+        async for item in session.extend(budget - used, rules):
             if isinstance(item, str):
                 shown.append(item)
             else:
@@ -310,22 +320,22 @@ async def run_question(engine, prompt: list[int], box: list[int], budget: int, l
     return out
 
 
-def server_engine(model: ToyModel, dialect: str, remote: bool) -> tuple[ServerEngine, ToyServer]:
+def server_engine(model: ToyModel, dialect: str, remote: bool, **options) -> tuple[ServerEngine, ToyServer]:
     server = ToyServer(model, dialect)
     transport, sync_transport = server.transports()
     tokens = RemoteTokens(httpx.Client(transport=sync_transport), "http://toy", "toy") if remote else HFTokens(model.tok, "toy")
     eng = ServerEngine("http://toy", model="toy", server_kind=dialect, tokens=tokens, eos_ids=frozenset({EOS}),
-                       context_window=4096, backoff=0.0, transport=transport)
+                       context_window=4096, backoff=0.0, transport=transport, **options)
     return eng, server
 
 
-@pytest.mark.parametrize("dialect,live,remote", MODES, ids=[f"{d}-{'stream' if s else 'plain'}{'-remote-tokens' if r else ''}" for d, s, r in MODES])
+@pytest.mark.parametrize("dialect,live,remote,rules", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_server_steps_equal_local_steps(case: Case, dialect: str, live: bool, remote: bool):
+def test_server_steps_equal_local_steps(case: Case, dialect: str, live: bool, remote: bool, rules: StepRules):
     model, prompt, box = build(case)
-    local = asyncio.run(run_question(ToyLocalEngine(model), prompt, box, case.budget, live))
+    local = asyncio.run(run_question(ToyLocalEngine(model), prompt, box, case.budget, live, rules))
     eng, server = server_engine(model, dialect, remote)
-    got = asyncio.run(run_question(eng, prompt, box, case.budget, live))
+    got = asyncio.run(run_question(eng, prompt, box, case.budget, live, rules))
     assert got == local
     assert all(step["shown"] == step["text"] for step in got[:-1])  # the live text is the step's text
     assert not server.sync_requests  # nothing blocking: unknown pieces were fetched with the async client
@@ -333,7 +343,9 @@ def test_server_steps_equal_local_steps(case: Case, dialect: str, live: bool, re
         return not any(prompt[k : k + len(box)] == box for k in range(len(prompt)))
 
     steps = [body for path, body in server.requests if "prompt" in body and reasoning(body["prompt"])]
-    assert steps and all(bool(body.get("stream")) == live for body in steps)  # live: streamed, else plain
+    streamed = live or rules is RULES
+    assert steps and all(bool(body.get("stream")) == streamed for body in steps)  # live or too many stops: streamed
+    assert all(len(body.get("stop") or []) <= VLLM_MAX_STOPS for _, body in server.requests)
 
 
 def test_a_plain_step_is_one_request_when_no_stop_string_misleads():
@@ -344,13 +356,46 @@ def test_a_plain_step_is_one_request_when_no_stop_string_misleads():
 
     async def go():
         session = await eng.start(prompt, Sampling(temperature=0.0))
-        return [item async for item in session.extend(99, RULES)][-1]
+        return [item async for item in session.extend(99, FEW_RULES)][-1]
 
     step = asyncio.run(go())
     assert step.text == "I am Waiting here\n\n" and step.end == "boundary"
     steps = [b for p, b in server.requests if b.get("stop")]
-    assert len(steps) == 2 and steps[0]["stop"] == ["\n\n", "Wait", "But wait", "Alternatively", "</think>"]
+    assert len(steps) == 2 and steps[0]["stop"] == ["</think>", "\n\n", "Wait"] and not steps[0].get("stream")
     assert steps[0]["include_stop_str_in_output"] is True and steps[0]["return_tokens_as_token_ids"] is True
+
+
+@pytest.mark.parametrize("max_stops", [1, 2, 4])
+def test_boundary_words_beyond_the_stop_cap_are_found_client_side(max_stops: int):
+    """More boundaries than a request may carry: the stop texts first, then separators, then words
+    up to the cap; the step is streamed and the scanner finds the rest, with the same steps."""
+    case = Case("words beyond the cap", ["So", " x", ".", " Alternatively", ",", " y", ".\n\n", "But", " wait", ",", " z", "<eos>"], ["3}"])
+    model, prompt, box = build(case)
+    local = asyncio.run(run_question(ToyLocalEngine(model), prompt, box, 99, False))
+    eng, server = server_engine(model, "vllm", False, max_stops=max_stops)
+    got = asyncio.run(run_question(eng, prompt, box, 99, False))
+    assert got == local and [s["text"] for s in got[:-1]] == ["So x.", " Alternatively, y.\n\n", "But wait, z"]
+    steps = [b for _, b in server.requests if b["max_tokens"] > 30]
+    assert steps and all(b["stream"] is True and b["stop"] == ["</think>", "\n\n", "Wait", "But wait"][:max_stops] for b in steps)
+    assert all(len(b.get("stop") or []) <= max_stops for _, b in server.requests)
+
+
+def test_a_plain_request_asks_for_a_bounded_number_of_tokens():
+    """A plain answer is silent until done: it asks for at most PLAIN_REQUEST_TOKENS, and a longer
+    step continues with the next request, so a healthy server never looks hung."""
+    case = Case("long step", ["a"] * 40 + ["<eos>"], ["1}"])
+    model, prompt, _ = build(case)
+    eng, server = server_engine(model, "vllm", False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("codestop.engines.server.PLAIN_REQUEST_TOKENS", 16)
+
+        async def go():
+            session = await eng.start(prompt, Sampling(temperature=0.0))
+            return [item async for item in session.extend(99, FEW_RULES)][-1]
+
+        step = asyncio.run(go())
+    assert step.text == "a" * 40 and step.end == "eos"
+    assert [b["max_tokens"] for _, b in server.requests] == [16, 16, 16] and not any(b.get("stream") for _, b in server.requests)
 
 
 @pytest.mark.parametrize("answer", [

@@ -106,18 +106,21 @@ class FaultProxy:
 
     mode: "pass"; "reject_ids" (422 for token-id prompts, as llama-cpp-python's server answers);
     "status_once" (one 503, then pass); "drop_once" (cut the next stream after a few events);
-    "hang" (never answer); "no_logprobs" (strip log-probabilities from answers)."""
+    "hang" (never answer a completion); "hang_all" (never answer anything: a stopped server);
+    "no_logprobs" (strip log-probabilities from answers). ``seen``: every completion request's body."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, port: int | None = None) -> None:
         self.upstream = upstream
         self.mode = "pass"
         self.seen: list[dict] = []
-        self.port = free_port()
+        self.port = port or free_port()
         app = FastAPI()
         client = httpx.AsyncClient(timeout=60)
 
         @app.get("/{path:path}")
         async def get(path: str) -> Response:
+            if self.mode == "hang_all":
+                await asyncio.sleep(3600)
             r = await client.get(f"{upstream}/{path}")
             return Response(r.content, r.status_code, media_type=r.headers.get("content-type"))
 
@@ -125,6 +128,8 @@ class FaultProxy:
         async def post(path: str, request: Request) -> Response:
             body = await request.json()
             mode = self.mode
+            if mode == "hang_all":
+                await asyncio.sleep(3600)
             if path in ("v1/completions", "completion"):  # OpenAI-style and llama.cpp's native endpoint
                 self.seen.append(body)
                 if mode == "reject_ids" and isinstance(body.get("prompt"), list):
@@ -366,7 +371,9 @@ def test_sglang_streamed_steps_read_token_id_deltas(tokenizer):
 
     first, second = run(go())
     assert (first.text, first.end, second.text, second.end) == (" I am Waiting here\n\n", "boundary", "Wait, ok", "eos")
-    assert all(b["stream"] is True and "stop" not in b and b["return_token_ids"] is True for b in replay.seen)
+    # a stream carries the stops that fit too (the server ends there exactly), kept in the output
+    assert all(b["stream"] is True and b["stop"] == ["\n\n", "Wait"] and b["no_stop_trim"] is True and b["return_token_ids"] is True
+               for b in replay.seen)
     assert parse_choice(json.loads(one.split(b"\n\n")[-3][6:])).stop == 2  # the last event: EOS's id
     eng.close()
 
@@ -469,6 +476,54 @@ def test_health_counters_and_aclose_close_every_loops_client():
     other.call_soon_threadsafe(other.stop)
     thread.join(10)
     other.close()
+
+
+def test_the_upstream_key_comes_from_the_environment(monkeypatch):
+    sent: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"data": [{"id": "m", "owned_by": "vllm"}]})
+
+    monkeypatch.delenv("CODESTOP_UPSTREAM_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    ServerEngine.connect("http://up/v1", tokenizer=ToyTokenizer(), transport=httpx.MockTransport(handler)).close()
+    monkeypatch.setenv("CODESTOP_UPSTREAM_API_KEY", "sk-upstream")
+    ServerEngine.connect("http://up/v1", tokenizer=ToyTokenizer(), transport=httpx.MockTransport(handler)).close()
+    ServerEngine.connect("http://up/v1", api_key="sk-flag", tokenizer=ToyTokenizer(), transport=httpx.MockTransport(handler)).close()
+    assert sent == ["Bearer sk-openai", "Bearer sk-upstream", "Bearer sk-flag"]
+
+
+def test_an_upstream_that_comes_up_serving_another_model_is_a_clear_503(monkeypatch):
+    """wait=False: a server not reachable yet is "starting"; one that then answers without the
+    model asked for is "error", and its message says why (not "still starting")."""
+    state = {"up": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if not state["up"]:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json={"data": [{"id": "other", "owned_by": "vllm"}]})
+
+    monkeypatch.setattr("codestop.engines.server.RECONNECT_INTERVAL_S", 0.0)
+    eng = ServerEngine.connect("http://up/v1", model="m", wait=False, tokenizer=ToyTokenizer(), transport=httpx.MockTransport(handler))
+    assert not eng.connected and eng.served_models == []
+    assert run(eng.health())["upstream"] == "starting"
+    with pytest.raises(ServerError, match="not ready yet") as caught:
+        eng.tokenize("hi")
+    assert caught.value.status == 503
+    state["up"] = True
+    health = run(eng.health())
+    assert (health["ok"], health["upstream"]) == (False, "error") and "does not serve 'm'" in health["error"]
+    with pytest.raises(ServerError, match="up but unusable: model: .* does not serve 'm'; it serves other") as caught:
+        run(eng.start([1, 2], Sampling()))
+    assert caught.value.status == 503
+    with pytest.raises(CodestopError, match="does not serve 'm'"):  # answering wrongly is an error at once
+        ServerEngine.connect("http://up/v1", model="m", wait=False, tokenizer=ToyTokenizer(), transport=httpx.MockTransport(handler))
+
+
+def test_max_stops_is_checked_once():
+    with pytest.raises(ValueError, match="max_stops: 0 must be an integer >= 1"):
+        toy_engine(httpx.MockTransport(lambda r: httpx.Response(200)), max_stops=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,11 +724,17 @@ def test_503_is_retried_and_a_stream_cut_midway_resumes_where_it_broke(fault, en
     eng.close()
 
 
-def test_a_hanging_server_times_out_with_a_clear_error(fault):
+@pytest.mark.parametrize("mode", ["hang", "hang_all"])
+@pytest.mark.parametrize("live", [False, True], ids=["plain", "live"])
+def test_a_hanging_server_times_out_once_after_the_timeout(fault, live, mode):
+    """Plain or streamed, a silent server is one 504 after ``timeout``: not retried, not a 502
+    "unreachable" after the template and the tokenizer each waited it out."""
     eng = ServerEngine.connect(fault.url, timeout=1.0, backoff=0.05)
-    fault.mode = "hang"
-    with pytest.raises(ServerTimeout, match="did not answer within 1 s"):
-        run(agenerate_question(eng, "hi", Vanilla(), max_new_tokens=8))
+    fault.mode = mode
+    t0 = time.monotonic()
+    with pytest.raises(ServerTimeout, match="did not answer within 1 s") as caught:
+        run(agenerate_question(eng, "hi", Vanilla(), max_new_tokens=8, live_text=live))
+    assert time.monotonic() - t0 < 1.9 and caught.value.status == 504
     eng.close()
 
 

