@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from codestop.config import GenerationConfig
 from codestop.confidence import score_probe
@@ -171,20 +171,20 @@ async def astream(
     Result. ``family`` overrides the one ``config`` names or the engine's detected one; ``prompt``
     (already templated, e.g. a client's conversation) replaces the family's prompt for ``question``."""
     await engine.ready()  # a completions server still starting: a clear 503-style error, not a hang
-    policy = policy if policy is not None else Vanilla()
+    rule: Policy = policy if policy is not None else cast(Policy, Vanilla())
     family = family or get_family(config.family, engine, config.enable_thinking)
     clock = _Clock()
     t_start = time.perf_counter()
-    plan = await _plan(engine, question, prompt, family, policy, config)
+    plan = await _plan(engine, question, prompt, family, rule, config)
     session = await clock.timed("prefill", engine.start(plan.prompt_ids, config.sampling, live=config.live_text))
     try:
         # a thinking model's reasoning ends at its think_end; a plain model's is the visible output,
         # so the client's stop strings end it
         ends = dict(stop_texts=(family.think_end,)) if family.thinks else dict(stops=config.stop)
-        probing = policy.needs_probes or config.always_probe
-        # a policy that never probes needs no steps: one request (or one run) to the end
+        probing = rule.needs_probes or config.always_probe
+        # a rule that never probes needs no steps: one request (or one run) to the end
         rules = replace(config.step_rules(probing=probing), **ends)
-        tracker = policy.start()
+        tracker = rule.start()
         probes: list[Probe] = []
         reasoning_ids: list[int] = []
         reasoning_text = ""
@@ -206,7 +206,7 @@ async def astream(
                 stop_reason = "finished"
                 break
             if step.end == "length" or position >= plan.cap:
-                capped_by_policy = policy.max_reasoning_tokens is not None and position >= policy.max_reasoning_tokens
+                capped_by_policy = rule.max_reasoning_tokens is not None and position >= rule.max_reasoning_tokens
                 stop_reason = "budget" if capped_by_policy else "max_new_tokens"
                 break
             if not probing or position == 0 or position - last_probe_at < max(1, config.probe_interval):
@@ -215,7 +215,7 @@ async def astream(
             last_probe_at = position
             spent["probe"] += len(out.token_ids)
             spent["probe_prompt"] += out.prompt_tokens
-            probe = score(out, position, policy.confidence, engine)
+            probe = score(out, position, rule.confidence, engine)
             probes.append(probe)
             text_at[position] = len(reasoning_text)
             yield Event("probe", probe=probe)
@@ -226,7 +226,7 @@ async def astream(
 
         yield Event("stop", reason=stop_reason, position=position)
         answer_position, answered_text = position, reasoning_text
-        if policy.answer_from == "best" and stop_reason != "finished" and probes and config.answer != "none":
+        if rule.answer_from == "best" and stop_reason != "finished" and probes and config.answer != "none":
             # the reference code's rollback: answer from the most confident checkpoint
             answer_position = best_probe(probes).position
             answered_text = reasoning_text[: text_at[answer_position]]
@@ -249,7 +249,7 @@ async def astream(
             probes=probes,
             tokens={"prompt": len(plan.prompt_ids), "reasoning": position, **spent, "answer": answer.tokens},
             timings=timings,
-            method=policy_options(policy),
+            method=policy_options(rule),
             model=engine.model_name,
             engine=engine.name,
             family=family.name,

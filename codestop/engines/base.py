@@ -25,7 +25,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -67,7 +67,7 @@ class Session(abc.ABC):
         """Tokens in the context now (prompt included)."""
 
     @abc.abstractmethod
-    def extend(self, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
+    def extend(self, max_tokens: int, rules: StepRules) -> AsyncGenerator[str | StepOutput, None]:
         """Generate one step: yields text pieces as they become certain, then the StepOutput."""
 
     async def step(self, max_tokens: int, rules: StepRules = StepRules()) -> StepOutput:
@@ -282,7 +282,7 @@ class LocalSession(Session):
         return self.backend.n_tokens + len(self.pending)
 
     # -- reasoning and answers ----------------------------------------------------------------
-    async def extend(self, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
+    async def extend(self, max_tokens: int, rules: StepRules) -> AsyncGenerator[str | StepOutput, None]:
         eng, be = self.engine, self.backend
         window = eng.context_window
         room = window - 1 - be.n_tokens if window is not None else max_tokens

@@ -1147,7 +1147,7 @@ class ServerSession(Session):
             else:
                 raise eng._no_progress(idle + 1, finish)
 
-    async def extend(self, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
+    async def extend(self, max_tokens: int, rules: StepRules) -> AsyncGenerator[str | StepOutput, None]:
         eng = self.engine
         held, self.pending = self.pending, []
         await eng._known(held)
