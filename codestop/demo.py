@@ -141,6 +141,7 @@ class DemoReport:
             ("reasoning tokens", "right"),
             ("saved vs vanilla", "right"),
             ("probe overhead", "right"),
+            ("stops", "left"),
             ("wall time", "right"),
         ):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -152,14 +153,27 @@ class DemoReport:
                 f"{s.reasoning_tokens:.0f}",
                 "-" if saved is None or s.method == "vanilla" else f"{saved * 100:.0f}%",
                 "-" if not s.probes else f"{s.probe_tokens:.0f} tok, {s.probe_overhead * 100:.0f}% time",
+                ", ".join(f"{reason} {n}" for reason, n in sorted(s.stop_reasons.items(), key=lambda kv: -kv[1])),
                 f"{s.wall_seconds:.0f} s",
             )
         table.caption = (
             "Per problem: mean reasoning tokens; saved = fewer reasoning + probe + answer tokens than "
             "vanilla; probe overhead = probe tokens, share of wall time. The presets are instruct models, "
-            "not reasoning models: the demo prompt asks them to solve, then check the answer."
+            "not reasoning models: the demo prompt asks them to solve, then check the answer. Stops: "
+            "confident / degenerate (CoDE-Stop), threshold (DEER), finished (the model ended itself), "
+            "max_new_tokens (the cap)."
+            + self.same_stops_note()
         )
         return table
+
+    def same_stops_note(self) -> str:
+        """Say so when DEER and CoDE-Stop stopped at the same place on every problem: then the
+        degeneration score added nothing on these problems, and the two rows cannot differ."""
+        stops = {m: [(r["stop_reason"] != "finished", r["tokens"]["reasoning"]) for r in rows] for m, rows in self.results.items()}
+        if "deer" in stops and "codestop" in stops and stops["deer"] == stops["codestop"]:
+            return (" Here DEER and CoDE-Stop stopped at the same probe on every problem: on these short "
+                    "answers the confidence threshold fires before the degeneration score can.")
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         return {

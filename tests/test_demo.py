@@ -93,3 +93,20 @@ def test_demo_function_on_a_chosen_model(smollm2_path):
     assert report.engine == "llamacpp"
     saved = report.saved_vs_vanilla(report.summaries[1])
     assert saved is not None and saved <= 1
+
+
+def test_the_table_shows_stop_reasons_and_says_when_deer_and_codestop_stop_alike():
+    from codestop.demo import DemoReport, MethodSummary
+
+    def rows(*stops):
+        return [{"stop_reason": reason, "tokens": {"reasoning": n}} for reason, n in stops]
+
+    summaries = [MethodSummary("deer", 2, 2, 10, 12, 2, 1, 0.1, 1, {"threshold": 2}),
+                 MethodSummary("codestop", 2, 2, 10, 12, 2, 1, 0.1, 1, {"confident": 1, "degenerate": 1})]
+    alike = DemoReport("m", "e", summaries, {"deer": rows(("threshold", 10), ("threshold", 20)),
+                                              "codestop": rows(("confident", 10), ("degenerate", 20))}, 0, 1)
+    apart = DemoReport("m", "e", summaries, {"deer": rows(("threshold", 10), ("threshold", 20)),
+                                              "codestop": rows(("confident", 10), ("degenerate", 15))}, 0, 1)
+    assert "same probe on every problem" in alike.table().caption
+    assert "same probe" not in apart.table().caption
+    assert alike.table().columns[5].header == "stops"
