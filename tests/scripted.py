@@ -98,3 +98,40 @@ class ScriptedEngine(LocalEngine):
 
     def new_backend(self, prompt_ids: Sequence[int]) -> ScriptedBackend:
         return ScriptedBackend(self, prompt_ids)
+
+
+TOY_EOS = 0
+
+
+class ToyTokenizer:
+    """Byte pieces, decoded like a byte-level BPE tokenizer (U+FFFD for a character cut short);
+    id 0 is EOS. Shaped like a Hugging Face tokenizer for ``HFTokens``."""
+
+    eos_token_id = TOY_EOS
+    chat_template = ""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = [b"<eos>"]
+
+    def ids(self, *pieces: str | bytes) -> list[int]:
+        out = []
+        for p in pieces:
+            raw = p.encode() if isinstance(p, str) else p
+            if raw not in self.pieces:
+                self.pieces.append(raw)
+            out.append(self.pieces.index(raw))
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        raw, out = text.encode(), []
+        while raw:  # longest known piece first, else one byte
+            piece = max((p for p in self.pieces[1:] if raw.startswith(p)), key=len, default=raw[:1])
+            out += self.ids(piece)
+            raw = raw[len(piece) :]
+        return out
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return len(self.pieces)

@@ -27,6 +27,8 @@ from codestop.engines.server import HFTokens, RemoteTokens, ServerEngine
 from codestop.errors import ServerError
 from codestop.steps import StepRules
 
+from scripted import ToyTokenizer
+
 EOS = 0
 PEAK = 12.0
 SNOWMAN = "\u2603".encode()  # 3 bytes
@@ -34,40 +36,6 @@ RULES = StepRules(separators=("\n\n",), words=("Wait", "But wait", "Alternativel
 FEW_RULES = StepRules(separators=("\n\n",), words=("Wait",), stop_texts=("</think>",))  # 3 stop strings: fit any server
 VLLM_MAX_STOPS = 4  # vLLM 0.32 answers 400 to a longer stop list
 ANSWER_RULES = StepRules(close_box=True, greedy=True)
-
-
-class ToyTokenizer:
-    """Byte pieces, decoded like a byte-level BPE tokenizer (U+FFFD for a character cut short);
-    id 0 is EOS. Shaped like a Hugging Face tokenizer for ``HFTokens``."""
-
-    eos_token_id = EOS
-    chat_template = ""
-
-    def __init__(self) -> None:
-        self.pieces: list[bytes] = [b"<eos>"]
-
-    def ids(self, *pieces: str | bytes) -> list[int]:
-        out = []
-        for p in pieces:
-            raw = p.encode() if isinstance(p, str) else p
-            if raw not in self.pieces:
-                self.pieces.append(raw)
-            out.append(self.pieces.index(raw))
-        return out
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        raw, out = text.encode(), []
-        while raw:  # longest known piece first, else one byte
-            piece = max((p for p in self.pieces[1:] if raw.startswith(p)), key=len, default=raw[:1])
-            out += self.ids(piece)
-            raw = raw[len(piece) :]
-        return out
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
-
-    def __len__(self) -> int:
-        return len(self.pieces)
 
 
 class ToyModel:

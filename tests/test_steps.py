@@ -6,29 +6,19 @@ import pytest
 
 from codestop.steps import IncrementalDecoder, StepRules, StepScanner, closing_brace_index, decode_text, probe_answer
 
+from scripted import ToyTokenizer
+
 EOS = 0
 
 
-class Vocab:
-    """Token ids for byte pieces, decoded like a byte-level BPE tokenizer (U+FFFD for a character
-    cut short)."""
+class Vocab(ToyTokenizer):
+    """The toy byte tokenizer, counting its decode calls."""
 
-    def __init__(self) -> None:
-        self.pieces: list[bytes] = [b"<eos>"]
-        self.decodes = 0
+    decodes = 0
 
-    def ids(self, *pieces: str | bytes) -> list[int]:
-        out = []
-        for p in pieces:
-            raw = p.encode() if isinstance(p, str) else p
-            if raw not in self.pieces:
-                self.pieces.append(raw)
-            out.append(self.pieces.index(raw))
-        return out
-
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         self.decodes += 1
-        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+        return super().decode(ids)
 
 
 SNOWMAN = "\u2603".encode()  # 3 bytes
