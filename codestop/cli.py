@@ -44,7 +44,9 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = False) -
     g.add_argument("--dtype", default="auto", help="transformers dtype: auto, float32, bfloat16, float16")
     g.add_argument("--device", default="auto", help="transformers device: auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the free cores)")
-    g.add_argument("--base-url", default=None, help="an OpenAI-compatible completions server (engine server)")
+    g.add_argument("--base-url", action="append", default=None,
+                   help="an OpenAI-compatible completions server (engine server); repeat it for replicas of one "
+                        "model: each question stays on one replica, a failed replica is skipped until it is back")
     g.add_argument("--api-key", default=None,
                    help="the completions server's API key (default $CODESTOP_UPSTREAM_API_KEY, else $OPENAI_API_KEY)")
     g.add_argument("--tokenizer", default=None, help="the server model's tokenizer (token-id prompts)")

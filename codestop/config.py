@@ -21,6 +21,7 @@ from codestop.steps import StepRules
 
 DEFAULT_BOUNDARIES = ("\n\n", "Wait", "But wait", "Alternatively")
 ANSWER_MODES = ("boxed", "free", "none")
+PROBE_MODES = ("overlapped", "sequential")
 
 
 def _number(x: object) -> bool:
@@ -88,6 +89,13 @@ class GenerationConfig:
                        '"The final answer is \\boxed{", read the box), "free" (close the thinking and let the model '
                        'answer in its own words), "none" (end the output at the stop)'),
     )
+    probe_mode: str = field(
+        default="overlapped",
+        metadata=_flag('"overlapped": on a completions server the reasoning streams on past a boundary while its '
+                       'probe runs as a separate request (what is generated past the stop is counted as overrun); '
+                       '"sequential": the reasoning waits for each probe (what replay\'s cost model assumes). '
+                       "In-process engines always probe sequentially"),
+    )
     # not flags: an OpenAI request's own fields (the proxy), and what the verbs set
     max_tokens: int | None = None  # hard cap on completion tokens: reasoning + answer (probes apart)
     stop: tuple[str, ...] = ()  # a client's stop strings: end the visible output, not included
@@ -109,6 +117,7 @@ class GenerationConfig:
         Sampling(self.temperature, self.top_p, self.top_k, self.seed)  # validates those four
         _require(self.family is None or self.family in FAMILIES, "family", self.family, f"must be one of {', '.join(FAMILIES)}")
         _require(self.answer in ANSWER_MODES, "answer", self.answer, f"must be one of {', '.join(ANSWER_MODES)}")
+        _require(self.probe_mode in PROBE_MODES, "probe_mode", self.probe_mode, f"must be one of {', '.join(PROBE_MODES)}")
         _require(self.max_tokens is None or (_integer(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens, "must be an integer >= 1")
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -200,6 +209,7 @@ def parse_boundaries(text: str) -> tuple[str, ...]:
 _FLAG_TYPES: dict[str, Any] = {
     "max_new_tokens": int, "probe_interval": int, "temperature": float, "top_p": float, "top_k": int, "seed": int,
     "family": str, "enable_thinking": parse_bool, "boundaries": parse_boundaries, "answer": str,
+    "probe_mode": str,
 }
 
 
@@ -217,4 +227,6 @@ def add_generation_options(parser: argparse.ArgumentParser, **defaults: Any) -> 
         kwargs: dict[str, Any] = {"type": _FLAG_TYPES[f.name], "default": default, "help": help_text}
         if f.name == "enable_thinking":
             kwargs["metavar"] = "{true,false}"
+        if f.name == "probe_mode":
+            kwargs["choices"] = PROBE_MODES
         g.add_argument("--" + f.name.replace("_", "-"), **kwargs)

@@ -16,15 +16,20 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar, cast
 
-from codestop.config import GenerationConfig
 from codestop.confidence import score_probe
+from codestop.config import GenerationConfig
 from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
 from codestop.errors import ContextTooLong
 from codestop.families import Family, get_family
 from codestop.grading import extract_boxed
 from codestop.policies import Policy, Probe, Vanilla, policy_options
 from codestop.replay import best_probe
-from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index, probe_answer
+from codestop.steps import (
+    IncrementalDecoder,
+    StepRules,
+    closing_brace_index,
+    probe_answer,
+)
 
 PROBE_MAX_TOKENS = 20
 ANSWER_MAX_TOKENS = 30  # a forced answer: the box's content
@@ -52,8 +57,10 @@ EventCallback = Callable[[Event], None]
 class Result:
     """What one question cost and produced. Token counts by kind: ``prompt`` (the question prompt),
     ``reasoning`` (thinking tokens the model generated), ``probe`` (tokens the probes generated),
-    ``probe_prompt`` (probe-prompt tokens prefilled), ``answer`` (forced or free answer tokens).
-    ``cost`` = reasoning + probe + answer, the paper's accounting. Times are seconds by phase."""
+    ``probe_prompt`` (probe-prompt tokens prefilled), ``answer`` (forced or free answer tokens),
+    ``overrun`` (reasoning generated past the stop while its probe ran, then dropped: overlapped
+    probing). ``cost`` = reasoning + probe + answer + overrun, the paper's accounting plus the
+    overrun. Times are seconds by phase."""
 
     question: str
     answer: str | None
@@ -72,7 +79,7 @@ class Result:
 
     @property
     def cost(self) -> int:
-        return self.tokens["reasoning"] + self.tokens["probe"] + self.tokens["answer"]
+        return self.tokens["reasoning"] + self.tokens["probe"] + self.tokens["answer"] + self.tokens.get("overrun", 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,8 +104,9 @@ class _Clock:
         finally:
             self.times[phase] += time.perf_counter() - t0
 
-    async def step(self, phase: str, session: Session, max_tokens: int, rules: StepRules) -> AsyncIterator[str | StepOutput]:
-        async with aclosing(session.extend(max_tokens, rules)) as items:
+    async def step(self, phase: str, session: Session, max_tokens: int, rules: StepRules,
+                   run_ahead: bool = False) -> AsyncIterator[str | StepOutput]:
+        async with aclosing(session.extend(max_tokens, rules, run_ahead=run_ahead)) as items:
             while True:
                 t0 = time.perf_counter()
                 try:
@@ -182,6 +190,8 @@ async def astream(
         # so the client's stop strings end it
         ends = dict(stop_texts=(family.think_end,)) if family.thinks else dict(stops=config.stop)
         probing = rule.needs_probes or config.always_probe
+        # overlapped: the reasoning streams on while a probe runs (server engines; others ignore it)
+        run_ahead = probing and config.probe_mode == "overlapped"
         # a rule that never probes needs no steps: one request (or one run) to the end
         rules = replace(config.step_rules(probing=probing), **ends)
         tracker = rule.start()
@@ -193,7 +203,7 @@ async def astream(
         text_at: dict[int, int] = {}  # reasoning text length at each probe's position (rollback)
         while True:
             step: StepOutput | None = None
-            async for item in clock.step("reasoning", session, plan.cap - len(reasoning_ids), rules):
+            async for item in clock.step("reasoning", session, plan.cap - len(reasoning_ids), rules, run_ahead):
                 if isinstance(item, str):
                     yield Event("reasoning", text=item)
                 else:
@@ -224,6 +234,7 @@ async def astream(
                 stop_reason = decision.reason or "budget"
                 break
 
+        await clock.timed("reasoning", session.halt())  # a stream still running ahead is cancelled now
         yield Event("stop", reason=stop_reason, position=position)
         answer_position, answered_text = position, reasoning_text
         if rule.answer_from == "best" and stop_reason != "finished" and probes and config.answer != "none":
@@ -247,7 +258,8 @@ async def astream(
             stop_position=position,
             answer_position=answer_position,
             probes=probes,
-            tokens={"prompt": len(plan.prompt_ids), "reasoning": position, **spent, "answer": answer.tokens},
+            tokens={"prompt": len(plan.prompt_ids), "reasoning": position, **spent, "answer": answer.tokens,
+                    "overrun": session.overrun},
             timings=timings,
             method=policy_options(rule),
             model=engine.model_name,

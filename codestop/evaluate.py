@@ -288,7 +288,7 @@ def record_tokens(rec: dict[str, Any]) -> int:
 
 def record_cost(rec: dict[str, Any]) -> int:
     t = rec.get("tokens") or {}
-    return int(t.get("reasoning", 0)) + int(t.get("probe", 0)) + int(t.get("answer", 0))
+    return int(t.get("reasoning", 0)) + int(t.get("probe", 0)) + int(t.get("answer", 0)) + int(t.get("overrun", 0))
 
 
 def accuracy_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:

@@ -123,12 +123,23 @@ def load_engine(model: str, *, engine: str | None = None, **options: Any) -> Eng
     """Load ``model`` (a preset, .gguf file, local HF directory or hub id) on ``engine``.
 
     Options reach the engine that understands them: dtype, device, trust_remote_code
-    (transformers); threads, n_ctx (llama.cpp)."""
+    (transformers); threads, n_ctx (llama.cpp); base_url and the rest of
+    :meth:`~codestop.engines.server.ServerEngine.connect`'s (server), where ``base_url`` is one URL
+    or a list: two or more are replicas of one model behind one engine
+    (:class:`~codestop.engines.replicas.ReplicaEngine`)."""
     if engine == "server" or (engine is None and options.get("base_url")):
         from codestop.engines.server import ServerEngine  # --model names one of the server's models;
 
         # the verbs' embedded default (a local preset) means "not given" here: the server's first model
-        return ServerEngine.connect(model=None if model in (None, "", DEFAULT_MODEL) else model, **options)
+        served = None if model in (None, "", DEFAULT_MODEL) else model
+        urls = options.pop("base_url", None)
+        if isinstance(urls, (list, tuple)):
+            if len(urls) > 1:
+                from codestop.engines.replicas import ReplicaEngine
+
+                return ReplicaEngine.connect(urls, model=served, **options)
+            urls = urls[0] if urls else None
+        return ServerEngine.connect(urls, model=served, **options)
     if engine is not None and engine not in ENGINES:
         raise CodestopError(f"engine: unknown engine {engine!r}; choose one of {', '.join([*ENGINES, 'server'])}")
     source = resolve_model(model)

@@ -105,13 +105,38 @@ def trace_from_json(obj: dict[str, Any], where: str) -> Trace:
     )
 
 
-def load_traces(path: str | os.PathLike[str]) -> list[Trace]:
-    """The traces of a trace file. A cut-short last line is dropped with a warning on stderr; a file
-    with no trace at all is an error (a replay of nothing would report nothing quietly)."""
+def thinned(trace: Trace, probe_interval: int) -> Trace:
+    """The trace as a live run with ``probe_interval`` would have probed it: a recorded probe is
+    kept when at least ``probe_interval`` reasoning tokens passed since the last kept one (the
+    controller's rule), so a trace recorded at every boundary stands for any larger interval. A
+    trace with no final answer keeps its last probe, which stands for it (the replay rules)."""
+    kept: list[Probe] = []
+    last = 0
+    for p in trace.probes:
+        if p.position > 0 and p.position - last >= max(1, probe_interval):
+            kept.append(p)
+            last = p.position
+    if trace.final_correct is None and trace.probes and (not kept or kept[-1] is not trace.probes[-1]):
+        kept.append(trace.probes[-1])
+    return replace(trace, probes=tuple(kept))
+
+
+def load_traces(path: str | os.PathLike[str], probe_interval: int | None = None) -> list[Trace]:
+    """The traces of a trace file (each :func:`thinned` to ``probe_interval`` when given). A
+    cut-short last line is dropped with a warning on stderr; a file with no trace at all is an
+    error (a replay of nothing would report nothing quietly)."""
+    if probe_interval is not None and probe_interval < 1:
+        raise CodestopError(f"probe_interval: {probe_interval!r} must be >= 1")
     records = read_numbered(path)
     if not records:
         raise CodestopError(f"traces: no traces in {path}; record some with `codestop record`")
-    return [trace_from_json(rec, f"{path}:{n}") for n, rec in records]
+    traces = [trace_from_json(rec, f"{path}:{n}") for n, rec in records]
+    return traces if probe_interval is None else [thinned(t, probe_interval) for t in traces]
+
+
+def add_probe_interval_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probe-interval", type=int, default=None,
+                        help="replay as if probed at least this many reasoning tokens apart (default: every recorded probe)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,11 +209,14 @@ def summarize_replay(rows: Sequence[Replayed]) -> dict[str, Any]:
     }
 
 
-def replay(traces: Sequence[Trace] | str | os.PathLike[str], policy: Policy) -> dict[str, Any]:
+def replay(traces: Sequence[Trace] | str | os.PathLike[str], policy: Policy, probe_interval: int | None = None) -> dict[str, Any]:
     """``{"summary": {n, accuracy, mean_tokens, mean_cost}, "traces": [{id, stop_index, stop_reason,
-    correct, reasoning_tokens}]}`` for ``policy`` on ``traces`` (a list or a trace file)."""
+    correct, reasoning_tokens}]}`` for ``policy`` on ``traces`` (a list or a trace file), thinned
+    to ``probe_interval`` when given."""
     if isinstance(traces, (str, os.PathLike)):
         traces = load_traces(traces)
+    if probe_interval is not None:
+        traces = [thinned(t, probe_interval) for t in traces]
     rows = [replay_trace(t, policy) for t in traces]
     return {"summary": summarize_replay(rows), "traces": [r.to_json() for r in rows]}
 
@@ -208,6 +236,7 @@ def add_parser(sub: Any) -> None:
     )
     r.add_argument("traces", help="a trace file (codestop record, or minimal traces: id and probes)")
     r.add_argument("--json", action="store_true", help="print one JSON object: summary and per-trace outcome")
+    add_probe_interval_option(r)
     add_policy_options(r)
     r.set_defaults(func=cmd_replay)
 
@@ -217,7 +246,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     policy = policy_from_args(args)
     t0 = time.perf_counter()
-    result = replay(args.traces, policy)
+    result = replay(load_traces(args.traces, args.probe_interval), policy)
     if args.json:
         print(json.dumps(result))
         return 0

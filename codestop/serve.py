@@ -138,9 +138,16 @@ def _param(message: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+def counter_labels(key: str | tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """The labels of one of ``engine.counters()``'s keys: a string is the ``kind`` ("" for none),
+    a tuple of (label, value) pairs names its own (several replicas: ``kind`` and ``replica``)."""
+    return dict(key) if isinstance(key, tuple) else ({"kind": key} if key else {})
+
+
 class EngineCounters:
-    """Exports ``engine.counters()`` (``{name: {kind: n}}``) as ``codestop_<name>_total{kind}``,
-    read at each scrape so the engine keeps its own counts (none while the engine is being built)."""
+    """Exports ``engine.counters()`` (``{name: {kind: n}}``) as ``codestop_<name>_total{kind}``
+    (other labels where a key is a tuple of label pairs, see :func:`counter_labels`), read at each
+    scrape so the engine keeps its own counts (none while the engine is being built)."""
 
     def __init__(self, engine: Callable[[], Engine | None]) -> None:
         self.engine = engine
@@ -154,12 +161,12 @@ class EngineCounters:
         engine = self.engine()
         if engine is None:
             return
-        for name, by_kind in sorted(engine.counters().items()):
-            labelled = any(by_kind)
-            family = CounterMetricFamily(f"codestop_{name}", f"{engine.name} engine: {name.replace('_', ' ')}",
-                                         labels=["kind"] if labelled else [])
-            for kind, n in sorted(by_kind.items()):
-                family.add_metric([kind] if labelled else [], n)
+        for name, by_key in sorted(engine.counters().items()):
+            series = [(counter_labels(key), n) for key, n in by_key.items()]
+            names = list(dict.fromkeys(label for labels, _ in series for label in labels))
+            family = CounterMetricFamily(f"codestop_{name}", f"{engine.name} engine: {name.replace('_', ' ')}", labels=names)
+            for values, n in sorted(([labels.get(k, "") for k in names], n) for labels, n in series):
+                family.add_metric(values, n)
             yield family
 
 
@@ -558,6 +565,7 @@ def usage_of(result: Result, family: Family) -> dict[str, Any]:
             "answer_tokens": t["answer"],
             "probe_tokens": t["probe"],
             "probe_prompt_tokens": t["probe_prompt"],
+            "overrun_tokens": t.get("overrun", 0),
             "probes": len(result.probes),
             "answer": result.answer,
             # known only when nothing was cut: the model finished on its own
@@ -893,8 +901,8 @@ def _version() -> str:
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
-    """An upstream completions server (``--base-url``; ``--model`` picks one of its models) or an
-    in-process engine (``--model`` alone). The server engine does not wait for its upstream: one
+    """An upstream completions server (``--base-url``, repeated for replicas of one model;
+    ``--model`` picks one of its models) or an in-process engine (``--model`` alone). The server engine does not wait for its upstream: one
     still starting is connected to on first use (``/health`` says 503 until then)."""
     from codestop.cli import engine_options_from_args
     from codestop.models import load_engine
@@ -914,7 +922,8 @@ def add_parser(sub: Any) -> None:
         help="an OpenAI-compatible server that stops each request's reasoning early",
         description=(
             "Serve /v1/chat/completions and /v1/completions (streaming or not) under a stopping policy, "
-            "in front of an upstream completions server (--base-url, e.g. vLLM with --enable-prefix-caching) "
+            "in front of an upstream completions server (--base-url, e.g. vLLM with --enable-prefix-caching; "
+            "repeat it for replicas of one model, each question staying on one) "
             "or an in-process engine (--model). A request picks its own policy with "
             '{"codestop": {"method": "codestop", "tau": 7}}; the flags below set the default. The upstream\'s '
             "key (--api-key) defaults to $CODESTOP_UPSTREAM_API_KEY, else $OPENAI_API_KEY. The server starts "

@@ -35,7 +35,7 @@ from codestop.policies import (
     make_policy,
     swept_knobs,
 )
-from codestop.replay import Replayed, Trace, load_traces, replay_trace, rescored
+from codestop.replay import Replayed, Trace, add_probe_interval_option, load_traces, replay_trace, rescored
 
 # each method's one knob, its type and the range swept when none is given (from the policies' fields)
 KNOBS: dict[str, tuple[str, type, str]] = swept_knobs()
@@ -606,6 +606,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--method", action="append", default=None, help="codestop, deer, consistency, budget; repeat or comma-separate (default: codestop,deer,consistency)")
     p.add_argument("--out", default=None, help="output prefix (default: the trace file's path without .jsonl, plus .sweep)")
     p.add_argument("--json", action="store_true", help="print the points as JSON")
+    add_probe_interval_option(p)
     _add_knob_options(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -621,6 +622,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--calibration-fraction", type=float, default=0.5, help="share of traces used to choose (default 0.5)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
     c.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_probe_interval_option(c)
     _add_knob_options(c)
     c.set_defaults(func=cmd_calibrate)
 
@@ -632,7 +634,7 @@ def _methods(raw: Sequence[str] | None) -> list[str]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    traces = load_traces(args.traces)
+    traces = load_traces(args.traces, args.probe_interval)
     points = sweep(traces, _ranges(args, _methods(args.method)), **_fixed(args))
     prefix = args.out or (str(args.traces)[: -len(".jsonl")] if str(args.traces).endswith(".jsonl") else str(args.traces)) + ".sweep"
     out = Path(prefix)
@@ -650,7 +652,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    traces = load_traces(args.traces)
+    traces = load_traces(args.traces, args.probe_interval)
     knob, kind, default = KNOBS.get(args.method, ("", float, ""))
     values = parse_range(getattr(args, knob) or default, kind, knob) if knob else None
     result = calibrate(

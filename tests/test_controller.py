@@ -164,7 +164,7 @@ def test_result_serialises(tokenizer):
     result = generate(engine, "Q?", CodeStop(tau=3), family="plain", probe_interval=1)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["method"]["method"] == "codestop" and data["method"]["tau"] == 3
-    assert set(data["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer"}
+    assert set(data["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer", "overrun"}
     assert data["cost"] == result.cost and data["engine"] == "scripted"
 
 

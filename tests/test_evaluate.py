@@ -43,8 +43,8 @@ def test_one_line_per_question_with_what_a_run_needs(tiny_engine, questions, tmp
     assert [r["id"] for r in lines] == ["q:1", "q:2", "q:3"]
     for r in lines:
         assert {"id", "gold", "answer", "correct", "tokens", "cost", "probes", "stop_reason", "wall_time", "config"} <= set(r)
-        assert set(r["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer"}
-        assert r["cost"] == r["tokens"]["reasoning"] + r["tokens"]["probe"] + r["tokens"]["answer"]
+        assert set(r["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer", "overrun"}
+        assert r["cost"] == r["tokens"]["reasoning"] + r["tokens"]["probe"] + r["tokens"]["answer"] + r["tokens"]["overrun"]
         assert r["correct"] is False  # a random model
         assert r["config"]["method"]["method"] == "codestop" and r["config"]["method"]["tau"] == 2.0
         assert all(set(p) == {"position", "confidence", "answer", "probe_tokens"} for p in r["probes"])

@@ -234,3 +234,26 @@ def test_answer_from_best_scores_the_most_confident_probe_up_to_the_stop():
     assert at_stop.correct is False and best.correct is True
     # the cost still counts the reasoning and probes up to the stop
     assert best.reasoning_tokens == at_stop.reasoning_tokens == 40 and best.cost == at_stop.cost == 48
+
+
+@pytest.mark.parametrize("interval", [3, 7])
+def test_a_trace_thinned_to_an_interval_is_what_live_probes_at_it(tiny_engine, recorded, gen, interval):
+    """Recorded at every boundary, replayed at --probe-interval K: the probes kept are exactly
+    the ones a live run at K makes (positions and confidences)."""
+    from codestop.api import generate
+
+    _, out = recorded
+    trace = load_traces(out, probe_interval=interval)[0]
+    live = generate(tiny_engine, "What is 2 + 2?", Vanilla(), gen.replace(probe_interval=interval, always_probe=True))
+    assert 0 < len(trace.probes) < len(load_traces(out)[0].probes)
+    assert [p.position for p in live.probes] == [p.position for p in trace.probes]
+    assert [p.confidence for p in live.probes] == pytest.approx([p.confidence for p in trace.probes])
+    assert all(b.position - a.position >= interval for a, b in zip(trace.probes, trace.probes[1:]))
+
+
+def test_probe_interval_on_the_replay_command_line(tmp_path, capsys):
+    path = _write(tmp_path / "min.jsonl", MINIMAL)
+    assert main(["replay", str(path), "--method", "vanilla", "--probe-interval", "1000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["n"] == 3
+    assert main(["replay", str(path), "--probe-interval", "0"]) == 2
+    assert "probe_interval" in capsys.readouterr().err

@@ -22,8 +22,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from llama_servers import FaultProxy, LlamaServer, free_port
 from scripted import ScriptedBackend, ScriptedEngine
-from test_server_engine import FaultProxy, LlamaServer, free_port
 
 from codestop.config import GenerationConfig
 from codestop.engines.server import ServerEngine

@@ -4,8 +4,8 @@ recorded answers of the SGLang dialect (``httpx.MockTransport``; no SGLang serve
 
 Faults are injected by a small HTTP proxy between the engine and the real server (reject token-id
 prompts as llama-cpp-python's server does, answer 503 once, drop a stream mid-way, hang, strip
-log-probabilities); nothing stands in for the model. The helpers here (``LlamaServer``,
-``FaultProxy``) are reused by tests/test_serve.py. tests/test_parity.py pins the step rules of
+log-probabilities); nothing stands in for the model. The servers and the proxy live in
+tests/llama_servers.py. tests/test_parity.py pins the step rules of
 every dialect to the in-process engines' with a scripted server.
 """
 
@@ -14,20 +14,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from llama_servers import FaultProxy, LlamaServer, free_port
 from test_parity import ToyTokenizer
 
 from codestop import CodeStop, Vanilla
@@ -39,147 +31,7 @@ from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index
 
 pytestmark = pytest.mark.slow
 
-# llama.cpp's own HTTP server, started through xllamacpp (prebuilt wheels, no compiler needed)
-LAUNCH = """
-import sys, time, xllamacpp
-gguf, port, slots, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-p = xllamacpp.CommonParams()
-p.model.path = gguf
-p.port = port
-p.n_parallel = slots
-p.n_ctx = n_ctx * slots
-p.cpuparams.n_threads = 1
-p.cpuparams_batch.n_threads = 1
-p.endpoint_metrics = True
-server = xllamacpp.Server(p)
-print("listening", server.listening_address, flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-
 SMOLLM2_EOS = 2  # <|im_end|>
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaServer:
-    """A real llama.cpp server in a subprocess; ``kill`` and ``start`` again on the same port."""
-
-    def __init__(self, gguf: Path, slots: int = 4, n_ctx: int = 2048, port: int | None = None) -> None:
-        self.gguf, self.slots, self.n_ctx = gguf, slots, n_ctx
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> LlamaServer:
-        args = [sys.executable, "-c", LAUNCH, str(self.gguf), str(self.port), str(self.slots), str(self.n_ctx)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("llama.cpp server did not come up in 120 s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-
-class FaultProxy:
-    """An HTTP proxy in front of the real server that injects one kind of fault at a time.
-
-    mode: "pass"; "reject_ids" (422 for token-id prompts, as llama-cpp-python's server answers);
-    "status_once" (one 503, then pass); "drop_once" (cut the next stream after a few events);
-    "hang" (never answer a completion); "hang_all" (never answer anything: a stopped server);
-    "no_logprobs" (strip log-probabilities from answers). ``seen``: every completion request's body."""
-
-    def __init__(self, upstream: str, port: int | None = None) -> None:
-        self.upstream = upstream
-        self.mode = "pass"
-        self.seen: list[dict] = []
-        self.port = port or free_port()
-        app = FastAPI()
-        client = httpx.AsyncClient(timeout=60)
-
-        @app.get("/{path:path}")
-        async def get(path: str) -> Response:
-            if self.mode == "hang_all":
-                await asyncio.sleep(3600)
-            r = await client.get(f"{upstream}/{path}")
-            return Response(r.content, r.status_code, media_type=r.headers.get("content-type"))
-
-        @app.post("/{path:path}")
-        async def post(path: str, request: Request) -> Response:
-            body = await request.json()
-            mode = self.mode
-            if mode == "hang_all":
-                await asyncio.sleep(3600)
-            if path in ("v1/completions", "completion"):  # OpenAI-style and llama.cpp's native endpoint
-                self.seen.append(body)
-                if mode == "reject_ids" and isinstance(body.get("prompt"), list):
-                    return JSONResponse({"detail": [{"loc": ["body", "prompt"], "msg": "str type expected"}]}, 422)
-                if mode == "status_once":
-                    self.mode = "pass"
-                    return JSONResponse({"error": {"message": "busy"}}, 503)
-                if mode == "hang":
-                    await asyncio.sleep(3600)
-            if not body.get("stream"):
-                r = await client.post(f"{upstream}/{path}", json=body)
-                data = r.json()
-                if mode == "no_logprobs":
-                    for c in data.get("choices", []):
-                        c["logprobs"] = None
-                return JSONResponse(data, r.status_code)
-            if mode == "drop_once":
-                self.mode = "pass"
-
-            async def relay():
-                n = 0
-                async with client.stream("POST", f"{upstream}/{path}", json=body) as r:
-                    async for line in r.aiter_lines():
-                        n += 1
-                        if mode == "drop_once" and n > 6:
-                            raise ConnectionResetError("fault injected: stream cut")
-                        if mode == "no_logprobs" and line.startswith("data: {"):
-                            event = json.loads(line[6:])
-                            for c in event.get("choices", []):
-                                c["logprobs"] = None
-                            line = "data: " + json.dumps(event)
-                        yield line + "\n"
-
-            return StreamingResponse(relay(), media_type="text/event-stream")
-
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.server.force_exit = True  # do not wait for a request left hanging on purpose
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

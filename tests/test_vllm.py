@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from test_server_engine import FaultProxy, free_port
+from llama_servers import FaultProxy, free_port
 from vllm_server import prefix_cache_hits
 
 from codestop import CodeStop, Vanilla

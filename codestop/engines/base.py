@@ -35,6 +35,8 @@ from codestop.config import Sampling
 from codestop.errors import CodestopError, ContextTooLong
 from codestop.steps import EndKind, StepRules, StepScanner
 
+# a counter's key in :meth:`Engine.counters`: its kind, or label pairs such as (("kind", "step"), ("replica", url))
+CounterKey = str | tuple[tuple[str, str], ...]
 LOCAL_CHUNK_TOKENS = 4  # tokens per locked worker-thread call: the latency of a cancel, the grain of interleaving
 
 
@@ -59,7 +61,12 @@ class ProbeOutput:
 
 
 class Session(abc.ABC):
-    """One question's live context on an engine."""
+    """One question's live context on an engine.
+
+    ``overrun``: tokens the engine generated past a step's end and then dropped (a reasoning
+    stream that ran ahead of a stop, see ``extend(run_ahead=True)``): generated, so paid for."""
+
+    overrun: int = 0
 
     @property
     @abc.abstractmethod
@@ -67,8 +74,14 @@ class Session(abc.ABC):
         """Tokens in the context now (prompt included)."""
 
     @abc.abstractmethod
-    def extend(self, max_tokens: int, rules: StepRules) -> AsyncGenerator[str | StepOutput, None]:
-        """Generate one step: yields text pieces as they become certain, then the StepOutput."""
+    def extend(self, max_tokens: int, rules: StepRules, *, run_ahead: bool = False) -> AsyncGenerator[str | StepOutput, None]:
+        """Generate one step: yields text pieces as they become certain, then the StepOutput.
+        ``run_ahead``: the engine may go on generating past the step's end while the caller probes
+        (the next ``extend`` with the same rules takes those tokens first); engines that cannot
+        overlap a probe with generation ignore it."""
+
+    async def halt(self) -> None:  # noqa: B027 - optional
+        """Stop generating ahead: what was generated past the last step is dropped (``overrun``)."""
 
     async def step(self, max_tokens: int, rules: StepRules = StepRules()) -> StepOutput:
         """:meth:`extend` run to its StepOutput (for callers that do not show the text)."""
@@ -155,10 +168,11 @@ class Engine(abc.ABC):
         """Whether the engine can answer now (the proxy's /health): ``{"ok": bool, ...}``."""
         return {"ok": True}
 
-    def counters(self) -> dict[str, dict[str, float]]:
+    def counters(self) -> dict[str, dict[CounterKey, float]]:
         """Counters for the proxy's /metrics: ``{name: {kind: count}}``, exported as
         ``codestop_<name>_total`` with one label ``kind`` (key "" for a counter without it), e.g.
-        the server engine's ``{"upstream_requests": {"step": 12, "probe": 4}, "upstream_retries": {"": 1}}``."""
+        the server engine's ``{"upstream_requests": {"step": 12, "probe": 4}, "upstream_retries": {"": 1}}``;
+        a key may instead be label pairs, e.g. ``(("kind", "step"), ("replica", url))``."""
         return {}
 
     async def aclose(self) -> None:  # noqa: B027 - optional
@@ -282,7 +296,7 @@ class LocalSession(Session):
         return self.backend.n_tokens + len(self.pending)
 
     # -- reasoning and answers ----------------------------------------------------------------
-    async def extend(self, max_tokens: int, rules: StepRules) -> AsyncGenerator[str | StepOutput, None]:
+    async def extend(self, max_tokens: int, rules: StepRules, *, run_ahead: bool = False) -> AsyncGenerator[str | StepOutput, None]:
         eng, be = self.engine, self.backend
         window = eng.context_window
         room = window - 1 - be.n_tokens if window is not None else max_tokens

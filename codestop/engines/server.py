@@ -76,15 +76,15 @@ import random
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import aclosing, asynccontextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
 from codestop.config import Sampling
-from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
+from codestop.engines.base import CounterKey, Engine, ProbeOutput, Session, StepOutput
 from codestop.errors import (
     CodestopError,
     ContextTooLong,
@@ -841,10 +841,10 @@ class ServerEngine(Engine):
             self.served_models = served
         return {**out, "ok": True, "upstream": "ok", "models": list(self.served_models)}
 
-    def counters(self) -> dict[str, dict[str, float]]:
+    def counters(self) -> dict[str, dict[CounterKey, float]]:
         """Requests sent upstream by kind ("step", "answer", "probe", "tokenizer"), retries, and
         switches to text prompts."""
-        kinds: dict[str, float] = dict(self.stats.by_kind)
+        kinds: dict[CounterKey, float] = {k: float(n) for k, n in self.stats.by_kind.items()}
         if isinstance(self.tokens, RemoteTokens) and self.tokens.requests:
             kinds["tokenizer"] = self.tokens.requests
         return {
@@ -975,10 +975,13 @@ class ServerEngine(Engine):
             self._raise_for(rejected or response)
 
     @asynccontextmanager
-    async def _post(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], stream: bool) -> AsyncIterator[httpx.Response]:
-        """One request (see :meth:`_send`), holding a slot of the concurrency limit until closed."""
+    async def _post(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], stream: bool,
+                    slot: bool = True) -> AsyncIterator[httpx.Response]:
+        """One request (see :meth:`_send`), holding a slot of the concurrency limit until closed;
+        ``slot`` False: the session already holds one (a probe beside its own running stream, which
+        must not wait behind other sessions' streams)."""
         state = self._state()
-        async with state.limit:
+        async with state.limit if slot else nullcontext():
             response = await self._send(state.client, path, prompt_ids, kind, fields, stream)
             try:
                 yield response
@@ -986,16 +989,16 @@ class ServerEngine(Engine):
                 await response.aclose()
 
     async def complete(self, prompt_ids: Sequence[int], kind: str, path: str = "/v1/completions",
-                       parse: Callable[[dict[str, Any]], Chunk] = parse_choice, **fields: Any) -> Chunk:
+                       parse: Callable[[dict[str, Any]], Chunk] = parse_choice, slot: bool = True, **fields: Any) -> Chunk:
         """One plain (non-streaming) completion."""
-        async with self._post(path, prompt_ids, kind, fields, stream=False) as response:
+        async with self._post(path, prompt_ids, kind, fields, stream=False, slot=slot) as response:
             return parse(_json(response.content, self.base_url))
 
-    async def stream(self, prompt_ids: Sequence[int], kind: str, **fields: Any) -> AsyncGenerator[Chunk, None]:
+    async def stream(self, prompt_ids: Sequence[int], kind: str, slot: bool = True, **fields: Any) -> AsyncGenerator[Chunk, None]:
         """One streaming completion, event by event. Closing the generator closes the connection,
         which aborts the request on the server; a connection broken mid-stream raises (the session
         resumes from what it kept)."""
-        async with self._post("/v1/completions", prompt_ids, kind, {**fields, "stream": True}, stream=True) as response:
+        async with self._post("/v1/completions", prompt_ids, kind, {**fields, "stream": True}, stream=True, slot=slot) as response:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -1039,15 +1042,15 @@ class ServerEngine(Engine):
             ))
         return _once(self.complete(prompt_ids, kind, max_tokens=n, logprobs=1, **fields))
 
-    def probe_chunks(self, prompt_ids: Sequence[int], max_tokens: int) -> AsyncGenerator[Chunk, None]:
+    def probe_chunks(self, prompt_ids: Sequence[int], max_tokens: int, slot: bool = True) -> AsyncGenerator[Chunk, None]:
         """One probe request, greedy with logprobs: plain with the stop "}" where the server keeps
         it in the output; elsewhere streamed and closed at the brace, since llama.cpp drops the
         logprobs of the token that holds a stop string (an answer token "2}" with them)."""
         fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "logprobs": 1, **TOKEN_IDS.get(self.server_kind, {})}
         if self.server_kind in KEEPS_STOP_STRINGS:
             fields.update(stop=["}"], **KEEPS_STOP_STRINGS[self.server_kind])
-            return _once(self.complete(prompt_ids, "probe", **fields))
-        return self.stream(prompt_ids, "probe", **fields)
+            return _once(self.complete(prompt_ids, "probe", slot=slot, **fields))
+        return self.stream(prompt_ids, "probe", slot=slot, **fields)
 
 
 async def _once(answer: Awaitable[Chunk]) -> AsyncGenerator[Chunk, None]:
@@ -1059,9 +1062,39 @@ async def _once(answer: Awaitable[Chunk]) -> AsyncGenerator[Chunk, None]:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Ahead:
+    """A reasoning request that streams on past step ends (overlapped probing): it was sent
+    ``prompt`` and ``scanner.ids`` are the tokens received since, which the next steps take."""
+
+    rules: StepRules
+    prompt: list[int]
+    scanner: StepScanner
+    arrived: asyncio.Event
+    task: asyncio.Task[None] | None = None
+
+    def token(self, i: int) -> int | None:
+        """The context's ``i``-th token, None if it has not arrived yet."""
+        if i < len(self.prompt):
+            return self.prompt[i]
+        i -= len(self.prompt)
+        return self.scanner.ids[i] if i < len(self.scanner.ids) else None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.scanner.ids)
+
+
 class ServerSession(Session):
     """One question's committed context as token ids (``ids``, sent whole with every request) and
-    a held-back boundary word (``pending``) that starts the next step."""
+    a held-back boundary word (``pending``) that starts the next step.
+
+    Overlapped probing (``extend(run_ahead=True)``): one streamed request reads the reasoning
+    past every boundary (found client-side) while the caller probes each boundary with requests
+    of their own on its prefix (which the server's prefix cache holds); a new reasoning request is
+    needed only after a broken connection. Anything else the session is asked (an answer, an
+    append, a rollback, ``halt``) cancels the stream first and counts the tokens it had received
+    past the committed context as ``overrun``."""
 
     def __init__(self, engine: ServerEngine, prompt_ids: list[int], sampling: Sampling, live: bool = False) -> None:
         self.engine = engine
@@ -1069,6 +1102,8 @@ class ServerSession(Session):
         self.pending: list[int] = []
         self.sampling = sampling
         self.live = live
+        self.overrun = 0
+        self._ahead: _Ahead | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -1089,11 +1124,12 @@ class ServerSession(Session):
         return window - context if window is not None else 1 << 60
 
     async def _scan(self, scanner: StepScanner, request: Callable[[list[int], int], AsyncGenerator[Chunk, None]],
-                    logprobs: list[float] | None = None) -> AsyncGenerator[str, None]:
+                    logprobs: list[float] | None = None, on_feed: Callable[[], None] | None = None) -> AsyncGenerator[str, None]:
         """Feed every token the server generates to ``scanner`` until it ends the step, yielding the
         text it hands out. Requests continue after the tokens received: past a stop string that is
         no boundary here ("Waiting"), the server's own length limit, or a connection broken
-        mid-stream; ``retries`` times at most without progress. ``logprobs`` collects the tokens'."""
+        mid-stream; ``retries`` times at most without progress. ``logprobs`` collects the tokens';
+        ``on_feed`` is called after each chunk's tokens are fed."""
         eng = self.engine
         idle = resumes = 0
         while scanner.end is None:
@@ -1121,6 +1157,8 @@ class ServerSession(Session):
                         for tok in ids:
                             if scanner.feed(tok) is not None:
                                 break  # what a plain answer holds after the end is not kept
+                        if on_feed is not None:
+                            on_feed()
                         if scanner.end is not None:
                             break  # closing a stream aborts the request on the server
                         if chunk.finish:
@@ -1147,20 +1185,29 @@ class ServerSession(Session):
             else:
                 raise eng._no_progress(idle + 1, finish)
 
-    async def extend(self, max_tokens: int, rules: StepRules) -> AsyncGenerator[str | StepOutput, None]:
+    async def extend(self, max_tokens: int, rules: StepRules, *, run_ahead: bool = False) -> AsyncGenerator[str | StepOutput, None]:
         eng = self.engine
+        ahead = self._ahead if run_ahead and self._ahead is not None and self._ahead.rules == rules else None
+        if ahead is None:
+            await self.halt()
         held, self.pending = self.pending, []
         await eng._known(held)
         room = self._room(len(self.ids) + 1)  # as in-process: the committed context and one token spare
         scanner = StepScanner(eng.detokenize, rules, eng.eos_token_ids, max(1, min(max_tokens, room)), held)
         sampling = self.sampling.greedy() if rules.greedy else self.sampling
-        streamed = self.streamed(rules)
+        if run_ahead:
+            if ahead is None:
+                ahead = self._ahead = self._run_ahead(rules, sampling, self.ids + held, scanner.max_tokens - len(held))
+            pieces = self._follow(ahead, scanner)
+        else:
+            streamed = self.streamed(rules)
 
-        def request(ids: list[int], n: int) -> AsyncGenerator[Chunk, None]:
-            return eng.step_chunks(self.ids + ids, n, rules, sampling, streamed)
+            def request(ids: list[int], n: int) -> AsyncGenerator[Chunk, None]:
+                return eng.step_chunks(self.ids + ids, n, rules, sampling, streamed)
 
-        async with aclosing(self._scan(scanner, request)) as pieces:
-            async for piece in pieces:
+            pieces = self._scan(scanner, request)
+        async with aclosing(pieces) as texts:
+            async for piece in texts:
                 yield piece
         if piece := scanner.take_text():
             yield piece
@@ -1169,6 +1216,58 @@ class ServerSession(Session):
         self.ids += scanner.ids[: end.keep]
         self.pending = list(end.carry)
         yield StepOutput(scanner.ids[: end.keep], scanner.kept_text(), end.kind)
+
+    def _run_ahead(self, rules: StepRules, sampling: Sampling, prompt: list[int], max_tokens: int) -> _Ahead:
+        """Start one streamed request for the rest of the reasoning: it ends only where the
+        reasoning does (stop texts, client stops, EOS, ``max_tokens``); the boundaries are found
+        client-side by each step's own scanner."""
+        eng = self.engine
+        to_end = replace(rules, separators=(), words=())
+        ahead = _Ahead(rules, prompt, StepScanner(eng.detokenize, to_end, eng.eos_token_ids, max(1, max_tokens)), asyncio.Event())
+
+        def request(ids: list[int], n: int) -> AsyncGenerator[Chunk, None]:
+            return eng.step_chunks(prompt + ids, n, to_end, sampling, streamed=True)
+
+        async def read() -> None:
+            try:
+                async with aclosing(self._scan(ahead.scanner, request, on_feed=ahead.arrived.set)) as texts:
+                    async for _ in texts:
+                        pass
+            finally:
+                ahead.arrived.set()
+
+        ahead.task = asyncio.create_task(read())
+        return ahead
+
+    async def _follow(self, ahead: _Ahead, scanner: StepScanner) -> AsyncGenerator[str, None]:
+        """Feed ``scanner`` the running stream's tokens after the committed context, waiting for
+        more as needed, until the step ends."""
+        assert ahead.task is not None
+        while scanner.end is None:
+            token = ahead.token(len(self.ids) + len(scanner.ids))
+            if token is not None:
+                scanner.eos_ids = self.engine.eos_token_ids  # an EOS the stream learnt (vLLM) ends this step too
+                scanner.feed(token)
+                if piece := scanner.take_text():
+                    yield piece
+            elif ahead.task.done():
+                ahead.task.result()  # the stream's error, if it failed
+                # it ended where the tokens do not show it (an EOS the server did not list)
+                kind = ahead.scanner.end.kind if ahead.scanner.end is not None else "eos"
+                scanner.end = StepEnd(kind, len(scanner.ids))
+            else:
+                ahead.arrived.clear()
+                await ahead.arrived.wait()
+
+    async def halt(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.task is None:
+            return
+        ahead.task.cancel()  # closing its stream aborts the request on the server
+        await asyncio.wait([ahead.task])
+        if not ahead.task.cancelled():
+            ahead.task.exception()  # retrieved: an error after the stop matters to no one
+        self.overrun += max(0, ahead.length - len(self.ids))
 
     async def probe(self, prompt_ids: Sequence[int], max_tokens: int = 20) -> ProbeOutput:
         """A greedy continuation of context + ``prompt_ids`` through the same scanner as in-process
@@ -1180,12 +1279,14 @@ class ServerSession(Session):
             return ProbeOutput([], [], len(prompt_ids))
         scanner = StepScanner(eng.detokenize, PROBE_RULES, eng.eos_token_ids, min(max_tokens, room))
         lps: list[float] = []
-        async with aclosing(self._scan(scanner, lambda ids, n: eng.probe_chunks(base + ids, n), lps)) as pieces:
+        slot = self._ahead is None  # beside its own running stream the session already holds a slot
+        async with aclosing(self._scan(scanner, lambda ids, n: eng.probe_chunks(base + ids, n, slot), lps)) as pieces:
             async for _ in pieces:
                 pass
         return ProbeOutput(list(scanner.ids), lps[: len(scanner.ids)], len(prompt_ids))
 
     async def append(self, ids: Sequence[int]) -> None:
+        await self.halt()
         self.pending = []  # forcing after a word boundary: the held-back word is dropped, never said
         window = self.engine.context_window
         if window is not None and len(self.ids) + len(ids) >= window:
@@ -1193,9 +1294,11 @@ class ServerSession(Session):
         self.ids += list(ids)
 
     async def rollback(self, n_tokens: int) -> None:
+        await self.halt()
         self.pending = []
         del self.ids[n_tokens:]  # the next request sends the shorter prefix (the server's cache holds it)
 
     async def close(self) -> None:
+        await self.halt()
         self.ids = []
         self.pending = []

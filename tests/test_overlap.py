@@ -1,0 +1,142 @@
+"""Overlapped probing (``probe_mode="overlapped"``) against REAL servers: a llama.cpp server
+(xllamacpp's ``llama-server``) and vLLM 0.32 (the ``vllm_url`` fixture), both serving SmolLM2-135M.
+
+The reasoning streams on past each boundary while the boundary's probe runs as its own request;
+at a stop the stream is cancelled and the session is cut back to the boundary. So on the same
+greedy question the two modes must give the same reasoning, probes, stop and answer, and the only
+differences are the requests sent (one reasoning request instead of one per step) and the tokens
+generated past the stop (``overrun``).
+
+The llama.cpp server runs with ``n_ubatch=1``: it then computes every token alone, so its greedy
+output does not depend on what else shares a batch or on which slot's prompt cache a request
+reuses (with the default batch, a probe's prefill of a few dozen tokens in one batch gives the
+cached keys slightly different numerics and can change a later greedy token in either mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+from llama_servers import LlamaServer, upstream_metrics
+
+from codestop.config import GenerationConfig
+from codestop.controller import Result, agenerate
+from codestop.engines.server import ServerEngine
+from codestop.policies import make_policy
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "A baker makes 24 rolls in the morning and 18 in the afternoon. She sells 30 of them. How many are left?",
+    "Tom has 5 boxes with 12 pencils each. He gives away 17 pencils. How many pencils does he keep?",
+]
+STORY = "Write a long story about a dragon and a knight, in many short paragraphs."
+# tau 1: CoDE-Stop stops early here on a degenerate step (the stream has run ahead of the stop)
+POLICY = {"method": "codestop", "tau": 1.0}
+# DEER at a threshold any probe passes: a stop at the first probe, whatever the model says
+STOP_AT_FIRST_PROBE = {"method": "deer", "threshold": 0.01}
+CASES = [(q, POLICY) for q in QUESTIONS] + [(STORY, STOP_AT_FIRST_PROBE)]
+
+
+def signature(r: Result) -> tuple:
+    return (r.reasoning_text, r.stop_reason, r.stop_position, r.answer, r.answer_text,
+            [(p.position, p.answer, round(p.confidence, 6)) for p in r.probes], r.tokens["reasoning"], r.tokens["probe"])
+
+
+def both_modes(engine: ServerEngine, question: str, policy: dict, max_new_tokens: int) -> dict[str, tuple[Result, dict[str, int]]]:
+    out = {}
+    for mode in ("sequential", "overlapped"):
+        before = dict(engine.stats.by_kind)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, probe_interval=1, temperature=0, probe_mode=mode)
+        result = asyncio.run(agenerate(engine, question, make_policy(**policy), config))
+        sent = {k: v - before.get(k, 0) for k, v in engine.stats.by_kind.items()}
+        out[mode] = (result, sent)
+    return out
+
+
+def check_same(runs: dict[str, tuple[Result, dict[str, int]]]) -> None:
+    (seq, seq_sent), (ovl, ovl_sent) = runs["sequential"], runs["overlapped"]
+    assert signature(ovl) == signature(seq)
+    assert seq.tokens["overrun"] == 0
+    assert ovl_sent["step"] == 1  # one reasoning request for the whole chain of thought
+    assert seq_sent["step"] >= len(seq.probes)  # a new request after every probe
+    assert ovl_sent["probe"] == seq_sent["probe"] == len(seq.probes)
+    if seq.stop_reason not in ("finished", "max_new_tokens"):
+        assert ovl.tokens["overrun"] > 0  # the stream had gone on while the stopping probe ran
+        assert ovl.cost == seq.cost + ovl.tokens["overrun"]
+
+
+def wait_idle(read_running, seconds: float = 3.0) -> float:
+    """The upstream's own count of running requests, polled until it is 0 or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        running = read_running()
+        if running == 0 or time.monotonic() > deadline:
+            return running
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(smollm2_path):
+    server = LlamaServer(smollm2_path, slots=2, ubatch=1).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def llama_engine(llama):
+    eng = ServerEngine.connect(llama.url + "/v1")
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize(("question", "policy"), CASES)
+def test_llamacpp_overlapped_equals_sequential(llama_engine, question, policy):
+    check_same(both_modes(llama_engine, question, policy, max_new_tokens=160))
+
+
+def test_llamacpp_stop_cancels_the_stream(llama, llama_engine):
+    """A stop long before the token cap: the cancelled stream must not keep the server busy (it
+    would for the rest of ~1000 tokens, many seconds, if the request were left running)."""
+    config = GenerationConfig(max_new_tokens=1000, probe_interval=1, temperature=0)
+    result = asyncio.run(agenerate(llama_engine, STORY, make_policy(**STOP_AT_FIRST_PROBE), config))
+    assert result.stop_reason == "threshold" and result.stop_position < 500 and result.tokens["overrun"] > 0
+    assert wait_idle(lambda: upstream_metrics(llama.url)["llamacpp:requests_processing"]) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM
+# --------------------------------------------------------------------------------------------
+
+
+def vllm_running(url: str) -> float:
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+    return sum(float(m[1]) for m in re.finditer(r"^vllm:num_requests_running(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_url):
+    eng = ServerEngine.connect(vllm_url)
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize(("question", "policy"), CASES)
+def test_vllm_overlapped_equals_sequential(vllm_engine, question, policy):
+    check_same(both_modes(vllm_engine, question, policy, max_new_tokens=160))
+
+
+def test_vllm_stop_cancels_the_stream(vllm_url, vllm_engine):
+    config = GenerationConfig(max_new_tokens=1000, probe_interval=1, temperature=0)
+    result = asyncio.run(agenerate(vllm_engine, STORY, make_policy(**STOP_AT_FIRST_PROBE), config))
+    assert result.stop_reason == "threshold" and result.stop_position < 500 and result.tokens["overrun"] > 0
+    assert wait_idle(lambda: vllm_running(vllm_url)) == 0
