@@ -70,6 +70,7 @@ class Result:
     stop_position: int
     answer_position: int  # reasoning tokens the answer followed: the stop, or the best probe (answer_from="best")
     probes: list[Probe]
+    steps: int  # reasoning steps (boundary to boundary) the stream was cut into
     tokens: dict[str, int]
     timings: dict[str, float]
     method: dict[str, Any]
@@ -201,6 +202,7 @@ async def astream(
         spent = {"probe": 0, "probe_prompt": 0}
         last_probe_at = 0
         text_at: dict[int, int] = {}  # reasoning text length at each probe's position (rollback)
+        n_steps = 0
         while True:
             step: StepOutput | None = None
             async for item in clock.step("reasoning", session, plan.cap - len(reasoning_ids), rules, run_ahead):
@@ -209,6 +211,7 @@ async def astream(
                 else:
                     step = item
             assert step is not None
+            n_steps += 1
             reasoning_ids += step.token_ids
             reasoning_text += step.text
             position = len(reasoning_ids)
@@ -258,6 +261,7 @@ async def astream(
             stop_position=position,
             answer_position=answer_position,
             probes=probes,
+            steps=n_steps,
             tokens={"prompt": len(plan.prompt_ids), "reasoning": position, **spent, "answer": answer.tokens,
                     "overrun": session.overrun},
             timings=timings,

@@ -188,9 +188,11 @@ class Metrics:
         self.in_flight = Gauge("codestop_requests_in_flight", "Requests being answered now.", registry=r)
         self.stops = Counter("codestop_stops", "Answers by stop reason.", ["reason"], registry=r)
         self.tokens = Counter("codestop_tokens", "Tokens by kind.", ["kind"], registry=r)
+        self.steps = Counter("codestop_reasoning_steps", "Reasoning steps (boundary to boundary) scanned.", registry=r)
 
     def count_result(self, result: Result) -> None:
         self.stops.labels(result.stop_reason).inc()
+        self.steps.inc(result.steps)
         for kind, n in result.tokens.items():
             self.tokens.labels(kind).inc(n)
 
@@ -567,6 +569,7 @@ def usage_of(result: Result, family: Family) -> dict[str, Any]:
             "probe_prompt_tokens": t["probe_prompt"],
             "overrun_tokens": t.get("overrun", 0),
             "probes": len(result.probes),
+            "steps": result.steps,
             "answer": result.answer,
             # known only when nothing was cut: the model finished on its own
             "tokens_saved": 0 if result.stop_reason == "finished" else None,
