@@ -72,12 +72,15 @@ GPQA_WRONG = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 LETTERS = "ABCD"
 
 
-def load_examples(dataset: str | None = None, data: str | os.PathLike[str] | None = None, limit: int | None = None) -> list[Example]:
-    """The first ``limit`` questions (all when None) of ``dataset``, from ``data`` when given, else
-    from the hub. With ``data`` and no ``dataset``, the file is read as a generic question/answer
-    file named after its stem."""
+def load_examples(dataset: str | None = None, data: str | os.PathLike[str] | None = None, limit: int | None = None,
+                  offset: int = 0) -> list[Example]:
+    """The first ``limit`` questions (all when None) of ``dataset`` after its first ``offset``, from
+    ``data`` when given, else from the hub. With ``data`` and no ``dataset``, the file is read as a
+    generic question/answer file named after its stem."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit: {limit!r} must be >= 1")
+    if offset < 0:
+        raise ValueError(f"offset: {offset!r} must be >= 0")
     if data is None:
         if dataset is None:
             raise CodestopError("dataset: give --dataset (" + ", ".join(DATASETS) + ") or --data PATH")
@@ -95,10 +98,11 @@ def load_examples(dataset: str | None = None, data: str | os.PathLike[str] | Non
             spec = _generic_spec(_stem(path), path)
         rows = _file_rows(path)
     out: list[Example] = []
-    for where, row in rows:
+    for i, (where, row) in enumerate(rows):
         if limit is not None and len(out) >= limit:
             break
-        out.append(_example(spec, where, row))
+        if i >= offset:  # rows skipped are not checked: a bad row outside the selection does not matter
+            out.append(_example(spec, where, row))
     return out
 
 

@@ -459,12 +459,18 @@ def model_sha256(model: Engine | str) -> str | None:
 
 def run_config(
     kind: str, dataset: str, model: str, engine_name: str | None, policy: Policy, generation: GenerationConfig,
-    prompt: PromptStyle | None = None, sha256: str | None = None,
+    prompt: PromptStyle | None = None, sha256: str | None = None, offset: int = 0, split: str | None = None,
 ) -> dict[str, Any]:
-    """What defines a run (a resume must match it), and what produced it."""
+    """What defines a run (a resume must match it), and what produced it. ``offset`` and ``split``
+    (a name for the questions chosen, e.g. "held-out") appear only when set, so older run files
+    still resume."""
     from codestop import __version__
 
+    chosen: dict[str, Any] = {"offset": offset} if offset else {}
+    if split is not None:
+        chosen["split"] = split
     return {
+        **chosen,
         "kind": kind,
         "schema": RUN_SCHEMA,
         "dataset": dataset,
@@ -543,6 +549,8 @@ def _run_dataset(
     generation: GenerationConfig,
     make_record: Make,
     *,
+    offset: int,
+    split: str | None,
     concurrency: int,
     engine: str | None,
     engine_options: dict[str, Any] | None,
@@ -552,11 +560,11 @@ def _run_dataset(
 ) -> RunOutcome:
     """The one runner behind eval and record (which differ in the record they make): the questions
     not yet in ``out`` are answered and appended."""
-    examples = load_examples(dataset, data, limit)
+    examples = load_examples(dataset, data, limit, offset)
     name = examples[0].dataset if examples else (dataset or "")
     model_name = model.model_name if isinstance(model, Engine) else model
     engine_name = model.name if isinstance(model, Engine) else engine
-    config = run_config(kind, name, model_name, engine_name, policy, generation, prompt, model_sha256(model))
+    config = run_config(kind, name, model_name, engine_name, policy, generation, prompt, model_sha256(model), offset, split)
     if kind == "trace":
         config["probe_confidence"] = policy.confidence  # what the stored confidences were scored with
     run = RunFile.open(out, config)
@@ -613,8 +621,10 @@ def evaluate(
     prompt: str | PromptStyle | None = None,
     system_prompt: str | None = None,
     log_samples: bool = False,
+    offset: int = 0,
+    split: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``dataset`` (its first ``limit`` questions) under ``policy``, appending one line per
+    """Run ``dataset`` (its first ``limit`` questions after ``offset``) under ``policy``, appending one line per
     question to ``out`` (resuming it when it exists), and return the summary of every line in it
     (see :func:`summarize`; paired against ``baseline`` when given). ``prompt``: a style name or a
     template file (:mod:`codestop.prompts`); ``log_samples``: also write :func:`samples_path`."""
@@ -622,7 +632,7 @@ def evaluate(
     style = prompt if isinstance(prompt, PromptStyle) else resolve_prompt(prompt, system_prompt)
     outcome = _run_dataset(
         "eval", model, dataset, data, limit, out, policy if policy is not None else CodeStop(), generation, eval_record,
-        concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
+        offset=offset, split=split, concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
         prompt=style, log_samples=log_samples,
     )
     return summarize(outcome.records, base_records, session=outcome.session, elapsed=outcome.elapsed)
@@ -643,6 +653,8 @@ def record(
     prompt: str | PromptStyle | None = None,
     system_prompt: str | None = None,
     log_samples: bool = False,
+    offset: int = 0,
+    split: str | None = None,
 ) -> list[dict[str, Any]]:
     """Record traces of ``dataset`` into ``out`` (resumable, like :func:`evaluate`): no stopping, a
     probe at every step boundary at least ``generation.probe_interval`` tokens after the last.
@@ -650,7 +662,7 @@ def record(
     style = prompt if isinstance(prompt, PromptStyle) else resolve_prompt(prompt, system_prompt)
     return _run_dataset(
         "trace", model, dataset, data, limit, out, Vanilla(), generation.replace(always_probe=True), trace_record,
-        concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
+        offset=offset, split=split, concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
         prompt=style, log_samples=log_samples,
     ).records
 
@@ -664,7 +676,9 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, help=f"{', '.join(DATASETS)} (from the Hugging Face hub unless --data)")
     g.add_argument("--data", default=None, help="a local JSONL/CSV copy, or any file with question and answer columns")
-    g.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    g.add_argument("--limit", type=int, default=None, help="only the first N questions (after --offset)")
+    g.add_argument("--offset", type=int, default=0, help="skip the first N questions (e.g. a dev split's)")
+    g.add_argument("--split", default=None, help='a name for the questions chosen, written into every record (e.g. "held-out")')
     g.add_argument("--concurrency", type=int, default=1, help="questions in flight at once (for server engines)")
 
 
@@ -731,6 +745,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         system_prompt=args.system_prompt,
         log_samples=args.log_samples,
+        offset=args.offset,
+        split=args.split,
     )
     if args.json:
         print(json.dumps(summary))
@@ -755,7 +771,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         args.model, args.dataset, out=args.out, data=args.data, limit=args.limit, engine=args.engine,
         engine_options=engine_options_from_args(args), generation=GenerationConfig.from_args(args),
         concurrency=args.concurrency, progress=True, prompt=args.prompt, system_prompt=args.system_prompt,
-        log_samples=args.log_samples,
+        log_samples=args.log_samples, offset=args.offset, split=args.split,
     )
     n = len(traces)
     acc = sum(bool(t.get("final_correct")) for t in traces) / n if n else 0.0

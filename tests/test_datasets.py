@@ -120,3 +120,29 @@ def test_every_named_dataset_has_a_hub_source():
     for spec in DATASETS.values():
         repo, _, split = spec.hub
         assert "/" in repo and split
+
+
+def test_offset_skips_questions_without_checking_them(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(6)]
+    rows[1] = {"question": "no answer field"}  # a bad row outside the selection does not matter
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_examples(data=path, offset=2, limit=3)
+    assert [e.gold for e in got] == ["2", "3", "4"]
+    assert [e.gold for e in load_examples(data=path, offset=4)] == ["4", "5"]
+    assert load_examples(data=path, offset=10) == []
+    with pytest.raises(ValueError, match="offset"):
+        load_examples(data=path, offset=-1)
+
+
+def test_record_names_its_split_and_offset(tiny_engine, tmp_path):
+    from codestop.config import GenerationConfig
+    from codestop.evaluate import record
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))
+    out = tmp_path / "t.jsonl"
+    gen = GenerationConfig(family="plain", max_new_tokens=6, temperature=0.0)
+    traces = record(tiny_engine, data=data, out=out, generation=gen, offset=2, limit=1, split="held-out")
+    assert [t["gold"] for t in traces] == ["4"]
+    assert traces[0]["config"]["split"] == "held-out" and traces[0]["config"]["offset"] == 2
