@@ -1,0 +1,347 @@
+"""Issue 10's tables and figures from the testbed's held-out traces (bench/testbed/PROTOCOL.md).
+
+Every number is a replay of ``codestop record`` traces, thinned to ``--probe-interval``:
+
+1. calibration of CoDE-Stop's tau, DEER's threshold and Consistency's window (``calibrate``) on one
+   half of the GSM8K traces, measured on the other (the measurement half);
+2. the issue's two targets, on the measurement half;
+3. the accuracy-vs-tokens sweep of the three methods on the measurement half (figure and Pareto table);
+4. answer rollback (``answer_from="stop"`` vs ``"best"``) at the calibrated values;
+5. the paper's findings on all GSM8K traces: confidence dynamics, AUROC of early features, and
+   whether wrong traces are longer;
+6. with ``--math``: the GSM8K-calibrated values on MATH (does calibration transfer?) and a MATH sweep;
+   with ``--cod``: CoDE-Stop on Chain-of-Draft traces vs the main prompt's, paired by question.
+
+Writes DIR/analysis.json (accuracy as fractions), DIR/analysis.md (percentages; figures linked
+relative to DIR) and PNGs, and prints the markdown with figures linked relative to the working
+directory (run from the repository root, it pastes into BENCHMARKS.md as it is).
+
+Usage: python bench/testbed/analyze.py GSM8K.traces.jsonl [--math MATH.traces.jsonl]
+       [--cod COD.traces.jsonl] --probe-interval K --out DIR [--max-accuracy-drop 0.01] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from scipy.stats import mannwhitneyu  # type: ignore[import-untyped]
+
+from codestop.plots import auroc_table, dynamics, plot_dynamics
+from codestop.replay import Replayed, Trace, load_traces
+from codestop.sweep import (
+    KNOBS,
+    Point,
+    calibrate,
+    clopper_pearson_upper,
+    compare_to_vanilla,
+    drop_bounds,
+    fixed_policy,
+    markdown_table,
+    method_frontier,
+    paired_bootstrap,
+    paired_counts,
+    parse_range,
+    plot_tradeoff,
+    run_policy,
+    sweep,
+)
+
+METHODS = ("codestop", "deer", "consistency")
+TARGET_SAVING = 0.25  # issue 10: at least 25% fewer cost tokens ...
+TARGET_DROP = 0.01  # ... for at most 1 point of accuracy lost
+
+
+def pct(x: float) -> str:
+    return f"{x * 100:.1f}%"
+
+
+def ci(d: dict[str, Any], scale: float = 100, unit: str = " pts") -> str:
+    """A paired-bootstrap result as "+1.2 pts [-0.5, +3.0]"."""
+    est = f"{d['estimate'] * scale:+.1f}{unit}"
+    return est if d["low"] is None else f"{est} [{d['low'] * scale:+.1f}, {d['high'] * scale:+.1f}]"
+
+
+def setting(method: str, value: Any) -> str:
+    return f"{method} {KNOBS[method][0]}={value}"
+
+
+def correct(rows: Sequence[Replayed]) -> list[float]:
+    return [float(r.correct) for r in rows]
+
+
+def mean_cost(rows: Sequence[Replayed]) -> float:
+    return sum(r.cost for r in rows) / len(rows)
+
+
+def measure(traces: Sequence[Trace], method: str, value: Any, seed: int) -> dict[str, Any]:
+    """``method`` at ``value`` against vanilla on ``traces``, in the shape of calibrate's ``held_out``."""
+    rows = run_policy(traces, fixed_policy(method, value))
+    vanilla = run_policy(traces, fixed_policy("vanilla"))
+    lost, gained = paired_counts(rows, vanilla)
+    bounds = drop_bounds(lost, gained, len(traces))
+    return {"n": len(traces), "accuracy": sum(correct(rows)) / len(rows), "vanilla_accuracy": sum(correct(vanilla)) / len(rows),
+            "accuracy_drop": bounds["drop"], "lost": lost, "gained": gained, "drop_upper_95_exact": bounds["exact"],
+            "drop_upper_95_normal": bounds["normal"], "mean_cost": mean_cost(rows), "vanilla_mean_cost": mean_cost(vanilla),
+            "paired_bootstrap": compare_to_vanilla(rows, vanilla, seed=seed)}
+
+
+MEASURED_HEAD = ("| method | setting | vanilla accuracy | vanilla mean cost | accuracy | mean cost | cost saved | "
+                 "accuracy change [95% CI] | cost change [95% CI] | lost / gained | 95% bound on the drop |\n"
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def measured_row(method: str, value: Any, h: dict[str, Any] | None) -> str:
+    if h is None:
+        return f"| {method} | none within the drop | - | - | - | - | - | - | - | - | - |"
+    boot = h["paired_bootstrap"]
+    return (f"| {method} | {KNOBS[method][0]}={value} | {pct(h['vanilla_accuracy'])} | {h['vanilla_mean_cost']:.0f} | "
+            f"{pct(h['accuracy'])} | {h['mean_cost']:.0f} | {pct(h['cost_saving'])} | {ci(boot['accuracy_change'])} | "
+            f"{ci(boot['cost_change'], 1, ' tok')} | {h['lost']} / {h['gained']} | {h['drop_upper_95_exact'] * 100:.1f} pts |")
+
+
+def with_saving(h: dict[str, Any]) -> dict[str, Any]:
+    return {**h, "cost_saving": 1 - h["mean_cost"] / h["vanilla_mean_cost"] if h["vanilla_mean_cost"] else 0.0}
+
+
+def section_calibration(traces: Sequence[Trace], drop: float, seed: int) -> tuple[str, dict[str, Any], list[Trace]]:
+    results = {m: calibrate(traces, drop, method=m, seed=seed) for m in METHODS}
+    for r in results.values():
+        if "held_out" in r:
+            r["held_out"] = with_saving(r["held_out"])
+    first = results[METHODS[0]]
+    if any(r["held_out_ids"] != first["held_out_ids"] for r in results.values()):
+        sys.exit("analyze: calibrate split the traces differently per method")
+    by_id = {t.id: t for t in traces}
+    if len(by_id) != len(traces):
+        sys.exit("analyze: trace ids repeat; the measurement half cannot be rebuilt from calibrate's ids")
+    measurement = [by_id[i] for i in first["held_out_ids"]]  # in calibrate's order
+    n_cal, n_meas = first["n_calibration"], first["n_held_out"]
+    md = [(f"Split (calibrate, seed {seed}): n_calibration = {n_cal}, n_measurement = {n_meas} of {len(traces)} traces. "
+          f"Each knob is the fewest reasoning tokens with a drop of at most {drop * 100:g} pts on the calibration half, "
+          "then measured on the measurement half below: cost = reasoning + probe tokens, changes = method minus vanilla "
+          "on the same questions (paired bootstrap 95%), bound = exact one-sided 95% Clopper-Pearson bound on the "
+          "lost-question rate (gains not credited). Calibrate minimises reasoning tokens, not cost: a setting can save "
+          "tokens and still cost more than vanilla once its probes are counted."), "", MEASURED_HEAD]
+    md += [measured_row(m, r["chosen"], r.get("held_out")) for m, r in results.items()]
+    data = {m: {**r, "n_measurement": r["n_held_out"]} for m, r in results.items()}
+    return "\n".join(md), data, measurement
+
+
+def section_targets(cal: dict[str, Any], measurement: Sequence[Trace], points: Sequence[Point], seed: int) -> tuple[str, dict[str, Any]]:
+    h = cal["codestop"].get("held_out")
+    n = len(measurement)
+    floor = clopper_pearson_upper(0, n)
+    if h is None:
+        a = {"met": False, "certified": False, "reason": "calibrate found no tau within the drop"}
+        line_a = "**(a) NOT MET**: calibrate found no tau within the allowed drop on the calibration half."
+    else:
+        met = h["cost_saving"] >= TARGET_SAVING and h["accuracy_drop"] <= TARGET_DROP
+        a = {"met": met, "certified": met and h["drop_upper_95_exact"] <= TARGET_DROP, "cost_saving": h["cost_saving"],
+             "accuracy_drop": h["accuracy_drop"], "drop_upper_95_exact": h["drop_upper_95_exact"], "bound_with_no_loss": floor}
+        line_a = (f"**(a) {'MET' if met else 'NOT MET'}**: CoDE-Stop tau={cal['codestop']['chosen']} saves {pct(h['cost_saving'])} "
+                  f"of the cost (target >= {TARGET_SAVING * 100:.0f}%) for a drop of {h['accuracy_drop'] * 100:+.1f} pts "
+                  f"(target <= {TARGET_DROP * 100:g}); the exact 95% bound on the drop is {h['drop_upper_95_exact'] * 100:.1f} pts, "
+                  f"{'which' if a['certified'] else 'which does not'} certify {TARGET_DROP * 100:g} pt "
+                  f"(on {n} questions even no loss at all bounds it at {floor * 100:.1f} pts).")
+    rows_cache: dict[tuple[str, Any], list[Replayed]] = {}
+
+    def rows(method: str, value: Any) -> list[Replayed]:
+        if (method, value) not in rows_cache:
+            rows_cache[(method, value)] = run_policy(measurement, fixed_policy(method, value))
+        return rows_cache[(method, value)]
+
+    ours = [p for p in points if p.method == "codestop"]
+    md = [("| vs | their setting | their accuracy | their cost | CoDE-Stop setting (cost <= theirs) | CoDE-Stop accuracy | "
+           "CoDE-Stop cost | CoDE-Stop minus them [95% CI] |"), "|---|---|---:|---:|---|---:|---:|---:|"]
+    b: dict[str, Any] = {"points": []}
+    for other in METHODS[1:]:
+        # the other method's own frontier in cost: method_frontier reads mean_tokens, so give it the cost there
+        frontier = method_frontier([replace(p, mean_tokens=p.mean_cost) for p in points if p.method == other])
+        for f in frontier:
+            cheaper = [p for p in ours if p.mean_cost <= f.mean_cost]
+            entry: dict[str, Any] = {"vs": other, "value": f.value, "accuracy": f.accuracy, "mean_cost": f.mean_cost}
+            theirs = f"| {other} | {KNOBS[other][0]}={f.value} | {pct(f.accuracy)} | {f.mean_cost:.0f} |"
+            if not cheaper:
+                entry.update(codestop=None, below=True)
+                md.append(theirs + " none this cheap | - | - | counts as below |")
+            else:
+                best = max(cheaper, key=lambda p: (p.accuracy, -p.mean_cost))
+                diff = paired_bootstrap(correct(rows("codestop", best.value)), correct(rows(other, f.value)), seed=seed)
+                below = diff["high"] is not None and diff["high"] < 0
+                entry.update(codestop={"value": best.value, "accuracy": best.accuracy, "mean_cost": best.mean_cost},
+                             difference=diff, below=below)
+                md.append(theirs + f" tau={best.value} | {pct(best.accuracy)} | {best.mean_cost:.0f} | "
+                          f"{ci(diff)}{' (below)' if below else ''} |")
+            b["points"].append(entry)
+    b["met"] = not any(e["below"] for e in b["points"])
+    below = sum(e["below"] and e["codestop"] is not None for e in b["points"])
+    uncovered = sum(e["codestop"] is None for e in b["points"])
+    text = (f"{line_a}\n\n**(b) {'MET' if b['met'] else 'NOT MET'}** ({below} of {len(b['points'])} frontier points below, "
+            f"{uncovered} with no CoDE-Stop setting as cheap): CoDE-Stop's curve against DEER's and Consistency's at "
+            "equal cost, on the measurement half (default knob ranges). For each point of their own frontier in mean cost "
+            "(reasoning + probe tokens), the most accurate CoDE-Stop setting that costs no more; the rule: MET when no "
+            "paired 95% interval of the difference lies wholly below 0 (a point with no CoDE-Stop setting as cheap counts "
+            "as below).\n\n" + "\n".join(md))
+    return text, {"a": a, "b": b}
+
+
+def section_rollback(cal: dict[str, Any], measurement: Sequence[Trace], seed: int) -> tuple[str, dict[str, Any]]:
+    md = ["| setting | accuracy (stop) | accuracy (best) | mean cost (both) | best minus stop [95% CI] |", "|---|---:|---:|---:|---:|"]
+    data: dict[str, Any] = {}
+    for method in ("codestop", "deer"):
+        value = cal[method]["chosen"]
+        if value is None:
+            md.append(f"| {method}: none within the drop | - | - | - | - |")
+            continue
+        stop = run_policy(measurement, fixed_policy(method, value, answer_from="stop"))
+        best = run_policy(measurement, fixed_policy(method, value, answer_from="best"))
+        diff = paired_bootstrap(correct(best), correct(stop), seed=seed)
+        data[method] = {"value": value, "accuracy_stop": sum(correct(stop)) / len(stop), "accuracy_best": sum(correct(best)) / len(best),
+                        "mean_cost_stop": mean_cost(stop), "mean_cost_best": mean_cost(best), "difference": diff}
+        md.append(f"| {setting(method, value)} | {pct(data[method]['accuracy_stop'])} | {pct(data[method]['accuracy_best'])} | "
+                  f"{mean_cost(stop):.0f} | {ci(diff)} |")
+    caption = ("Answer rollback at the calibrated values, measurement half: the answer of the probe stopped at (stop) or of "
+               "the most confident probe up to it (best); the cost is the same, counted to the stop.")
+    return caption + "\n\n" + "\n".join(md), data
+
+
+def section_findings(traces: Sequence[Trace], out: Path, name: str, k: int) -> tuple[str, dict[str, Any]]:
+    stats = dynamics(traces)
+    figure = f"{name}-dynamics.png"
+    plot_dynamics(stats, out / figure, title=f"{name}: {stats['n']} trajectories, {stats['n_correct']} correct, probe interval {k}")
+    right, wrong = stats["lengths"]["correct"], stats["lengths"]["incorrect"]
+    p = float(mannwhitneyu(wrong, right, alternative="greater").pvalue) if right and wrong else None
+    groups: dict[str, dict[str, Any]] = {
+        group: {"n": len(xs), "mean": statistics.fmean(xs) if xs else None, "median": statistics.median(xs) if xs else None}
+        for group, xs in (("correct", right), ("incorrect", wrong))
+    }
+    table = ["| final answer | traces | mean reasoning tokens | median |", "|---|---:|---:|---:|"]
+    for group, g in groups.items():
+        table.append(f"| {group} | {g['n']} | " + ("- | - |" if not g["n"] else f"{g['mean']:.0f} | {g['median']:.0f} |"))
+    p_text = "n/a (one outcome has no trace)" if p is None else f"{p:.3g}"
+    md = (f"![confidence dynamics, lengths and AUROC of early features]({figure})\n\n"
+          f"Confidence along the reasoning (probes at the replay's interval), reasoning lengths and early-feature AUROCs, "
+          f"all {stats['n']} traces ({stats['n_correct']} correct).\n\n"
+          "AUROC of early-confidence features predicting a correct final answer (0.5 = chance):\n\n"
+          f"{auroc_table(stats).strip()}\n\n"
+          f"Are wrong traces longer? Reasoning tokens by final answer; one-sided Mann-Whitney U (incorrect longer): p = {p_text}.\n\n"
+          + "\n".join(table))
+    return md, {"dynamics": stats, "lengths": {**groups, "mannwhitney_p_incorrect_longer": p}}
+
+
+def section_sweep(traces: Sequence[Trace], out: Path, name: str, what: str, k: int) -> tuple[str, list[Point]]:
+    ranges: dict[str, Sequence[Any]] = {m: parse_range(KNOBS[m][2], KNOBS[m][1], KNOBS[m][0]) for m in METHODS}
+    points = sweep(traces, ranges)
+    figure = f"{name}-tradeoff.png"
+    plot_tradeoff(points, out / figure, title=f"{name}: {what}, {len(traces)} traces, probe interval {k}")
+    md = (f"![accuracy against mean reasoning tokens, every method's sweep]({figure})\n\n"
+          f"Accuracy against mean reasoning tokens (probes not counted on this axis) on {what} ({len(traces)} traces), "
+          "each method over its default knob range; vanilla as reference lines.\n\n"
+          "The Pareto points of that sweep over all methods (fewer reasoning tokens or higher accuracy than every other point):\n\n"
+          + markdown_table(points, only_pareto=True).strip())
+    return md, points
+
+
+def section_math(traces: Sequence[Trace], cal: dict[str, Any], out: Path, seed: int, k: int) -> tuple[str, dict[str, Any]]:
+    data: dict[str, Any] = {"n": len(traces)}
+    rows = [MEASURED_HEAD]
+    for m in METHODS:
+        value = cal[m]["chosen"]
+        data[m] = None if value is None else with_saving(measure(traces, m, value, seed))
+        rows.append(measured_row(m, value, data[m]))
+    sweep_md, points = section_sweep(traces, out, "math", "all MATH traces", k)
+    data["sweep"] = [asdict(p) for p in points]
+    md = (f"Does the calibration transfer? The GSM8K-calibrated values applied to all {len(traces)} MATH traces "
+          "(none of which was used to choose them); columns as in section 1.\n\n" + "\n".join(rows) + "\n\n" + sweep_md)
+    return md, data
+
+
+def section_cod(main: Sequence[Trace], cod: Sequence[Trace], cal: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
+    tau = cal["codestop"]["chosen"]
+    if tau is None:
+        return "No GSM8K-calibrated tau (calibrate found none within the drop): nothing to compare.", {"tau": None}
+    cod_by_id = {t.id: t for t in cod}
+    ids = [t.id for t in main if t.id in cod_by_id]
+    if not ids:
+        return "The Chain-of-Draft file shares no question id with the GSM8K file.", {"tau": tau, "n": 0}
+    pairs = {"main prompt": [t for t in main if t.id in cod_by_id], "chain-of-draft": [cod_by_id[i] for i in ids]}
+    runs = {(prompt, method): run_policy(ts, fixed_policy(method, tau if method == "codestop" else None))
+            for prompt, ts in pairs.items() for method in ("vanilla", "codestop")}
+    in_cal = len(set(ids) & set(cal["codestop"]["calibration_ids"]))
+    md = [(f"CoDE-Stop (GSM8K-calibrated tau={tau}) on Chain-of-Draft traces vs the main prompt's, on the {len(ids)} "
+          f"questions both files have, paired by id ({in_cal} of them in the calibration half, whose main-prompt traces chose tau)."),
+          "", "| prompt | policy | accuracy | mean cost |", "|---|---|---:|---:|"]
+    data: dict[str, Any] = {"tau": tau, "n": len(ids), "n_in_calibration_half": in_cal, "runs": {}, "comparisons": {}}
+    for (prompt, method), rs in runs.items():
+        data["runs"][f"{prompt}, {method}"] = {"accuracy": sum(correct(rs)) / len(rs), "mean_cost": mean_cost(rs)}
+        md.append(f"| {prompt} | {method} | {pct(sum(correct(rs)) / len(rs))} | {mean_cost(rs):.0f} |")
+    md += ["", "Paired differences (first minus second, same questions, bootstrap 95%):", "",
+           "| comparison | accuracy change | cost change |", "|---|---:|---:|"]
+    for label, a, b in (("CoDE-Stop on CoD minus CoD vanilla (savings on top of CoD)", ("chain-of-draft", "codestop"), ("chain-of-draft", "vanilla")),
+                        ("CoD vanilla minus main-prompt vanilla", ("chain-of-draft", "vanilla"), ("main prompt", "vanilla")),
+                        ("CoDE-Stop on CoD minus CoDE-Stop on the main prompt", ("chain-of-draft", "codestop"), ("main prompt", "codestop"))):
+        c = compare_to_vanilla(runs[a], runs[b], seed=seed)
+        data["comparisons"][label] = c
+        md.append(f"| {label} | {ci(c['accuracy_change'])} | {ci(c['cost_change'], 1, ' tok')} |")
+    return "\n".join(md), data
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("gsm8k", type=Path, help="held-out GSM8K traces (codestop record, a probe at every boundary)")
+    ap.add_argument("--math", type=Path, help="MATH-500 traces recorded with the same choices")
+    ap.add_argument("--cod", type=Path, help="Chain-of-Draft traces of the same GSM8K questions")
+    ap.add_argument("--probe-interval", type=int, required=True, help="replay as if probed this many reasoning tokens apart")
+    ap.add_argument("--out", type=Path, required=True, help="folder for analysis.json, analysis.md and the PNGs")
+    ap.add_argument("--max-accuracy-drop", type=float, default=0.01, help="calibration's allowed drop, a fraction (default 0.01)")
+    ap.add_argument("--seed", type=int, default=0, help="calibration split and bootstrap seed")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    k = args.probe_interval
+
+    traces = load_traces(args.gsm8k, probe_interval=k)
+    probes = sum(len(t.probes) for t in traces) / len(traces)
+    md = [f"## Testbed analysis: `{args.gsm8k.name}`", "",
+          (f"{len(traces)} GSM8K traces replayed at probe interval {k} ({probes:.1f} probes per trace), "
+          f"allowed drop {args.max_accuracy_drop * 100:g} pts, seed {args.seed}. "
+          f"`python bench/testbed/analyze.py {' '.join(sys.argv[1:])}`")]
+    data: dict[str, Any] = {"inputs": {"gsm8k": str(args.gsm8k), "n": len(traces), "probe_interval": k, "probes_per_trace": probes,
+                                       "max_accuracy_drop": args.max_accuracy_drop, "seed": args.seed,
+                                       "math": str(args.math) if args.math else None, "cod": str(args.cod) if args.cod else None}}
+    print("calibrating...", file=sys.stderr)
+    text, data["calibration"], measurement = section_calibration(traces, args.max_accuracy_drop, args.seed)
+    md += ["", "### 1. Calibration (GSM8K)", "", text]
+    print("sweeping...", file=sys.stderr)
+    sweep_md, points = section_sweep(measurement, args.out, "gsm8k", "the measurement half", k)
+    data["sweep"] = [asdict(p) for p in points]
+    text, data["targets"] = section_targets(data["calibration"], measurement, points, args.seed)
+    md += ["", "### 2. Targets (measurement half)", "", text, "", "### 3. Accuracy at a token budget (measurement half)", "", sweep_md]
+    text, data["rollback"] = section_rollback(data["calibration"], measurement, args.seed)
+    md += ["", "### 4. Answer rollback", "", text]
+    text, data["findings"] = section_findings(traces, args.out, "gsm8k", k)
+    md += ["", "### 5. The paper's findings (all GSM8K traces)", "", text]
+    if args.math:
+        text, data["math"] = section_math(load_traces(args.math, probe_interval=k), data["calibration"], args.out, args.seed, k)
+        md += ["", "### 6a. MATH-500: GSM8K calibration applied", "", text]
+    if args.cod:
+        text, data["cod"] = section_cod(traces, load_traces(args.cod, probe_interval=k), data["calibration"], args.seed)
+        md += ["", "### 6b. Chain-of-Draft", "", text]
+    report = "\n".join(md) + "\n"
+    (args.out / "analysis.md").write_text(report, encoding="utf-8")
+    (args.out / "analysis.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    print(re.sub(r"\]\(([\w.-]+\.png)\)", lambda m: f"]({Path(os.path.relpath(args.out)) / m[1]})", report), end="")
+    print(f"wrote {args.out}/analysis.md, analysis.json and the PNGs", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
