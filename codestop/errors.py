@@ -14,11 +14,13 @@ class ContextTooLong(CodestopError):
 
 
 class ServerError(CodestopError):
-    """The completions server failed a request; ``status`` is the HTTP status the proxy answers."""
+    """The completions server failed a request; ``status`` is the HTTP status the proxy answers,
+    ``upstream_status`` the one the server answered, when it answered."""
 
-    def __init__(self, message: str, status: int = 502) -> None:
+    def __init__(self, message: str, status: int = 502, upstream_status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.upstream_status = upstream_status
 
 
 class ServerUnreachable(ServerError):

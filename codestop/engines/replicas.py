@@ -37,8 +37,13 @@ __all__ = ["ReplicaEngine", "ReplicaSession"]
 
 
 def fails_replica(err: BaseException) -> bool:
-    """Whether ``err`` says the replica itself is down (not the request at fault)."""
-    return isinstance(err, ServerUnreachable) or (isinstance(err, ServerError) and err.status >= 500)
+    """Whether ``err`` says the replica itself is down (not the request at fault): unreachable, or
+    a 5xx from the server itself (a 4xx it answered, e.g. a bad request, is the request's fault)."""
+    if isinstance(err, ServerUnreachable):
+        return True
+    if not isinstance(err, ServerError):
+        return False
+    return (err.upstream_status if err.upstream_status is not None else err.status) >= 500
 
 
 @dataclass(eq=False)

@@ -906,10 +906,10 @@ class ServerEngine(Engine):
     def _raise_for(self, response: httpx.Response) -> None:
         message = error_message(response)
         if response.status_code in (401, 403):
-            raise ServerError(f"the completions server refused the API key ({response.status_code}): {message}", 502)
+            raise ServerError(f"the completions server refused the API key ({response.status_code}): {message}", 502, response.status_code)
         if _mentions_context(message):
             raise ContextTooLong(f"the completions server says: {message}")
-        raise ServerError(f"the completions server answered {response.status_code}: {message}", 502)
+        raise ServerError(f"the completions server answered {response.status_code}: {message}", 502, response.status_code)
 
     async def _sleep_backoff(self, attempt: int, response: httpx.Response | None = None) -> None:
         delay = self.backoff * (2**attempt) * (0.5 + random.random())
