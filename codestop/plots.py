@@ -224,7 +224,8 @@ def dynamics_figure(stats: dict[str, Any], title: str = "") -> Any:
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize=8)
         for i, v in enumerate(vals):
-            ax.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8)
+            ax.text(min(v + 0.01, 0.9), i, f"{v:.2f}", va="center", fontsize=8, zorder=3,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # the chance line passes behind
     else:
         ax.set_xticks([])
         ax.set_yticks([])

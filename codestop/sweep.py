@@ -411,9 +411,9 @@ def paired_bootstrap(
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired_bootstrap: {a.shape} and {b.shape} are not one pair per question")
     n = int(a.size)
-    out: dict[str, Any] = {"estimate": float(a.mean() - b.mean()) if n else 0.0, "low": None, "high": None,
-                           "n": n, "confidence": confidence, "n_resamples": n_resamples, "seed": seed, "method": None}
     diff = a - b
+    out: dict[str, Any] = {"estimate": float(diff.mean()) if n else 0.0, "low": None, "high": None,
+                           "n": n, "confidence": confidence, "n_resamples": n_resamples, "seed": seed, "method": None}
     if n == 0:
         return out
     if np.all(diff == diff[0]):  # nothing varies: every resample gives the same difference
@@ -421,7 +421,10 @@ def paired_bootstrap(
         return out
 
     def statistic(x: Any, y: Any, axis: int = -1) -> Any:
-        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+        # the mean of the differences, not the difference of the means: on 0/1 or integer data it is exact, so a
+        # resample equal to the estimate compares equal, and BCa's bias correction sees the ties (with
+        # mean(x) - mean(y), rounding split them, e.g. 2 lost of 50 gave [-16, -2] pts instead of [-14, 0])
+        return np.mean(x - y, axis=axis)
 
     # scipy >= 1.15 names the generator ``rng``; older releases ``random_state``
     seed_arg = "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
