@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -41,6 +42,16 @@ print("listening", server.listening_address, flush=True)
 while True:
     time.sleep(3600)
 """
+
+
+def serve_in_thread(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+    """An ASGI app served by uvicorn on loopback in a daemon thread, once it listens."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread
 
 
 def free_port() -> int:
@@ -149,12 +160,7 @@ class FaultProxy:
 
             return StreamingResponse(relay(), media_type="text/event-stream")
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
+        self.server, self.thread = serve_in_thread(app, self.port)
 
     @property
     def url(self) -> str:

@@ -21,8 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
-from llama_servers import FaultProxy, LlamaServer, free_port
+from llama_servers import FaultProxy, LlamaServer, free_port, serve_in_thread
 from scripted import ScriptedBackend, ScriptedEngine
 
 from codestop.config import GenerationConfig
@@ -43,11 +42,7 @@ class InProcessProxy:
     def __init__(self, engine, **kwargs) -> None:
         self.app = create_app(engine, **kwargs)
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
+        self.server, self.thread = serve_in_thread(self.app, self.port)
 
     @property
     def url(self) -> str:
