@@ -58,9 +58,12 @@ class Context:
         if self.lib.llama_decode(self.ctx, b) != 0:
             raise SystemExit("llama_decode failed")
 
-    def argmax(self, i: int) -> int:
+    def logits(self, i: int) -> np.ndarray:
         ptr = self.lib.llama_get_logits_ith(self.ctx, i)
-        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def argmax(self, i: int) -> int:
+        return int(self.logits(i).argmax())
 
     def prefill(self, ids: list[int]) -> None:
         self.lib.llama_memory_clear(self.memory, True)
@@ -69,22 +72,29 @@ class Context:
             self.decode([(t, start + i, 0, i == len(chunk) - 1) for i, t in enumerate(chunk)])
 
 
-def rollback_probe(c: Context, n: int, probe: list[int], reasoning: list[int]) -> None:
+def rollback_probe(c: Context, n: int, probe: list[int], reasoning: list[int]) -> list[np.ndarray]:
+    """The probe on the live sequence, removed, then the reasoning tokens: their logits."""
     c.decode([(t, n + i, 0, i == len(probe) - 1) for i, t in enumerate(probe)])
     pos = n + len(probe)
     for _ in range(PROBE_TOKENS):
         c.decode([(c.argmax(-1), pos, 0, True)])
         pos += 1
     c.lib.llama_memory_seq_rm(c.memory, 0, n, -1)
+    out = []
     for i, t in enumerate(reasoning):
         c.decode([(t, n + i, 0, True)])
+        out.append(c.logits(-1))
     c.lib.llama_memory_seq_rm(c.memory, 0, n, -1)  # back to the same context for the next repeat
+    return out
 
 
-def shared_prefix_probe(c: Context, n: int, probe: list[int], reasoning: list[int]) -> None:
+def shared_prefix_probe(c: Context, n: int, probe: list[int], reasoning: list[int]) -> list[np.ndarray]:
+    """The probe on a copy of the sequence, each of its tokens in one batch with a reasoning
+    token: the reasoning tokens' logits."""
     c.lib.llama_memory_seq_cp(c.memory, 0, 1, -1, -1)
     items = [(t, n + i, 1, i == len(probe) - 1) for i, t in enumerate(probe)] + [(reasoning[0], n, 0, True)]
     c.decode(items)
+    out = [c.logits(len(probe))]
     probe_logits_at = len(probe) - 1
     pos = n + len(probe)
     for k in range(1, PROBE_TOKENS + 1):
@@ -92,11 +102,15 @@ def shared_prefix_probe(c: Context, n: int, probe: list[int], reasoning: list[in
         if k < len(reasoning):
             step.append((reasoning[k], n + k, 0, True))
         c.decode(step)
+        if k < len(reasoning):
+            out.append(c.logits(1))
         probe_logits_at, pos = 0, pos + 1
     for k in range(PROBE_TOKENS + 1, len(reasoning)):
         c.decode([(reasoning[k], n + k, 0, True)])
+        out.append(c.logits(-1))
     c.lib.llama_memory_seq_rm(c.memory, 1, -1, -1)
     c.lib.llama_memory_seq_rm(c.memory, 0, n, -1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,20 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     for n in contexts:
         c.prefill([int(t) for t in rng.integers(100, 5000, n)])
         times: dict[str, list[float]] = {"rollback": [], "shared": []}
+        logits: dict[str, list[np.ndarray]] = {}
         for _ in range(args.repeats):
             for name, fn in (("rollback", rollback_probe), ("shared", shared_prefix_probe)):
                 t0 = time.perf_counter()
-                fn(c, n, probe, reasoning)
+                logits[name] = fn(c, n, probe, reasoning)
                 times[name].append(time.perf_counter() - t0)
-        row = {"context": n, **{k: statistics.median(v) * 1000 for k, v in times.items()}}
+        # does sharing a batch with the probe change the reasoning's numbers (greedy traces, replay = live)?
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(logits["rollback"], logits["shared"]))
+        flips = sum(int(a.argmax() != b.argmax()) for a, b in zip(logits["rollback"], logits["shared"]))
+        row = {"context": n, **{k: statistics.median(v) * 1000 for k, v in times.items()}, "max_logit_diff": diff, "argmax_flips": flips}
         rows.append(row)
         print(f"context {n}: rollback {row['rollback']:.0f} ms, shared-prefix sequence {row['shared']:.0f} ms", file=sys.stderr)
     print(f"One probe ({PROBE_PROMPT_TOKENS} prompt + {PROBE_TOKENS} answer tokens) and {PROBE_TOKENS + 1} reasoning "
           f"tokens, {engine.model_name}, {engine.threads} threads, median of {args.repeats} (not a reasoning model):\n")
-    print("| context tokens | probe then rollback (ms) | probe on a shared-prefix sequence, batched (ms) | ratio |")
-    print("|---:|---:|---:|---:|")
+    print("| context tokens | probe then rollback (ms) | probe on a shared-prefix sequence, batched (ms) | ratio "
+          "| reasoning logits: largest difference | greedy token changed |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['context']} | {r['rollback']:.0f} | {r['shared']:.0f} | {r['shared'] / r['rollback']:.2f} |")
+        print(f"| {r['context']} | {r['rollback']:.0f} | {r['shared']:.0f} | {r['shared'] / r['rollback']:.2f} "
+              f"| {r['max_logit_diff']:.2g} | {r['argmax_flips']} of {len(reasoning)} |")
     return 0
 
 
