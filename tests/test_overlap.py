@@ -104,13 +104,17 @@ def test_llamacpp_overlapped_equals_sequential(llama_engine, question, policy):
     check_same(both_modes(llama_engine, question, policy, max_new_tokens=160))
 
 
-def test_llamacpp_stop_cancels_the_stream(llama, llama_engine):
+def check_stop_cancels_the_stream(engine: ServerEngine, read_running) -> None:
     """A stop long before the token cap: the cancelled stream must not keep the server busy (it
     would for the rest of ~1500 tokens, over 10 s, if the request were left running)."""
     config = GenerationConfig(max_new_tokens=1500, probe_interval=1, temperature=0)
-    result = asyncio.run(agenerate(llama_engine, STORY, make_policy(**STOP_AT_FIRST_PROBE), config))
+    result = asyncio.run(agenerate(engine, STORY, make_policy(**STOP_AT_FIRST_PROBE), config))
     assert result.stop_reason == "threshold" and result.stop_position < 500 and result.tokens["overrun"] > 0
-    assert wait_idle(lambda: upstream_metrics(llama.url)["llamacpp:requests_processing"]) == 0
+    assert wait_idle(read_running) == 0
+
+
+def test_llamacpp_stop_cancels_the_stream(llama, llama_engine):
+    check_stop_cancels_the_stream(llama_engine, lambda: upstream_metrics(llama.url)["llamacpp:requests_processing"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +140,4 @@ def test_vllm_overlapped_equals_sequential(vllm_engine, question, policy):
 
 
 def test_vllm_stop_cancels_the_stream(vllm_url, vllm_engine):
-    config = GenerationConfig(max_new_tokens=1500, probe_interval=1, temperature=0)
-    result = asyncio.run(agenerate(vllm_engine, STORY, make_policy(**STOP_AT_FIRST_PROBE), config))
-    assert result.stop_reason == "threshold" and result.stop_position < 500 and result.tokens["overrun"] > 0
-    assert wait_idle(lambda: vllm_running(vllm_url)) == 0
+    check_stop_cancels_the_stream(vllm_engine, lambda: vllm_running(vllm_url))
