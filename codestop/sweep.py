@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import random
@@ -171,6 +172,8 @@ def write_csv(points: Sequence[Point], path: Path) -> None:
 
 
 STYLE = {"codestop": ("tab:red", "o"), "deer": ("tab:blue", "s"), "consistency": ("tab:green", "^"), "budget": ("tab:gray", "x")}
+# for series named otherwise (e.g. one method at several fixed options), in order of appearance
+EXTRA_STYLES = (("tab:purple", "d"), ("tab:orange", "v"), ("tab:brown", "P"), ("tab:pink", "X"), ("tab:olive", "<"), ("tab:cyan", ">"))
 
 
 def method_frontier(points: Sequence[Point]) -> list[Point]:
@@ -305,6 +308,7 @@ def tradeoff_figure(points: Sequence[Point], title: str = "") -> Any:
     handles: list[Any] = []
     labels: list[tuple[float, float, str, str, bool]] = []
     per_method: list[tuple[list[Point], str, set[int]]] = []
+    extra = itertools.cycle(EXTRA_STYLES)
     for method in dict.fromkeys(p.method for p in points):
         mine = [p for p in points if p.method == method]
         if method == "vanilla":
@@ -314,7 +318,7 @@ def tradeoff_figure(points: Sequence[Point], title: str = "") -> Any:
             handles.append(ax.scatter([v.mean_tokens], [v.accuracy * 100], marker="*", s=200, color="black", zorder=5,
                                       label=f"vanilla: {v.accuracy * 100:.1f}%, {v.mean_tokens:.0f} tokens (reference lines)"))
             continue
-        color, marker = STYLE.get(method, ("tab:purple", "d"))
+        color, marker = STYLE.get(method) or next(extra)
         frontier = method_frontier(mine)
         on = {id(p) for p in frontier}
         faded = [p for p in mine if id(p) not in on]

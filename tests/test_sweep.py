@@ -196,3 +196,16 @@ def test_tradeoff_figure_labels_every_value_and_explains_itself():
     vanilla_lines = [line for line in ax.get_lines() if list(line.get_ydata()) == [100.0, 100.0]]
     assert vanilla_lines  # vanilla's accuracy as a reference line across the plot
     plt.close(fig)
+
+
+def test_tradeoff_figure_gives_each_unnamed_series_its_own_colour():
+    import matplotlib.pyplot as plt
+
+    pts = [Point("vanilla", "", None, 1, 0.5, 100, 100, 0, 0)]
+    for series in ("codestop r_max=0.99", "codestop r_max=0.999", "deer"):
+        pts += [Point(series, "k", v, 1, 0.2 + v / 10, 20 * v, 20 * v, 0, 0) for v in (1, 2)]
+    fig = tradeoff_figure(pts)
+    lines = {line.get_label().split(" (")[0]: line.get_color() for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"codestop r_max=0.99", "codestop r_max=0.999", "deer"}
+    assert len(set(lines.values())) == 3
+    plt.close(fig)

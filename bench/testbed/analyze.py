@@ -6,7 +6,9 @@ Every number is a replay of ``codestop record`` traces, thinned to ``--probe-int
    half of the GSM8K traces, measured on the other (the measurement half);
 2. the issue's two targets, on the measurement half;
 3. the accuracy-vs-tokens sweep of the three methods on the measurement half (figure and Pareto table);
-4. answer rollback (``answer_from="stop"`` vs ``"best"``) at the calibrated values;
+3b. exploratory: CoDE-Stop's tau calibrated at several confidence ceilings (r_max), with a figure;
+4. answer rollback (``answer_from="stop"`` vs ``"best"``) at the calibrated values and along each
+   method's frontier;
 5. the paper's findings on all GSM8K traces: confidence dynamics, AUROC of early features, and
    whether wrong traces are longer;
 6. with ``--math``: the GSM8K-calibrated values on MATH (does calibration transfer?) and a MATH sweep;
@@ -194,24 +196,94 @@ def section_targets(cal: dict[str, Any], measurement: Sequence[Trace], points: S
     return text, {"a": a, "b": b}
 
 
-def section_rollback(cal: dict[str, Any], measurement: Sequence[Trace], seed: int) -> tuple[str, dict[str, Any]]:
-    md = ["| setting | accuracy (stop) | accuracy (best) | mean cost (both) | best minus stop [95% CI] |", "|---|---:|---:|---:|---:|"]
-    data: dict[str, Any] = {}
-    for method in ("codestop", "deer"):
-        value = cal[method]["chosen"]
+def section_rollback(cal: dict[str, Any], measurement: Sequence[Trace], points: Sequence[Point], seed: int) -> tuple[str, dict[str, Any]]:
+    """``answer_from="stop"`` against ``"best"`` at the calibrated values and along each probing method's own
+    frontier of the measurement sweep (so rollback is measured even where calibrate chose nothing)."""
+    md = ["| where | setting | accuracy (stop) | accuracy (best) | mean cost (both) | best minus stop [95% CI] |",
+          "|---|---|---:|---:|---:|---:|"]
+    data: dict[str, Any] = {"calibrated": {}, "frontier": []}
+    settings: list[tuple[str, str, Any]] = [("calibrated", m, cal[m]["chosen"]) for m in METHODS]
+    # DEER is left out of the frontier rows: it stops at its first probe over the threshold, which is then the most
+    # confident so far, so "best" is the stop by construction
+    for method in ("codestop", "consistency"):
+        settings += [("frontier", method, p.value) for p in method_frontier([p for p in points if p.method == method])]
+    for where, method, value in settings:
         if value is None:
-            md.append(f"| {method}: none within the drop | - | - | - | - |")
+            md.append(f"| {where} | {method}: none within the drop | - | - | - | - |")
             continue
         stop = run_policy(measurement, fixed_policy(method, value, answer_from="stop"))
         best = run_policy(measurement, fixed_policy(method, value, answer_from="best"))
         diff = paired_bootstrap(correct(best), correct(stop), seed=seed)
-        data[method] = {"value": value, "accuracy_stop": sum(correct(stop)) / len(stop), "accuracy_best": sum(correct(best)) / len(best),
-                        "mean_cost_stop": mean_cost(stop), "mean_cost_best": mean_cost(best), "difference": diff}
-        md.append(f"| {setting(method, value)} | {pct(data[method]['accuracy_stop'])} | {pct(data[method]['accuracy_best'])} | "
-                  f"{mean_cost(stop):.0f} | {ci(diff)} |")
-    caption = ("Answer rollback at the calibrated values, measurement half: the answer of the probe stopped at (stop) or of "
-               "the most confident probe up to it (best); the cost is the same, counted to the stop.")
+        entry = {"method": method, "value": value, "accuracy_stop": sum(correct(stop)) / len(stop),
+                 "accuracy_best": sum(correct(best)) / len(best), "mean_cost": mean_cost(stop), "difference": diff}
+        if where == "calibrated":
+            data["calibrated"][method] = entry
+        else:
+            data["frontier"].append(entry)
+        md.append(f"| {where} | {setting(method, value)} | {pct(entry['accuracy_stop'])} | {pct(entry['accuracy_best'])} | "
+                  f"{entry['mean_cost']:.0f} | {ci(diff)} |")
+    gains = [e for e in data["frontier"] if e["difference"]["low"] is not None and e["difference"]["low"] > 0]
+    losses = [e for e in data["frontier"] if e["difference"]["high"] is not None and e["difference"]["high"] < 0]
+    caption = ("Answer rollback on the measurement half: the answer of the probe stopped at (stop) or of the most confident "
+               "probe up to it (best), at each method's calibrated value and at each setting on its own frontier of the "
+               "sweep in section 3 (DEER's frontier is left out: it stops at its first probe over the threshold, so the most "
+               "confident probe is the one it stopped at); the cost is the same, counted to the stop. "
+               f"Of {len(data['frontier'])} frontier settings, rollback is significantly better at {len(gains)} and "
+               f"significantly worse at {len(losses)}.")
     return caption + "\n\n" + "\n".join(md), data
+
+
+CEILINGS = (0.95, 0.99, 0.999, 0.9999)  # CoDE-Stop's r_max: the default, then ever fewer confident stops
+CEILING_TAUS = "1,1.5,2,2.5,3,4,5,7,10,16"
+
+
+def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], others: Sequence[Point], drop: float, seed: int,
+                    out: Path, k: int) -> tuple[str, dict[str, Any]]:
+    """Exploratory, beyond the frozen protocol: CoDE-Stop's tau moves only its degeneration stop, while its
+    confident stop (c >= r_max after the ramp) is fixed by r_max. Calibrate tau at several r_max on the same
+    calibration half, pick the r_max there too, and measure on the measurement half."""
+    md = ["| r_max | tau (calibrated) | calibration: drop / fewer tokens | accuracy | mean cost | cost saved | "
+          "accuracy change [95% CI] | lost / gained | stops at tau=16: confident / degenerate / none |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    data: dict[str, Any] = {"rows": []}
+    sweep_points: list[Point] = []
+    for r in CEILINGS:
+        c = calibrate(traces, drop, method="codestop", seed=seed, r_max=r)
+        h = with_saving(c["held_out"]) if "held_out" in c else None
+        loose = run_policy(measurement, fixed_policy("codestop", 16.0, r_max=r))
+        reasons = {x: sum(row.stop_reason == x for row in loose) for x in ("confident", "degenerate", None)}
+        data["rows"].append({"r_max": r, "tau": c["chosen"], "calibration": c["calibration"], "measured": h,
+                             "stops_at_tau_16": {str(x): n for x, n in reasons.items()}})
+        stops = f"{reasons['confident']} / {reasons['degenerate']} / {reasons[None]}"
+        if h is None:
+            md.append(f"| {r:g} | none within the drop | - | - | - | - | - | - | {stops} |")
+        else:
+            cal_row = c["calibration"]
+            md.append(f"| {r:g} | {c['chosen']:g} | {cal_row['drop'] * 100:+.1f} pts / {pct(cal_row['token_saving'])} | "
+                      f"{pct(h['accuracy'])} | {h['mean_cost']:.0f} | {pct(h['cost_saving'])} | "
+                      f"{ci(h['paired_bootstrap']['accuracy_change'])} | {h['lost']} / {h['gained']} | {stops} |")
+        points = sweep(measurement, {"codestop": parse_range(CEILING_TAUS, float, "tau")}, r_max=r)
+        sweep_points += [replace(p, method=f"codestop r_max={r:g}") for p in points if p.method != "vanilla"]
+        if not any(p.method == "vanilla" for p in sweep_points):
+            sweep_points.insert(0, points[0])
+    ok = [row for row in data["rows"] if row["calibration"] is not None]
+    choice = min(ok, key=lambda row: (row["calibration"]["mean_tokens"], row["calibration"]["drop"])) if ok else None
+    data["two_knob_choice"] = None if choice is None else {"r_max": choice["r_max"], "tau": choice["tau"]}
+    figure = "gsm8k-ceiling.png"
+    plot_tradeoff(sweep_points + [p for p in others if p.method in ("deer", "consistency")], out / figure,
+                  title=f"gsm8k: CoDE-Stop at several r_max, measurement half, {len(measurement)} traces, probe interval {k}")
+    chosen = ("no r_max has a tau within the drop on the calibration half" if choice is None else
+              f"chosen on the calibration half alone (fewest reasoning tokens within the drop): r_max={choice['r_max']:g}, "
+              f"tau={choice['tau']:g}")
+    text = ("Exploratory, outside the frozen protocol (no target is judged on it). CoDE-Stop's tau moves only its "
+            "degeneration stop; its confident stop fires once a probe's confidence reaches the ramp's ceiling r_max "
+            "(default 0.95). Each row calibrates tau on the same calibration half at one r_max and measures it on the "
+            "measurement half; the last column counts, on the measurement half, which stop ends each trace at the "
+            f"loosest tau (16), where the degeneration stop almost never fires. Two-knob calibration: {chosen}.\n\n"
+            + "\n".join(md) + f"\n\n![CoDE-Stop's tau sweep at each r_max, with DEER and Consistency]({figure})\n\n"
+            f"CoDE-Stop over tau in {{{CEILING_TAUS}}} at each r_max, against DEER's and Consistency's default sweeps, "
+            "on the measurement half (accuracy against mean reasoning tokens).")
+    return text, data
 
 
 def section_findings(traces: Sequence[Trace], out: Path, name: str, k: int) -> tuple[str, dict[str, Any]]:
@@ -325,7 +397,10 @@ def main() -> int:
     data["sweep"] = [asdict(p) for p in points]
     text, data["targets"] = section_targets(data["calibration"], measurement, points, args.seed)
     md += ["", "### 2. Targets (measurement half)", "", text, "", "### 3. Accuracy at a token budget (measurement half)", "", sweep_md]
-    text, data["rollback"] = section_rollback(data["calibration"], measurement, args.seed)
+    print("confidence ceilings...", file=sys.stderr)
+    text, data["ceiling"] = section_ceiling(traces, measurement, points, args.max_accuracy_drop, args.seed, args.out, k)
+    md += ["", "### 3b. CoDE-Stop's confidence ceiling (exploratory)", "", text]
+    text, data["rollback"] = section_rollback(data["calibration"], measurement, points, args.seed)
     md += ["", "### 4. Answer rollback", "", text]
     text, data["findings"] = section_findings(traces, args.out, "gsm8k", k)
     md += ["", "### 5. The paper's findings (all GSM8K traces)", "", text]
