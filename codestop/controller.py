@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar, cast
@@ -53,6 +53,12 @@ class Event:
 EventCallback = Callable[[Event], None]
 
 
+
+def cost_tokens(tokens: Mapping[str, int]) -> int:
+    """What a run costs: reasoning + probe + answer + overrun tokens (the paper's accounting plus the
+    overrun of overlapped probing); missing counts are 0, as in records written before a field existed."""
+    return sum(int(tokens.get(k, 0)) for k in ("reasoning", "probe", "answer", "overrun"))
+
 @dataclass
 class Result:
     """What one question cost and produced. Token counts by kind: ``prompt`` (the question prompt),
@@ -80,7 +86,7 @@ class Result:
 
     @property
     def cost(self) -> int:
-        return self.tokens["reasoning"] + self.tokens["probe"] + self.tokens["answer"] + self.tokens.get("overrun", 0)
+        return cost_tokens(self.tokens)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -287,8 +287,9 @@ def record_tokens(rec: dict[str, Any]) -> int:
 
 
 def record_cost(rec: dict[str, Any]) -> int:
-    t = rec.get("tokens") or {}
-    return int(t.get("reasoning", 0)) + int(t.get("probe", 0)) + int(t.get("answer", 0)) + int(t.get("overrun", 0))
+    from codestop.controller import cost_tokens
+
+    return cost_tokens(rec.get("tokens") or {})
 
 
 def accuracy_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:

@@ -21,7 +21,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,7 @@ def fixed_policy(method: str, value: Any = None, **options: Any) -> Policy:
     return make_policy(method, **given)
 
 
-def sweep(traces: Sequence[Trace], ranges: dict[str, Sequence[Any]], **options: Any) -> list[Point]:
+def sweep(traces: Sequence[Trace], ranges: Mapping[str, Sequence[Any]], **options: Any) -> list[Point]:
     """Points for vanilla and for each method over its knob values; ``options`` (delta, r_min, ...,
     confidence) go to the methods that take them."""
     if not traces:
