@@ -286,6 +286,40 @@ def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], other
     return text, data
 
 
+def probes_by_fifth(traces: Sequence[Trace], r_max: float = 0.95) -> tuple[str, dict[str, Any]]:
+    """Where along the reasoning the probes hold the right answer, and how confident they are there; and the
+    first probe at or above ``r_max`` (where CoDE-Stop's confident stop and DEER at that threshold fire)."""
+    md = ["| final answer | fifth of the reasoning | probes | probe answer right | mean confidence |", "|---|---|---:|---:|---:|"]
+    data: dict[str, Any] = {"by_fifth": {}, "first_confident": {}}
+    for group, want in (("correct", True), ("incorrect", False)):
+        mine = [t for t in traces if t.final_correct == want]
+        cells: list[list[Any]] = [[] for _ in range(5)]
+        for t in mine:
+            for p in t.probes:
+                cells[min(4, int(5 * p.position / max(1, t.reasoning_tokens)))].append(p)
+        data["by_fifth"][group] = []
+        for i, ps in enumerate(cells):
+            right = sum(p.correct for p in ps) / len(ps) if ps else None
+            conf = statistics.fmean(p.confidence for p in ps) if ps else None
+            data["by_fifth"][group].append({"probes": len(ps), "answer_right": right, "mean_confidence": conf})
+            md.append(f"| {group} | {20 * i}-{20 * (i + 1)}% | {len(ps)} | " + ("- | - |" if not ps else f"{pct(right or 0.0)} | {conf:.2f} |"))
+        firsts = [(next((p for p in t.probes if p.confidence >= r_max), None), t) for t in mine]
+        reached = [(p, t) for p, t in firsts if p is not None]
+        data["first_confident"][group] = {
+            "traces": len(mine), "reached": len(reached), "answer_right": sum(p.correct for p, _ in reached),
+            "mean_relative_position": statistics.fmean(p.position / t.reasoning_tokens for p, t in reached) if reached else None}
+    lines = []
+    for group, f in data["first_confident"].items():
+        if f["reached"]:
+            lines.append(f"{f['reached']} of {f['traces']} {group} traces reach it, at {f['mean_relative_position'] * 100:.0f}% of "
+                         f"their reasoning on average, and its answer is right in {f['answer_right']} of them")
+    text = (f"Where the probes hold the right answer: each probe by the fifth of its trace's reasoning it sits in. The first "
+            f"probe with confidence >= {r_max:g} (DEER's stop at that threshold; CoDE-Stop's default ramp reaches this ceiling "
+            "at its third probe, and is lower before): "
+            + "; ".join(lines) + ".\n\n" + "\n".join(md))
+    return text, data
+
+
 def section_findings(traces: Sequence[Trace], out: Path, name: str, k: int) -> tuple[str, dict[str, Any]]:
     stats = dynamics(traces)
     figure = f"{name}-dynamics.png"
@@ -307,7 +341,8 @@ def section_findings(traces: Sequence[Trace], out: Path, name: str, k: int) -> t
           f"{auroc_table(stats).strip()}\n\n"
           f"Are wrong traces longer? Reasoning tokens by final answer; one-sided Mann-Whitney U (incorrect longer): p = {p_text}.\n\n"
           + "\n".join(table))
-    return md, {"dynamics": stats, "lengths": {**groups, "mannwhitney_p_incorrect_longer": p}}
+    where_md, where = probes_by_fifth(traces)
+    return md + "\n\n" + where_md, {"dynamics": stats, "lengths": {**groups, "mannwhitney_p_incorrect_longer": p}, "where": where}
 
 
 def section_sweep(traces: Sequence[Trace], out: Path, name: str, what: str, k: int) -> tuple[str, list[Point]]:
