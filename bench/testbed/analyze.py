@@ -233,7 +233,9 @@ def section_rollback(cal: dict[str, Any], measurement: Sequence[Trace], points: 
     return caption + "\n\n" + "\n".join(md), data
 
 
-CEILINGS = (0.95, 0.99, 0.999, 0.9999)  # CoDE-Stop's r_max: the default, then ever fewer confident stops
+# CoDE-Stop's r_max: the default, then ever fewer confident stops, then none (r_min = r_max = 1: the degeneration
+# score alone; a probe's confidence is never exactly 1 in floating point here)
+CEILINGS = (0.95, 0.99, 0.999, 0.9999, 1.0)
 CEILING_TAUS = "1,1.5,2,2.5,3,4,5,7,10,16"
 
 
@@ -248,37 +250,39 @@ def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], other
     data: dict[str, Any] = {"rows": []}
     sweep_points: list[Point] = []
     for r in CEILINGS:
-        c = calibrate(traces, drop, method="codestop", seed=seed, r_max=r)
+        ramp = {"r_max": r, "r_min": 1.0} if r == 1.0 else {"r_max": r}
+        c = calibrate(traces, drop, method="codestop", seed=seed, **ramp)
         h = with_saving(c["held_out"]) if "held_out" in c else None
-        loose = run_policy(measurement, fixed_policy("codestop", 16.0, r_max=r))
+        loose = run_policy(measurement, fixed_policy("codestop", 16.0, **ramp))
         reasons = {x: sum(row.stop_reason == x for row in loose) for x in ("confident", "degenerate", None)}
-        data["rows"].append({"r_max": r, "tau": c["chosen"], "calibration": c["calibration"], "measured": h,
+        label = "1 (and r_min = 1: D alone)" if r == 1.0 else f"{r:g}"
+        data["rows"].append({**ramp, "label": label, "tau": c["chosen"], "calibration": c["calibration"], "measured": h,
                              "stops_at_tau_16": {str(x): n for x, n in reasons.items()}})
         stops = f"{reasons['confident']} / {reasons['degenerate']} / {reasons[None]}"
         if h is None:
-            md.append(f"| {r:g} | none within the drop | - | - | - | - | - | - | {stops} |")
+            md.append(f"| {label} | none within the drop | - | - | - | - | - | - | {stops} |")
         else:
             cal_row = c["calibration"]
-            md.append(f"| {r:g} | {c['chosen']:g} | {cal_row['drop'] * 100:+.1f} pts / {pct(cal_row['token_saving'])} | "
+            md.append(f"| {label} | {c['chosen']:g} | {cal_row['drop'] * 100:+.1f} pts / {pct(cal_row['token_saving'])} | "
                       f"{pct(h['accuracy'])} | {h['mean_cost']:.0f} | {pct(h['cost_saving'])} | "
                       f"{ci(h['paired_bootstrap']['accuracy_change'])} | {h['lost']} / {h['gained']} | {stops} |")
-        points = sweep(measurement, {"codestop": parse_range(CEILING_TAUS, float, "tau")}, r_max=r)
-        sweep_points += [replace(p, method=f"codestop r_max={r:g}") for p in points if p.method != "vanilla"]
+        points = sweep(measurement, {"codestop": parse_range(CEILING_TAUS, float, "tau")}, **ramp)
+        sweep_points += [replace(p, method="codestop D alone" if r == 1.0 else f"codestop r_max={r:g}") for p in points if p.method != "vanilla"]
         if not any(p.method == "vanilla" for p in sweep_points):
             sweep_points.insert(0, points[0])
     ok = [row for row in data["rows"] if row["calibration"] is not None]
     choice = min(ok, key=lambda row: (row["calibration"]["mean_tokens"], row["calibration"]["drop"])) if ok else None
-    data["two_knob_choice"] = None if choice is None else {"r_max": choice["r_max"], "tau": choice["tau"]}
+    data["two_knob_choice"] = None if choice is None else {k: choice[k] for k in ("r_max", "r_min", "tau") if k in choice}
     figure = "gsm8k-ceiling.png"
     plot_tradeoff(sweep_points + [p for p in others if p.method in ("deer", "consistency")], out / figure,
                   title=f"gsm8k: CoDE-Stop at several r_max, measurement half, {len(measurement)} traces, probe interval {k}")
     chosen = ("no r_max has a tau within the drop on the calibration half" if choice is None else
-              f"chosen on the calibration half alone (fewest reasoning tokens within the drop): r_max={choice['r_max']:g}, "
+              f"chosen on the calibration half alone (fewest reasoning tokens within the drop): r_max={choice['label']}, "
               f"tau={choice['tau']:g}")
     text = ("Exploratory, outside the frozen protocol (no target is judged on it). CoDE-Stop's tau moves only its "
             "degeneration stop; its confident stop fires once a probe's confidence reaches the ramp's ceiling r_max "
             "(default 0.95). Each row calibrates tau on the same calibration half at one r_max and measures it on the "
-            "measurement half; the last column counts, on the measurement half, which stop ends each trace at the "
+            "measurement half (the last row also sets r_min = 1, so only the degeneration score stops); the last column counts, on the measurement half, which stop ends each trace at the "
             f"loosest tau (16), where the degeneration stop almost never fires. Two-knob calibration: {chosen}.\n\n"
             + "\n".join(md) + f"\n\n![CoDE-Stop's tau sweep at each r_max, with DEER and Consistency]({figure})\n\n"
             f"CoDE-Stop over tau in {{{CEILING_TAUS}}} at each r_max, against DEER's and Consistency's default sweeps, "
