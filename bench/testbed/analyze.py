@@ -296,7 +296,7 @@ def probes_by_fifth(traces: Sequence[Trace], r_max: float = 0.95) -> tuple[str, 
     md = ["| final answer | fifth of the reasoning | probes | probe answer right | mean confidence |", "|---|---|---:|---:|---:|"]
     data: dict[str, Any] = {"by_fifth": {}, "first_confident": {}}
     for group, want in (("correct", True), ("incorrect", False)):
-        mine = [t for t in traces if t.final_correct == want]
+        mine = [t for t in traces if t.final_correct == want and t.probes]
         cells: list[list[Any]] = [[] for _ in range(5)]
         for t in mine:
             for p in t.probes:
@@ -340,7 +340,9 @@ def section_findings(traces: Sequence[Trace], out: Path, name: str, k: int) -> t
     p_text = "n/a (one outcome has no trace)" if p is None else f"{p:.3g}"
     md = (f"![confidence dynamics, lengths and AUROC of early features]({figure})\n\n"
           f"Confidence along the reasoning (probes at the replay's interval), reasoning lengths and early-feature AUROCs, "
-          f"all {stats['n']} traces ({stats['n_correct']} correct).\n\n"
+          f"all {stats['n']} traces with a probe ({stats['n_correct']} correct)"
+          + (f"; {len(traces) - stats['n']} of the {len(traces)} traces have none (no boundary in their reasoning) and are left "
+             "out of this section" if len(traces) > stats["n"] else "") + ".\n\n"
           "AUROC of early-confidence features predicting a correct final answer (0.5 = chance):\n\n"
           f"{auroc_table(stats).strip()}\n\n"
           f"Are wrong traces longer? Reasoning tokens by final answer; one-sided Mann-Whitney U (incorrect longer): p = {p_text}.\n\n"
