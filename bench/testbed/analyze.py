@@ -373,8 +373,10 @@ def section_math(traces: Sequence[Trace], cal: dict[str, Any], out: Path, seed: 
         rows.append(measured_row(m, value, data[m]))
     sweep_md, points = section_sweep(traces, out, "math", "all MATH traces", k)
     data["sweep"] = [asdict(p) for p in points]
+    where_md, data["where"] = probes_by_fifth(traces)
     md = (f"Does the calibration transfer? The GSM8K-calibrated values applied to all {len(traces)} MATH traces "
-          "(none of which was used to choose them); columns as in section 1.\n\n" + "\n".join(rows) + "\n\n" + sweep_md)
+          "(none of which was used to choose them); columns as in section 1.\n\n" + "\n".join(rows) + "\n\n" + sweep_md
+          + "\n\n" + where_md)
     return md, data
 
 
