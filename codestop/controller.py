@@ -53,11 +53,11 @@ class Event:
 EventCallback = Callable[[Event], None]
 
 
-
 def cost_tokens(tokens: Mapping[str, int]) -> int:
     """What a run costs: reasoning + probe + answer + overrun tokens (the paper's accounting plus the
     overrun of overlapped probing); missing counts are 0, as in records written before a field existed."""
     return sum(int(tokens.get(k, 0)) for k in ("reasoning", "probe", "answer", "overrun"))
+
 
 @dataclass
 class Result:

@@ -268,13 +268,12 @@ def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], other
                       f"{ci(h['paired_bootstrap']['accuracy_change'])} | {h['lost']} / {h['gained']} | {stops} |")
         points = sweep(measurement, {"codestop": parse_range(CEILING_TAUS, float, "tau")}, **ramp)
         sweep_points += [replace(p, method="codestop D alone" if r == 1.0 else f"codestop r_max={r:g}") for p in points if p.method != "vanilla"]
-        if not any(p.method == "vanilla" for p in sweep_points):
-            sweep_points.insert(0, points[0])
     ok = [row for row in data["rows"] if row["calibration"] is not None]
     choice = min(ok, key=lambda row: (row["calibration"]["mean_tokens"], row["calibration"]["drop"])) if ok else None
     data["two_knob_choice"] = None if choice is None else {k: choice[k] for k in ("r_max", "r_min", "tau") if k in choice}
     figure = "gsm8k-ceiling.png"
-    plot_tradeoff(sweep_points + [p for p in others if p.method in ("deer", "consistency")], out / figure,
+    # vanilla, DEER and Consistency from section 3's sweep of the same measurement half
+    plot_tradeoff([p for p in others if p.method in ("vanilla", "deer", "consistency")] + sweep_points, out / figure,
                   title=f"gsm8k: CoDE-Stop at several r_max, measurement half, {len(measurement)} traces, probe interval {k}")
     chosen = ("no r_max has a tau within the drop on the calibration half" if choice is None else
               f"chosen on the calibration half alone (fewest reasoning tokens within the drop): r_max={choice['label']}, "
@@ -282,7 +281,8 @@ def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], other
     text = ("Exploratory, outside the frozen protocol (no target is judged on it). CoDE-Stop's tau moves only its "
             "degeneration stop; its confident stop fires once a probe's confidence reaches the ramp's ceiling r_max "
             "(default 0.95). Each row calibrates tau on the same calibration half at one r_max and measures it on the "
-            "measurement half (the last row also sets r_min = 1, so only the degeneration score stops); the last column counts, on the measurement half, which stop ends each trace at the "
+            "measurement half (the last row also sets r_min = 1, so only the degeneration score stops); the last "
+            "column counts, on the measurement half, which stop ends each trace at the "
             f"loosest tau (16), where the degeneration stop almost never fires. Two-knob calibration: {chosen}.\n\n"
             + "\n".join(md) + f"\n\n![CoDE-Stop's tau sweep at each r_max, with DEER and Consistency]({figure})\n\n"
             f"CoDE-Stop over tau in {{{CEILING_TAUS}}} at each r_max, against DEER's and Consistency's default sweeps, "
