@@ -21,7 +21,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -467,9 +467,13 @@ def calibrate(
     values: Sequence[Any] | None = None,
     calibration_fraction: float = 0.5,
     seed: int = 0,
+    calibration_ids: Collection[str] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Choose ``method``'s knob on a calibration split and measure it on the held-out rest."""
+    """Choose ``method``'s knob on a calibration split and measure it on the held-out rest.
+
+    The split is a seeded shuffle cut at ``calibration_fraction``, or, with ``calibration_ids``, the
+    traces with those ids (to calibrate a second recording of the same questions on the same split)."""
     if not (0 <= max_accuracy_drop < 1):
         raise CodestopError(f"max_accuracy_drop: {max_accuracy_drop!r} must be a fraction in [0, 1), e.g. 0.01 for one point")
     if not (0 < calibration_fraction <= 1):
@@ -481,11 +485,18 @@ def calibrate(
     if len(traces) < 2:
         raise CodestopError("traces: calibration needs at least 2 traces")
     order = list(traces)
-    random.Random(seed).shuffle(order)
-    n_cal = max(1, round(len(order) * calibration_fraction))
-    cal, held = order[:n_cal], order[n_cal:]
+    if calibration_ids is None:
+        random.Random(seed).shuffle(order)
+        n_cal = max(1, round(len(order) * calibration_fraction))
+        cal, held = order[:n_cal], order[n_cal:]
+    else:
+        wanted = set(calibration_ids)
+        cal, held = [t for t in order if t.id in wanted], [t for t in order if t.id not in wanted]
+        if not cal:
+            raise CodestopError("calibration_ids: none of these ids is among the traces")
     # every size below is len() of these two lists: what the report says is what was used
-    sizes = f"{len(cal)} calibration and {len(held)} held-out traces of {len(order)} (seed {seed})"
+    sizes = f"{len(cal)} calibration and {len(held)} held-out traces of {len(order)} " + (
+        f"(seed {seed})" if calibration_ids is None else "(the given calibration ids)")
 
     cache: dict[str, list[list[Probe]]] = {}
     vanilla_cal = run_policy(cal, make_policy("vanilla"), cache)

@@ -161,6 +161,19 @@ def test_calibrate_reports_the_split_it_used_and_bootstrap_intervals():
     assert none["chosen"] is None and none["statement"].startswith("Split: 16 calibration and 15 held-out traces of 31")
 
 
+def test_calibrate_on_given_ids_uses_exactly_that_split():
+    # a second recording of the same questions is calibrated on the first one's calibration half
+    traces = _traces([500, 300] * 10)
+    first = calibrate(traces, 0.0, method="budget", values=[100, 300, 500, 700], seed=3)
+    again = calibrate(list(reversed(traces)), 0.0, method="budget", values=[100, 300, 500, 700],
+                      calibration_ids=first["calibration_ids"])
+    assert sorted(again["calibration_ids"]) == sorted(first["calibration_ids"])
+    assert sorted(again["held_out_ids"]) == sorted(first["held_out_ids"])
+    assert "(the given calibration ids)" in again["statement"]
+    with pytest.raises(CodestopError, match="calibration_ids"):
+        calibrate(traces, 0.0, method="budget", values=[100], calibration_ids=["nowhere:1"])
+
+
 def test_cli_sweep_writes_table_and_plot(tmp_path, capsys):
     path = tmp_path / "syn.jsonl"
     path.write_text("".join(json.dumps(_ladder(i, r)) + "\n" for i, r in enumerate([300, 500, 200, 400])))

@@ -12,7 +12,8 @@ Every number is a replay of ``codestop record`` traces, thinned to ``--probe-int
 5. the paper's findings on all GSM8K traces: confidence dynamics, AUROC of early features, and
    whether wrong traces are longer;
 6. with ``--math``: the GSM8K-calibrated values on MATH (does calibration transfer?) and a MATH sweep;
-   with ``--cod``: CoDE-Stop on Chain-of-Draft traces vs the main prompt's, paired by question.
+   with ``--cod``: CoDE-Stop calibrated and swept on Chain-of-Draft traces of the same questions (same
+   split), and CoD against the main prompt, paired by question.
 
 Writes DIR/analysis.json (accuracy as fractions), DIR/analysis.md (percentages; figures linked
 relative to DIR) and PNGs, and prints the markdown with figures linked relative to the working
@@ -380,33 +381,45 @@ def section_math(traces: Sequence[Trace], cal: dict[str, Any], out: Path, seed: 
     return md, data
 
 
-def section_cod(main: Sequence[Trace], cod: Sequence[Trace], cal: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
-    tau = cal["codestop"]["chosen"]
-    if tau is None:
-        return "No GSM8K-calibrated tau (calibrate found none within the drop): nothing to compare.", {"tau": None}
+COD_TAUS = "1,2,3,4,6,8,10,16"
+
+
+def section_cod(main: Sequence[Trace], cod: Sequence[Trace], cal: dict[str, Any], drop: float, seed: int) -> tuple[str, dict[str, Any]]:
+    """Does CoDE-Stop save on top of Chain-of-Draft? Its tau calibrated on the CoD traces of the GSM8K
+    calibration half (the main prompt's tau, if any, was chosen on other traces), measured on the CoD
+    traces of the measurement half, with a tau sweep there, and CoD against the main prompt."""
     cod_by_id = {t.id: t for t in cod}
-    ids = [t.id for t in main if t.id in cod_by_id]
-    if not ids:
-        return "The Chain-of-Draft file shares no question id with the GSM8K file.", {"tau": tau, "n": 0}
-    pairs = {"main prompt": [t for t in main if t.id in cod_by_id], "chain-of-draft": [cod_by_id[i] for i in ids]}
-    runs = {(prompt, method): run_policy(ts, fixed_policy(method, tau if method == "codestop" else None))
-            for prompt, ts in pairs.items() for method in ("vanilla", "codestop")}
-    in_cal = len(set(ids) & set(cal["codestop"]["calibration_ids"]))
-    md = [(f"CoDE-Stop (GSM8K-calibrated tau={tau}) on Chain-of-Draft traces vs the main prompt's, on the {len(ids)} "
-          f"questions both files have, paired by id ({in_cal} of them in the calibration half, whose main-prompt traces chose tau)."),
-          "", "| prompt | policy | accuracy | mean cost |", "|---|---|---:|---:|"]
-    data: dict[str, Any] = {"tau": tau, "n": len(ids), "n_in_calibration_half": in_cal, "runs": {}, "comparisons": {}}
-    for (prompt, method), rs in runs.items():
-        data["runs"][f"{prompt}, {method}"] = {"accuracy": sum(correct(rs)) / len(rs), "mean_cost": mean_cost(rs)}
-        md.append(f"| {prompt} | {method} | {pct(sum(correct(rs)) / len(rs))} | {mean_cost(rs):.0f} |")
-    md += ["", "Paired differences (first minus second, same questions, bootstrap 95%):", "",
-           "| comparison | accuracy change | cost change |", "|---|---:|---:|"]
-    for label, a, b in (("CoDE-Stop on CoD minus CoD vanilla (savings on top of CoD)", ("chain-of-draft", "codestop"), ("chain-of-draft", "vanilla")),
-                        ("CoD vanilla minus main-prompt vanilla", ("chain-of-draft", "vanilla"), ("main prompt", "vanilla")),
-                        ("CoDE-Stop on CoD minus CoDE-Stop on the main prompt", ("chain-of-draft", "codestop"), ("main prompt", "codestop"))):
-        c = compare_to_vanilla(runs[a], runs[b], seed=seed)
-        data["comparisons"][label] = c
-        md.append(f"| {label} | {ci(c['accuracy_change'])} | {ci(c['cost_change'], 1, ' tok')} |")
+    main_by_id = {t.id: t for t in main}
+    ids = [i for i in cal["codestop"]["held_out_ids"] if i in cod_by_id]
+    cal_ids = [i for i in cal["codestop"]["calibration_ids"] if i in cod_by_id]
+    if not ids or not cal_ids:
+        return (f"The Chain-of-Draft file has {len(cal_ids)} questions of the calibration half and {len(ids)} of the "
+                "measurement half: it needs both."), {"n_calibration": len(cal_ids), "n_measurement": len(ids)}
+    cod_meas, main_meas = [cod_by_id[i] for i in ids], [main_by_id[i] for i in ids]
+    c = calibrate([cod_by_id[i] for i in cal_ids + ids], drop, method="codestop", calibration_ids=cal_ids, seed=seed)
+    if "held_out" in c:
+        c["held_out"] = with_saving(c["held_out"])
+    probes = sum(len(t.probes) for t in cod_meas) / len(cod_meas)
+    md = [(f"{len(cod)} Chain-of-Draft traces of the held-out GSM8K questions ({probes:.1f} probes per trace on the measurement "
+           f"half). CoDE-Stop's tau calibrated on the CoD traces of the calibration half (n = {len(cal_ids)}) by section 1's "
+           f"rule, measured on those of the measurement half (n = {len(ids)}); cost, changes and bound as in section 1."),
+          "", MEASURED_HEAD, measured_row("codestop", c["chosen"], c.get("held_out"))]
+    sweep_rows = {tau: with_saving(measure(cod_meas, "codestop", tau, seed)) for tau in parse_range(COD_TAUS, float, "tau")}
+    md += ["", f"CoDE-Stop's tau swept on the CoD measurement half (not a choice: every value shown):", "", MEASURED_HEAD]
+    md += [measured_row("codestop", tau, h) for tau, h in sweep_rows.items()]
+    md += ["", "Chain-of-Draft against the main prompt (paired, same measurement-half questions, bootstrap 95%):", "",
+           "| comparison | accuracy | mean cost | accuracy change [95% CI] | cost change [95% CI] |", "|---|---:|---:|---:|---:|"]
+    vanilla = {"main prompt": run_policy(main_meas, fixed_policy("vanilla")), "chain-of-draft": run_policy(cod_meas, fixed_policy("vanilla"))}
+    comparisons = {"CoD vanilla minus main-prompt vanilla": (vanilla["chain-of-draft"], vanilla["main prompt"])}
+    if c["chosen"] is not None:
+        comparisons[f"CoD + CoDE-Stop tau={c['chosen']} minus main-prompt vanilla"] = (
+            run_policy(cod_meas, fixed_policy("codestop", c["chosen"])), vanilla["main prompt"])
+    data: dict[str, Any] = {"calibration": c, "sweep": {str(t): h for t, h in sweep_rows.items()}, "comparisons": {}}
+    for label, (a, b) in comparisons.items():
+        d = compare_to_vanilla(a, b, seed=seed)
+        data["comparisons"][label] = {"accuracy": sum(correct(a)) / len(a), "mean_cost": mean_cost(a), **d}
+        md.append(f"| {label} | {pct(sum(correct(a)) / len(a))} | {mean_cost(a):.0f} | {ci(d['accuracy_change'])} | "
+                  f"{ci(d['cost_change'], 1, ' tok')} |")
     return "\n".join(md), data
 
 
@@ -451,7 +464,7 @@ def main() -> int:
         text, data["math"] = section_math(load_traces(args.math, probe_interval=k), data["calibration"], args.out, args.seed, k)
         md += ["", "### 6a. MATH-500: GSM8K calibration applied", "", text]
     if args.cod:
-        text, data["cod"] = section_cod(traces, load_traces(args.cod, probe_interval=k), data["calibration"], args.seed)
+        text, data["cod"] = section_cod(traces, load_traces(args.cod, probe_interval=k), data["calibration"], args.max_accuracy_drop, args.seed)
         md += ["", "### 6b. Chain-of-Draft", "", text]
     report = "\n".join(md) + "\n"
     (args.out / "analysis.md").write_text(report, encoding="utf-8")
