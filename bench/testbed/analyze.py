@@ -115,11 +115,16 @@ def with_saving(h: dict[str, Any]) -> dict[str, Any]:
     return {**h, "cost_saving": 1 - h["mean_cost"] / h["vanilla_mean_cost"] if h["vanilla_mean_cost"] else 0.0}
 
 
+def calibrated(traces: Sequence[Trace], drop: float, method: str, seed: int, **options: Any) -> dict[str, Any]:
+    """``calibrate``, with the cost saving added to its held-out measurement."""
+    c = calibrate(traces, drop, method=method, seed=seed, **options)
+    if "held_out" in c:
+        c["held_out"] = with_saving(c["held_out"])
+    return c
+
+
 def section_calibration(traces: Sequence[Trace], drop: float, seed: int) -> tuple[str, dict[str, Any], list[Trace]]:
-    results = {m: calibrate(traces, drop, method=m, seed=seed) for m in METHODS}
-    for r in results.values():
-        if "held_out" in r:
-            r["held_out"] = with_saving(r["held_out"])
+    results = {m: calibrated(traces, drop, m, seed) for m in METHODS}
     first = results[METHODS[0]]
     if any(r["held_out_ids"] != first["held_out_ids"] for r in results.values()):
         sys.exit("analyze: calibrate split the traces differently per method")
@@ -245,15 +250,15 @@ def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], other
     """Exploratory, beyond the frozen protocol: CoDE-Stop's tau moves only its degeneration stop, while its
     confident stop (c >= r_max after the ramp) is fixed by r_max. Calibrate tau at several r_max on the same
     calibration half, pick the r_max there too, and measure on the measurement half."""
-    md = ["| r_max | tau (calibrated) | calibration: drop / fewer tokens | accuracy | mean cost | cost saved | "
-          "accuracy change [95% CI] | lost / gained | stops at tau=16: confident / degenerate / none |",
+    md = [("| r_max | tau (calibrated) | calibration: drop / fewer tokens | accuracy | mean cost | cost saved | "
+           "accuracy change [95% CI] | lost / gained | stops at tau=16: confident / degenerate / none |"),
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     data: dict[str, Any] = {"rows": []}
     sweep_points: list[Point] = []
     for r in CEILINGS:
         ramp = {"r_max": r, "r_min": 1.0} if r == 1.0 else {"r_max": r}
-        c = calibrate(traces, drop, method="codestop", seed=seed, **ramp)
-        h = with_saving(c["held_out"]) if "held_out" in c else None
+        c = calibrated(traces, drop, "codestop", seed, **ramp)
+        h = c.get("held_out")
         loose = run_policy(measurement, fixed_policy("codestop", 16.0, **ramp))
         reasons = {x: sum(row.stop_reason == x for row in loose) for x in ("confident", "degenerate", None)}
         label = "1 (and r_min = 1: D alone)" if r == 1.0 else f"{r:g}"
@@ -396,16 +401,14 @@ def section_cod(main: Sequence[Trace], cod: Sequence[Trace], cal: dict[str, Any]
         return (f"The Chain-of-Draft file has {len(cal_ids)} questions of the calibration half and {len(ids)} of the "
                 "measurement half: it needs both."), {"n_calibration": len(cal_ids), "n_measurement": len(ids)}
     cod_meas, main_meas = [cod_by_id[i] for i in ids], [main_by_id[i] for i in ids]
-    c = calibrate([cod_by_id[i] for i in cal_ids + ids], drop, method="codestop", calibration_ids=cal_ids, seed=seed)
-    if "held_out" in c:
-        c["held_out"] = with_saving(c["held_out"])
+    c = calibrated([cod_by_id[i] for i in cal_ids + ids], drop, "codestop", seed, calibration_ids=cal_ids)
     probes = sum(len(t.probes) for t in cod_meas) / len(cod_meas)
     md = [(f"{len(cod)} Chain-of-Draft traces of the held-out GSM8K questions ({probes:.1f} probes per trace on the measurement "
            f"half). CoDE-Stop's tau calibrated on the CoD traces of the calibration half (n = {len(cal_ids)}) by section 1's "
            f"rule, measured on those of the measurement half (n = {len(ids)}); cost, changes and bound as in section 1."),
           "", MEASURED_HEAD, measured_row("codestop", c["chosen"], c.get("held_out"))]
     sweep_rows = {tau: with_saving(measure(cod_meas, "codestop", tau, seed)) for tau in parse_range(COD_TAUS, float, "tau")}
-    md += ["", f"CoDE-Stop's tau swept on the CoD measurement half (not a choice: every value shown):", "", MEASURED_HEAD]
+    md += ["", "CoDE-Stop's tau swept on the CoD measurement half (not a choice: every value shown):", "", MEASURED_HEAD]
     md += [measured_row("codestop", tau, h) for tau, h in sweep_rows.items()]
     md += ["", "Chain-of-Draft against the main prompt (paired, same measurement-half questions, bootstrap 95%):", "",
            "| comparison | accuracy | mean cost | accuracy change [95% CI] | cost change [95% CI] |", "|---|---:|---:|---:|---:|"]
