@@ -94,10 +94,30 @@ def vllm_url():
         pytest.fail(failure, pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def vllm_serial_url():
+    """Like ``vllm_url``, but a vLLM of its own started with ``--max-num-seqs 1`` (every forward
+    pass holds one request, so greedy tokens do not depend on what else is running), for the
+    module that uses it only; ``$CODESTOP_VLLM_SERIAL_URL`` reuses one."""
+    from vllm_server import SERIAL_ARGS, VllmUnavailable, vllm_session
+
+    failure = ""
+    try:
+        with vllm_session(SERIAL_ARGS, env="CODESTOP_VLLM_SERIAL_URL") as url:
+            yield url
+    except VllmUnavailable as err:
+        failure = str(err)
+    if failure:
+        pytest.fail(failure, pytrace=False)
+
+
+VLLM_FIXTURES = {"vllm_url", "vllm_serial_url"}
+
+
 def pytest_collection_finish(session):
     from vllm_server import INFO
 
-    INFO.tests.update(item.nodeid for item in session.items if "vllm_url" in getattr(item, "fixturenames", ()))
+    INFO.tests.update(item.nodeid for item in session.items if VLLM_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
 def pytest_terminal_summary(terminalreporter):

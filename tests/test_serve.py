@@ -126,11 +126,14 @@ def test_the_openai_client_works_unchanged_streaming_or_not(proxy):
 
 def test_the_policy_is_chosen_per_request_over_the_server_default(proxy):
     client = proxy.client()
-    r = ask(client, "What is 3 + 4?", extra_body={"codestop": {"method": "deer", "threshold": 0.5, "probe_interval": 4, "boundaries": [" "]}})
+    # the poem goes on for longer than these budgets whatever the model's numerics: a probe at the
+    # first space after 4 tokens, and a budget of 5 are always reached (a short question's answer,
+    # "3 + 4 = 7", may end before either)
+    r = ask(client, POEM, max_tokens=40, extra_body={"codestop": {"method": "deer", "threshold": 0.5, "probe_interval": 4, "boundaries": [" "]}})
     cs = r.usage.codestop
     assert cs["method"] == {"method": "deer", "threshold": 0.5, "confidence": "mean", "answer_from": "stop"}
-    assert cs["probes"] >= 1 and cs["probe_tokens"] >= 1
-    r = ask(client, "What is 3 + 4?", extra_body={"codestop": {"method": "budget", "budget": 5}})
+    assert cs["probes"] >= 1 and cs["probe_tokens"] >= 1, (cs, r.choices[0].message)
+    r = ask(client, POEM, max_tokens=40, extra_body={"codestop": {"method": "budget", "budget": 5}})
     assert r.usage.codestop["reasoning_tokens"] == 5 and r.usage.codestop["stop_reason"] == "budget"
     r = ask(client, "What is 3 + 4?", extra_body={"codestop": {"tau": 3.5}})  # the default method, one knob changed
     assert r.usage.codestop["method"]["method"] == "codestop" and r.usage.codestop["method"]["tau"] == 3.5

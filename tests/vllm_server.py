@@ -60,14 +60,12 @@ print(f"{time.perf_counter() - t0:.1f}")
 
 @dataclass
 class VllmInfo:
-    """What the session's vLLM cost, for the terminal summary."""
+    """What the session's vLLM servers cost, for the terminal summary."""
 
-    url: str = ""
-    reused: bool = False
-    convert_s: float | None = None
-    start_s: float | None = None
     version: str = ""
-    tests: set[str] = field(default_factory=set)  # node ids of the tests that use the server
+    convert_s: float | None = None
+    servers: list[str] = field(default_factory=list)  # one line per server used: URL, how it came, its flags
+    tests: set[str] = field(default_factory=set)  # node ids of the tests that use a server
 
 
 INFO = VllmInfo()
@@ -124,8 +122,8 @@ class VllmServer:
     """vLLM's OpenAI-compatible server in its own process group (it starts an engine core and a
     worker process), with prefix caching on; its log goes to a file shown when it fails."""
 
-    def __init__(self, python: Path, model: Path, port: int | None = None) -> None:
-        self.python, self.model = python, model
+    def __init__(self, python: Path, model: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        self.python, self.model, self.extra_args = python, model, extra_args
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.gettempdir()) / f"codestop-vllm-{self.port}.log"
@@ -146,6 +144,7 @@ class VllmServer:
             str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
             "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
             "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--enable-prefix-caching",
+            *self.extra_args,
         ]
         env = {
             **os.environ,
@@ -192,28 +191,37 @@ def version(url: str) -> str:
         return ""
 
 
+# a vLLM whose every forward pass holds one request, so a request's greedy tokens never depend on
+# what shares its batch (vLLM's CPU build has no batch-invariant mode): test_overlap.py's equality
+SERIAL_ARGS = ("--max-num-seqs", "1")
+
+
 @contextmanager
-def vllm_session() -> Iterator[str]:
-    """The URL (ending in /v1) of a running vLLM: ``$CODESTOP_VLLM_URL``'s, or one started here
-    and stopped at the end. Raises VllmUnavailable with what to do when there is none."""
-    given = os.environ.get("CODESTOP_VLLM_URL")
+def vllm_session(extra_args: tuple[str, ...] = (), env: str = "CODESTOP_VLLM_URL") -> Iterator[str]:
+    """The URL (ending in /v1) of a running vLLM: ``$env``'s, or one started here with
+    ``extra_args`` and stopped at the end. Raises VllmUnavailable with what to do when there is none."""
+    flags = f" ({' '.join(extra_args)})" if extra_args else ""
+    given = os.environ.get(env)
     if given:
         url = given.rstrip("/")
         url = url if url.endswith("/v1") else url + "/v1"
         try:
             httpx.get(url.removesuffix("/v1") + "/health", timeout=5).raise_for_status()
         except httpx.HTTPError as err:
-            raise VllmUnavailable(f"CODESTOP_VLLM_URL={given}: no healthy vLLM there ({type(err).__name__})") from None
-        INFO.url, INFO.reused, INFO.version = url, True, version(url)
+            raise VllmUnavailable(f"{env}={given}: no healthy vLLM there ({type(err).__name__})") from None
+        INFO.version = INFO.version or version(url)
+        INFO.servers.append(f"vLLM server{flags}: {url}, reused ({env})")
         yield url
         return
     python = vllm_python()
     if python is None:
         raise VllmUnavailable(INSTALL_HINT)
-    server = VllmServer(python, model_dir())
-    INFO.start_s = server.start()
-    INFO.url, INFO.version = server.url, version(server.url)
-    print(f"\nvLLM {INFO.version} started in {INFO.start_s:.0f} s at {server.url}", file=sys.stderr)
+    server = VllmServer(python, model_dir(), extra_args=extra_args)
+    start_s = server.start()
+    INFO.version = INFO.version or version(server.url)
+    conv = f", model converted in {INFO.convert_s:.0f} s" if INFO.convert_s is not None and not INFO.servers else ""
+    INFO.servers.append(f"vLLM server{flags}: {server.url}, started in {start_s:.0f} s{conv}")
+    print(f"\nvLLM {INFO.version}{flags} started in {start_s:.0f} s at {server.url}", file=sys.stderr)
     try:
         yield server.url
     finally:
@@ -241,8 +249,4 @@ def summary_lines(outcomes: dict[str, str]) -> list[str]:
     ran = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     version = f" {INFO.version}" if INFO.version else ""
     lines = [f"vLLM tests: {len(INFO.tests)} against a real vLLM{version} ({ran})"]
-    if INFO.url:
-        how = "reused (CODESTOP_VLLM_URL)" if INFO.reused else f"started in {INFO.start_s:.0f} s"
-        conv = f", model converted in {INFO.convert_s:.0f} s" if INFO.convert_s is not None else ""
-        lines.append(f"vLLM server: {INFO.url}, {how}{conv}")
-    return lines
+    return lines + INFO.servers
