@@ -18,8 +18,8 @@ from pathlib import Path
 
 from codestop import sweep as sw
 from codestop.policies import make_policy
-from codestop.sweep import Point, calibrate, fixed_policy, mark_pareto, parse_range, plot_tradeoff, run_policy
 from codestop.replay import load_traces
+from codestop.sweep import Point, calibrate, fixed_policy, mark_pareto, parse_range, plot_tradeoff, run_policy
 
 TAUS = parse_range("0.25:16:0.25")
 THRESHOLDS = parse_range("0.3,0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.999,0.9995,0.9999")

@@ -110,7 +110,10 @@ def measure(model, context_len: int, repeats: int) -> dict[str, float]:
 
 def table(rows) -> str:
     lines = [
-        "| context | decode step (ms) | probe, crop (ms) | probe, deepcopy (ms) | probe, recompute (ms) | crop / (19 tok x step) | crop / (4 generated x step) | recompute / crop | logit diff after crop |",
+        (
+            "| context | decode step (ms) | probe, crop (ms) | probe, deepcopy (ms) | probe, recompute (ms) "
+            "| crop / (19 tok x step) | crop / (4 generated x step) | recompute / crop | logit diff after crop |"
+        ),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

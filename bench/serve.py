@@ -248,7 +248,7 @@ def latency(up: Upstream, px: str, args: argparse.Namespace) -> dict[str, Any]:
         "sequential": (px, {**probing, "probe_mode": "sequential"}), "overlapped": (px, {**probing, "probe_mode": "overlapped"}),
     }
     runs: dict[str, list[tuple[dict[str, Any], float]]] = {name: [] for name in paths}
-    for name, (url, options) in paths.items():  # warm each path (model pages, template, connections)
+    for url, options in paths.values():  # warm each path (model pages, template, connections)
         asyncio.run(send_all(url, [chat(up.model, LIST_PROMPT, 8, options)], 1))
     for rep in range(args.repeats):
         for name, (url, options) in paths.items():  # interleaved, so slow drifts hit every path alike

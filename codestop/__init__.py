@@ -39,7 +39,33 @@ _EXPORTS = {
     "make_policy": "codestop.policies",
 }
 
-__all__ = sorted(_EXPORTS)
+# written out (sorted, the same names as _EXPORTS) so that linters and type checkers see the public names
+__all__ = [
+    "CodeStop",
+    "CodestopError",
+    "Consistency",
+    "Decision",
+    "Deer",
+    "Engine",
+    "Event",
+    "GenerationConfig",
+    "Policy",
+    "Probe",
+    "Result",
+    "Sampling",
+    "TokenBudget",
+    "Vanilla",
+    "agenerate",
+    "agenerate_question",
+    "arithmetic_mean",
+    "astream",
+    "generate",
+    "geometric_mean",
+    "load",
+    "make_policy",
+    "minimum",
+    "span",
+]
 
 if TYPE_CHECKING:
     from codestop.api import agenerate_question, generate, load

@@ -71,7 +71,7 @@ class Family:
         return "\n\n" + self.answer_prompt
 
 
-_THINK = dict(think_start="<think>", think_end="</think>", close_thinking="\n</think>\n\n")
+_THINK: dict[str, Any] = dict(think_start="<think>", think_end="</think>", close_thinking="\n</think>\n\n")
 
 FAMILIES: dict[str, Family] = {
     "qwen3": Family("qwen3", **_THINK, template_kwargs={"enable_thinking": True}),

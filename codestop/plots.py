@@ -298,7 +298,10 @@ def _run_summary_html(path: Path) -> str | None:
         acc = sum(bool(r.get("final_correct")) for r in records) / n
         length = sum(int(r.get("reasoning_tokens") or 0) for r in records) / n
         probes = sum(len(r.get("probes") or ()) for r in records) / n
-        return f"<p><b>{html.escape(path.name)}</b>: {n} traces, final accuracy {acc * 100:.1f}%, {length:.0f} reasoning tokens and {probes:.1f} probes per question</p>"
+        return (
+            f"<p><b>{html.escape(path.name)}</b>: {n} traces, final accuracy {acc * 100:.1f}%, "
+            f"{length:.0f} reasoning tokens and {probes:.1f} probes per question</p>"
+        )
     if "correct" in records[0]:
         s = summarize(records)
         ci = s["accuracy_ci95"]
@@ -332,7 +335,8 @@ def report(directory: str | Path, out: str | Path | None = None, title: str = "c
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
              "img{max-width:100%}")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    head = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>\n"
+    page = head + "\n".join(parts) + "\n</body></html>\n"
     target.write_text(page, encoding="utf-8")
     return target
 

@@ -76,11 +76,22 @@ class Tracker(Protocol):
 class Policy(Protocol):
     """What the controller, replay and the server need of a stopping policy."""
 
-    name: str
-    confidence: str
-    needs_probes: bool
-    max_reasoning_tokens: int | None
-    answer_from: str
+    # read-only properties, not plain attributes, so that frozen dataclasses (every policy here) satisfy it
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def confidence(self) -> str: ...
+
+    @property
+    def needs_probes(self) -> bool: ...
+
+    @property
+    def max_reasoning_tokens(self) -> int | None: ...
+
+    @property
+    def answer_from(self) -> str: ...
 
     def start(self) -> Tracker: ...
 
@@ -478,8 +489,9 @@ def make_policy(method: str, **options: object) -> Policy:
 
 def policy_options(policy: object) -> dict[str, object]:
     """The method name and knobs of a policy as a JSON-ready dict."""
-    out: dict[str, object] = {"method": getattr(policy, "name", type(policy).__name__)}
-    for key in METHOD_OPTIONS.get(out["method"], ()):  # type: ignore[arg-type]
+    method = getattr(policy, "name", type(policy).__name__)
+    out: dict[str, object] = {"method": method}
+    for key in METHOD_OPTIONS.get(method, ()):
         if hasattr(policy, key):
             out[key] = getattr(policy, key)
     return out

@@ -256,7 +256,7 @@ def place_labels(
         w, h = ext.width, ext.height
         px, py = ax.transData.transform((x, y))
         best: tuple[int, float, float, Bbox] | None = None
-        for ring, radius in enumerate((5, 13, 22, 32, 44)):
+        for radius in (5, 13, 22, 32, 44):
             for a in angles:
                 dx, dy = radius * math.cos(a) * px_per_pt, radius * math.sin(a) * px_per_pt
                 left = px + dx if dx >= -1e-9 else px + dx - w
@@ -621,7 +621,10 @@ def add_parser(sub: Any) -> None:
         "PREFIX.csv, PREFIX.md (the Pareto table) and PREFIX.png (accuracy against mean tokens).",
     )
     p.add_argument("traces", help="a trace file (codestop record)")
-    p.add_argument("--method", action="append", default=None, help="codestop, deer, consistency, budget; repeat or comma-separate (default: codestop,deer,consistency)")
+    p.add_argument(
+        "--method", action="append", default=None,
+        help="codestop, deer, consistency, budget; repeat or comma-separate (default: codestop,deer,consistency)",
+    )
     p.add_argument("--out", default=None, help="output prefix (default: the trace file's path without .jsonl, plus .sweep)")
     p.add_argument("--json", action="store_true", help="print the points as JSON")
     add_probe_interval_option(p)

@@ -15,7 +15,7 @@ from codestop.engines.base import LocalBackend, LocalEngine
 
 
 class ScriptedBackend(LocalBackend):
-    def __init__(self, engine: "ScriptedEngine", prompt_ids: Sequence[int]) -> None:
+    def __init__(self, engine: ScriptedEngine, prompt_ids: Sequence[int]) -> None:
         self.engine = engine
         self.history: list[int] = []
         self.prompt_len = len(prompt_ids)

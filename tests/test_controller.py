@@ -7,13 +7,12 @@ import threading
 from contextlib import aclosing
 
 import pytest
+from scripted import ScriptedEngine
 
 from codestop import CodeStop, Deer, GenerationConfig, Result, Sampling, TokenBudget, Vanilla, astream, generate
 from codestop.errors import ContextTooLong
 from codestop.families import FAMILIES
 from codestop.steps import StepRules, decode_text
-
-from scripted import ScriptedEngine
 
 SCRIPT = "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1. But wait, it is 5.\n\nThe answer is \\boxed{5}."
 PLAIN = FAMILIES["plain"]

@@ -13,9 +13,9 @@ from codestop.api import agenerate_question, generate
 from codestop.config import Sampling
 from codestop.engines.base import StepOutput, log_softmax
 from codestop.errors import CodestopError, ContextTooLong
-from codestop.steps import StepRules, decode_text
 from codestop.families import FAMILIES, PROBE_PROMPT
 from codestop.policies import CodeStop, Deer, TokenBudget, Vanilla
+from codestop.steps import StepRules, decode_text
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _session_after_reasoning(engine, n_tokens: int = 24):
 
     async def run():
         session = await engine.start(_prompt(engine), Sampling(temperature=0.0))
-        async for step in session.extend(n_tokens, StepRules()):
+        async for step in session.extend(n_tokens, StepRules()):  # noqa: B007 - the last step is read after the loop
             pass
         assert isinstance(step, StepOutput)
         return session, step.token_ids

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+from scripted import ToyTokenizer
 
 from codestop.config import Sampling
 from codestop.engines.base import LocalBackend, LocalEngine
 from codestop.engines.server import HFTokens, RemoteTokens, ServerEngine
 from codestop.errors import ServerError
 from codestop.steps import StepRules
-
-from scripted import ToyTokenizer
 
 EOS = 0
 PEAK = 12.0
@@ -210,7 +209,10 @@ class ToyServer:
         return {
             "content": text[: text.index(word)] if word else text,
             "tokens": out,
-            "completion_probabilities": [{"id": t, "token": tok.decode([t]), "bytes": list(tok.pieces[t]), "logprob": self.model.logprob, "top_logprobs": []} for t in probs],
+            "completion_probabilities": [
+                {"id": t, "token": tok.decode([t]), "bytes": list(tok.pieces[t]), "logprob": self.model.logprob, "top_logprobs": []}
+                for t in probs
+            ],
             "stop": True,
             "stop_type": "word" if word else "eos" if matched == EOS else "limit",
             "stopping_word": word,

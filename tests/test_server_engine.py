@@ -481,7 +481,7 @@ def test_probe_is_greedy_stops_at_the_closing_brace_and_leaves_the_session_uncha
     direct_ids, direct_text, direct_lps = greedy_direct(llama.url, ids + first.token_ids + probe_ids, 20)
     assert closing_brace_index(direct_text) is not None, f"the model closes its box within 20 tokens: {direct_text!r}"
     decoder = IncrementalDecoder(engine.detokenize)
-    for n, tok in enumerate(direct_ids, 1):
+    for n, tok in enumerate(direct_ids, 1):  # noqa: B007 - n is read after the loop
         decoder.add(tok)
         if closing_brace_index(decoder.text) is not None:
             break

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from scripted import ToyTokenizer
 
 from codestop.steps import IncrementalDecoder, StepRules, StepScanner, closing_brace_index, decode_text, probe_answer
-
-from scripted import ToyTokenizer
 
 EOS = 0
 
@@ -37,7 +36,10 @@ CASES = [
     ("stop text kept", WORDS, ["done", "</th", "ink>", "more"], [], 99, "stop_text", "done</think>", [], 3),
     ("eos not kept", WORDS, ["x", "<eos>"], [], 99, "eos", "x", [], 2),
     ("length counts held tokens", WORDS, ["b", "c", "d"], [" Wait"], 3, "length", " Waitbc", [], 2),
-    ("multi-byte character split over tokens", WORDS, [b"snow " + SNOWMAN[:2], SNOWMAN[2:] + b" man", "\n\n"], [], 99, "boundary", "snow \u2603 man\n\n", [], 3),
+    (
+        "multi-byte character split over tokens",
+        WORDS, [b"snow " + SNOWMAN[:2], SNOWMAN[2:] + b" man", "\n\n"], [], 99, "boundary", "snow \u2603 man\n\n", [], 3,
+    ),
     ("no words: only separators", StepRules(separators=("\n\n",)), ["Wait", ",", "\n\n"], [], 99, "boundary", "Wait,\n\n", [], 3),
     ("a client stop string cuts the text", StepRules(stops=("###",)), ["The answer", " is 5", "#", "## more"], [], 99, "stop", "The answer is 5", [], 4),
     ("close box at the closing brace", StepRules(close_box=True), ["\\frac{1", "}{2", "}", "}", " and"], [], 99, "stop_text", "\\frac{1}{2}}", [], 4),

@@ -6,14 +6,13 @@ import asyncio
 
 import numpy as np
 import pytest
+from conftest import build_tiny_model
 
 from codestop import CodeStop, Deer, TokenBudget, generate
 from codestop.config import Sampling
-from codestop.steps import StepRules
 from codestop.engines.transformers import TransformersEngine
 from codestop.families import PROBE_PROMPT
-
-from conftest import build_tiny_model
+from codestop.steps import StepRules
 
 
 def _prompt(engine):

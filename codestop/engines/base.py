@@ -25,7 +25,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,7 +160,7 @@ class Engine(abc.ABC):
                 "shorten the question or use a model with a longer context"
             )
 
-    async def ready(self) -> None:
+    async def ready(self) -> None:  # noqa: B027 - optional
         """Raise a CodestopError when the engine cannot start a question now (a completions server
         still starting: 503); instant otherwise. Call it before :func:`codestop.controller.astream`."""
 

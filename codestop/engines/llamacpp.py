@@ -86,7 +86,7 @@ def default_threads() -> int:
 class LlamaCppBackend(LocalBackend):
     """One llama context: its KV cache and the next-token logits."""
 
-    def __init__(self, engine: "LlamaCppEngine", ctx: Any) -> None:
+    def __init__(self, engine: LlamaCppEngine, ctx: Any) -> None:
         self.engine = engine
         self.ctx = ctx
         self.memory = engine.lib.llama_get_memory(ctx)
@@ -180,6 +180,7 @@ class LlamaCppBackend(LocalBackend):
 
 class LlamaCppEngine(LocalEngine):
     name = "llamacpp"
+    context_window: int  # always known here (set in __init__), unlike Engine's int | None
 
     def __init__(self, path: str, *, model_name: str = "", threads: int | None = None, n_ctx: int | None = None) -> None:
         super().__init__()
@@ -218,7 +219,7 @@ class LlamaCppEngine(LocalEngine):
         self._template: Any = None
 
     @classmethod
-    def load(cls, path: str, *, model_name: str = "", threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppEngine":
+    def load(cls, path: str, *, model_name: str = "", threads: int | None = None, n_ctx: int | None = None) -> LlamaCppEngine:
         return cls(path, model_name=model_name, threads=threads, n_ctx=n_ctx)
 
     # -- contexts ---------------------------------------------------------------------------

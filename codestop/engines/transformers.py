@@ -8,8 +8,8 @@ cropped exactly (sliding-window, linear-attention, quantized layers) are deep-co
 from __future__ import annotations
 
 import copy
-import inspect
 import hashlib
+import inspect
 import os
 import shutil
 from collections.abc import Sequence
@@ -44,7 +44,7 @@ class _DeepCopy:
 
 
 class TransformersBackend(LocalBackend):
-    def __init__(self, engine: "TransformersEngine", prompt_ids: Sequence[int]) -> None:
+    def __init__(self, engine: TransformersEngine, prompt_ids: Sequence[int]) -> None:
         from transformers import DynamicCache
 
         self.engine = engine
@@ -137,7 +137,7 @@ class TransformersEngine(LocalEngine):
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
-    ) -> "TransformersEngine":
+    ) -> TransformersEngine:
         """Load a hub id, a local HF directory, or a GGUF file (dequantized once, cached)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,7 +162,7 @@ class TransformersEngine(LocalEngine):
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             hf_model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            ).to(device)
+            ).to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound self from mypy
         except (OSError, ValueError) as err:
             raise CodestopError(
                 f"model: could not load {model!r} with transformers ({_first_line(err)}); give a local model "
@@ -248,7 +248,7 @@ def _converted_gguf(gguf: Path) -> str:
         unpack = {}
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **unpack)
     # the weights are already dequantized; drop the GGUF quantizer so they can be saved plainly
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set dynamically; torch types Module.__setattr__ as Tensor | Module only
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".partial")
