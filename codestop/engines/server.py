@@ -39,7 +39,8 @@ the engine learns before that token reaches a scanner, so it never shows up as t
 Starting before the upstream (``connect(..., wait=False)``, as under an orchestrator): the engine
 connects on the first :meth:`ServerEngine.health` or :meth:`ServerEngine.ready` that reaches the
 server (at most one attempt a second); until then ``health`` says ``"starting"`` and sessions fail
-with a 503 :class:`ServerError`.
+with a 503 :class:`ServerError`, or the 504 :class:`ServerTimeout` when they waited ``timeout`` for a
+server that accepts connections and stays silent.
 
 Server dialects. Checked against live servers: vLLM 0.32 (CPU build; the tests start one): ``owned_by:
 vllm`` and ``max_model_len`` in ``/v1/models``; logprob tokens as ``token_id:N`` with
@@ -726,8 +727,8 @@ class ServerEngine(Engine):
         )
 
     async def ready(self) -> None:
-        """Connect now if the server was not reached yet; a 503 ServerError while it cannot be.
-        Instant once connected: call it before starting a question."""
+        """Connect now if the server was not reached yet; a 503 ServerError while it cannot be (a
+        504 ServerTimeout when the attempt waited out ``timeout``). Instant once connected: call it before starting a question."""
         if not self.connected:
             await asyncio.to_thread(self._try_connect)
 
