@@ -5,8 +5,11 @@ Clients talk to it as to any OpenAI endpoint (``/v1/chat/completions``, ``/v1/co
 ``/v1/models``; streaming or not). The reasoning comes back in ``reasoning_content`` (as vLLM's
 reasoning parsers put it) and the answer in ``content``; the policy is chosen per request with an
 extra body field, ``{"codestop": {"method": "codestop", "tau": 7}}``, over the server-wide default;
-``usage`` carries codestop's own figures under ``usage.codestop``. ``/health`` and ``/metrics``
-(Prometheus) are open; everything under ``/v1`` asks for ``proxy_api_key`` when one is set.
+``usage`` carries codestop's own figures under ``usage.codestop``. Without ``proxy_api_key``
+everything is open; with one, only ``/health``'s bare status is: its details, ``/metrics``
+(Prometheus) and everything under ``/v1`` ask for the key, and the API docs are off. The
+upstream's error text never reaches ``/health`` unauthenticated, and a credential in it is redacted
+wherever it is relayed. A request body over ``max_request_bytes`` is a 413.
 
 What a client sent is honoured or refused, never dropped: ``max_tokens`` caps reasoning plus answer,
 ``stop`` ends the visible output, the messages are rendered exactly as sent, a model the upstream
@@ -39,7 +42,7 @@ from typing import Any, TypeVar, cast
 from codestop.config import ANSWER_MODES, GenerationConfig, cli_fields
 from codestop.controller import Event, Result, agenerate, astream
 from codestop.engines.base import Engine
-from codestop.errors import CodestopError, ContextTooLong, ServerError
+from codestop.errors import CodestopError, ContextTooLong, ServerError, redact
 from codestop.families import Family, get_family
 from codestop.policies import METHOD_OPTIONS, Policy, make_policy
 
@@ -79,6 +82,9 @@ UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "frequency_penalty": ((0, 0.0), "no penalties on the reasoning steps"),
 }
 MAX_STOPS = 4  # as OpenAI's API
+ROLES = ("system", "user", "assistant", "developer", "tool")  # the message roles a request may use
+MAX_JSON_DEPTH = 64  # the deepest nesting of a request body (OpenAI's bodies nest a few levels)
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # the largest request body, by default (8 MiB)
 # --------------------------------------------------------------------------------------------
 # Errors, in OpenAI's shape
 # --------------------------------------------------------------------------------------------
@@ -98,7 +104,8 @@ class ClientGone(Exception):
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    """OpenAI's error shape; a credential in the message (an upstream's text) is redacted."""
+    return {"error": {"message": redact(message), "type": kind, "param": param, "code": code}}
 
 
 def error_for(exc: BaseException, prompt_param: str = "messages", where: str = "") -> tuple[int, dict[str, Any]]:
@@ -233,6 +240,41 @@ class CountRequests:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
+class LimitBody:
+    """ASGI middleware: a request body over ``max_bytes`` is a 413 before it is read whole: at
+    once by its Content-Length, else (a chunked body) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self, size: str) -> RequestError:
+        return RequestError(f"body: the request body is {size} bytes; this server takes at most {self.max_bytes} "
+                            "(--max-request-bytes)", "body", 413, "request_too_large")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            err = self.too_large(length.decode())
+            payload = json.dumps(error_body(str(err), err.kind, err.param, err.code)).encode()
+            await send({"type": "http.response.start", "status": 413, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
+            return await send({"type": "http.response.body", "body": payload})
+        read = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    raise self.too_large(f"more than {self.max_bytes}")  # answered 413 by the app's error handler
+            return cast(dict[str, Any], message)
+
+        await self.app(scope, counted, send)
+
+
 # --------------------------------------------------------------------------------------------
 # Requests: validation, prompt, policy, config
 # --------------------------------------------------------------------------------------------
@@ -353,6 +395,9 @@ def parse_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}]: must be an object with a role and a content", f"messages[{i}]")
+        if m["role"] not in ROLES:
+            raise RequestError(f"messages[{i}].role: {m['role']!r} is not a role the codestop proxy renders; "
+                               f"use one of {', '.join(ROLES)}", f"messages[{i}].role")
         out.append({"role": m["role"], "content": _text_content(m.get("content"), f"messages[{i}].content")})
     return out
 
@@ -415,22 +460,68 @@ async def prepare(body: Any, engine: Engine, config: GenerationConfig, policy: M
     knobs, generation = split_options(body.get("codestop"))
     chosen = build_policy(policy, knobs)
     config = request_config(body, config, generation, stream, answer if chat else "none")
+    check_max_tokens(body, config, engine)
     family = get_family(config.family, engine, config.enable_thinking)
     if chat:
         messages = parse_messages(body)
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        prompt = await engine.run_tokenizer(family.render, engine, messages)
+        prompt = await render_messages(engine, family, messages)
     else:
         question = prompt = parse_prompt(body)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     return Prepared(chat, question, prompt, family, chosen, config, stream, include_usage, rid, model, int(time.time()))
 
 
-async def read_json(request: Any) -> Any:
+def check_max_tokens(body: Mapping[str, Any], config: GenerationConfig, engine: Engine) -> None:
+    """A ``max_tokens`` the model's context window cannot hold beside a prompt is a 400 (not
+    silently lowered to what fits)."""
+    window = engine.context_window
+    if config.max_tokens is None or window is None or config.max_tokens < window:
+        return
+    key = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), "max_tokens")
+    raise RequestError(f"{key}: {config.max_tokens} is more than the model's context window ({window} tokens, "
+                       f"prompt included) can hold; ask for fewer than {window}", key)
+
+
+async def render_messages(engine: Engine, family: Family, messages: list[dict[str, str]]) -> str:
+    """The conversation through the model's chat template; one the template refuses (a role or an
+    order it does not render) is a 400 naming ``messages``."""
     try:
-        return await request.json()
+        return cast(str, await engine.run_tokenizer(family.render, engine, messages))
+    except _template_errors() as err:
+        raise RequestError(f"messages: the model's chat template cannot render them ({err})", "messages") from None
+
+
+def _template_errors() -> tuple[type[Exception], ...]:
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # no Jinja here: no template to refuse a conversation
+        return ()
+    return (TemplateError,)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and objects (iteratively: no recursion limit to hit)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((x, depth + 1) for x in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+async def read_json(request: Any) -> Any:
+    too_deep = RequestError(f"body: nested more than {MAX_JSON_DEPTH} levels deep", "body")
+    try:
+        body = await request.json()
     except (ValueError, UnicodeDecodeError):
         raise RequestError("body: not valid JSON", "body") from None
+    except RecursionError:  # nested deeper than the parser goes
+        raise too_deep from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
+    return body
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,6 +793,7 @@ def create_app(
     answer: str = DEFAULT_ANSWER,
     proxy_api_key: str | None = None,
     close_engine: bool = True,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> Any:
     """The FastAPI app answering OpenAI-style requests with ``engine``, or with the engine a
     blocking ``engine()`` builds at startup in a worker thread (a model loading: ``/health`` and
@@ -709,7 +801,9 @@ def create_app(
     request's ``codestop`` field) are the server-wide defaults; ``answer`` is a chat answer's mode
     after a stop (``config.answer`` is not read: a raw completion's mode is "none"), a request's
     ``codestop.answer`` overrides both. The app closes the engine at shutdown unless
-    ``close_engine`` is False (a shared engine)."""
+    ``close_engine`` is False (a shared engine). A request body over ``max_request_bytes`` is a
+    413. With ``proxy_api_key`` set, only ``/health``'s bare status is public: its details,
+    ``/metrics`` and ``/v1`` ask for the key, and the API docs are off."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -717,6 +811,8 @@ def create_app(
     build_policy(policy, {}, prefix="")  # a bad server-wide default fails at start, not per request
     if answer not in ANSWER_MODES:
         raise CodestopError(f"answer: {answer!r} must be one of {', '.join(ANSWER_MODES)}")
+    if not (isinstance(max_request_bytes, int) and not isinstance(max_request_bytes, bool) and max_request_bytes >= 1):
+        raise CodestopError(f"max_request_bytes: {max_request_bytes!r} must be an integer >= 1")
     make = None if isinstance(engine, Engine) else engine
     served = Served(engine if isinstance(engine, Engine) else None, config, dict(policy), answer, proxy_api_key)
 
@@ -731,8 +827,11 @@ def create_app(
             if close_engine and served.engine is not None:
                 await served.engine.aclose()
 
-    app = FastAPI(title="codestop", version=_version(), lifespan=lifespan)
+    keyed = bool(proxy_api_key)  # the API docs would be public: off then
+    app = FastAPI(title="codestop", version=_version(), lifespan=lifespan, docs_url=None if keyed else "/docs",
+                  redoc_url=None if keyed else "/redoc", openapi_url=None if keyed else "/openapi.json")
     app.state.served = served
+    app.add_middleware(LimitBody, max_bytes=max_request_bytes)  # inside CountRequests: a 413 is counted
     app.add_middleware(CountRequests, metrics=served.metrics)
     for kind in (RequestError, CodestopError, HTTPException, RequestValidationError, Exception):
         app.add_exception_handler(kind, on_error)
@@ -762,7 +861,7 @@ class Served:
         try:
             self.engine = await asyncio.to_thread(make)
         except Exception as err:
-            self.load_error = str(err) or type(err).__name__
+            self.load_error = redact(str(err) or type(err).__name__)
             log.error("the engine failed to start: %s", self.load_error, exc_info=not isinstance(err, CodestopError))
 
     async def ready_engine(self) -> Engine:
@@ -777,30 +876,42 @@ class Served:
 
 
 def _routes(s: Served) -> tuple[Any, Any]:
-    """The open routes (/health, /metrics) and the /v1 ones, behind the key check."""
+    """The open route (/health) and the others (/metrics, /v1), behind the key check when a key is
+    set. /health's details (engine, model, upstream URL) are for the key's holders then; the
+    upstream's error text is never public."""
     from fastapi import APIRouter, Depends, Request
     from fastapi.responses import JSONResponse, Response
 
+    def has_key(request: Request) -> bool:
+        """The request carries the proxy's key (the scheme in any case, RFC 7235; the key compared
+        in constant time)."""
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        right = hmac.compare_digest(token.strip().encode(), (s.proxy_api_key or "").encode())
+        return right and scheme.lower() == "bearer"
+
     async def require_key(request: Request) -> None:
-        sent = request.headers.get("authorization", "")
-        if s.proxy_api_key and not hmac.compare_digest(sent.encode(), f"Bearer {s.proxy_api_key}".encode()):
+        if s.proxy_api_key and not has_key(request):
             raise RequestError("invalid or missing API key (Authorization: Bearer ...)", None, 401,
                                "invalid_api_key", "authentication_error")
 
     opened, v1 = APIRouter(), APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
     @opened.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
+        holder = bool(s.proxy_api_key) and has_key(request)  # may read details and the upstream's errors
         if s.engine is None:
             status = "failed" if s.load_error is not None else "loading"
-            return JSONResponse({"status": status, **({"error": s.load_error} if s.load_error else {})}, status_code=503)
+            return JSONResponse({"status": status, **({"error": s.load_error} if s.load_error and holder else {})}, status_code=503)
         state = await s.engine.health()
         ok = bool(state.get("ok"))
-        body = {"status": "ok" if ok else "degraded", "engine": s.engine.name, "model": s.engine.model_name,
-                **{k: v for k, v in state.items() if k != "ok"}}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "degraded"}
+        if holder or not s.proxy_api_key:
+            body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
+            if "base_url" in body:
+                body["base_url"] = redact(str(body["base_url"]))
+        return JSONResponse(body if holder else without_errors(body), status_code=200 if ok else 503)
 
-    @opened.get("/metrics")
+    @opened.get("/metrics", dependencies=[Depends(require_key)])
     async def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -821,6 +932,15 @@ def _routes(s: Served) -> tuple[Any, Any]:
         return await answer(s, request, chat=False)
 
     return opened, v1
+
+
+def without_errors(value: Any) -> Any:
+    """A health state without the upstream's error texts (``error``, a replica's ``last_error``)."""
+    if isinstance(value, dict):
+        return {k: without_errors(v) for k, v in value.items() if k not in ("error", "last_error")}
+    if isinstance(value, list):
+        return [without_errors(v) for v in value]
+    return value
 
 
 async def answer(s: Served, request: Any, chat: bool) -> Any:
@@ -848,7 +968,7 @@ async def on_error(request: Any, exc: Exception) -> Any:
     status, body = error_for(exc, prompt_param, f"{request.method} {request.url.path}")
     if status == 500:
         log.error("answer failed", exc_info=exc)
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers={"connection": "close"} if status == 413 else None)
 
 
 async def on_client_gone(request: Any, exc: Exception) -> Any:
@@ -947,6 +1067,8 @@ def add_parser(sub: Any) -> None:
                    help="seconds the upstream may stay silent (between streamed tokens, or for a plain answer) "
                         "before the request fails with 504 (default 60)")
     p.add_argument("--retries", type=int, default=None, help="retries on 429/5xx/connection resets (default 3)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"the largest request body accepted; a larger one is a 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     add_model_options(p)
     add_policy_options(p)
@@ -976,7 +1098,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True  # an engine that cannot be built (a bad model, key, URL) ends the server
             raise
 
-    app = create_app(engine, config=config, policy=policy, answer=config.answer, proxy_api_key=proxy_api_key)
+    app = create_app(engine, config=config, policy=policy, answer=config.answer, proxy_api_key=proxy_api_key,
+                     max_request_bytes=args.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     server.run()
     if app.state.served.load_error is not None:

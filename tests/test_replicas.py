@@ -265,10 +265,12 @@ def test_a_killed_replica_fails_only_its_sessions_and_rejoins_when_back(servers)
         # new questions go to the live replica, and the proxy's /health names the dead one
         done = await asyncio.gather(*(agenerate(eng, POEM, NEVER_STOPS, CONFIG) for _ in range(2)))
         assert all(r.answer_text is not None for r in done) and (a.sessions, b.sessions) == (2, 4)
-        app = create_app(eng, close_engine=False)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as proxy:
-            health = (await proxy.get("/health")).json()
+        app = create_app(eng, close_engine=False, proxy_api_key="k")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy",
+                                     headers={"authorization": "Bearer k"}) as proxy:
+            health = (await proxy.get("/health")).json()  # the details, errors included: for the key's holders
             metrics = (await proxy.get("/metrics")).text
+            assert (await proxy.get("/health", headers={"authorization": ""})).json() == {"status": "ok"}
         assert health["status"] == "ok" and health["upstream"] == "partial", health
         dead, live = health["replicas"]
         assert (dead["url"], dead["healthy"], live["healthy"]) == (servers[0].url, False, True)

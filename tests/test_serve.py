@@ -251,8 +251,9 @@ def test_the_proxy_key_is_required_when_set_and_health_and_metrics_answer(llama)
         assert refused.value.body["code"] == "invalid_api_key"
         assert ask(p.client(api_key="s3cret"), "Hi!").choices[0].message.content
         health = httpx.get(p.url + "/health")
-        assert health.status_code == 200 and health.json()["status"] == "ok"
-        text = p.metrics()
+        assert health.status_code == 200 and health.json() == {"status": "ok"}  # bare without the key
+        assert httpx.get(p.url + "/metrics").status_code == 401
+        text = httpx.get(p.url + "/metrics", headers={"authorization": "Bearer s3cret"}).text
         assert re.search(r'^codestop_requests_total\{endpoint="chat",status="401"\} 1\.0$', text, re.MULTILINE)
         assert re.search(r'^codestop_requests_total\{endpoint="chat",status="200"\} 1\.0$', text, re.MULTILINE)
         assert re.search(r'^codestop_tokens_total\{kind="reasoning"\} [1-9]', text, re.MULTILINE)
@@ -619,7 +620,9 @@ def test_the_proxy_starts_before_its_upstream_and_serves_once_it_is_up(smollm2_p
             except httpx.HTTPError:
                 return 0
 
-        wait_for(lambda: health() == 503 and httpx.get(url + "/health").json().get("upstream") == "starting", timeout=60)
+        keyed = {"authorization": "Bearer k3y"}  # /health's details are for the key's holders
+        wait_for(lambda: health() == 503 and httpx.get(url + "/health", headers=keyed).json().get("upstream") == "starting", timeout=60)
+        assert httpx.get(url + "/health").json() == {"status": "degraded"}
         client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)
         with pytest.raises(openai.APIStatusError) as err:
             ask(client, "Hi")

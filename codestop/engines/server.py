@@ -39,7 +39,8 @@ the engine learns before that token reaches a scanner, so it never shows up as t
 Starting before the upstream (``connect(..., wait=False)``, as under an orchestrator): the engine
 connects on the first :meth:`ServerEngine.health` or :meth:`ServerEngine.ready` that reaches the
 server (at most one attempt a second); until then ``health`` says ``"starting"`` and sessions fail
-with a 503 :class:`ServerError`.
+with a 503 :class:`ServerError`, or the 504 :class:`ServerTimeout` when they waited ``timeout`` for a
+server that accepts connections and stays silent.
 
 Server dialects. Checked against live servers: vLLM 0.32 (CPU build; the tests start one): ``owned_by:
 vllm`` and ``max_model_len`` in ``/v1/models``; logprob tokens as ``token_id:N`` with
@@ -70,6 +71,7 @@ appear on a command line.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import random
@@ -91,6 +93,7 @@ from codestop.errors import (
     ServerError,
     ServerTimeout,
     ServerUnreachable,
+    redact,
 )
 from codestop.steps import StepEnd, StepRules, StepScanner
 
@@ -206,7 +209,12 @@ def parse_native(data: dict[str, Any]) -> Chunk:
 
 def error_message(response: httpx.Response) -> str:
     """The server's own error message (OpenAI-style ``{"error": {"message"}}`` or FastAPI's
-    ``{"detail"}``), else the start of the body."""
+    ``{"detail"}``), else the start of the body; anything that looks like a credential redacted
+    (the message is relayed to codestop's clients and logs)."""
+    return redact(_error_text(response))
+
+
+def _error_text(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
@@ -242,7 +250,7 @@ def _json(content: bytes, where: str) -> Any:
     try:
         return json.loads(content)
     except ValueError:
-        raise ServerError(f"the completions server at {where} answered with invalid JSON: {content[:200]!r}") from None
+        raise ServerError(f"the completions server at {where} answered with invalid JSON: {redact(repr(content[:200]))}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,6 +554,7 @@ class ServerEngine(Engine):
         self._last_attempt = -float("inf")
         self._last_error = ""
         self._fatal = False  # the server answered, but not as asked (unknown model, key refused)
+        self._timed_out_at = -float("inf")  # when the last attempt ended by the server staying silent
 
     # -- connecting ----------------------------------------------------------------------------
     @classmethod
@@ -565,14 +574,19 @@ class ServerEngine(Engine):
         max_stops: int = DEFAULT_MAX_STOPS,
         wait: bool = True,
         transport: Any = None,
-        **_ignored: Any,
+        **unknown: Any,
     ) -> ServerEngine:
         """Connect to the server at ``base_url`` (e.g. ``http://127.0.0.1:8000`` or ``.../v1``) and
         read what it serves. ``model``: the served model's name (default: the server's first);
         ``tokenizer``: a Hugging Face tokenizer (name, directory, .gguf file or object); ``api_key``:
         default ``$CODESTOP_UPSTREAM_API_KEY``, else ``$OPENAI_API_KEY``. ``wait=False``: a server
         that cannot be reached yet (still starting) gives an engine that connects later (see
-        :meth:`ready`) instead of an error; a server that answers wrongly is still an error now."""
+        :meth:`ready`) instead of an error; a server that answers wrongly is still an error now. An
+        option it does not take (a misspelt one, an in-process engine's) is an error naming it."""
+        if unknown:
+            accepted = [p for p in inspect.signature(cls.connect).parameters if p not in ("base_url", "unknown")]
+            raise CodestopError(f"{', '.join(sorted(unknown))}: unknown option{'s' if len(unknown) > 1 else ''} of the "
+                                f"server engine; it takes base_url, {', '.join(accepted)}")
         if not base_url:
             raise CodestopError("base_url: the server engine needs --base-url, e.g. http://127.0.0.1:8000/v1")
         root = base_url.rstrip("/").removesuffix("/v1")
@@ -678,17 +692,25 @@ class ServerEngine(Engine):
 
     def _try_connect(self) -> None:
         """One attempt (blocking, at most one a second) to reach a server not reached yet; raises
-        the 503 :meth:`_not_ready` when it fails."""
+        the 503 :meth:`_not_ready` when it fails, or the 504 :class:`ServerTimeout` when the caller
+        waited out ``timeout`` for it (the server accepts connections and stays silent), its own
+        attempt or the one it queued behind."""
+        arrived = time.monotonic()
         with self._connect_lock:
             if self.connected:
                 return
             if time.monotonic() - self._last_attempt < RECONNECT_INTERVAL_S:
+                if self._timed_out_at > arrived:
+                    raise ServerTimeout(self._last_error)
                 raise self._not_ready()
             self._last_attempt = time.monotonic()
             model, tokenizer = self._wanted
             try:
                 up = self._discover(self._sync, self.base_url, model, tokenizer)
-            except (ServerUnreachable, ServerTimeout) as err:
+            except ServerTimeout as err:
+                self._last_error, self._fatal, self._timed_out_at = str(err), False, time.monotonic()
+                raise ServerTimeout(str(err)) from None
+            except ServerUnreachable as err:
                 self._last_error, self._fatal = str(err), False
                 raise self._not_ready() from None
             except CodestopError as err:
@@ -705,8 +727,8 @@ class ServerEngine(Engine):
         )
 
     async def ready(self) -> None:
-        """Connect now if the server was not reached yet; a 503 ServerError while it cannot be.
-        Instant once connected: call it before starting a question."""
+        """Connect now if the server was not reached yet; a 503 ServerError while it cannot be (a
+        504 ServerTimeout when the attempt waited out ``timeout``). Instant once connected: call it before starting a question."""
         if not self.connected:
             await asyncio.to_thread(self._try_connect)
 
@@ -1008,7 +1030,7 @@ class ServerEngine(Engine):
                 data = _json(payload.encode(), self.base_url)
                 if isinstance(data, dict) and data.get("error"):
                     err = data["error"]
-                    msg = str(err.get("message") if isinstance(err, dict) else err)
+                    msg = redact(str(err.get("message") if isinstance(err, dict) else err))
                     if _mentions_context(msg):
                         raise ContextTooLong(f"the completions server says: {msg}")
                     raise ServerError(f"the completions server failed mid-stream: {msg}", 502)

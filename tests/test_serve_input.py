@@ -1,0 +1,312 @@
+"""Bad input to ``codestop serve`` and to the server engine: each refused with the right status and
+OpenAI's error shape, nothing leaked, the connection left usable. A scripted in-process engine
+(SmolLM2's real tokenizer and template) or a fake upstream (``httpx.MockTransport``, a socket that
+never answers) stands behind the proxy: nothing depends on what a model writes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import threading
+
+import httpx
+import pytest
+from llama_servers import free_port
+from scripted import ScriptedEngine
+from test_serve import InProcessProxy, wait_for
+
+import codestop
+from codestop.config import GenerationConfig
+from codestop.engines.server import ServerEngine, error_message
+from codestop.errors import CodestopError, ServerTimeout, redact
+from codestop.serve import ROLES, RequestError, add_parser, build_engine, create_app, error_for, json_depth, prepare
+
+KEY = "s3cret-proxy-key"
+CHAT = {"messages": [{"role": "user", "content": "Go."}], "max_tokens": 3}
+
+
+def error_of(r: httpx.Response, status: int, param: str | None, code: str | None = None,
+             kind: str = "invalid_request_error") -> str:
+    """The message of an error response that has ``status`` and exactly OpenAI's shape."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert list(body) == ["error"] and sorted(body["error"]) == ["code", "message", "param", "type"], body
+    assert (body["error"]["type"], body["error"]["param"], body["error"]["code"]) == (kind, param, code), body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]["message"]
+
+
+def raised(exc: BaseException, status: int, param: str | None, code: str | None = None) -> str:
+    """The same for an exception a validation function raised, as the proxy would answer it."""
+    got, body = error_for(exc)
+    assert got == status and body["error"]["param"] == param and body["error"]["code"] == code, body
+    assert body["error"]["type"] == "invalid_request_error"
+    return body["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer):
+    return ScriptedEngine(tokenizer, "Step. " * 20, window=2048)
+
+
+@pytest.fixture(scope="module")
+def proxy(scripted):
+    p = InProcessProxy(scripted, policy={"method": "vanilla"}, close_engine=False, max_request_bytes=16384)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(scripted):
+    p = InProcessProxy(scripted, policy={"method": "vanilla"}, close_engine=False, proxy_api_key=KEY)
+    yield p
+    p.stop()
+
+
+def nested(depth: int) -> bytes:
+    return ('{"a":' * depth + "1" + "}" * depth).encode()
+
+
+# 1 ------------------------------------------------------------------------------------------------
+
+
+def test_deeply_nested_json_is_a_400_and_the_connection_stays_usable(proxy):
+    headers = {"content-type": "application/json"}
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            for depth in (2000, 100):  # deeper than the parser goes; parsed, but deeper than any request
+                bad = client.post(path, content=nested(depth), headers=headers)
+                assert "nested more than 64 levels" in error_of(bad, 400, "body")
+                body = CHAT if path == "/v1/chat/completions" else {"prompt": "Go.", "max_tokens": 3}
+                good = client.post(path, json=body)
+                assert good.status_code == 200, good.text
+                # the same keep-alive connection answered both
+                same = [r.extensions["network_stream"].get_extra_info("client_addr") for r in (bad, good)]
+                assert same[0] == same[1]
+    assert json_depth({"a": [1, {"b": []}]}) == 4 and json_depth(1) == 0
+    assert json_depth(json.loads(nested(900))) == 900
+
+
+# 2 ------------------------------------------------------------------------------------------------
+
+
+def test_a_body_over_max_request_bytes_is_413_before_it_is_read(proxy):
+    # a Content-Length over the limit: answered at once, no byte of the body sent
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n")
+        raw = b""
+        while b"\r\n\r\n" not in raw or not raw.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), raw
+    r = httpx.Response(413, content=payload)
+    assert "1000000000 bytes" in error_of(r, 413, "body", "request_too_large")
+    big = dict(CHAT, messages=[{"role": "user", "content": "x" * 20000}])
+    error_of(httpx.post(proxy.url + "/v1/chat/completions", json=big), 413, "body", "request_too_large")
+    # a chunked body (no Content-Length): refused once the bytes read pass the limit
+    data = json.dumps(big).encode()
+    chunked = httpx.post(proxy.url + "/v1/chat/completions", content=iter([data[i:i + 1000] for i in range(0, len(data), 1000)]))
+    assert "more than 16384" in error_of(chunked, 413, "body", "request_too_large")
+    small = json.dumps(CHAT).encode()
+    assert httpx.post(proxy.url + "/v1/chat/completions", content=iter([small[:10], small[10:]])).status_code == 200
+    assert 'status="413"' in proxy.metrics()
+    # the parameter and its flag
+    with pytest.raises(CodestopError, match="max_request_bytes"):
+        create_app(proxy.app.state.served.engine, max_request_bytes=0)
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    parser = sub.choices["serve"]
+    assert parser.parse_args([]).max_request_bytes == 8 * 2**20
+    assert parser.parse_args(["--max-request-bytes", "1024"]).max_request_bytes == 1024
+
+
+# 3 ------------------------------------------------------------------------------------------------
+
+LEAKY = "warming up; Authorization: Bearer sk-live-0123456789abcdef api_key=hunter2hunter2 model at /srv/secret/m.gguf"
+
+
+def leaky_upstream(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(503, json={"error": {"message": LEAKY}})
+
+
+def test_upstream_error_text_stays_out_of_health_and_credentials_are_redacted(tokenizer):
+    for secret in ("Bearer sk-live-0123456789abcdef", "api_key=hunter2hunter2", "bearer abcdef.ghij", "sk-proj-AbCdEf123456789",
+                   "http://user:pa55word@host/v1", "hf_abcdefghijklmnopqrstuv"):
+        cleaned = redact(f"failed: {secret} (retry)")
+        assert "[redacted]" in cleaned and cleaned.startswith("failed: ") and cleaned.endswith(" (retry)"), cleaned
+    assert redact("the prompt is 3000 tokens; max_tokens: 20") == "the prompt is 3000 tokens; max_tokens: 20"
+    assert "hunter2" not in error_message(httpx.Response(500, text=f"oops api_key=hunter2 {'x' * 10}"))
+
+    engine = ServerEngine.connect("http://upstream/v1", wait=False, tokenizer=tokenizer, transport=httpx.MockTransport(leaky_upstream))
+    for key in (None, KEY):
+        p = InProcessProxy(engine, close_engine=False, proxy_api_key=key)
+        try:
+            health = httpx.get(p.url + "/health")
+            assert health.status_code == 503
+            assert not {"error", "last_error"} & set(health.json()), health.json()
+            assert "warming" not in health.text and "hunter2" not in health.text
+            if key:
+                assert health.json() == {"status": "degraded"}
+            else:  # no key: the details as before, but not the upstream's words
+                assert health.json()["upstream"] == "starting" and health.json()["base_url"] == "http://upstream"
+            sent = {"authorization": f"Bearer {key}"} if key else {}
+            refused = httpx.post(p.url + "/v1/chat/completions", json=CHAT, headers=sent)
+            message = error_of(refused, 503, None, "upstream_not_ready", "upstream_error")
+            assert "warming up" in message and "hunter2" not in message and "sk-live" not in message and "[redacted]" in message
+            if key:  # the key's holder sees the (redacted) reason
+                detail = httpx.get(p.url + "/health", headers=sent).json()
+                assert "warming up" in detail["error"] and "hunter2" not in detail["error"]
+        finally:
+            p.stop()
+    engine.close()
+
+    def fail():
+        raise CodestopError("tokenizer: could not load with token hf_abcdefghijklmnopqrstuv from /srv/secret")
+
+    p = InProcessProxy(fail)
+    try:
+        wait_for(lambda: httpx.get(p.url + "/health").json()["status"] == "failed")
+        assert httpx.get(p.url + "/health").json() == {"status": "failed"}
+        message = error_of(httpx.post(p.url + "/v1/chat/completions", json=CHAT), 503, None, "engine_failed", "server_error")
+        assert "hf_abc" not in message and "[redacted]" in message
+    finally:
+        p.stop()
+
+
+# 4 ------------------------------------------------------------------------------------------------
+
+
+def test_with_a_key_only_a_bare_health_is_public(keyed, proxy):
+    sent = {"authorization": f"Bearer {KEY}"}
+    health = httpx.get(keyed.url + "/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    detail = httpx.get(keyed.url + "/health", headers=sent).json()
+    assert detail["status"] == "ok" and detail["model"] == "scripted" and detail["engine"] == "scripted"
+    for path in ("/docs", "/openapi.json", "/redoc"):  # off with a key
+        for headers in ({}, sent):
+            assert path in error_of(httpx.get(keyed.url + path, headers=headers), 404, None, "not_found")
+    error_of(httpx.get(keyed.url + "/metrics"), 401, None, "invalid_api_key", "authentication_error")
+    assert httpx.get(keyed.url + "/metrics", headers=sent).status_code == 200
+    # no key configured: as before
+    assert httpx.get(proxy.url + "/health").json()["model"] == "scripted"
+    for path in ("/docs", "/openapi.json", "/redoc", "/metrics"):
+        assert httpx.get(proxy.url + path).status_code == 200
+
+
+# 5 ------------------------------------------------------------------------------------------------
+
+
+class StrictTemplateEngine(ScriptedEngine):
+    """A chat template that refuses system-like roles, as some models' templates do."""
+
+    TEMPLATE = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                "{{ raise_exception('Conversation roles must be user or assistant') }}{% endif %}"
+                "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+
+    def chat_template(self, messages, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.TEMPLATE, tokenize=False, add_generation_prompt=True)
+
+
+def test_an_unknown_role_and_a_max_tokens_the_window_cannot_hold_are_400(proxy, scripted, tokenizer):
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, messages=[{"role": "wizard", "content": "hi"}]))
+    assert error_of(r, 400, "messages[0].role").startswith("messages[0].role: 'wizard'")
+    history = [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]
+    with pytest.raises(RequestError) as err:
+        asyncio.run(prepare({"messages": history}, scripted, GenerationConfig(), {"method": "vanilla"}, chat=True))
+    raised(err.value, 400, "messages[1].role")
+    for role in ROLES:  # each renders through the template
+        messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Go."}]
+        prep = asyncio.run(prepare({"messages": messages}, scripted, GenerationConfig(), {"method": "vanilla"}, chat=True))
+        assert f"<|im_start|>{role}\nBe brief." in prep.prompt
+    strict = StrictTemplateEngine(tokenizer, "Step.", window=2048)
+    with pytest.raises(RequestError) as err:
+        asyncio.run(prepare({"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "Go."}]}, strict,
+                            GenerationConfig(), {"method": "vanilla"}, chat=True))
+    assert "roles must be user or assistant" in raised(err.value, 400, "messages")
+
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, **{"max_tokens": None, field: 1000000000000}))
+        assert "2048" in error_of(r, 400, field)
+        r = httpx.post(proxy.url + "/v1/completions", json={"prompt": "Go.", field: 2048})
+        error_of(r, 400, field)
+    error_of(httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, max_tokens=1e12)), 400, "max_tokens")
+    prep = asyncio.run(prepare(dict(CHAT, max_tokens=2047), scripted, GenerationConfig(), {"method": "vanilla"}, chat=True))
+    assert prep.config.max_tokens == 2047  # what fits beside a prompt is honoured
+
+
+# 6 ------------------------------------------------------------------------------------------------
+
+
+def test_the_auth_scheme_is_case_insensitive_and_the_key_is_not(keyed):
+    for value in (f"Bearer {KEY}", f"bearer {KEY}", f"BEARER {KEY}", f"bEaReR  {KEY}"):
+        assert httpx.get(keyed.url + "/v1/models", headers={"authorization": value}).status_code == 200, value
+    for value in (KEY, f"Basic {KEY}", f"Bearer {KEY.upper()}", f"Bearer{KEY}", f"Bearer {KEY}x", "Bearer", ""):
+        r = httpx.get(keyed.url + "/v1/models", headers={"authorization": value})
+        error_of(r, 401, None, "invalid_api_key", "authentication_error")
+    r = httpx.post(keyed.url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"bearer {KEY}"})
+    assert r.status_code == 200
+
+
+# 7 ------------------------------------------------------------------------------------------------
+
+
+def test_an_upstream_that_accepts_and_never_answers_is_a_504_not_a_503(tokenizer):
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)  # the kernel accepts; nobody answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+    try:
+        engine = ServerEngine.connect(url, wait=False, timeout=0.5, tokenizer=tokenizer)
+        assert not engine.connected
+        p = InProcessProxy(engine)
+        try:
+            r = httpx.post(p.url + "/v1/chat/completions", json=CHAT, timeout=30)
+            assert "did not answer within 0.5 s" in error_of(r, 504, None, "upstream_timeout", "upstream_error")
+        finally:
+            p.stop()
+        # a request that queued behind that attempt waited as long: a 504 too
+        engine = ServerEngine.connect(url, wait=False, timeout=0.5, tokenizer=tokenizer)
+        errors: list[BaseException] = []
+
+        def wait_ready() -> None:
+            try:
+                asyncio.run(engine.ready())
+            except BaseException as err:  # noqa: BLE001 - collected
+                errors.append(err)
+
+        threads = [threading.Thread(target=wait_ready) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(errors) == 2 and all(isinstance(e, ServerTimeout) and e.status == 504 for e in errors), errors
+        engine.close()
+    finally:
+        silent.close()
+
+
+# 8 ------------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_server_engine_option_is_an_error_naming_it():
+    with pytest.raises(CodestopError) as err:
+        codestop.load("m", base_url="http://127.0.0.1:9/v1", retires=7, timout=1)
+    message = str(err.value)
+    assert message.startswith("retires, timout: unknown options of the server engine")
+    assert "retries" in message and "timeout" in message and "concurrency" in message
+    with pytest.raises(CodestopError, match="threads: unknown option of the server engine"):
+        codestop.load("m", base_url=["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"], threads=2)
+    with pytest.raises(CodestopError, match="retires"):
+        ServerEngine.connect("http://127.0.0.1:9/v1", retires=7)
+    # what `codestop serve` passes is all known: an upstream not up yet gives an engine that waits for it
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    args = sub.choices["serve"].parse_args(["--base-url", f"http://127.0.0.1:{free_port()}/v1", "--timeout", "5", "--retries", "1",
+                                            "--concurrency", "2", "--api-key", "k"])
+    engine = build_engine(args)
+    assert isinstance(engine, ServerEngine) and not engine.connected and engine.retries == 1
+    engine.close()
