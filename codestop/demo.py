@@ -123,6 +123,7 @@ class DemoReport:
     results: dict[str, list[dict[str, Any]]]
     load_seconds: float
     wall_seconds: float
+    engine_build: str = ""  # e.g. the llama.cpp build and its CPU kernels: greedy answers depend on it
 
     def saved_vs_vanilla(self, summary: MethodSummary) -> float | None:
         """Fraction of vanilla's mean cost (reasoning + probe + answer tokens) this method saved."""
@@ -179,6 +180,7 @@ class DemoReport:
         return {
             "model": self.model,
             "engine": self.engine,
+            "engine_build": self.engine_build,
             "load_seconds": self.load_seconds,
             "wall_seconds": self.wall_seconds,
             "methods": [
@@ -329,10 +331,13 @@ def demo(
         results=results,
         load_seconds=load_seconds,
         wall_seconds=time.perf_counter() - t_all,
+        engine_build=str(getattr(eng, "build_info", "")),
     )
     if show:
         out.print(report.table())
         out.print(f"total {report.wall_seconds + load_seconds:.0f} s (loading {load_seconds:.0f} s)")
+        if report.engine_build:
+            out.print(f"engine: {report.engine_build} (greedy answers can differ on another build: README, \"The demo\")")
     return report
 
 

@@ -91,6 +91,9 @@ def test_demo_function_on_a_chosen_model(smollm2_path):
     report = demo(str(smollm2_path), problems=2, methods=["vanilla", "codestop"], show=False)
     assert [s.method for s in report.summaries] == ["vanilla", "codestop"]
     assert report.engine == "llamacpp"
+    # the build is named, since greedy answers depend on its CPU kernels
+    assert report.engine_build.startswith("llama-cpp-python ") and "CPU kernels: " in report.engine_build
+    assert report.to_dict()["engine_build"] == report.engine_build
     saved = report.saved_vs_vanilla(report.summaries[1])
     assert saved is not None and saved <= 1
 

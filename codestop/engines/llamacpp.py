@@ -218,6 +218,15 @@ class LlamaCppEngine(LocalEngine):
         self._contexts: list[Any] = []
         self._template: Any = None
 
+    @property
+    def build_info(self) -> str:
+        """This llama.cpp build: its version and the CPU kernels compiled in. Greedy tokens can
+        differ between builds (pip compiles llama-cpp-python for the CPU it builds on, and AVX2 and
+        AVX-512 kernels round differently), so a figure is only reproducible on the same build."""
+        info = self.lib.llama_print_system_info().decode(errors="replace")
+        features = [f.split(":")[-1].split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
+        return f"llama-cpp-python {getattr(self.lib, '__version__', '?')}, CPU kernels: {' '.join(features)}"
+
     @classmethod
     def load(cls, path: str, *, model_name: str = "", threads: int | None = None, n_ctx: int | None = None) -> LlamaCppEngine:
         return cls(path, model_name=model_name, threads=threads, n_ctx=n_ctx)
