@@ -951,11 +951,14 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
     engine = await s.ready_engine()
     prep = await prepare(body, engine, s.config, s.policy, chat, s.answer)
     run = (engine, prep.question, prep.policy, prep.config)
+    raw = not prep.chat  # a raw completion's text is all visible, a thinking family's reasoning too: its stops end it
     if not prep.stream:
-        result = await unless_disconnected(request, agenerate(*run, family=prep.family, prompt=prep.prompt))
+        result = await unless_disconnected(request, agenerate(*run, family=prep.family, prompt=prep.prompt,
+                                                              stop_in_reasoning=raw))
         s.metrics.count_result(result)
         return JSONResponse(full_response(result, prep))
-    stream = cast(AsyncGenerator[Event | Result, None], astream(*run, family=prep.family, prompt=prep.prompt))
+    stream = cast(AsyncGenerator[Event | Result, None],
+                  astream(*run, family=prep.family, prompt=prep.prompt, stop_in_reasoning=raw))
     head = await unless_disconnected(request, pull_head(stream))
     request.state.outcome = 499  # until the body is sent to its end
     return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)
