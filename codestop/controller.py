@@ -181,10 +181,14 @@ async def astream(
     *,
     family: Family | None = None,
     prompt: str | None = None,
+    stop_in_reasoning: bool = False,
 ) -> AsyncGenerator[Event | Result, None]:
     """Answer ``question`` on ``engine`` under ``policy``: yields Events as they happen, then the
     Result. ``family`` overrides the one ``config`` names or the engine's detected one; ``prompt``
-    (already templated, e.g. a client's conversation) replaces the family's prompt for ``question``."""
+    (already templated, e.g. a client's conversation) replaces the family's prompt for ``question``.
+    The client's stop strings (``config.stop``) end the visible output: a plain family's reasoning
+    and any answer; a thinking family's reasoning only with ``stop_in_reasoning`` (a raw
+    completion, whose text is the reasoning itself: no thinking block kept apart)."""
     await engine.ready()  # a completions server still starting: a clear 503-style error, not a hang
     rule: Policy = policy if policy is not None else cast(Policy, Vanilla())
     family = family or get_family(config.family, engine, config.enable_thinking)
@@ -194,13 +198,14 @@ async def astream(
     session = await clock.timed("prefill", engine.start(plan.prompt_ids, config.sampling, live=config.live_text))
     try:
         # a thinking model's reasoning ends at its think_end; a plain model's is the visible output,
-        # so the client's stop strings end it
-        ends = dict(stop_texts=(family.think_end,)) if family.thinks else dict(stops=config.stop)
+        # and so is a raw completion's (stop_in_reasoning): the client's stop strings end it
+        stop_texts = (family.think_end,) if family.thinks else ()
+        stops = config.stop if stop_in_reasoning or not family.thinks else ()
         probing = rule.needs_probes or config.always_probe
         # overlapped: the reasoning streams on while a probe runs (server engines; others ignore it)
         run_ahead = probing and config.probe_mode == "overlapped"
         # a rule that never probes needs no steps: one request (or one run) to the end
-        rules = replace(config.step_rules(probing=probing), **ends)
+        rules = replace(config.step_rules(probing=probing), stop_texts=stop_texts, stops=stops)
         tracker = rule.start()
         probes: list[Probe] = []
         reasoning_ids: list[int] = []
@@ -346,9 +351,11 @@ async def agenerate(
     on_event: EventCallback | None = None,
     family: Family | None = None,
     prompt: str | None = None,
+    stop_in_reasoning: bool = False,
 ) -> Result:
     """:func:`astream` run to its Result; ``on_event`` sees every event on the way."""
-    async with aclosing(astream(engine, question, policy, config, family=family, prompt=prompt)) as stream:
+    async with aclosing(astream(engine, question, policy, config, family=family, prompt=prompt,
+                                stop_in_reasoning=stop_in_reasoning)) as stream:
         async for item in stream:
             if isinstance(item, Result):
                 return item

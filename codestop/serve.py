@@ -34,7 +34,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -424,22 +424,26 @@ def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def served_models(engine: Engine) -> list[str]:
-    """The model names the proxy answers to: the engine's one model, under the upstream's own name
-    for a server engine (an upstream serving several is used for that one only: a request for
-    another would otherwise be answered by the wrong model)."""
+def served_models(engine: Engine, served_model_name: Sequence[str] = ()) -> list[str]:
+    """The model names the proxy answers to: ``served_model_name`` where given (``--served-model-name``,
+    as vLLM's), else the engine's one model, under the upstream's own name for a server engine (an
+    upstream serving several is used for that one only: a request for another would otherwise be
+    answered by the wrong model)."""
+    if served_model_name:
+        return list(served_model_name)
     return [engine.model_name] if engine.model_name else []
 
 
-def check_model(body: Mapping[str, Any], engine: Engine) -> str:
-    """The model name to answer with: the one asked for, which the engine must serve (404
-    otherwise, as OpenAI's), or the engine's own when none is asked for."""
+def check_model(body: Mapping[str, Any], engine: Engine, served_model_name: Sequence[str] = ()) -> str:
+    """The model name to answer with: the one asked for, which the proxy must serve (404
+    otherwise, as OpenAI's), or when none is asked for the first served name (the engine's own
+    without ``served_model_name``)."""
     model = body.get("model")
     if model is None:
-        return engine.model_name
+        return served_model_name[0] if served_model_name else engine.model_name
     if not isinstance(model, str):
         raise RequestError(f"model: {model!r} must be a string", "model")
-    names = served_models(engine)
+    names = served_models(engine, served_model_name)
     if model not in names:
         raise RequestError(f"model: the model {model!r} does not exist; this server serves {', '.join(names)}",
                            "model", 404, "model_not_found")
@@ -447,15 +451,16 @@ def check_model(body: Mapping[str, Any], engine: Engine) -> str:
 
 
 async def prepare(body: Any, engine: Engine, config: GenerationConfig, policy: Mapping[str, Any], chat: bool,
-                  answer: str = DEFAULT_ANSWER) -> Prepared:
+                  answer: str = DEFAULT_ANSWER, served_model_name: Sequence[str] = ()) -> Prepared:
     """Validate a request body (every mistake raises a RequestError naming its field) and render
     its prompt: the client's conversation exactly as sent through the model's template (opened for
     thinking where the family thinks), or its raw prompt. ``answer``: a chat answer's mode after a
-    stop unless the request's ``codestop.answer`` says (a raw completion's is "none")."""
+    stop unless the request's ``codestop.answer`` says (a raw completion's is "none").
+    ``served_model_name``: the names the proxy serves the model under (default: the engine's)."""
     if not isinstance(body, dict):
         raise RequestError("body: must be a JSON object", "body")
     check_fields(body, chat)
-    model = check_model(body, engine)
+    model = check_model(body, engine, served_model_name)
     stream, include_usage = _stream_flags(body)
     knobs, generation = split_options(body.get("codestop"))
     chosen = build_policy(policy, knobs)
@@ -794,6 +799,7 @@ def create_app(
     proxy_api_key: str | None = None,
     close_engine: bool = True,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    served_model_name: str | Sequence[str] | None = None,
 ) -> Any:
     """The FastAPI app answering OpenAI-style requests with ``engine``, or with the engine a
     blocking ``engine()`` builds at startup in a worker thread (a model loading: ``/health`` and
@@ -803,7 +809,10 @@ def create_app(
     ``codestop.answer`` overrides both. The app closes the engine at shutdown unless
     ``close_engine`` is False (a shared engine). A request body over ``max_request_bytes`` is a
     413. With ``proxy_api_key`` set, only ``/health``'s bare status is public: its details,
-    ``/metrics`` and ``/v1`` ask for the key, and the API docs are off."""
+    ``/metrics`` and ``/v1`` ask for the key, and the API docs are off. ``served_model_name`` (one
+    name or several, as vLLM's ``--served-model-name``) is what ``/v1/models`` lists and requests
+    may name, responses carrying the one asked for (the first when none is); default: the
+    engine's model name (a server engine's upstream's)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -813,8 +822,12 @@ def create_app(
         raise CodestopError(f"answer: {answer!r} must be one of {', '.join(ANSWER_MODES)}")
     if not (isinstance(max_request_bytes, int) and not isinstance(max_request_bytes, bool) and max_request_bytes >= 1):
         raise CodestopError(f"max_request_bytes: {max_request_bytes!r} must be an integer >= 1")
+    names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name or ())
+    if (served_model_name is not None and not names) or not all(isinstance(n, str) and n for n in names):
+        raise CodestopError(f"served_model_name: {served_model_name!r} must be one or more non-empty names")
     make = None if isinstance(engine, Engine) else engine
-    served = Served(engine if isinstance(engine, Engine) else None, config, dict(policy), answer, proxy_api_key)
+    served = Served(engine if isinstance(engine, Engine) else None, config, dict(policy), answer, proxy_api_key,
+                    tuple(dict.fromkeys(names)))
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -850,6 +863,7 @@ class Served:
     policy: dict[str, Any]
     answer: str
     proxy_api_key: str | None
+    served_model_name: tuple[str, ...] = ()  # the names the model is served under (none: the engine's)
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None  # why building the engine failed
@@ -920,7 +934,7 @@ def _routes(s: Served) -> tuple[Any, Any]:
     @v1.get("/models")
     async def models() -> JSONResponse:
         engine = await s.ready_engine()
-        cards = [{"id": name, "object": "model", "created": s.created, "owned_by": "codestop"} for name in served_models(engine)]
+        cards = [{"id": name, "object": "model", "created": s.created, "owned_by": "codestop"} for name in served_models(engine, s.served_model_name)]
         return JSONResponse({"object": "list", "data": cards})
 
     @v1.post("/chat/completions")
@@ -949,13 +963,16 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
 
     body = await read_json(request)
     engine = await s.ready_engine()
-    prep = await prepare(body, engine, s.config, s.policy, chat, s.answer)
+    prep = await prepare(body, engine, s.config, s.policy, chat, s.answer, s.served_model_name)
     run = (engine, prep.question, prep.policy, prep.config)
+    raw = not prep.chat  # a raw completion's text is all visible, a thinking family's reasoning too: its stops end it
     if not prep.stream:
-        result = await unless_disconnected(request, agenerate(*run, family=prep.family, prompt=prep.prompt))
+        result = await unless_disconnected(request, agenerate(*run, family=prep.family, prompt=prep.prompt,
+                                                              stop_in_reasoning=raw))
         s.metrics.count_result(result)
         return JSONResponse(full_response(result, prep))
-    stream = cast(AsyncGenerator[Event | Result, None], astream(*run, family=prep.family, prompt=prep.prompt))
+    stream = cast(AsyncGenerator[Event | Result, None],
+                  astream(*run, family=prep.family, prompt=prep.prompt, stop_in_reasoning=raw))
     head = await unless_disconnected(request, pull_head(stream))
     request.state.outcome = 499  # until the body is sent to its end
     return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)
@@ -1069,6 +1086,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--retries", type=int, default=None, help="retries on 429/5xx/connection resets (default 3)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"the largest request body accepted; a larger one is a 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model name(s) /v1/models lists and requests may name, as vLLM's; responses carry the "
+                        "one asked for, else the first (default: the model's own name: the upstream's, or --model's)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     add_model_options(p)
     add_policy_options(p)
@@ -1099,7 +1119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
 
     app = create_app(engine, config=config, policy=policy, answer=config.answer, proxy_api_key=proxy_api_key,
-                     max_request_bytes=args.max_request_bytes)
+                     max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     server.run()
     if app.state.served.load_error is not None:

@@ -539,6 +539,28 @@ def test_stop_max_tokens_and_answer_modes_are_honoured(slow):
         assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
 
 
+def test_a_raw_completion_ends_at_its_stop_under_a_thinking_family_too(tokenizer):
+    """A raw completion has no thinking block: a thinking family's reasoning is its text, which the
+    client's stop string ends, streaming or not, in one request or in probed steps."""
+    p = InProcessProxy(ScriptedEngine(tokenizer, "Step one. Step two. Step three."))
+    try:
+        client = p.client()
+        probed = {"method": "deer", "threshold": 1.0, "probe_interval": 1, "boundaries": ["Step"]}  # probes, never stops
+        for codestop in ({"family": "think", "method": "vanilla"}, {"family": "think", **probed}):
+            kw = {"model": "scripted", "prompt": "Go.", "max_tokens": 30, "stop": ["three"], "extra_body": {"codestop": codestop}}
+            c = client.completions.create(**kw)
+            assert c.choices[0].text == "Step one. Step two. Step " and c.choices[0].finish_reason == "stop", codestop
+            assert c.usage.codestop["probes"] == (1 if "threshold" in codestop else 0)
+            chunks = [ch for ch in client.completions.create(**kw, stream=True) if ch.choices]
+            assert "".join(ch.choices[0].text for ch in chunks) == "Step one. Step two. Step " and chunks[-1].choices[0].finish_reason == "stop"
+        # a chat answer's thinking is kept apart: the stop ends the answer, not the reasoning
+        r = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Go."}], max_tokens=30,
+                                           stop=["three"], extra_body={"codestop": {"family": "think", "method": "vanilla"}})
+        assert r.choices[0].message.model_extra["reasoning_content"] == "Step one. Step two. Step three."
+    finally:
+        p.stop()
+
+
 def test_harmless_fields_are_accepted_and_every_error_has_the_openai_shape(slow):
     _engine, p = slow
     harmless = {"user": "u1", "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1, "logprobs": False, "top_logprobs": 0,

@@ -24,6 +24,7 @@ THINK = {"family": "think", "probe_interval": 4, "boundaries": ["\n"]}
 FIRST_PROBE = {"method": "codestop", "r_min": 0.0, "r_max": 0.0}  # confident at its first probe: stops there
 POEM = [{"role": "user", "content": "Write a short poem about the sea, four lines."}]  # SmolLM2 writes many lines
 FRUITS = [{"role": "user", "content": "List three fruits, one per line."}]
+COUNTING = "1, 2, 3, 4, 5, 6, 7,"  # SmolLM2 counts on: 8, 9, 10, ...
 COLOURS = "Colours of the rainbow, one per line:\nRed\n"  # SmolLM2 goes on: Orange, Yellow, Green, ...
 EOS = ("<|im_end|>", "<|endoftext|>")  # SmolLM2's end-of-sequence tokens: never shown as text
 
@@ -103,6 +104,27 @@ def test_a_client_stop_string_ends_the_answer(proxy):
     with pytest.raises(openai.BadRequestError) as err:
         chat(proxy, FRUITS, max_tokens=8, stop=["a", "b", "c", "d", "e"])
     assert err.value.body["param"] == "stop"
+
+
+def test_a_raw_completion_with_a_thinking_family_honours_stop_as_vllm_does(proxy, vllm_url):
+    """A raw completion has no thinking block to keep apart: under a thinking family its text ends
+    before the client's stop string, as vLLM's own, streaming or not, one request or probed steps."""
+    body = {"model": proxy.model, "prompt": COUNTING, "max_tokens": 16, "temperature": 0}
+    on = httpx.post(vllm_url + "/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    direct = httpx.post(vllm_url + "/completions", json={**body, "stop": [" 10"]}, timeout=60).json()["choices"][0]
+    assert direct["finish_reason"] == "stop" and on.startswith(direct["text"] + " 10"), (on, direct)  # it counts past 9
+    assert "9" in direct["text"], direct  # where the probed variant below has a boundary
+    client = proxy.client()
+    probed = {"method": "deer", "threshold": 1.0, "probe_interval": 1, "boundaries": ["9"]}  # probes, never stops
+    for codestop in ({"family": "think"}, {"family": "think", "method": "vanilla"}, {"family": "think", **probed}):
+        kw = {"model": proxy.model, "prompt": COUNTING, "max_tokens": 16, "temperature": 0, "stop": [" 10"],
+              "extra_body": {"codestop": codestop}}
+        c = client.completions.create(**kw)
+        assert c.choices[0].text == direct["text"] and c.choices[0].finish_reason == "stop", (codestop, c.choices[0])
+        assert c.usage.codestop["probes"] >= (1 if "threshold" in codestop else 0)
+        chunks = [ch for ch in client.completions.create(**kw, stream=True) if ch.choices]
+        assert "".join(ch.choices[0].text for ch in chunks) == direct["text"], codestop
+        assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_a_wrong_model_is_404_and_models_lists_the_upstreams(proxy, vllm_url):
