@@ -4,6 +4,8 @@ an engine."""
 
 from __future__ import annotations
 
+import re
+
 
 class CodestopError(Exception):
     """An error a user can cause and fix; its message says what to do."""
@@ -37,7 +39,7 @@ class ServerTimeout(ServerError):
 # What looks like a credential in a text codestop relays (an upstream's error message, a URL):
 # an Authorization header's value, a Bearer or Basic token, key=value secrets, provider-style keys,
 # a URL's password. Each match keeps its name and loses its value.
-_SECRETS = (
+_SECRETS = tuple((re.compile(pattern), replacement) for pattern, replacement in (
     (r"(?i)(\bauthorization\b[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s\"',;]+", r"\1[redacted]"),
     (r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{4,}", r"\1\2[redacted]"),
     (r"(?i)(\b(?:x-)?(?:api[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|client[_-]?secret|secret|password|passwd)"
@@ -46,13 +48,11 @@ _SECRETS = (
     (r"\b(?:hf|gh[pousr]|glpat|xox[abprs])[_-][A-Za-z0-9_-]{16,}", "[redacted]"),
     (r"\bAKIA[0-9A-Z]{16}\b", "[redacted]"),
     (r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@", r"\1[redacted]@"),
-)
+))
 
 
 def redact(text: str) -> str:
     """``text`` with anything that looks like a credential replaced by ``[redacted]``."""
-    import re
-
     for pattern, replacement in _SECRETS:
-        text = re.sub(pattern, replacement, text)
+        text = pattern.sub(replacement, text)
     return text

@@ -78,20 +78,26 @@ def tiny_engine(tokenizer):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def vllm_url():
-    """The base URL (ending in /v1) of a real vLLM serving SmolLM2-135M-Instruct with prefix
-    caching. Fails, never skips, when vLLM is not installed (run tests/install_vllm.sh)."""
+def vllm_or_fail(*args, **kwargs):
+    """``vllm_session(*args, **kwargs)``'s URL for a fixture to yield; no vLLM is a test failure
+    saying what to do, never a skip (outside the ``except``, so pytest shows no chained traceback)."""
     from vllm_server import VllmUnavailable, vllm_session
 
     failure = ""
     try:
-        with vllm_session() as url:
+        with vllm_session(*args, **kwargs) as url:
             yield url
     except VllmUnavailable as err:
         failure = str(err)
     if failure:
         pytest.fail(failure, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_url():
+    """The base URL (ending in /v1) of a real vLLM serving SmolLM2-135M-Instruct with prefix
+    caching. Fails, never skips, when vLLM is not installed (run tests/install_vllm.sh)."""
+    yield from vllm_or_fail()
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +105,9 @@ def vllm_serial_url():
     """Like ``vllm_url``, but a vLLM of its own started with ``--max-num-seqs 1`` (every forward
     pass holds one request, so greedy tokens do not depend on what else is running), for the
     module that uses it only; ``$CODESTOP_VLLM_SERIAL_URL`` reuses one."""
-    from vllm_server import SERIAL_ARGS, VllmUnavailable, vllm_session
+    from vllm_server import SERIAL_ARGS
 
-    failure = ""
-    try:
-        with vllm_session(SERIAL_ARGS, env="CODESTOP_VLLM_SERIAL_URL") as url:
-            yield url
-    except VllmUnavailable as err:
-        failure = str(err)
-    if failure:
-        pytest.fail(failure, pytrace=False)
+    yield from vllm_or_fail(SERIAL_ARGS, env="CODESTOP_VLLM_SERIAL_URL")
 
 
 VLLM_FIXTURES = {"vllm_url", "vllm_serial_url"}
