@@ -33,12 +33,12 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from codestop.api import agenerate_question  # noqa: E402
-from codestop.config import Sampling  # noqa: E402
 from codestop.controller import PROBE_MAX_TOKENS, score  # noqa: E402
 from codestop.engines.base import Engine  # noqa: E402
 from codestop.families import FAMILIES, PROBE_PROMPT  # noqa: E402
 from codestop.models import load_engine, resolve_model  # noqa: E402
 from codestop.policies import Vanilla  # noqa: E402
+from codestop.sampling import Sampling  # noqa: E402
 
 QUESTION = (
     "A farmer has 6 rows of apple trees with 9 trees in each row. Each tree gives 20 apples. "
@@ -77,17 +77,17 @@ async def probe_latency(engine: Engine, positions: tuple[int, ...] = (32, 64, 96
     return statistics.mean(times), statistics.mean(tokens)
 
 
-async def end_to_end(engine: Engine, intervals: tuple[int, ...], max_new_tokens: int) -> dict[str, Any]:
+async def end_to_end(engine: Engine, intervals: tuple[int, ...], max_reasoning_tokens: int) -> dict[str, Any]:
     """Vanilla wall time, and the same greedy run probed at every blank line per interval."""
     out: dict[str, Any] = {}
-    base = await agenerate_question(engine, QUESTION, Vanilla(), max_new_tokens=max_new_tokens, temperature=0.0)
+    base = await agenerate_question(engine, QUESTION, Vanilla(), max_reasoning_tokens=max_reasoning_tokens, temperature=0.0)
     out["vanilla"] = {"seconds": base.timings["total"], "reasoning": base.tokens["reasoning"], "answer": base.answer}
     for interval in intervals:
         probed = await agenerate_question(
             engine,
             QUESTION,
             Vanilla(),
-            max_new_tokens=max_new_tokens,
+            max_reasoning_tokens=max_reasoning_tokens,
             probe_interval=interval,
             always_probe=True,
             temperature=0.0,
@@ -105,7 +105,7 @@ async def end_to_end(engine: Engine, intervals: tuple[int, ...], max_new_tokens:
 def bench_local(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     rate = asyncio.run(decode_rate(engine, args.decode_tokens))
     latency, probe_tokens = asyncio.run(probe_latency(engine))
-    e2e = asyncio.run(end_to_end(engine, tuple(args.intervals), args.max_new_tokens))
+    e2e = asyncio.run(end_to_end(engine, tuple(args.intervals), args.max_reasoning_tokens))
     return {"decode": rate, "probe_s": latency, "probe_tokens": probe_tokens, "e2e": e2e}
 
 
@@ -201,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", help="a preset or .gguf file")
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-reasoning-tokens", type=int, default=256)
     parser.add_argument("--intervals", type=int, nargs="+", default=[0, 16, 32])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--engines", default="llamacpp,transformers")

@@ -17,11 +17,11 @@ SAMPLING=(--temperature 0.7 --top-p 0.8 --top-k 20 --seed 0)
 #    the traces already there)
 if [ "${SKIP_RECORD:-0}" != 1 ]; then
 codestop record --dataset gsm8k --data "$DATA/gsm8k_test.jsonl" --limit "$GSM8K_N" \
-  --model "$MODEL" --engine llamacpp --max-new-tokens 1024 --probe-interval 1 "${SAMPLING[@]}" \
+  --model "$MODEL" --engine llamacpp --max-reasoning-tokens 1024 --probe-interval 1 "${SAMPLING[@]}" \
   --out "$R/gsm8k-$MODEL.traces.jsonl"
 if [ "${WITH_MATH:-0}" = 1 ]; then
   codestop record --dataset math500 --data "$DATA/math500_test.jsonl" --limit "$MATH_N" \
-    --model "$MODEL" --engine llamacpp --max-new-tokens 1024 --probe-interval 1 "${SAMPLING[@]}" \
+    --model "$MODEL" --engine llamacpp --max-reasoning-tokens 1024 --probe-interval 1 "${SAMPLING[@]}" \
     --out "$R/math500-$MODEL.traces.jsonl"
 fi
 fi

@@ -66,7 +66,7 @@ def main() -> int:
     args = ap.parse_args()
     questions = [json.loads(line)["question"] for line in Path(args.data).read_text().splitlines()[: args.n]]
     policy = make_policy("codestop", r_min=1.0, r_max=1.0, tau=1e9)  # probes, never stops
-    config = GenerationConfig(max_new_tokens=192, probe_interval=16, temperature=0)
+    config = GenerationConfig(max_reasoning_tokens=192, probe_interval=16, temperature=0)
     print("| --stream-interval | reasoning tokens | client CPU (ms per token) | wall (s) | reasoning fingerprints |")
     print("|---:|---:|---:|---:|---|")
     for port, interval in enumerate((int(x) for x in args.intervals.split(",")), start=8601):

@@ -25,7 +25,7 @@ _EXPORTS = {
     "agenerate": "codestop.controller",
     "astream": "codestop.controller",
     "GenerationConfig": "codestop.config",
-    "Sampling": "codestop.config",
+    "Sampling": "codestop.sampling",
     "Engine": "codestop.engines.base",
     "CodestopError": "codestop.errors",
     "CodeStop": "codestop.policies",
@@ -70,11 +70,12 @@ __all__ = [
 if TYPE_CHECKING:
     from codestop.api import agenerate_question, generate, load
     from codestop.confidence import arithmetic_mean, geometric_mean, minimum, span
-    from codestop.config import GenerationConfig, Sampling
+    from codestop.config import GenerationConfig
     from codestop.controller import Event, Result, agenerate, astream
     from codestop.engines.base import Engine
     from codestop.errors import CodestopError
     from codestop.policies import CodeStop, Consistency, Decision, Deer, Policy, Probe, TokenBudget, Vanilla, make_policy
+    from codestop.sampling import Sampling
 
 
 def __getattr__(name: str) -> Any:

@@ -46,7 +46,7 @@ def generate(
 
     ``model`` is an engine from :func:`load` (reused) or a model name (loaded for this call and
     freed after it). ``options`` are :class:`~codestop.config.GenerationConfig` fields
-    (max_new_tokens, probe_interval, boundaries, temperature, top_p, top_k, seed, family,
+    (max_reasoning_tokens, probe_interval, boundaries, temperature, top_p, top_k, seed, family,
     enable_thinking) applied over ``config``; ``on_event`` sees each event as it happens."""
     config = (config or GenerationConfig()).with_options(options)  # a bad option fails before any loading
     engine = load(model) if isinstance(model, str) else model

@@ -1,7 +1,6 @@
 """How one question is generated: every knob outside the stopping policy, in one validated value.
 
-:class:`GenerationConfig` is built from CLI flags (:func:`add_generation_options` /
-:meth:`GenerationConfig.from_args`), from a proxy request's ``codestop`` field
+:class:`GenerationConfig` is built from CLI flags (:mod:`codestop.cli.options`), from a proxy request's ``codestop`` field
 (:meth:`GenerationConfig.with_options`) and from a run file (:meth:`GenerationConfig.from_dict`),
 and written into every run's config (:meth:`GenerationConfig.to_dict`). It validates once, at
 construction, with errors that name the field, so no later code re-checks.
@@ -9,57 +8,26 @@ construction, with errors that name the field, so no later code re-checks.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from codestop.errors import ParameterError, is_integer, require
 from codestop.families import FAMILIES
+from codestop.sampling import Sampling
 from codestop.steps import StepRules
 
 DEFAULT_BOUNDARIES = ("\n\n", "Wait", "But wait", "Alternatively")
 ANSWER_MODES = ("boxed", "free", "none")
 PROBE_MODES = ("overlapped", "sequential")
+# names a field had before (docs/vocabulary.md): run files, traces and requests that use them still read
+OLD_NAMES = {"max_new_tokens": "max_reasoning_tokens"}
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _integer(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _require(ok: bool, name: str, value: object, must: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {value!r} {must}")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling for the reasoning itself. None means the model's own default (its generation
-    config); temperature 0 means greedy."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        t, p, k, s = self.temperature, self.top_p, self.top_k, self.seed
-        _require(t is None or (_number(t) and t >= 0), "temperature", t, "must be a number >= 0")
-        _require(p is None or (_number(p) and 0 < p <= 1), "top_p", p, "must be in (0, 1]")
-        _require(k is None or (_integer(k) and k >= 0), "top_k", k, "must be an integer >= 0 (0 = off)")
-        _require(s is None or _integer(s), "seed", s, "must be an integer")
-
-    def merged(self, defaults: Sampling) -> Sampling:
-        """Fill the unset fields from ``defaults`` (the model's generation config)."""
-        return Sampling(*(a if a is not None else b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(defaults))))
-
-    def greedy(self) -> Sampling:
-        return Sampling(temperature=0.0, seed=self.seed)
+def current_names(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with every old field name replaced by its current one."""
+    return {OLD_NAMES.get(k, k): v for k, v in options.items()}
 
 
 def _flag(help: str, **extra: Any) -> dict[str, Any]:
@@ -70,7 +38,7 @@ def _flag(help: str, **extra: Any) -> dict[str, Any]:
 class GenerationConfig:
     """Every generation knob of one question (the policy is separate: :mod:`codestop.policies`)."""
 
-    max_new_tokens: int = field(default=32768, metadata=_flag("most reasoning tokens; the thinking is closed there"))
+    max_reasoning_tokens: int = field(default=32768, metadata=_flag("most reasoning tokens; the thinking is closed there"))
     probe_interval: int = field(default=32, metadata=_flag("least reasoning tokens between two probes"))
     boundaries: tuple[str, ...] = field(
         default=DEFAULT_BOUNDARIES,
@@ -104,29 +72,30 @@ class GenerationConfig:
     live_text: bool = False  # the text is shown as it comes: server engines stream each step token by token
 
     def __post_init__(self) -> None:
-        _require(_integer(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
-        _require(_integer(self.probe_interval) and self.probe_interval >= 0, "probe_interval", self.probe_interval, "must be an integer >= 0")
+        n = self.max_reasoning_tokens
+        require(is_integer(n) and n >= 1, "max_reasoning_tokens", n, "must be an integer >= 1")
+        require(is_integer(self.probe_interval) and self.probe_interval >= 0, "probe_interval", self.probe_interval, "must be an integer >= 0")
         b = self.boundaries
         if isinstance(b, list):
             b = tuple(b)
             object.__setattr__(self, "boundaries", b)
-        _require(
+        require(
             isinstance(b, tuple) and len(b) > 0 and all(isinstance(x, str) and x for x in b),
             "boundaries", b, 'must be a non-empty list of non-empty strings, e.g. ["\\n\\n", "Wait"]',
         )
         Sampling(self.temperature, self.top_p, self.top_k, self.seed)  # validates those four
-        _require(self.family is None or self.family in FAMILIES, "family", self.family, f"must be one of {', '.join(FAMILIES)}")
-        _require(self.answer in ANSWER_MODES, "answer", self.answer, f"must be one of {', '.join(ANSWER_MODES)}")
-        _require(self.probe_mode in PROBE_MODES, "probe_mode", self.probe_mode, f"must be one of {', '.join(PROBE_MODES)}")
-        _require(self.max_tokens is None or (_integer(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens, "must be an integer >= 1")
+        require(self.family is None or self.family in FAMILIES, "family", self.family, f"must be one of {', '.join(FAMILIES)}")
+        require(self.answer in ANSWER_MODES, "answer", self.answer, f"must be one of {', '.join(ANSWER_MODES)}")
+        require(self.probe_mode in PROBE_MODES, "probe_mode", self.probe_mode, f"must be one of {', '.join(PROBE_MODES)}")
+        require(self.max_tokens is None or (is_integer(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens, "must be an integer >= 1")
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        _require(all(isinstance(x, str) and x for x in self.stop), "stop", self.stop, "must be a string or a list of non-empty strings")
+        require(all(isinstance(x, str) and x for x in self.stop), "stop", self.stop, "must be a string or a list of non-empty strings")
         for name in ("enable_thinking",):
             v = getattr(self, name)
-            _require(v is None or isinstance(v, bool), name, v, "must be true or false")
+            require(v is None or isinstance(v, bool), name, v, "must be true or false")
         for name in ("always_probe", "live_text"):
-            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
+            require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
 
     # -- what engines and the controller read ------------------------------------------------
     @property
@@ -161,6 +130,7 @@ class GenerationConfig:
     def from_dict(cls, data: Mapping[str, Any], where: str = "") -> GenerationConfig:
         """From a run file's ``generation`` (or any mapping of field names): unknown keys are
         errors naming them."""
+        data = current_names(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -170,63 +140,15 @@ class GenerationConfig:
     def with_options(self, options: Mapping[str, Any], prefix: str = "") -> GenerationConfig:
         """This config with ``options`` (field names, JSON values) applied, validated; an error
         names the field with ``prefix`` (e.g. "codestop.")."""
+        options = current_names(options)
+        known = {f.name for f in dataclasses.fields(self)}
+        for name in options:
+            require(name in known, prefix + str(name), options[name], "is not a generation option")
         try:
             return dataclasses.replace(self, **dict(options))
-        except TypeError as err:
-            raise ValueError(f"{prefix}{err}") from None
-        except ValueError as err:
-            raise ValueError(f"{prefix}{err}") from None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **fixed: Any) -> GenerationConfig:
-        """From the flags :func:`add_generation_options` added (unset flags keep the defaults)."""
-        values: dict[str, Any] = {}
-        for f in cli_fields():
-            v = getattr(args, f.name, None)
-            if v is not None:
-                values[f.name] = v
-        return cls(**{**values, **fixed})
+        except ParameterError as err:
+            raise err.under(prefix) from None
 
 
 def cli_fields() -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(GenerationConfig) if "help" in f.metadata]
-
-
-def parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("true", "1", "yes", "on"):
-        return True
-    if low in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
-def parse_boundaries(text: str) -> tuple[str, ...]:
-    """``"\\n\\n,Wait"`` (escapes allowed) to ``("\\n\\n", "Wait")``."""
-    return tuple(b.encode().decode("unicode_escape") for b in text.split(","))
-
-
-_FLAG_TYPES: dict[str, Any] = {
-    "max_new_tokens": int, "probe_interval": int, "temperature": float, "top_p": float, "top_k": int, "seed": int,
-    "family": str, "enable_thinking": parse_bool, "boundaries": parse_boundaries, "answer": str,
-    "probe_mode": str,
-}
-
-
-def add_generation_options(parser: argparse.ArgumentParser, **defaults: Any) -> None:
-    """One flag per CLI field of :class:`GenerationConfig` (``max_new_tokens`` -> ``--max-new-tokens``);
-    ``defaults`` overrides the config's defaults for this verb (shown in the help)."""
-    g = parser.add_argument_group("generation")
-    for f in cli_fields():
-        default = defaults.get(f.name)
-        help_text = f.metadata["help"]
-        if default is None and f.default is not None and not isinstance(f.default, tuple) and f.name != "answer":
-            help_text += f" (default {f.default})"
-        elif default is not None:
-            help_text += f" (default here {default})"
-        kwargs: dict[str, Any] = {"type": _FLAG_TYPES[f.name], "default": default, "help": help_text}
-        if f.name == "enable_thinking":
-            kwargs["metavar"] = "{true,false}"
-        if f.name == "probe_mode":
-            kwargs["choices"] = PROBE_MODES
-        g.add_argument("--" + f.name.replace("_", "-"), **kwargs)

@@ -22,8 +22,7 @@ from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
 from codestop.errors import ContextTooLong
 from codestop.families import Family, get_family
 from codestop.grading import extract_boxed
-from codestop.policies import Policy, Probe, Vanilla, policy_options
-from codestop.replay import best_probe
+from codestop.policies import Policy, Probe, Vanilla, best_probe, policy_options
 from codestop.steps import (
     IncrementalDecoder,
     StepRules,
@@ -157,7 +156,7 @@ async def _plan(engine: Engine, question: str, prompt: str | None, family: Famil
     if engine.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != engine.bos_token_id):
         prompt_ids = [engine.bos_token_id, *prompt_ids]
     probe_ids = await engine.run_tokenizer(engine.tokenize, family.probe_prompt)
-    caps = [config.max_new_tokens, policy.max_reasoning_tokens, config.max_tokens]
+    caps = [config.max_reasoning_tokens, policy.max_reasoning_tokens, config.max_tokens]
     cap = min(c for c in caps if c is not None)
     if engine.context_window is not None:
         # leave room in the window for a probe, or for the forced answer, after the reasoning
@@ -231,7 +230,7 @@ async def astream(
                 break
             if step.end == "length" or position >= plan.cap:
                 capped_by_policy = rule.max_reasoning_tokens is not None and position >= rule.max_reasoning_tokens
-                stop_reason = "budget" if capped_by_policy else "max_new_tokens"
+                stop_reason = "budget" if capped_by_policy else "max_reasoning_tokens"
                 break
             if not probing or position == 0 or position - last_probe_at < max(1, config.probe_interval):
                 continue

@@ -15,7 +15,6 @@ an R1 distill, ...) keeps its own family's prompt and boundaries.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -26,11 +25,10 @@ from importlib import resources
 from typing import Any
 
 from codestop.engines.base import Engine
-from codestop.errors import CodestopError
 
 DEFAULT_METHODS = ("vanilla", "deer", "codestop")
 DEFAULT_PROBLEMS = 6  # 6 x 3 runs: 4.2 min on 2 idle cores (8 took 5.2 min, 12 took 7.9 min)
-DEMO_MAX_NEW_TOKENS = 500  # vanilla answers these in ~150-450 tokens; the cap bounds a runaway
+DEMO_MAX_REASONING_TOKENS = 500  # vanilla answers these in ~150-450 tokens; the cap bounds a runaway
 # For a plain instruct model the demo asks for what a reasoning model does by itself: solve, then
 # check the answer. Measured on the 0.5B, greedy, all 24 problems (probes replayed offline from one
 # recording per prompt; BENCHMARKS.md, "Demo settings"): with the plain "reason step by step"
@@ -162,7 +160,7 @@ class DemoReport:
             "vanilla; probe overhead = probe tokens, share of wall time. The presets are instruct models, "
             "not reasoning models: the demo prompt asks them to solve, then check the answer. Stops: "
             "confident / degenerate (CoDE-Stop), threshold (DEER), finished (the model ended itself), "
-            "max_new_tokens (the cap)."
+            "max_reasoning_tokens (the cap)."
             + self.same_stops_note()
         )
         return table
@@ -218,7 +216,7 @@ def demo(
     engine: str | None = None,
     threads: int | None = None,
     family: str | None = None,
-    max_new_tokens: int = DEMO_MAX_NEW_TOKENS,
+    max_reasoning_tokens: int = DEMO_MAX_REASONING_TOKENS,
     probe_interval: int = DEMO_PROBE_INTERVAL,
     tau: float | None = None,
     threshold: float | None = None,
@@ -264,7 +262,7 @@ def demo(
     if fam.name == "plain":
         fam = replace(fam, instruction=DEMO_INSTRUCTION)
     # greedy, the default step boundaries (a blank line, "Wait", ...)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, probe_interval=probe_interval, temperature=0.0)
+    config = GenerationConfig(max_reasoning_tokens=max_reasoning_tokens, probe_interval=probe_interval, temperature=0.0)
 
     summaries: list[MethodSummary] = []
     results: dict[str, list[dict[str, Any]]] = {}
@@ -339,59 +337,3 @@ def demo(
         if report.engine_build:
             out.print(f"engine: {report.engine_build} (greedy answers can differ on another build: README, \"The demo\")")
     return report
-
-
-# --------------------------------------------------------------------------------------------
-# codestop demo
-# --------------------------------------------------------------------------------------------
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="vanilla, DEER and CoDE-Stop side by side on built-in word problems (runs offline)",
-        description=(
-            "Run vanilla, DEER and CoDE-Stop on the built-in grade-school word problems with a small "
-            "model and print accuracy, tokens and time side by side."
-        ),
-    )
-    p.add_argument("--model", default=None, help="preset name, .gguf file, HF directory or hub id (default: the default preset)")
-    p.add_argument("--engine", default=None, help="llamacpp or transformers (default: from the model's format)")
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the free cores)")
-    p.add_argument("--family", default=None, help="model family (default: detected)")
-    p.add_argument("--problems", type=int, default=DEFAULT_PROBLEMS, help=f"how many problems (default {DEFAULT_PROBLEMS})")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods (default vanilla,deer,codestop)")
-    p.add_argument("--max-new-tokens", type=int, default=DEMO_MAX_NEW_TOKENS, help="reasoning token cap per problem")
-    p.add_argument("--probe-interval", type=int, default=DEMO_PROBE_INTERVAL, help="least reasoning tokens between probes")
-    p.add_argument("--tau", type=float, default=None, help="CoDE-Stop degeneration threshold")
-    p.add_argument("--threshold", type=float, default=None, help="DEER exit threshold")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the report (every answer and probe) to FILE")
-    p.set_defaults(func=cmd_demo)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    if args.json:  # fail before the run, not after it
-        try:
-            with open(args.json, "a", encoding="utf-8"):
-                pass
-        except OSError as err:
-            raise CodestopError(f"json: cannot write {args.json!r} ({err.strerror})") from None
-    report = demo(
-        args.model,
-        problems=args.problems,
-        methods=args.methods,
-        engine=args.engine,
-        threads=args.threads,
-        family=args.family,
-        max_new_tokens=args.max_new_tokens,
-        probe_interval=args.probe_interval,
-        tau=args.tau,
-        threshold=args.threshold,
-    )
-    if args.json:
-        try:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(report.to_dict(), fh, indent=1)
-        except OSError as err:
-            raise CodestopError(f"json: cannot write {args.json!r} ({err.strerror})") from None
-    return 0

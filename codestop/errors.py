@@ -4,11 +4,43 @@ an engine."""
 
 from __future__ import annotations
 
+import math
 import re
 
 
 class CodestopError(Exception):
     """An error a user can cause and fix; its message says what to do."""
+
+
+class ParameterError(CodestopError, ValueError):
+    """A value the user gave is not allowed. ``param`` names it as the user wrote it (a field, a
+    flag's parameter name, ``codestop.tau``), ``value`` is what was given: the proxy's 400 carries
+    both as vLLM's validation errors do, the CLI prints the message."""
+
+    def __init__(self, param: str, value: object, must: str) -> None:
+        super().__init__(f"{param}: {value!r} {must}")
+        self.param = param
+        self.value = value
+        self.must = must
+
+    def under(self, prefix: str) -> ParameterError:
+        """The same error with its parameter named under ``prefix`` (e.g. "codestop.")."""
+        return ParameterError(prefix + self.param, self.value, self.must)
+
+
+def require(ok: bool, param: str, value: object, must: str) -> None:
+    """Raise :class:`ParameterError` unless ``ok``: every validator's one check."""
+    if not ok:
+        raise ParameterError(param, value, must)
+
+
+def is_number(x: object) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class ContextTooLong(CodestopError):

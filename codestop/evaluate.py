@@ -31,7 +31,6 @@ What a harness user expects besides (lm-evaluation-harness is the reference):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -43,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from codestop.config import GenerationConfig
+from codestop.config import GenerationConfig, current_names
 from codestop.datasets import DATASETS, Example, load_examples
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError, ContextTooLong
@@ -51,7 +50,7 @@ from codestop.families import Family, get_family
 from codestop.grading import GRADE_KINDS, GradeKind, extract_answer, grade
 from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Policy, Vanilla, policy_options
-from codestop.prompts import PromptStyle, add_prompt_options, resolve_prompt
+from codestop.prompts import PromptStyle, resolve_prompt
 from codestop.replay import TRACE_SCHEMA
 
 RUN_SCHEMA = 1
@@ -73,6 +72,8 @@ def check_config(path: Path, records: Sequence[dict[str, Any]], config: dict[str
             continue
         if not isinstance(theirs, dict):
             raise CodestopError(f"out: {path} line {n} has no run config; it was not written by this command. Choose another --out")
+        if isinstance(theirs.get("generation"), dict):  # written before a field was renamed
+            theirs = {**theirs, "generation": current_names(theirs["generation"])}
         keys = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k) and k not in INFORMATIONAL_KEYS)
         if not keys:
             continue
@@ -171,7 +172,7 @@ def sample_record(example: Example, result: Any, record: dict[str, Any]) -> dict
 
 
 # a recording must end: a cap that fits small models, and a probe at every boundary
-RECORD_GENERATION = GenerationConfig(max_new_tokens=1024, probe_interval=1)
+RECORD_GENERATION = GenerationConfig(max_reasoning_tokens=1024, probe_interval=1)
 
 Make = Callable[[Example, Any, float], dict[str, Any]]
 
@@ -666,118 +667,3 @@ def record(
         offset=offset, split=split, concurrency=concurrency, engine=engine, engine_options=engine_options, progress=progress,
         prompt=style, log_samples=log_samples,
     ).records
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_dataset_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, help=f"{', '.join(DATASETS)} (from the Hugging Face hub unless --data)")
-    g.add_argument("--data", default=None, help="a local JSONL/CSV copy, or any file with question and answer columns")
-    g.add_argument("--limit", type=int, default=None, help="only the first N questions (after --offset)")
-    g.add_argument("--offset", type=int, default=0, help="skip the first N questions (e.g. a dev split's)")
-    g.add_argument("--split", default=None, help='a name for the questions chosen, written into every record (e.g. "held-out")')
-    g.add_argument("--concurrency", type=int, default=1, help="questions in flight at once (for server engines)")
-
-
-def add_parser(sub: Any) -> None:
-    from codestop.cli import add_model_options, add_policy_options
-    from codestop.config import add_generation_options
-
-    p = sub.add_parser(
-        "eval",
-        help="run a benchmark under a stopping policy (resumable JSON lines, summary table)",
-        description="Run a benchmark under a stopping policy: one JSON line per question in --out, "
-        "resumed when re-run, and a summary table at the end.",
-    )
-    add_dataset_options(p)
-    p.add_argument("--out", required=True, help="the run file (JSON lines); re-running resumes it")
-    p.add_argument("--baseline", default=None, help="a vanilla run file: report compression and accuracy change against it")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.add_argument("--log-samples", action="store_true",
-                   help="also write OUT's .samples.jsonl: each question, reasoning, answer text, extracted answer, gold, verdict")
-    add_model_options(p)
-    add_policy_options(p)
-    add_prompt_options(p)
-    add_generation_options(p)
-    p.set_defaults(func=cmd_eval)
-
-    r = sub.add_parser(
-        "record",
-        help="record traces: run to the end with a probe at every step boundary (for replay, sweep, calibrate)",
-        description="Run the model on a benchmark with no stopping and a probe at every step boundary, "
-        "one trace (JSON line, schema 1, see docs/traces.md) per question; re-running resumes.",
-    )
-    add_dataset_options(r)
-    r.add_argument("--out", required=True, help="the trace file (JSON lines); re-running resumes it")
-    r.add_argument("--log-samples", action="store_true",
-                   help="also write OUT's .samples.jsonl: each question, reasoning, answer text, extracted answer, gold, verdict")
-    add_model_options(r)
-    add_prompt_options(r)
-    add_generation_options(r, max_new_tokens=RECORD_GENERATION.max_new_tokens, probe_interval=RECORD_GENERATION.probe_interval)
-    r.set_defaults(func=cmd_record)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from codestop.cli import engine_options_from_args, policy_from_args
-
-    if args.dataset is None and args.data is None:
-        raise CodestopError("dataset: give --dataset (" + ", ".join(DATASETS) + ") or --data PATH")
-    if args.model is None:
-        from codestop.models import DEFAULT_MODEL
-
-        args.model = DEFAULT_MODEL
-    summary = evaluate(
-        args.model,
-        args.dataset,
-        out=args.out,
-        data=args.data,
-        policy=policy_from_args(args),
-        limit=args.limit,
-        baseline=args.baseline,
-        concurrency=args.concurrency,
-        engine=args.engine,
-        engine_options=engine_options_from_args(args),
-        generation=GenerationConfig.from_args(args),
-        progress=not args.json,
-        prompt=args.prompt,
-        system_prompt=args.system_prompt,
-        log_samples=args.log_samples,
-        offset=args.offset,
-        split=args.split,
-    )
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print_summary(summary, f"{args.dataset or args.data} · {args.method} · {args.model}")
-    if args.log_samples:
-        print(f"samples: {samples_path(args.out)}", file=sys.stderr)
-    return 0
-
-
-def cmd_record(args: argparse.Namespace) -> int:
-    from codestop.cli import engine_options_from_args
-
-    if args.dataset is None and args.data is None:
-        raise CodestopError("dataset: give --dataset (" + ", ".join(DATASETS) + ") or --data PATH")
-    if args.model is None:
-        from codestop.models import DEFAULT_MODEL
-
-        args.model = DEFAULT_MODEL
-    t0 = time.perf_counter()
-    traces = record(
-        args.model, args.dataset, out=args.out, data=args.data, limit=args.limit, engine=args.engine,
-        engine_options=engine_options_from_args(args), generation=GenerationConfig.from_args(args),
-        concurrency=args.concurrency, progress=True, prompt=args.prompt, system_prompt=args.system_prompt,
-        log_samples=args.log_samples, offset=args.offset, split=args.split,
-    )
-    n = len(traces)
-    acc = sum(bool(t.get("final_correct")) for t in traces) / n if n else 0.0
-    probes = sum(len(t.get("probes", ())) for t in traces) / n if n else 0.0
-    length = sum(int(t.get("reasoning_tokens", 0)) for t in traces) / n if n else 0.0
-    print(f"{n} traces in {args.out}: final accuracy {acc * 100:.1f}%, {length:.0f} reasoning tokens and "
-          f"{probes:.1f} probes per question ({time.perf_counter() - t0:.0f} s this session)")
-    return 0

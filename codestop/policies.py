@@ -13,7 +13,7 @@ the confidence function it wants probes scored with, see :mod:`codestop.confiden
 policy; :class:`Policy` is the protocol.
 
 Stop reasons are one fixed vocabulary: ``confident`` and ``degenerate`` (CodeStop), ``threshold``
-(Deer), ``consistent`` (Consistency), ``budget`` (TokenBudget), ``max_new_tokens`` (the generation
+(Deer), ``consistent`` (Consistency), ``budget`` (TokenBudget), ``max_reasoning_tokens`` (the generation
 cap, set by the controller) and ``finished``
 (the model ended its thinking itself; set by the controller, never by a policy).
 """
@@ -27,7 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
-STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_new_tokens", "finished")
+from codestop.errors import is_number, require
+
+STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_reasoning_tokens", "finished")
 
 
 @dataclass(frozen=True)
@@ -128,16 +130,15 @@ class _PositionGuard:
         self.last_position = probe.position
 
 
-def _require(condition: bool, name: str, value: object, must: str) -> None:
-    if not condition:
-        raise ValueError(f"{name}: {value!r} {must}")
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 ANSWER_FROM = ("stop", "best")
+
+
+def best_probe(probes: Sequence[Probe]) -> Probe:
+    """The probe with the highest confidence (the earliest of equals): where an ``answer_from="best"``
+    policy cuts the reasoning back to before answering."""
+    return max(probes, key=lambda p: p.confidence)
 ANSWER_FROM_HELP = (
     'answer from the reasoning "stop"ped at, or cut back to the "best" probe (the highest confidence so far: '
     "the reference code's rollback); cost still counts up to the stop"
@@ -191,20 +192,20 @@ class CodeStop(_PolicyBase):
     name: str = field(default="codestop", init=False)
 
     def __post_init__(self) -> None:
-        _require(_is_number(self.tau) and self.tau >= 0, "tau", self.tau, "must be a number >= 0")
-        _require(_is_number(self.delta), "delta", self.delta, "must be a finite number")
-        _require(_is_number(self.r_min) and 0 <= self.r_min <= 1, "r_min", self.r_min, "must be in [0, 1]")
-        _require(_is_number(self.r_max) and 0 <= self.r_max <= 1, "r_max", self.r_max, "must be in [0, 1]")
-        _require(self.r_min <= self.r_max, "r_min", self.r_min, f"must not exceed r_max ({self.r_max})")
-        _require(
+        require(is_number(self.tau) and self.tau >= 0, "tau", self.tau, "must be a number >= 0")
+        require(is_number(self.delta), "delta", self.delta, "must be a finite number")
+        require(is_number(self.r_min) and 0 <= self.r_min <= 1, "r_min", self.r_min, "must be in [0, 1]")
+        require(is_number(self.r_max) and 0 <= self.r_max <= 1, "r_max", self.r_max, "must be in [0, 1]")
+        require(self.r_min <= self.r_max, "r_min", self.r_min, f"must not exceed r_max ({self.r_max})")
+        require(
             isinstance(self.ramp_steps, int) and not isinstance(self.ramp_steps, bool) and self.ramp_steps >= 1,
             "ramp_steps", self.ramp_steps, "must be an integer >= 1",
         )
-        _require(self.variant in ("paper", "reference"), "variant", self.variant, "must be 'paper' or 'reference'")
+        require(self.variant in ("paper", "reference"), "variant", self.variant, "must be 'paper' or 'reference'")
         if not self.confidence:
             object.__setattr__(self, "confidence", "span" if self.variant == "reference" else "geometric")
         _check_confidence_name(self.confidence)
-        _require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
+        require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
 
     def threshold(self, k: int) -> float:
         """r_k, the confidence needed to stop at probe k (0-based)."""
@@ -288,9 +289,9 @@ class Deer(_PolicyBase):
     name: str = field(default="deer", init=False)
 
     def __post_init__(self) -> None:
-        _require(_is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold", self.threshold, "must be in [0, 1]")
+        require(is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold", self.threshold, "must be in [0, 1]")
         _check_confidence_name(self.confidence)
-        _require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
+        require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
 
     def start(self) -> _DeerTracker:
         return _DeerTracker(self)
@@ -327,13 +328,13 @@ class Consistency(_PolicyBase):
     name: str = field(default="consistency", init=False)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1,
             "window", self.window, "must be an integer >= 1",
         )
         object.__setattr__(self, "hedges", tuple(h.lower() for h in self.hedges))
         _check_confidence_name(self.confidence)
-        _require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
+        require(self.answer_from in ANSWER_FROM, "answer_from", self.answer_from, "must be 'stop' or 'best'")
 
     def start(self) -> _ConsistencyTracker:
         return _ConsistencyTracker(self)
@@ -378,7 +379,7 @@ class TokenBudget(_PolicyBase):
     needs_probes: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget >= 1,
             "budget", self.budget, "must be an integer >= 1",
         )
@@ -404,7 +405,7 @@ class _BudgetTracker:
 
 @dataclass(frozen=True)
 class Vanilla(_PolicyBase):
-    """Never stops early: the model thinks until it ends its thinking or hits max_new_tokens."""
+    """Never stops early: the model thinks until it ends its thinking or hits max_reasoning_tokens."""
 
     confidence: str = "geometric"
     name: str = field(default="vanilla", init=False)

@@ -19,7 +19,6 @@ run file says exactly what was asked even after a style's wording changes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,13 +97,3 @@ def resolve_prompt(prompt: str | None = None, system_prompt: str | None = None) 
     if QUESTION_SLOT not in template:
         raise CodestopError(f"prompt: the template {name!r} has no {QUESTION_SLOT} slot for the question")
     return PromptStyle(name, template=template.strip(), system=system)
-
-
-def add_prompt_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("prompt")
-    g.add_argument(
-        "--prompt", default=None, metavar="STYLE|FILE",
-        help=f"how the question is asked: {', '.join(PROMPT_STYLES)} (default {DEFAULT_STYLE}), or a text file "
-        f"holding the whole user message with a {QUESTION_SLOT} slot",
-    )
-    g.add_argument("--system-prompt", default=None, metavar="TEXT", help="a system message for every question")

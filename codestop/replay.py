@@ -25,10 +25,7 @@ Replay rules (also in docs/traces.md):
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,7 +33,7 @@ from typing import Any
 from codestop.confidence import score_probe
 from codestop.errors import CodestopError
 from codestop.jsonl import read_numbered
-from codestop.policies import Policy, Probe
+from codestop.policies import Policy, Probe, best_probe
 
 TRACE_SCHEMA = 1
 
@@ -134,11 +131,6 @@ def load_traces(path: str | os.PathLike[str], probe_interval: int | None = None)
     return traces if probe_interval is None else [thinned(t, probe_interval) for t in traces]
 
 
-def add_probe_interval_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--probe-interval", type=int, default=None,
-                        help="replay as if probed at least this many reasoning tokens apart (default: every recorded probe)")
-
-
 # --------------------------------------------------------------------------------------------
 # Replay
 # --------------------------------------------------------------------------------------------
@@ -168,12 +160,6 @@ def rescored(probes: Sequence[Probe], confidence: str) -> list[Probe]:
         p if p.token_logprobs is None else replace(p, confidence=score_probe(p.token_logprobs, confidence))
         for p in probes
     ]
-
-
-def best_probe(probes: Sequence[Probe]) -> Probe:
-    """The probe with the highest confidence (the earliest of equals): where an ``answer_from="best"``
-    policy cuts the reasoning back to before answering."""
-    return max(probes, key=lambda p: p.confidence)
 
 
 def replay_trace(trace: Trace, policy: Policy, probes: Sequence[Probe] | None = None) -> Replayed:
@@ -219,45 +205,3 @@ def replay(traces: Sequence[Trace] | str | os.PathLike[str], policy: Policy, pro
         traces = [thinned(t, probe_interval) for t in traces]
     rows = [replay_trace(t, policy) for t in traces]
     return {"summary": summarize_replay(rows), "traces": [r.to_json() for r in rows]}
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_parser(sub: Any) -> None:
-    from codestop.cli import add_policy_options
-
-    r = sub.add_parser(
-        "replay",
-        help="apply a stopping policy to recorded traces, in milliseconds",
-        description="Apply a stopping policy to recorded traces exactly as it would run live.",
-    )
-    r.add_argument("traces", help="a trace file (codestop record, or minimal traces: id and probes)")
-    r.add_argument("--json", action="store_true", help="print one JSON object: summary and per-trace outcome")
-    add_probe_interval_option(r)
-    add_policy_options(r)
-    r.set_defaults(func=cmd_replay)
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from codestop.cli import policy_from_args
-
-    policy = policy_from_args(args)
-    t0 = time.perf_counter()
-    result = replay(load_traces(args.traces, args.probe_interval), policy)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    s = result["summary"]
-    stops: dict[str, int] = {}
-    for t in result["traces"]:
-        stops[t["stop_reason"] or "never"] = stops.get(t["stop_reason"] or "never", 0) + 1
-    print(
-        f"{policy.name} on {s['n']} traces: accuracy {s['accuracy'] * 100:.1f}%, mean reasoning tokens {s['mean_tokens']:.0f}, "
-        f"mean cost {s['mean_cost']:.0f} (incl. probes); stops: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(stops.items()))
-        + f" ({(time.perf_counter() - t0) * 1000:.0f} ms)"
-    )
-    return 0

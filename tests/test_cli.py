@@ -34,12 +34,12 @@ def test_run_json_prints_one_result_object(tiny_dir):
 
 
 def test_run_reads_stdin_and_files(tiny_dir, tmp_path):
-    proc = codestop("run", "-", "--model", str(tiny_dir), "--json", "--max-new-tokens", "5", stdin="What is 1 + 1?")
+    proc = codestop("run", "-", "--model", str(tiny_dir), "--json", "--max-reasoning-tokens", "5", stdin="What is 1 + 1?")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["question"] == "What is 1 + 1?"
     question = tmp_path / "q.txt"
     question.write_text("What is 4 + 4?")
-    proc = codestop("run", "--file", str(question), "--model", str(tiny_dir), "--json", "--max-new-tokens", "5")
+    proc = codestop("run", "--file", str(question), "--model", str(tiny_dir), "--json", "--max-reasoning-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["question"] == "What is 4 + 4?"
 
@@ -47,7 +47,7 @@ def test_run_reads_stdin_and_files(tiny_dir, tmp_path):
 def test_run_streams_and_summarises(tiny_dir):
     proc = codestop(
         "run", "What is 2 + 3?", "--model", str(tiny_dir), "--method", "deer", "--threshold", "0",
-        "--boundaries", "\\n\\n, the,.", "--probe-interval", "1", "--max-new-tokens", "60", "--seed", "0", "--temperature", "1",
+        "--boundaries", "\\n\\n, the,.", "--probe-interval", "1", "--max-reasoning-tokens", "60", "--seed", "0", "--temperature", "1",
     )
     assert proc.returncode == 0, proc.stderr
     assert "answer:" in proc.stdout and "reasoning +" in proc.stdout and "stop:" in proc.stdout
@@ -77,13 +77,13 @@ def test_run_end_to_end_on_smollm2(smollm2_path):
     """The real SmolLM2-135M (a plumbing model, not a reasoning one) through the transformers engine."""
     proc = codestop(
         "run", "Tom has 3 apples and buys 2 more. How many apples does he have?", "--model", str(smollm2_path),
-        "--engine", "transformers", "--max-new-tokens", "120", "--probe-interval", "8", "--json",
+        "--engine", "transformers", "--max-reasoning-tokens", "120", "--probe-interval", "8", "--json",
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["family"] == "plain" and result["engine"] == "transformers"
     assert 0 < result["tokens"]["reasoning"] <= 120
-    assert result["stop_reason"] in ("confident", "degenerate", "finished", "max_new_tokens")
+    assert result["stop_reason"] in ("confident", "degenerate", "finished", "max_reasoning_tokens")
     assert result["answer"]  # a box is always read or forced
     for probe in result["probes"]:
         assert 0.0 <= probe["confidence"] <= 1.0 and probe["position"] <= result["tokens"]["reasoning"]

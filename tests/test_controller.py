@@ -94,8 +94,8 @@ def test_budget_is_respected(tokenizer):
     assert result.tokens["reasoning"] == 7 and result.stop_reason == "budget"
     assert result.probes == [] and result.tokens["probe"] == 0
     assert result.answer == "5"
-    result = generate(engine, "Q?", CodeStop(), family="plain", max_new_tokens=9)
-    assert result.tokens["reasoning"] == 9 and result.stop_reason == "max_new_tokens"
+    result = generate(engine, "Q?", CodeStop(), family="plain", max_reasoning_tokens=9)
+    assert result.tokens["reasoning"] == 9 and result.stop_reason == "max_reasoning_tokens"
 
 
 def test_vanilla_spends_no_probes_and_reads_the_models_box(tokenizer):
@@ -152,7 +152,7 @@ def test_a_prompt_longer_than_the_window_is_a_clear_error(tokenizer):
 def test_the_window_bounds_the_reasoning(tokenizer):
     engine = ScriptedEngine(tokenizer, SCRIPT * 20, window=200)
     result = generate(engine, "Q?", Vanilla(), family="plain")
-    assert result.stop_reason == "max_new_tokens"
+    assert result.stop_reason == "max_reasoning_tokens"
     assert result.tokens["prompt"] + result.tokens["reasoning"] + result.tokens["answer"] < 200
 
 
@@ -220,12 +220,12 @@ def test_a_cancelled_generation_stops_between_chunks_and_frees_the_engine(tokeni
         return other
 
     other = asyncio.run(go())
-    assert other.stop_reason == "max_new_tokens" or other.stop_reason == "finished"
+    assert other.stop_reason == "max_reasoning_tokens" or other.stop_reason == "finished"
     assert engine.closed == 2
 
 
 async def _result(engine):
-    async with aclosing(astream(engine, "Q?", Vanilla(), GenerationConfig(family="plain", max_new_tokens=5))) as stream:
+    async with aclosing(astream(engine, "Q?", Vanilla(), GenerationConfig(family="plain", max_reasoning_tokens=5))) as stream:
         async for item in stream:
             if isinstance(item, Result):
                 return item
@@ -244,8 +244,8 @@ def test_greedy_answer_steps_keep_the_seed():
 
 
 def test_unknown_generation_options_fail_before_loading(tokenizer):
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        generate("no-such-model-anywhere", "Q?", max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_reasoning_tokens"):
+        generate("no-such-model-anywhere", "Q?", max_reasoning_tokens=0)
     with pytest.raises(ValueError, match="probe_intervl"):
         generate("no-such-model-anywhere", "Q?", probe_intervl=3)
 

@@ -142,7 +142,7 @@ def test_record_names_its_split_and_offset(tiny_engine, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))
     out = tmp_path / "t.jsonl"
-    gen = GenerationConfig(family="plain", max_new_tokens=6, temperature=0.0)
+    gen = GenerationConfig(family="plain", max_reasoning_tokens=6, temperature=0.0)
     traces = record(tiny_engine, data=data, out=out, generation=gen, offset=2, limit=1, split="held-out")
     assert [t["gold"] for t in traces] == ["4"]
     assert traces[0]["config"]["split"] == "held-out" and traces[0]["config"]["offset"] == 2

@@ -77,7 +77,7 @@ def test_reduced_demo_runs_and_prints_its_table(tmp_path, capsys):
         assert m["reasoning_tokens"] > 0
     vanilla = report["methods"][0]
     assert vanilla["probes"] == 0 and vanilla["probe_tokens"] == 0
-    assert all(r["stop_reason"] in ("finished", "max_new_tokens") for r in report["results"]["vanilla"])
+    assert all(r["stop_reason"] in ("finished", "max_reasoning_tokens") for r in report["results"]["vanilla"])
     # greedy decoding and probes that leave the session unchanged: an early stop cuts vanilla's
     # own reasoning short, it never changes it
     vanilla_text = {r["question"]: r["reasoning_text"] for r in report["results"]["vanilla"]}

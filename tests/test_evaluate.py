@@ -21,7 +21,7 @@ from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Vanilla
 
 # the tiny random model writes spaces but seldom blank lines: a space is its step boundary
-GEN = GenerationConfig(family="plain", max_new_tokens=16, probe_interval=1, boundaries=(" ",), temperature=0.0)
+GEN = GenerationConfig(family="plain", max_reasoning_tokens=16, probe_interval=1, boundaries=(" ",), temperature=0.0)
 
 
 @pytest.fixture()
@@ -82,7 +82,7 @@ def test_resume_with_other_options_is_refused(tiny_engine, questions, tmp_path):
         evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=3.0), limit=2, generation=GEN)
     with pytest.raises(CodestopError, match="holds a different run"):
         evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=2.0), limit=2,
-                 generation=GEN.replace(max_new_tokens=8))
+                 generation=GEN.replace(max_reasoning_tokens=8))
     assert out.read_text() == before
 
 
@@ -116,7 +116,7 @@ def test_cli_eval_json_summary(tiny_engine, questions, tmp_path, capsys, monkeyp
     from codestop.cli import main
 
     code = main(["eval", "--data", str(questions), "--model", "tiny", "--method", "deer", "--threshold", "0.5",
-                 "--limit", "2", "--out", str(out), "--json", "--family", "plain", "--max-new-tokens", "12",
+                 "--limit", "2", "--out", str(out), "--json", "--family", "plain", "--max-reasoning-tokens", "12",
                  "--boundaries", " ", "--temperature", "0"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
@@ -132,7 +132,7 @@ def test_cli_record_writes_traces_with_the_record_defaults(tiny_engine, question
     monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
     out = tmp_path / "t.traces.jsonl"
     code = main(["record", "--data", str(questions), "--model", "tiny", "--limit", "2", "--out", str(out),
-                 "--family", "plain", "--max-new-tokens", "12", "--boundaries", " ", "--temperature", "0",
+                 "--family", "plain", "--max-reasoning-tokens", "12", "--boundaries", " ", "--temperature", "0",
                  "--prompt", "solve-then-check", "--log-samples"])
     assert code == 0
     assert f"\n2 traces in {out}: final accuracy" in capsys.readouterr().out  # after the progress bar
@@ -140,7 +140,7 @@ def test_cli_record_writes_traces_with_the_record_defaults(tiny_engine, question
     assert [t["id"] for t in traces] == ["q:1", "q:2"] and all(t["schema"] == 1 for t in traces)
     generation = traces[0]["config"]["generation"]
     # a probe at every boundary, and no stopping
-    assert generation["probe_interval"] == 1 and generation["always_probe"] is True and generation["max_new_tokens"] == 12
+    assert generation["probe_interval"] == 1 and generation["always_probe"] is True and generation["max_reasoning_tokens"] == 12
     assert traces[0]["config"]["kind"] == "trace" and traces[0]["config"]["method"] == {"method": "vanilla"}
     from codestop.demo import DEMO_INSTRUCTION
 
@@ -224,7 +224,7 @@ def test_run_config_records_version_prompt_and_model_sha(tiny_engine, questions,
     real = presets.sha256_file
     monkeypatch.setattr(presets, "sha256_file", lambda p, progress=None: hashed.append(p) or real(p, progress))
     args = ["eval", "--data", str(questions), "--model", str(weights), "--method", "vanilla", "--json", "--family", "plain",
-            "--max-new-tokens", "6", "--boundaries", " ", "--temperature", "0", "--prompt", "chain-of-draft",
+            "--max-reasoning-tokens", "6", "--boundaries", " ", "--temperature", "0", "--prompt", "chain-of-draft",
             "--system-prompt", "Be brief."]
     out = tmp_path / "run.jsonl"
     assert main([*args, "--limit", "1", "--out", str(out)]) == 0
@@ -257,7 +257,7 @@ def test_prompt_styles_reach_the_model(tiny_engine, questions, tmp_path, monkeyp
         return real(messages, **kwargs)
 
     monkeypatch.setattr(tiny_engine, "chat_template", spy)
-    gen = GEN.replace(max_new_tokens=4)
+    gen = GEN.replace(max_reasoning_tokens=4)
     evaluate(tiny_engine, data=questions, out=tmp_path / "a.jsonl", policy=Vanilla(), limit=1, generation=gen)
     assert seen[-1] == [{"role": "user", "content": f"What is 1 + 1?\n\n{STEP_BY_STEP}"}]  # today's default
     evaluate(tiny_engine, data=questions, out=tmp_path / "b.jsonl", policy=Vanilla(), limit=1, generation=gen,

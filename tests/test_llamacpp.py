@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from codestop.api import agenerate_question, generate
-from codestop.config import Sampling
 from codestop.engines.base import StepOutput, log_softmax
 from codestop.errors import CodestopError, ContextTooLong
 from codestop.families import FAMILIES, PROBE_PROMPT
 from codestop.policies import CodeStop, Deer, TokenBudget, Vanilla
+from codestop.sampling import Sampling
 from codestop.steps import StepRules, decode_text
 
 pytestmark = pytest.mark.slow
@@ -89,17 +89,17 @@ def test_probe_is_greedy_and_stops_at_the_closing_brace(engine):
 def test_controller_stops_and_answers_within_budgets(engine):
     # SmolLM2 writes one numbered line per step: a line break is its step boundary
     result = generate(
-        engine, QUESTION, CodeStop(), max_new_tokens=60, probe_interval=8, boundaries=["\n"], temperature=0.0
+        engine, QUESTION, CodeStop(), max_reasoning_tokens=60, probe_interval=8, boundaries=["\n"], temperature=0.0
     )
     assert result.tokens["reasoning"] <= 60
-    assert result.stop_reason in ("confident", "degenerate", "finished", "max_new_tokens")
+    assert result.stop_reason in ("confident", "degenerate", "finished", "max_reasoning_tokens")
     assert result.answer_text and result.engine == "llamacpp"
     assert result.probes, "CoDE-Stop probes at the step boundaries"
     budget = generate(engine, QUESTION, TokenBudget(budget=12), temperature=0.0)
     assert budget.tokens["reasoning"] <= 12 and budget.stop_reason == "budget"
     assert "\\boxed{" in budget.answer_text  # a forced answer
-    capped = generate(engine, QUESTION, Vanilla(), max_new_tokens=10, temperature=0.0)
-    assert capped.tokens["reasoning"] == 10 and capped.stop_reason == "max_new_tokens"
+    capped = generate(engine, QUESTION, Vanilla(), max_reasoning_tokens=10, temperature=0.0)
+    assert capped.tokens["reasoning"] == 10 and capped.stop_reason == "max_reasoning_tokens"
     assert capped.tokens["probe"] == 0
 
 
@@ -108,7 +108,7 @@ def test_greedy_matches_across_sessions_and_concurrency(engine):
 
     async def one(q):
         return await agenerate_question(
-            engine, q, Deer(threshold=0.99), max_new_tokens=40, probe_interval=8, boundaries=["\n"], temperature=0.0
+            engine, q, Deer(threshold=0.99), max_reasoning_tokens=40, probe_interval=8, boundaries=["\n"], temperature=0.0
         )
 
     async def together():
@@ -123,8 +123,8 @@ def test_greedy_matches_across_sessions_and_concurrency(engine):
 
 
 def test_a_thinking_model_that_never_closes_is_stopped_cleanly(engine):
-    result = generate(engine, QUESTION, Vanilla(), family="think", max_new_tokens=30, temperature=0.0)
-    assert result.stop_reason in ("max_new_tokens", "finished")
+    result = generate(engine, QUESTION, Vanilla(), family="think", max_reasoning_tokens=30, temperature=0.0)
+    assert result.stop_reason in ("max_reasoning_tokens", "finished")
     assert "</think>" in result.answer_text  # codestop closed the thinking itself
     assert result.tokens["reasoning"] <= 30
 
@@ -137,8 +137,8 @@ def test_context_window_is_enforced(smollm2_path):
         with pytest.raises(ContextTooLong, match="window"):
             generate(small, "How many? " * 200, Vanilla(), temperature=0.0)
         # reasoning that reaches the window is a clean budget stop with an answer, not a crash
-        result = generate(small, QUESTION, Vanilla(), family="think", max_new_tokens=1000, temperature=0.0)
-        assert result.stop_reason in ("max_new_tokens", "finished")
+        result = generate(small, QUESTION, Vanilla(), family="think", max_reasoning_tokens=1000, temperature=0.0)
+        assert result.stop_reason in ("max_reasoning_tokens", "finished")
         assert result.tokens["prompt"] + result.tokens["reasoning"] + result.tokens["answer"] <= 256
     finally:
         small.close()

@@ -55,7 +55,7 @@ POLICY = {"method": "codestop", "tau": 1.0}
 # DEER at a threshold any probe passes: a stop at the first probe, whatever the model says
 STOP_AT_FIRST_PROBE = {"method": "deer", "threshold": 0.01}
 CASES = [(q, POLICY) for q in QUESTIONS] + [(STORY, STOP_AT_FIRST_PROBE)]
-MAX_NEW_TOKENS = 160
+MAX_REASONING_TOKENS = 160
 BOUNDARIES = (" ", "\n")  # whatever the model writes, it writes spaces
 PROBE_INTERVAL = 16
 
@@ -69,7 +69,7 @@ def both_modes(engine: ServerEngine, question: str, policy: dict) -> dict[str, t
     out = {}
     for mode in ("sequential", "overlapped"):
         before = dict(engine.stats.by_kind)
-        config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, boundaries=BOUNDARIES, probe_interval=PROBE_INTERVAL,
+        config = GenerationConfig(max_reasoning_tokens=MAX_REASONING_TOKENS, boundaries=BOUNDARIES, probe_interval=PROBE_INTERVAL,
                                   temperature=0, probe_mode=mode)
         result = asyncio.run(agenerate(engine, question, make_policy(**policy), config))
         sent = {kind: engine.stats.by_kind.get(kind, 0) - before.get(kind, 0) for kind in ("step", "probe", "answer")}
@@ -85,7 +85,7 @@ def check_requests(runs: dict[str, tuple[Result, dict[str, int]]]) -> None:
         # the stop is the policy's own decision on the probes this run got back
         policy = make_policy(**result.method)
         decisions = [d for d in map(policy.start().update, result.probes) if d.stop]
-        if result.stop_reason in ("finished", "max_new_tokens"):
+        if result.stop_reason in ("finished", "max_reasoning_tokens"):
             assert not decisions, (mode, decisions)
         else:
             assert decisions and decisions[0].reason == result.stop_reason and result.stop_position == result.probes[-1].position
@@ -93,7 +93,7 @@ def check_requests(runs: dict[str, tuple[Result, dict[str, int]]]) -> None:
     assert seq.tokens["overrun"] == 0
     assert ovl_sent["step"] == 1  # one reasoning request for the whole chain of thought
     assert seq_sent["step"] >= len(seq.probes)  # a new request after every probe
-    if ovl.stop_reason not in ("finished", "max_new_tokens"):
+    if ovl.stop_reason not in ("finished", "max_reasoning_tokens"):
         assert ovl.tokens["overrun"] > 0  # the stream had gone on while the stopping probe ran
 
 
@@ -102,7 +102,7 @@ def check_same(runs: dict[str, tuple[Result, dict[str, int]]]) -> None:
     check_requests(runs)
     (seq, _), (ovl, _) = runs["sequential"], runs["overlapped"]
     assert signature(ovl) == signature(seq)
-    if seq.stop_reason not in ("finished", "max_new_tokens"):
+    if seq.stop_reason not in ("finished", "max_reasoning_tokens"):
         assert ovl.cost == seq.cost + ovl.tokens["overrun"]
 
 
@@ -143,7 +143,7 @@ def test_llamacpp_overlapped_equals_sequential(llama_engine, question, policy):
 def check_stop_cancels_the_stream(engine: ServerEngine, read_running) -> None:
     """A stop long before the token cap: the cancelled stream must not keep the server busy (it
     would for the rest of ~1500 tokens, over 10 s, if the request were left running)."""
-    config = GenerationConfig(max_new_tokens=1500, probe_interval=1, temperature=0)
+    config = GenerationConfig(max_reasoning_tokens=1500, probe_interval=1, temperature=0)
     result = asyncio.run(agenerate(engine, STORY, make_policy(**STOP_AT_FIRST_PROBE), config))
     assert result.stop_reason == "threshold" and result.stop_position < 500 and result.tokens["overrun"] > 0
     assert wait_idle(read_running) == 0

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from scripted import ToyTokenizer
 
-from codestop.config import Sampling
 from codestop.engines.base import LocalBackend, LocalEngine
 from codestop.engines.server import HFTokens, RemoteTokens, ServerEngine
 from codestop.errors import ServerError
+from codestop.sampling import Sampling
 from codestop.steps import StepRules
 
 EOS = 0

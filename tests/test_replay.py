@@ -23,7 +23,7 @@ COMMITTED = Path(__file__).resolve().parents[1] / "bench" / "results" / "gsm8k-q
 def gen():
     from codestop.config import GenerationConfig
 
-    return GenerationConfig(family="plain", max_new_tokens=40, probe_interval=1, boundaries=(" ",), temperature=0.0)
+    return GenerationConfig(family="plain", max_reasoning_tokens=40, probe_interval=1, boundaries=(" ",), temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_record_stores_every_probe_and_the_final_answer(recorded):
     assert len(lines) == 2
     for t in lines:
         assert t["schema"] == 1 and t["id"].startswith("q:")
-        assert t["finish_reason"] in ("finished", "max_new_tokens")
+        assert t["finish_reason"] in ("finished", "max_reasoning_tokens")
         assert t["reasoning_tokens"] >= t["probes"][-1]["position"]
         assert t["tokens"]["reasoning"] == t["reasoning_tokens"]  # the run's tokens by kind
         assert len(t["probes"]) >= 3  # a space every few tokens: many boundaries
@@ -82,7 +82,7 @@ def test_replay_equals_live(tiny_engine, recorded, gen, make):
     replayed = replay_trace(trace, policy)
     live = generate(tiny_engine, "What is 2 + 2?", policy, gen)
     if replayed.stop_index is None:
-        assert live.stop_reason in ("finished", "max_new_tokens")
+        assert live.stop_reason in ("finished", "max_reasoning_tokens")
         assert len(live.probes) == len(trace.probes)
     else:
         assert len(live.probes) - 1 == replayed.stop_index

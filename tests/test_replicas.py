@@ -17,13 +17,14 @@ from llama_servers import LlamaServer, upstream_metrics
 from scripted import ToyTokenizer
 
 from codestop.cli import build_parser, engine_options_from_args
-from codestop.config import GenerationConfig, Sampling
+from codestop.config import GenerationConfig
 from codestop.controller import Result, agenerate, astream
 from codestop.engines.replicas import ReplicaEngine
 from codestop.engines.server import HFTokens, ServerEngine
 from codestop.errors import CodestopError, ServerError, ServerUnreachable
 from codestop.models import load_engine
 from codestop.policies import make_policy
+from codestop.sampling import Sampling
 from codestop.serve import Metrics, create_app
 from codestop.steps import StepRules
 
@@ -173,7 +174,7 @@ def test_replicas_not_up_yet_join_when_they_answer(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 NEVER_STOPS = make_policy("codestop", r_min=1.0, r_max=1.0, tau=1e9)  # probes at every step, never stops early
-CONFIG = GenerationConfig(max_new_tokens=40, probe_interval=8, boundaries=("\n",), temperature=0.0)
+CONFIG = GenerationConfig(max_reasoning_tokens=40, probe_interval=8, boundaries=("\n",), temperature=0.0)
 POEM = "Write a poem about the sea, twelve lines."
 
 

@@ -276,7 +276,7 @@ def test_an_in_process_engine_serves_too(tiny_engine):
     try:
         r = ask(p.client(), "What is 2 + 2?", max_tokens=8, temperature=0)
         assert r.usage.codestop["reasoning_tokens"] == 8 and r.model == "tiny-qwen3"
-        assert r.usage.codestop["stop_reason"] == "max_new_tokens" and r.choices[0].finish_reason == "length"
+        assert r.usage.codestop["stop_reason"] == "max_reasoning_tokens" and r.choices[0].finish_reason == "length"
     finally:
         p.stop()
 
@@ -469,7 +469,7 @@ def test_engine_counters_are_exported_and_the_app_closes_its_engine_at_shutdown(
     assert re.search(r'^codestop_sessions_total\{kind="opened"\} 1\.0$', text, re.MULTILINE)
     assert re.search(r'^codestop_sessions_total\{kind="closed"\} 1\.0$', text, re.MULTILINE)
     assert re.search(r"^codestop_tokens_fed_total [1-9]", text, re.MULTILINE)
-    assert re.search(r'^codestop_stops_total\{reason="max_new_tokens"\} 1\.0$', text, re.MULTILINE)
+    assert re.search(r'^codestop_stops_total\{reason="max_reasoning_tokens"\} 1\.0$', text, re.MULTILINE)
     assert engine.aclosed == 0
     p.stop()
     assert engine.aclosed == 1
@@ -477,7 +477,7 @@ def test_engine_counters_are_exported_and_the_app_closes_its_engine_at_shutdown(
 
 def test_the_default_config_and_policy_apply_and_requests_override_them(tokenizer):
     engine = SlowEngine(tokenizer)
-    p = InProcessProxy(engine, config=GenerationConfig(max_new_tokens=7), policy={"method": "budget", "budget": 5})
+    p = InProcessProxy(engine, config=GenerationConfig(max_reasoning_tokens=7), policy={"method": "budget", "budget": 5})
     try:
         client = p.client()
         cs = ask(client, "Hi", max_tokens=None).usage.codestop
@@ -487,8 +487,8 @@ def test_the_default_config_and_policy_apply_and_requests_override_them(tokenize
         r = ask(client, "Hi", max_tokens=None, extra_body={"codestop": {"method": "vanilla"}})
         assert r.usage.codestop["reasoning_tokens"] == 7 and r.choices[0].finish_reason == "length"
         r = ask(client, "Hi", max_tokens=3, extra_body={"codestop": {"method": "vanilla"}})
-        assert r.usage.codestop["reasoning_tokens"] == 3 and r.usage.codestop["stop_reason"] == "max_new_tokens"
-        r = ask(client, "Hi", max_tokens=3, extra_body={"codestop": {"method": "vanilla", "max_new_tokens": 2}})
+        assert r.usage.codestop["reasoning_tokens"] == 3 and r.usage.codestop["stop_reason"] == "max_reasoning_tokens"
+        r = ask(client, "Hi", max_tokens=3, extra_body={"codestop": {"method": "vanilla", "max_reasoning_tokens": 2}})
         assert r.usage.codestop["reasoning_tokens"] == 2  # codestop's own field over OpenAI's
     finally:
         p.stop()

@@ -18,10 +18,11 @@ from scripted import ScriptedEngine
 from test_serve import InProcessProxy, wait_for
 
 import codestop
+from codestop.cli.serve import add_parser, build_engine
 from codestop.config import GenerationConfig
 from codestop.engines.server import ServerEngine, error_message
 from codestop.errors import CodestopError, ServerTimeout, redact
-from codestop.serve import ROLES, RequestError, add_parser, build_engine, create_app, error_for, json_depth, prepare
+from codestop.serve import ROLES, RequestError, create_app, error_for, json_depth, prepare
 
 KEY = "s3cret-proxy-key"
 CHAT = {"messages": [{"role": "user", "content": "Go."}], "max_tokens": 3}

@@ -10,6 +10,7 @@ from test_serve import InProcessProxy, wait_for
 
 from codestop import serve
 from codestop.cli import build_parser
+from codestop.cli import serve as cli_serve
 from codestop.errors import CodestopError
 
 CHAT = {"messages": [{"role": "user", "content": "Go."}], "max_tokens": 3}
@@ -74,7 +75,7 @@ def test_the_cli_flag_reaches_the_app(tokenizer, monkeypatch):
                 seen["model"] = client.post("/v1/chat/completions", json=CHAT).json()["model"]
 
     monkeypatch.setattr(uvicorn, "Server", Server)
-    monkeypatch.setattr(serve, "build_engine", lambda args: ScriptedEngine(tokenizer, "Step. " * 20))  # closed at shutdown
+    monkeypatch.setattr(cli_serve, "build_engine", lambda args: ScriptedEngine(tokenizer, "Step. " * 20))  # closed at shutdown
     parser = build_parser()
     assert parser.parse_args(["serve", "--model", "/models/x.gguf"]).served_model_name is None  # default: the model's
     args = parser.parse_args(["serve", "--model", "/models/x.gguf", "--served-model-name", "x", "x-latest", "--method", "vanilla"])

@@ -24,9 +24,9 @@ from test_parity import ToyTokenizer
 
 from codestop import CodeStop, Vanilla
 from codestop.api import agenerate_question
-from codestop.config import Sampling
 from codestop.engines.server import HFTokens, ServerEngine, parse_choice, parse_logprobs
 from codestop.errors import CodestopError, ContextTooLong, ServerError, ServerTimeout
+from codestop.sampling import Sampling
 from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index
 
 pytestmark = pytest.mark.slow
@@ -491,7 +491,7 @@ def test_probe_is_greedy_stops_at_the_closing_brace_and_leaves_the_session_uncha
 
 def test_probe_requests_never_ask_for_echo_or_prompt_logprobs(fault):
     eng = ServerEngine.connect(fault.url, backoff=0.05)
-    result = run(agenerate_question(eng, "What is 2 + 2?", CodeStop(), max_new_tokens=40, probe_interval=1, boundaries=[" "], temperature=0.0))
+    result = run(agenerate_question(eng, "What is 2 + 2?", CodeStop(), max_reasoning_tokens=40, probe_interval=1, boundaries=[" "], temperature=0.0))
     ids = fault.seen[0]["prompt"]  # the question's prompt, as the first step sent it
     probes = [b for b in fault.seen if b.get("max_tokens") and b["max_tokens"] <= 20 and b.get("temperature") == 0.0 and b.get("stream")]
     assert probes and len(probes) >= len(result.probes) >= 1
@@ -503,11 +503,11 @@ def test_probe_requests_never_ask_for_echo_or_prompt_logprobs(fault):
 
 @pytest.mark.parametrize("live", [False, True], ids=["plain", "live"])
 def test_a_whole_question_runs_through_the_controller(engine, live):
-    result = run(agenerate_question(engine, "What is 12 + 30?", CodeStop(), max_new_tokens=60, probe_interval=1,
+    result = run(agenerate_question(engine, "What is 12 + 30?", CodeStop(), max_reasoning_tokens=60, probe_interval=1,
                                     boundaries=[" "], temperature=0.0, live_text=live))
     assert result.engine == "server"
     assert result.probes and all(0 <= p.confidence <= 1 for p in result.probes)
-    assert result.stop_reason in ("confident", "degenerate", "finished", "max_new_tokens")
+    assert result.stop_reason in ("confident", "degenerate", "finished", "max_reasoning_tokens")
     assert result.tokens["reasoning"] == result.stop_position <= 60
     assert result.answer_text  # the forced (or own) answer
 
@@ -527,7 +527,7 @@ def test_the_servers_own_tokenizer_never_blocks_the_event_loop(llama):
 
     async def go():
         loop_thread.append(threading.current_thread())
-        return await agenerate_question(eng, "Name a prime number greater than 10.", CodeStop(), max_new_tokens=30,
+        return await agenerate_question(eng, "Name a prime number greater than 10.", CodeStop(), max_reasoning_tokens=30,
                                         probe_interval=1, boundaries=[" "], temperature=0.0)
 
     result = run(go())
@@ -541,13 +541,13 @@ def test_many_concurrent_sessions_share_one_engine(engine):
 
     async def many():
         return await asyncio.gather(
-            *(agenerate_question(engine, q, Vanilla(), max_new_tokens=16, temperature=0.0) for q in questions)
+            *(agenerate_question(engine, q, Vanilla(), max_reasoning_tokens=16, temperature=0.0) for q in questions)
         )
 
     results = run(many())
     assert len(results) == 8 and all(r.tokens["reasoning"] >= 1 for r in results)
     # the same greedy question alone gives the same tokens as under concurrency
-    alone = run(agenerate_question(engine, questions[3], Vanilla(), max_new_tokens=16, temperature=0.0))
+    alone = run(agenerate_question(engine, questions[3], Vanilla(), max_reasoning_tokens=16, temperature=0.0))
     assert alone.reasoning_text == results[3].reasoning_text
 
 
@@ -555,8 +555,8 @@ def test_rejected_token_id_prompts_fall_back_to_text(fault, engine):
     fault.mode = "reject_ids"
     eng = ServerEngine.connect(fault.url, backoff=0.05, stream_steps=True)  # llama-cpp-python has no native endpoint
     q = "Name a colour."
-    got = run(agenerate_question(eng, q, Vanilla(), max_new_tokens=12, temperature=0.0))
-    want = run(agenerate_question(engine, q, Vanilla(), max_new_tokens=12, temperature=0.0))
+    got = run(agenerate_question(eng, q, Vanilla(), max_reasoning_tokens=12, temperature=0.0))
+    want = run(agenerate_question(engine, q, Vanilla(), max_reasoning_tokens=12, temperature=0.0))
     assert eng.text_prompts and eng.stats.text_fallbacks == 1
     assert isinstance(fault.seen[-1]["prompt"], str)
     assert got.reasoning_text == want.reasoning_text
@@ -566,12 +566,12 @@ def test_rejected_token_id_prompts_fall_back_to_text(fault, engine):
 def test_503_is_retried_and_a_stream_cut_midway_resumes_where_it_broke(fault, engine):
     eng = ServerEngine.connect(fault.url, backoff=0.05, stream_steps=True)
     q = "Describe the sea."
-    want = run(agenerate_question(engine, q, Vanilla(), max_new_tokens=30, temperature=0.0))
+    want = run(agenerate_question(engine, q, Vanilla(), max_reasoning_tokens=30, temperature=0.0))
     fault.mode = "status_once"
-    got = run(agenerate_question(eng, q, Vanilla(), max_new_tokens=30, temperature=0.0))
+    got = run(agenerate_question(eng, q, Vanilla(), max_reasoning_tokens=30, temperature=0.0))
     assert eng.stats.retries == 1 and got.reasoning_text == want.reasoning_text
     fault.mode = "drop_once"
-    got = run(agenerate_question(eng, q, Vanilla(), max_new_tokens=30, temperature=0.0))
+    got = run(agenerate_question(eng, q, Vanilla(), max_reasoning_tokens=30, temperature=0.0))
     assert eng.stats.retries == 2 and got.reasoning_text == want.reasoning_text
     eng.close()
 
@@ -585,7 +585,7 @@ def test_a_hanging_server_times_out_once_after_the_timeout(fault, live, mode):
     fault.mode = mode
     t0 = time.monotonic()
     with pytest.raises(ServerTimeout, match="did not answer within 1 s") as caught:
-        run(agenerate_question(eng, "hi", Vanilla(), max_new_tokens=8, live_text=live))
+        run(agenerate_question(eng, "hi", Vanilla(), max_reasoning_tokens=8, live_text=live))
     assert time.monotonic() - t0 < 1.9 and caught.value.status == 504
     eng.close()
 
@@ -606,7 +606,7 @@ def test_a_server_without_logprobs_is_a_clear_error(fault):
 
 def test_a_prompt_longer_than_the_window_is_refused_before_any_request(engine):
     with pytest.raises(ContextTooLong, match="2048"):
-        run(agenerate_question(engine, "word " * 2500, Vanilla(), max_new_tokens=8))
+        run(agenerate_question(engine, "word " * 2500, Vanilla(), max_reasoning_tokens=8))
 
 
 def test_load_engine_hook_picks_the_server_engine(llama):

@@ -9,9 +9,9 @@ import pytest
 from conftest import build_tiny_model
 
 from codestop import CodeStop, Deer, TokenBudget, generate
-from codestop.config import Sampling
 from codestop.engines.transformers import TransformersEngine
 from codestop.families import PROBE_PROMPT
+from codestop.sampling import Sampling
 from codestop.steps import StepRules
 
 
@@ -91,9 +91,9 @@ def test_controller_on_a_real_model_stops_and_answers(tiny_engine):
     # random weights never write "\n\n", so probe at a frequent word instead
     result = generate(
         tiny_engine, "What is 2 + 3?", Deer(threshold=0.0), family="plain", boundaries=["\n\n", " the", ","],
-        probe_interval=1, max_new_tokens=300, temperature=1.0, seed=0,
+        probe_interval=1, max_reasoning_tokens=300, temperature=1.0, seed=0,
     )
-    assert result.stop_reason in ("threshold", "finished", "max_new_tokens")
+    assert result.stop_reason in ("threshold", "finished", "max_reasoning_tokens")
     assert result.tokens["reasoning"] <= 300
     if result.stop_reason == "threshold":
         assert len(result.probes) == 1 and result.tokens["answer"] >= 1
@@ -101,7 +101,7 @@ def test_controller_on_a_real_model_stops_and_answers(tiny_engine):
 
 
 def test_budget_on_a_real_model(tiny_engine):
-    result = generate(tiny_engine, "What is 2 + 3?", CodeStop(), family="qwen3", max_new_tokens=25, temperature=1.0, seed=1)
+    result = generate(tiny_engine, "What is 2 + 3?", CodeStop(), family="qwen3", max_reasoning_tokens=25, temperature=1.0, seed=1)
     assert result.tokens["reasoning"] <= 25
     assert result.family == "qwen3"
 

@@ -20,11 +20,12 @@ from vllm_server import prefix_cache_hits
 
 from codestop import CodeStop, Vanilla
 from codestop.api import agenerate_question
-from codestop.config import DEFAULT_BOUNDARIES, GenerationConfig, Sampling
+from codestop.config import DEFAULT_BOUNDARIES, GenerationConfig
 from codestop.controller import Result, astream, score
 from codestop.engines.server import ServerEngine
 from codestop.errors import ServerError, ServerTimeout, ServerUnreachable
 from codestop.families import FAMILIES, PROBE_PROMPT
+from codestop.sampling import Sampling
 from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index
 
 pytestmark = pytest.mark.slow
@@ -200,7 +201,7 @@ def test_eos_never_reaches_the_text_with_a_thinking_family_and_no_tokenizer(vllm
     assert eng.eos_token_ids == frozenset()
     think = FAMILIES["think"]
     prompt = eng.chat_template([{"role": "user", "content": SHORT_QUESTION}]) + think.think_start + "\n"
-    config = GenerationConfig(max_new_tokens=24, probe_interval=4, boundaries=("\n",), temperature=0.0, live_text=live)
+    config = GenerationConfig(max_reasoning_tokens=24, probe_interval=4, boundaries=("\n",), temperature=0.0, live_text=live)
 
     async def go() -> tuple[Result, str]:
         shown = ""
@@ -225,7 +226,7 @@ def test_no_request_carries_more_than_four_stops_whatever_the_boundaries(recorde
     probes and forced answer included, and no request carries more than four."""
     eng = ServerEngine.connect(recorder.url, backoff=0.05)
     boundaries = [*DEFAULT_BOUNDARIES, "\n", "Hmm", "Let me", "Actually", "So", "Therefore"]
-    result = run(agenerate_question(eng, "What is 3 + 4?", CodeStop(), family="think", max_new_tokens=16, probe_interval=6,
+    result = run(agenerate_question(eng, "What is 3 + 4?", CodeStop(), family="think", max_reasoning_tokens=16, probe_interval=6,
                                     boundaries=boundaries, temperature=0.0))
     assert result.tokens["reasoning"] >= 1 and result.answer_text
     bodies = list(recorder.seen)
@@ -244,7 +245,7 @@ def test_a_hung_vllm_is_one_504_after_the_timeout(recorder, tokenizer, live):
     recorder.mode = "hang"
     t0 = time.monotonic()
     with pytest.raises(ServerTimeout, match="did not answer within 1 s") as caught:
-        run(agenerate_question(eng, "hi", Vanilla(), max_new_tokens=8, live_text=live))
+        run(agenerate_question(eng, "hi", Vanilla(), max_reasoning_tokens=8, live_text=live))
     assert time.monotonic() - t0 < 1.9 and caught.value.status == 504
     eng.close()
 
@@ -259,7 +260,7 @@ def test_an_engine_started_before_vllm_connects_once_it_answers(vllm_url):
     health = run(eng.health())
     assert (health["ok"], health["upstream"]) == (False, "starting") and "ConnectError" in health["error"]
     with pytest.raises(ServerError, match="not ready yet") as caught:
-        run(agenerate_question(eng, SHORT_QUESTION, Vanilla(), max_new_tokens=4))
+        run(agenerate_question(eng, SHORT_QUESTION, Vanilla(), max_reasoning_tokens=4))
     assert caught.value.status == 503
     upstream = FaultProxy(root(vllm_url), port=port)  # the server comes up on that port
     try:
@@ -267,7 +268,7 @@ def test_an_engine_started_before_vllm_connects_once_it_answers(vllm_url):
         health = run(eng.health())
         assert health["ok"] is True and health["upstream"] == "ok" and eng.server_kind == "vllm"
         assert eng.served_models == health["models"] and eng.model_name in eng.served_models
-        result = run(agenerate_question(eng, SHORT_QUESTION, Vanilla(), max_new_tokens=4, temperature=0.0))
+        result = run(agenerate_question(eng, SHORT_QUESTION, Vanilla(), max_reasoning_tokens=4, temperature=0.0))
         assert result.tokens["reasoning"] >= 1
     finally:
         upstream.stop()

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from codestop.config import Sampling
 from codestop.errors import CodestopError, ContextTooLong
+from codestop.sampling import Sampling
 from codestop.steps import EndKind, StepRules, StepScanner
 
 # a counter's key in :meth:`Engine.counters`: its kind, or label pairs such as (("kind", "step"), ("replica", url))

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from codestop.config import Sampling
 from codestop.engines.base import LocalBackend, LocalEngine
 from codestop.errors import CodestopError, ContextTooLong
+from codestop.sampling import Sampling
 
 DEFAULT_MAX_CONTEXT = 16384  # the KV cache is allocated whole per session: cap the default window
 BATCH = 512
@@ -109,7 +109,7 @@ class LlamaCppBackend(LocalBackend):
         if self._n + len(ids) > self.engine.context_window:
             raise ContextTooLong(
                 f"the context would grow to {self._n + len(ids)} tokens, past the model's window of "
-                f"{self.engine.context_window}; shorten the question or lower max_new_tokens"
+                f"{self.engine.context_window}; shorten the question or lower max_reasoning_tokens"
             )
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]

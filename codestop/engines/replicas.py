@@ -22,10 +22,10 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from codestop.config import Sampling
 from codestop.engines.base import CounterKey, Engine, ProbeOutput, Session, StepOutput
 from codestop.engines.server import HFTokens, RemoteTokens, ServerEngine
 from codestop.errors import CodestopError, ServerError, ServerTimeout, ServerUnreachable
+from codestop.sampling import Sampling
 from codestop.steps import StepRules
 
 RECHECK_S = 3.0  # least time between two health checks of a replica out of rotation

@@ -85,7 +85,6 @@ from typing import Any, Protocol
 
 import httpx
 
-from codestop.config import Sampling
 from codestop.engines.base import CounterKey, Engine, ProbeOutput, Session, StepOutput
 from codestop.errors import (
     CodestopError,
@@ -95,6 +94,7 @@ from codestop.errors import (
     ServerUnreachable,
     redact,
 )
+from codestop.sampling import Sampling
 from codestop.steps import StepEnd, StepRules, StepScanner
 
 DEFAULT_CONCURRENCY = 64

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from codestop.config import Sampling
 from codestop.engines.base import LocalBackend, LocalEngine
 from codestop.errors import CodestopError
+from codestop.sampling import Sampling
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
