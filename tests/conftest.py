@@ -25,6 +25,17 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama(smollm2_path):
+    """One real llama.cpp server (SmolLM2, 4 slots) for the whole run: every module that needs a
+    plain one shares it (a test that kills or reconfigures a server starts its own)."""
+    from llama_servers import LlamaServer
+
+    server = LlamaServer(smollm2_path).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
 def fixture_data() -> Path:
     """The folder of made-up benchmark files, one per format the loaders read (its README lists them)."""
     return FIXTURES

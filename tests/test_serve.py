@@ -66,13 +66,6 @@ class InProcessProxy:
 
 
 @pytest.fixture(scope="module")
-def llama(smollm2_path):
-    server = LlamaServer(smollm2_path).start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
 def proxy(llama):
     engine = ServerEngine.connect(llama.url + "/v1", backoff=0.05)
     p = InProcessProxy(engine)

@@ -35,13 +35,6 @@ SMOLLM2_EOS = 2  # <|im_end|>
 
 
 @pytest.fixture(scope="module")
-def llama(smollm2_path):
-    server = LlamaServer(smollm2_path).start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
 def engine(llama):
     eng = ServerEngine.connect(llama.url + "/v1", backoff=0.05)
     yield eng
