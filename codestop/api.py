@@ -14,8 +14,9 @@ from codestop.policies import CodeStop, Policy
 def load(model: str, *, engine: str | None = None, **options: Any) -> Engine:
     """Load a model: a hub id, a local HF directory, a .gguf file, or a preset name.
 
-    Options go to the engine (dtype, device, threads, ...). The returned engine is what
-    :func:`generate` takes; load once, generate many times."""
+    Options go to the engine (dtype, device, threads, base_url, retries, ...; see
+    :func:`codestop.models.load_engine`); one the engine does not take is an error naming it. The
+    returned engine is what :func:`generate` takes; load once, generate many times."""
     return load_engine(model, engine=engine, **options)
 
 

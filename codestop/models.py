@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from codestop.engines.base import Engine
+from codestop.engines.base import Engine, check_options
 from codestop.errors import CodestopError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # see DEFAULT_MODEL_WHY
@@ -97,16 +97,16 @@ def pick_engine(source: ModelSource, engine: str | None) -> str:
 def _load_llamacpp(source: ModelSource, **options: Any) -> Engine:
     from codestop.engines.llamacpp import LlamaCppEngine
 
-    known = {k: options[k] for k in ("threads", "n_ctx") if options.get(k) is not None}
-    return LlamaCppEngine.load(source.location, model_name=source.name, **known)
+    check_options("llamacpp", options, ("threads", "n_ctx"))
+    return LlamaCppEngine.load(source.location, model_name=source.name, **options)
 
 
 def _load_transformers(source: ModelSource, **options: Any) -> Engine:
     from codestop.engines.transformers import TransformersEngine
 
-    known = {k: options[k] for k in ("dtype", "device", "trust_remote_code") if options.get(k) is not None}
+    check_options("transformers", options, ("dtype", "device", "trust_remote_code"))
     engine = TransformersEngine.load(
-        source.location, gguf_file=source.location if source.kind == "gguf" else None, **known
+        source.location, gguf_file=source.location if source.kind == "gguf" else None, **options
     )
     engine.model_name = source.name
     return engine
@@ -122,9 +122,9 @@ ENGINES: dict[str, Callable[..., Engine]] = {
 def load_engine(model: str, *, engine: str | None = None, **options: Any) -> Engine:
     """Load ``model`` (a preset, .gguf file, local HF directory or hub id) on ``engine``.
 
-    Options reach the engine that understands them: dtype, device, trust_remote_code
-    (transformers); threads, n_ctx (llama.cpp); base_url and the rest of
-    :meth:`~codestop.engines.server.ServerEngine.connect`'s (server), where ``base_url`` is one URL
+    Options go to the engine, which names any it does not take in an error: dtype, device,
+    trust_remote_code (transformers); threads, n_ctx (llama.cpp); base_url, tokenizer, wait and the
+    :class:`~codestop.engines.server.ServerOptions` fields (server), where ``base_url`` is one URL
     or a list: two or more are replicas of one model behind one engine
     (:class:`~codestop.engines.replicas.ReplicaEngine`)."""
     if engine == "server" or (engine is None and options.get("base_url")):
@@ -149,4 +149,4 @@ def load_engine(model: str, *, engine: str | None = None, **options: Any) -> Eng
             "engine: the llamacpp engine needs llama-cpp-python; pip install llama-cpp-python "
             "(or use --engine transformers)"
         )
-    return ENGINES[chosen](source, **options)
+    return ENGINES[chosen](source, **{k: v for k, v in options.items() if v is not None})  # None: not given

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from codestop.engines.base import LocalBackend, LocalEngine
+from codestop.engines.local import LocalBackend, LocalEngine
 
 
 class ScriptedBackend(LocalBackend):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from codestop.api import agenerate_question, generate
-from codestop.engines.base import StepOutput, log_softmax
+from codestop.engines.base import StepOutput
+from codestop.engines.local import log_softmax
 from codestop.errors import CodestopError, ContextTooLong
 from codestop.families import FAMILIES, PROBE_PROMPT
 from codestop.policies import CodeStop, Deer, TokenBudget, Vanilla

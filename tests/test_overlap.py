@@ -68,11 +68,11 @@ def signature(r: Result) -> tuple:
 def both_modes(engine: ServerEngine, question: str, policy: dict) -> dict[str, tuple[Result, dict[str, int]]]:
     out = {}
     for mode in ("sequential", "overlapped"):
-        before = dict(engine.stats.by_kind)
+        before = dict(engine.transport.stats.by_kind)
         config = GenerationConfig(max_reasoning_tokens=MAX_REASONING_TOKENS, boundaries=BOUNDARIES, probe_interval=PROBE_INTERVAL,
                                   temperature=0, probe_mode=mode)
         result = asyncio.run(agenerate(engine, question, make_policy(**policy), config))
-        sent = {kind: engine.stats.by_kind.get(kind, 0) - before.get(kind, 0) for kind in ("step", "probe", "answer")}
+        sent = {kind: engine.transport.stats.by_kind.get(kind, 0) - before.get(kind, 0) for kind in ("step", "probe", "answer")}
         out[mode] = (result, sent)
     return out
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from scripted import ToyTokenizer
 
-from codestop.engines.base import LocalBackend, LocalEngine
-from codestop.engines.server import HFTokens, RemoteTokens, ServerEngine
+from codestop.engines.local import LocalBackend, LocalEngine
+from codestop.engines.server import HFTokens, RemoteTokens, ServerEngine, ServerOptions, Upstream, dialect_for
 from codestop.errors import ServerError
 from codestop.sampling import Sampling
 from codestop.steps import StepRules
@@ -294,8 +294,8 @@ def server_engine(model: ToyModel, dialect: str, remote: bool, **options) -> tup
     server = ToyServer(model, dialect)
     transport, sync_transport = server.transports()
     tokens = RemoteTokens(httpx.Client(transport=sync_transport), "http://toy", "toy") if remote else HFTokens(model.tok, "toy")
-    eng = ServerEngine("http://toy", model="toy", server_kind=dialect, tokens=tokens, eos_ids=frozenset({EOS}),
-                       context_window=4096, backoff=0.0, transport=transport, **options)
+    eng = ServerEngine("http://toy", Upstream("toy", dialect_for(dialect), tokens, window=4096, eos=frozenset({EOS})),
+                       ServerOptions(backoff=0.0, transport=transport, **options))
     return eng, server
 
 
@@ -357,7 +357,7 @@ def test_a_plain_request_asks_for_a_bounded_number_of_tokens():
     model, prompt, _ = build(case)
     eng, server = server_engine(model, "vllm", False)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("codestop.engines.server.PLAIN_REQUEST_TOKENS", 16)
+        mp.setattr("codestop.engines.server.dialects.PLAIN_REQUEST_TOKENS", 16)
 
         async def go():
             session = await eng.start(prompt, Sampling(temperature=0.0))
@@ -380,8 +380,8 @@ def test_a_request_that_makes_no_progress_is_retried_a_few_times_then_an_error(a
         return httpx.Response(200, json={"choices": [{"index": 0, **answer}]})
 
     tok = ToyTokenizer()
-    eng = ServerEngine("http://toy", model="toy", server_kind="vllm", tokens=HFTokens(tok, "toy"), eos_ids=frozenset({EOS}),
-                       retries=2, backoff=0.0, transport=httpx.MockTransport(handler))
+    eng = ServerEngine("http://toy", Upstream("toy", dialect_for("vllm"), HFTokens(tok, "toy"), eos=frozenset({EOS})),
+                       ServerOptions(retries=2, backoff=0.0, transport=httpx.MockTransport(handler)))
 
     async def go():
         session = await eng.start(tok.ids("hi"), Sampling())

@@ -20,7 +20,7 @@ from codestop.cli import build_parser, engine_options_from_args
 from codestop.config import GenerationConfig
 from codestop.controller import Result, agenerate, astream
 from codestop.engines.replicas import ReplicaEngine
-from codestop.engines.server import HFTokens, ServerEngine
+from codestop.engines.server import HFTokens, ServerEngine, ServerOptions, Upstream, dialect_for
 from codestop.errors import CodestopError, ServerError, ServerUnreachable
 from codestop.models import load_engine
 from codestop.policies import make_policy
@@ -53,8 +53,8 @@ class Upstreams:
                                                       "logprobs": {"tokens": ["token_id:0"], "token_logprobs": [-0.1]}}]})
 
     def engine(self, host: str) -> ServerEngine:
-        return ServerEngine(f"http://{host}", model="m", server_kind="vllm", tokens=HFTokens(ToyTokenizer(), "toy"),
-                            eos_ids=frozenset({0}), retries=0, backoff=0.0, transport=httpx.MockTransport(self.handler))
+        return ServerEngine(f"http://{host}", Upstream("m", dialect_for("vllm"), HFTokens(ToyTokenizer(), "toy"), eos=frozenset({0})),
+                            ServerOptions(retries=0, backoff=0.0, transport=httpx.MockTransport(self.handler)))
 
 
 def run(coro):
@@ -154,7 +154,7 @@ def test_the_flag_repeats_one_url_is_a_server_engine_and_replicas_must_serve_one
 
 def test_replicas_not_up_yet_join_when_they_answer(monkeypatch):
     """``codestop serve`` does not wait for its upstreams: 503 "starting" until one answers."""
-    monkeypatch.setattr("codestop.engines.server.RECONNECT_INTERVAL_S", 0.0)
+    monkeypatch.setattr("codestop.engines.server.engine.RECONNECT_INTERVAL_S", 0.0)
     up = Upstreams()
     up.down.update({"a", "b"})
     eng = load_engine(None, base_url=["http://a", "http://b"], wait=False, recheck_s=0.0, tokenizer=ToyTokenizer(),

@@ -309,5 +309,5 @@ def test_an_unknown_server_engine_option_is_an_error_naming_it():
     args = sub.choices["serve"].parse_args(["--base-url", f"http://127.0.0.1:{free_port()}/v1", "--timeout", "5", "--retries", "1",
                                             "--concurrency", "2", "--api-key", "k"])
     engine = build_engine(args)
-    assert isinstance(engine, ServerEngine) and not engine.connected and engine.retries == 1
+    assert isinstance(engine, ServerEngine) and not engine.connected and engine.options.retries == 1
     engine.close()

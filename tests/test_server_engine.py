@@ -19,13 +19,16 @@ import time
 
 import httpx
 import pytest
-from llama_servers import FaultProxy, LlamaServer, free_port
+from llama_servers import FaultProxy, free_port
 from test_parity import ToyTokenizer
 
+import codestop
 from codestop import CodeStop, Vanilla
 from codestop.api import agenerate_question
-from codestop.engines.server import HFTokens, ServerEngine, parse_choice, parse_logprobs
-from codestop.errors import CodestopError, ContextTooLong, ServerError, ServerTimeout
+from codestop.cli import build_parser
+from codestop.cli.options import engine_from_args
+from codestop.engines.server import HFTokens, ServerEngine, ServerOptions, Upstream, dialect_for, parse_choice, parse_logprobs
+from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerError, ServerTimeout
 from codestop.sampling import Sampling
 from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index
 
@@ -180,7 +183,7 @@ class Replay:
 def test_sglang_plain_steps_read_matched_stop_and_token_ids(tokenizer):
     replay = Replay(SGLANG_PLAIN)
     eng = ServerEngine.connect("http://sglang:30000/v1", tokenizer=tokenizer, transport=httpx.MockTransport(replay))
-    assert eng.server_kind == "sglang" and eng.context_window == 8192
+    assert eng.dialect.name == "sglang" and eng.context_window == 8192
 
     async def go():
         session = await eng.start(SGLANG_PROMPT, Sampling(temperature=0.0))
@@ -243,8 +246,8 @@ def scripted_server(reject_ids: bool, reject_text: bool, calls: list):
 
 def toy_engine(transport, **kwargs) -> tuple[ServerEngine, ToyTokenizer]:
     tok = ToyTokenizer()
-    eng = ServerEngine("http://up", model="m", server_kind="vllm", tokens=HFTokens(tok, "toy"), eos_ids=frozenset({0}),
-                       backoff=0.0, transport=transport, **kwargs)
+    eng = ServerEngine("http://up", Upstream("m", dialect_for("vllm"), HFTokens(tok, "toy"), eos=frozenset({0})),
+                       ServerOptions(backoff=0.0, transport=transport, **kwargs))
     return eng, tok
 
 
@@ -258,14 +261,14 @@ def test_a_400_for_token_ids_switches_to_text_only_when_text_works():
     eng, tok = toy_engine(scripted_server(reject_ids=True, reject_text=True, calls=calls))
     with pytest.raises(ServerError, match="answered 400: bad request: max_tokens too large"):
         run(one_step(eng, tok.ids("hi")))
-    assert not eng.text_prompts and eng.stats.text_fallbacks == 0  # an ordinary 400 switches nothing
+    assert not eng.transport.text_prompts and eng.transport.stats.text_fallbacks == 0  # an ordinary 400 switches nothing
     assert [type(c["prompt"]) for c in calls] == [list, str]  # the same request, tried once as text
 
     calls.clear()
     eng, tok = toy_engine(scripted_server(reject_ids=True, reject_text=False, calls=calls))
     assert run(one_step(eng, tok.ids("hi"))).end == "eos"
     assert run(one_step(eng, tok.ids("hi"))).end == "eos"
-    assert eng.text_prompts and eng.counters()["upstream_text_fallbacks"] == {"": 1}
+    assert eng.transport.text_prompts and eng.counters()["upstream_text_fallbacks"] == {"": 1}
     assert [type(c["prompt"]) for c in calls] == [list, str, str]  # switched: later requests go as text
 
 
@@ -286,7 +289,7 @@ def test_a_400_after_token_ids_worked_is_an_error_not_a_switch():
     state["reject"] = True
     with pytest.raises(ServerError, match="422: logprobs: must be <= 0"):
         run(one_step(eng, tok.ids("hi")))
-    assert not eng.text_prompts and all(isinstance(c["prompt"], list) for c in calls)
+    assert not eng.transport.text_prompts and all(isinstance(c["prompt"], list) for c in calls)
 
 
 def test_health_counters_and_aclose_close_every_loops_client():
@@ -312,12 +315,12 @@ def test_health_counters_and_aclose_close_every_loops_client():
 
     async def here():
         await eng.health()
-        clients = [s.client for s in eng._loops.values()]
+        clients = [s.client for s in eng.transport.loops.values()]
         await eng.aclose()
         return clients
 
     clients = run(here())
-    assert len(clients) == 2 and all(c.is_closed for c in clients) and eng._sync.is_closed
+    assert len(clients) == 2 and all(c.is_closed for c in clients) and eng.transport.sync.is_closed
     other.call_soon_threadsafe(other.stop)
     thread.join(10)
     other.close()
@@ -349,7 +352,7 @@ def test_an_upstream_that_comes_up_serving_another_model_is_a_clear_503(monkeypa
             raise httpx.ConnectError("refused")
         return httpx.Response(200, json={"data": [{"id": "other", "owned_by": "vllm"}]})
 
-    monkeypatch.setattr("codestop.engines.server.RECONNECT_INTERVAL_S", 0.0)
+    monkeypatch.setattr("codestop.engines.server.engine.RECONNECT_INTERVAL_S", 0.0)
     eng = ServerEngine.connect("http://up/v1", model="m", wait=False, tokenizer=ToyTokenizer(), transport=httpx.MockTransport(handler))
     assert not eng.connected and eng.served_models == []
     assert run(eng.health())["upstream"] == "starting"
@@ -377,7 +380,7 @@ def test_max_stops_is_checked_once():
 
 
 def test_connect_reads_the_served_model_and_the_servers_tokenizer_matches_the_real_one(engine, tokenizer):
-    assert engine.server_kind == "llamacpp"
+    assert engine.dialect.name == "llamacpp"
     assert engine.context_window == 2048
     assert engine.eos_token_ids == frozenset({tokenizer.convert_tokens_to_ids("<|im_end|>")})
     sample = "<|im_start|>user\nWhat is 12 + 30? Wait, déjà vu.\n\n<|im_end|>"
@@ -516,7 +519,7 @@ def test_the_servers_own_tokenizer_never_blocks_the_event_loop(llama):
         return post(*args, **kwargs)
 
     eng.tokens.client.post = recording_post
-    eng._sync.post = recording_post
+    eng.transport.sync.post = recording_post
 
     async def go():
         loop_thread.append(threading.current_thread())
@@ -550,7 +553,7 @@ def test_rejected_token_id_prompts_fall_back_to_text(fault, engine):
     q = "Name a colour."
     got = run(agenerate_question(eng, q, Vanilla(), max_reasoning_tokens=12, temperature=0.0))
     want = run(agenerate_question(engine, q, Vanilla(), max_reasoning_tokens=12, temperature=0.0))
-    assert eng.text_prompts and eng.stats.text_fallbacks == 1
+    assert eng.transport.text_prompts and eng.transport.stats.text_fallbacks == 1
     assert isinstance(fault.seen[-1]["prompt"], str)
     assert got.reasoning_text == want.reasoning_text
     eng.close()
@@ -562,10 +565,10 @@ def test_503_is_retried_and_a_stream_cut_midway_resumes_where_it_broke(fault, en
     want = run(agenerate_question(engine, q, Vanilla(), max_reasoning_tokens=30, temperature=0.0))
     fault.mode = "status_once"
     got = run(agenerate_question(eng, q, Vanilla(), max_reasoning_tokens=30, temperature=0.0))
-    assert eng.stats.retries == 1 and got.reasoning_text == want.reasoning_text
+    assert eng.transport.stats.retries == 1 and got.reasoning_text == want.reasoning_text
     fault.mode = "drop_once"
     got = run(agenerate_question(eng, q, Vanilla(), max_reasoning_tokens=30, temperature=0.0))
-    assert eng.stats.retries == 2 and got.reasoning_text == want.reasoning_text
+    assert eng.transport.stats.retries == 2 and got.reasoning_text == want.reasoning_text
     eng.close()
 
 
@@ -608,3 +611,37 @@ def test_load_engine_hook_picks_the_server_engine(llama):
     eng = load_engine(None, base_url=llama.url + "/v1")  # --base-url alone implies --engine server
     assert isinstance(eng, ServerEngine) and eng.model_name.endswith(".gguf")
     eng.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Options: one validated ServerOptions; unknown options are errors naming them
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,value", [
+    ("concurrency", 0), ("concurrency", 2.5), ("retries", -1), ("retries", True), ("timeout", 0), ("timeout", float("nan")),
+    ("connect_timeout", -1.0), ("backoff", -0.1), ("max_stops", 0), ("stream_steps", "yes"), ("api_key", 7),
+])
+def test_server_options_are_checked_once_naming_the_option_and_its_value(name, value):
+    with pytest.raises(ParameterError) as caught:
+        ServerOptions(**{name: value})
+    assert caught.value.param == name and caught.value.value is value and str(caught.value).startswith(f"{name}: {value!r} must")
+
+
+def test_an_unknown_option_is_named_with_the_closest_known_one_before_any_request():
+    calls: list = []
+    transport = httpx.MockTransport(lambda r: calls.append(r) or httpx.Response(200, json={"data": [{"id": "m"}]}))
+    with pytest.raises(CodestopError, match=r"^retires: unknown option of the server engine \(did you mean retries\?\); it takes "):
+        codestop.load("m", base_url="http://up/v1", retires=7, transport=transport)
+    with pytest.raises(CodestopError, match=r"^retires, timout: unknown options .*\(did you mean retries for retires, timeout for timout\?\)"):
+        ServerEngine.connect("http://up/v1", retires=7, timout=1, transport=transport)
+    assert calls == []  # refused before connecting
+    eng = ServerEngine.connect("http://up/v1", retries=7, tokenizer=ToyTokenizer(), transport=transport)
+    assert eng.options.retries == 7 and eng.options.max_stops is None and eng.stops_for(StepRules(("a", "b", "c", "d", "e")))[0] == ["a", "b", "c", "d"]
+    eng.close()
+
+
+def test_the_command_line_names_an_option_the_engine_does_not_take():
+    args = build_parser().parse_args(["run", "q", "--base-url", "http://up/v1", "--threads", "2"])
+    with pytest.raises(CodestopError, match=r"^threads: unknown option of the server engine; it takes base_url, model"):
+        engine_from_args(args)

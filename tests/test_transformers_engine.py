@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from conftest import build_tiny_model
 
+import codestop
 from codestop import CodeStop, Deer, TokenBudget, generate
 from codestop.engines.transformers import TransformersEngine
+from codestop.errors import CodestopError
 from codestop.families import PROBE_PROMPT
 from codestop.sampling import Sampling
 from codestop.steps import StepRules
@@ -136,3 +138,16 @@ def test_a_bad_model_path_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CodestopError, match="could not load"):
         load_engine(str(tmp_path / "empty"), engine="transformers")
+
+
+@pytest.mark.parametrize("engine,option,hint", [
+    ("transformers", {"threads": 2}, "it takes dtype, device, trust_remote_code"),
+    ("transformers", {"dtpye": "float16"}, "(did you mean dtype?)"),
+    ("llamacpp", {"dtype": "float16"}, "it takes threads, n_ctx"),
+    ("llamacpp", {"thread": 2}, "(did you mean threads?)"),
+])
+def test_an_option_the_in_process_engine_does_not_take_is_an_error_naming_it(smollm2_path, engine, option, hint):
+    [name] = option
+    with pytest.raises(CodestopError, match=rf"^{name}: unknown option of the {engine} engine") as caught:
+        codestop.load(str(smollm2_path), engine=engine, **option)
+    assert hint in str(caught.value)

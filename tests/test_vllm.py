@@ -104,7 +104,7 @@ def stop_counts(bodies: list[dict]) -> list[int]:
 
 
 def test_connect_reads_what_vllm_serves_and_its_tokenizer_matches_the_real_one(engine, tokenizer):
-    assert engine.server_kind == "vllm" and engine.context_window == 2048
+    assert engine.dialect.name == "vllm" and engine.context_window == 2048
     assert engine.model_name in engine.served_models
     sample = "<|im_start|>user\nWhat is 12 + 30? Wait, déjà vu.\n\n<|im_end|>"
     assert engine.tokenize(sample) == tokenizer.encode(sample, add_special_tokens=False)
@@ -266,7 +266,7 @@ def test_an_engine_started_before_vllm_connects_once_it_answers(vllm_url):
     try:
         time.sleep(1.1)  # attempts are at most one a second
         health = run(eng.health())
-        assert health["ok"] is True and health["upstream"] == "ok" and eng.server_kind == "vllm"
+        assert health["ok"] is True and health["upstream"] == "ok" and eng.dialect.name == "vllm"
         assert eng.served_models == health["models"] and eng.model_name in eng.served_models
         result = run(agenerate_question(eng, SHORT_QUESTION, Vanilla(), max_reasoning_tokens=4, temperature=0.0))
         assert result.tokens["reasoning"] >= 1

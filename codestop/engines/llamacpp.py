@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from codestop.engines.base import LocalBackend, LocalEngine
+from codestop.engines.local import LocalBackend, LocalEngine
 from codestop.errors import CodestopError, ContextTooLong
 from codestop.sampling import Sampling
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from codestop.engines.base import LocalBackend, LocalEngine
+from codestop.engines.local import LocalBackend, LocalEngine
+from codestop.engines.tokens import HFTokens
 from codestop.errors import CodestopError
 from codestop.sampling import Sampling
 
@@ -111,6 +112,7 @@ class TransformersEngine(LocalEngine):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.tokens = HFTokens(tokenizer, self.model_name)
         self.device = next(model.parameters()).device
         self.context_window = getattr(model.config, "max_position_embeddings", None)
         # transformers 5 renamed forward's past_key_values to cache
@@ -172,22 +174,20 @@ class TransformersEngine(LocalEngine):
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.tokens.tokenize(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self.tokens.detokenize(ids)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
 
     def chat_template(self, messages: list[dict[str, str]], **template_kwargs: Any) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            # a base model: a plain prompt
+        rendered = self.tokens.render(messages, **template_kwargs)
+        if rendered is None:  # a base model: a plain prompt
             return "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
-        )
+        return rendered
 
     def default_sampling(self) -> Sampling:
         gen = getattr(self.model, "generation_config", None)
@@ -203,7 +203,7 @@ class TransformersEngine(LocalEngine):
         return {
             "name": self.model_name,
             "model_type": getattr(self.model.config, "model_type", ""),
-            "chat_template": getattr(self.tokenizer, "chat_template", "") or "",
+            "chat_template": self.tokens.chat_template_text(),
         }
 
     def new_backend(self, prompt_ids: Sequence[int]) -> TransformersBackend:

@@ -1,0 +1,62 @@
+"""How the server engine talks to its server: every knob once, in one frozen dataclass checked at
+construction (as vLLM's ``SamplingParams``), so no later code checks again."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from codestop.engines.base import check_options
+from codestop.errors import is_integer, is_number, require
+
+# what ServerEngine.connect takes besides the options: where, which model, whose tokenizer, wait or not
+CONNECT_ARGUMENTS = ("base_url", "model", "tokenizer", "wait")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """``api_key``: the server's key (``connect`` defaults it to ``$CODESTOP_UPSTREAM_API_KEY``, else
+    ``$OPENAI_API_KEY``). ``concurrency``: most requests in flight per event loop. ``timeout``: the
+    longest the server may stay silent (between streamed events, or for a whole plain answer);
+    ``connect_timeout`` apart. ``retries``: how often a request that fails (429, 5xx, a dropped
+    connection) or makes no progress is sent again, ``backoff`` seconds apart at first, doubling.
+    ``stream_steps``: None streams a step when its text is shown live, when the server cannot end a
+    plain request at a boundary, or when its stop strings exceed ``max_stops``; True or False forces
+    it. ``max_stops``: most stop strings one request carries (None: the dialect's cap, 4 as vLLM and
+    the OpenAI API accept).
+    ``transport``: an httpx transport for every client the engine makes (tests:
+    ``httpx.MockTransport``)."""
+
+    api_key: str | None = field(default=None, repr=False)
+    concurrency: int = 64
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+    retries: int = 3
+    backoff: float = 0.5
+    stream_steps: bool | None = None
+    max_stops: int | None = None
+    transport: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        require(self.api_key is None or isinstance(self.api_key, str), "api_key", self.api_key, "must be a string")
+        require(is_integer(self.concurrency) and self.concurrency >= 1, "concurrency", self.concurrency, "must be an integer >= 1")
+        require(is_number(self.timeout) and self.timeout > 0, "timeout", self.timeout, "must be > 0 seconds")
+        require(is_number(self.connect_timeout) and self.connect_timeout > 0, "connect_timeout", self.connect_timeout,
+                "must be > 0 seconds")
+        require(is_integer(self.retries) and self.retries >= 0, "retries", self.retries, "must be an integer >= 0")
+        require(is_number(self.backoff) and self.backoff >= 0, "backoff", self.backoff, "must be >= 0 seconds")
+        require(self.stream_steps in (None, True, False), "stream_steps", self.stream_steps, "must be None, True or False")
+        require(self.max_stops is None or is_integer(self.max_stops) and self.max_stops >= 1, "max_stops", self.max_stops,
+                "must be an integer >= 1 (vLLM and OpenAI accept 4)")
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> ServerOptions:
+        """The options named in ``options``; any other name is an error naming it (and the closest
+        known one), never dropped."""
+        check_options("server", options, [*CONNECT_ARGUMENTS, *cls.names()])
+        return cls(**options)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,354 @@
+"""HTTP to one completions server, and reading what it answers.
+
+Every request is async on one ``httpx.AsyncClient`` per event loop (asyncio objects belong to one
+loop; the sync API runs each question in a fresh loop), under the concurrency limit, with retries:
+429, 5xx and connection errors are sent again after a backoff (``retries`` times at most). A server
+that stays silent for ``timeout`` is one :class:`~codestop.errors.ServerTimeout` (the proxy's 504),
+never retried. Prompts go as token ids; a server that refuses them while token ids never worked
+there (llama-cpp-python) gets the same request once as text, and only if that works are later
+prompts sent as text.
+
+The parsers read every dialect's answers: ``/v1/completions`` answers and stream events (vLLM,
+SGLang, llama.cpp) and llama.cpp's native ``/completion``. Never echo or prompt logprobs, which make
+vLLM skip its prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from codestop.engines.server.options import ServerOptions
+from codestop.errors import ContextTooLong, ServerError, ServerTimeout, ServerUnreachable, redact
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+COMPLETIONS = "/v1/completions"
+
+
+@dataclass
+class Token:
+    """One generated token as a server's logprobs report it: id (None when the server gives only
+    text), natural-log probability, and its exact bytes where the server says them (llama.cpp)."""
+
+    id: int | None
+    logprob: float | None
+    piece: bytes | None = None
+
+
+@dataclass
+class Chunk:
+    """A piece of a completion: its token ids (None when the server reports only text), their
+    logprobs (None without), its text, and on the last piece the finish reason and what matched
+    (a stop string, or a stop token's id; None for EOS or when the server does not say)."""
+
+    ids: list[int] | None
+    logprobs: list[float | None] | None
+    text: str = ""
+    finish: str | None = None
+    stop: str | int | None = None
+    pieces: dict[int, bytes] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing what servers return
+# --------------------------------------------------------------------------------------------
+
+
+def parse_logprobs(logprobs: Any) -> list[Token] | None:
+    """The tokens of a completion choice's ``logprobs``, in either format servers use: the chat
+    format (llama.cpp: ``{"content": [{"id", "token", "bytes", "logprob"}]}``) or the legacy
+    completions format (vLLM, SGLang: ``{"tokens", "token_logprobs"}``; vLLM writes tokens as
+    ``token_id:N`` when asked with ``return_tokens_as_token_ids``). None when there are none."""
+    if not isinstance(logprobs, dict):
+        return None
+    if isinstance(logprobs.get("content"), list):
+        out = []
+        for entry in logprobs["content"]:
+            raw = entry.get("bytes")
+            out.append(Token(entry.get("id"), entry.get("logprob"), bytes(raw) if isinstance(raw, list) and raw else None))
+        return out
+    if isinstance(logprobs.get("tokens"), list):
+        lps = logprobs.get("token_logprobs") or [None] * len(logprobs["tokens"])
+        out = []
+        for tok, lp in zip(logprobs["tokens"], lps):
+            digits = tok[9:] if isinstance(tok, str) and tok.startswith("token_id:") else ""
+            out.append(Token(int(digits) if digits.lstrip("-").isdigit() else None, lp))
+        return out
+    return None
+
+
+def parse_choice(data: dict[str, Any]) -> Chunk:
+    """A ``/v1/completions`` answer or stream event (vLLM, SGLang and llama.cpp dialects)."""
+    choices = data.get("choices") or []
+    if not choices:
+        return Chunk([], None)  # e.g. a usage-only stream event
+    choice = choices[0]
+    tokens = parse_logprobs(choice.get("logprobs"))
+    ids = choice.get("token_ids")  # SGLang's (and newer vLLM's) return_token_ids
+    if not isinstance(ids, list):
+        ids = [t.id for t in tokens] if tokens is not None and all(t.id is not None for t in tokens) else None
+    stop = choice.get("stop_reason")  # vLLM
+    if stop is None:
+        stop = choice.get("matched_stop")  # SGLang
+    pieces = {t.id: t.piece for t in tokens or [] if t.id is not None and t.piece is not None}
+    lps = [t.logprob for t in tokens] if tokens is not None else None
+    return Chunk(ids, lps, choice.get("text") or "", choice.get("finish_reason"), stop, pieces)
+
+
+def parse_native(data: dict[str, Any]) -> Chunk:
+    """llama.cpp's native ``/completion`` answer (asked with ``return_tokens`` and ``n_probs``): every
+    generated id (a stop string's too, though ``content`` is trimmed), and how it stopped."""
+    ids = [int(t) for t in data.get("tokens") or []]
+    pieces = {}
+    for entry in data.get("completion_probabilities") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("bytes"), list) and entry["bytes"]:
+            pieces[entry["id"]] = bytes(entry["bytes"])
+    stop_type = data.get("stop_type")
+    if stop_type is None:  # before llama.cpp had stop_type
+        stop_type = next((k for k in ("eos", "word", "limit") if data.get(f"stopped_{k}")), None)
+    finish = {"eos": "stop", "word": "stop", "limit": "length"}.get(str(stop_type))
+    stop = data.get("stopping_word") if stop_type == "word" else None
+    return Chunk(ids, None, str(data.get("content") or ""), finish, stop, pieces)
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own error message (OpenAI-style ``{"error": {"message"}}`` or FastAPI's
+    ``{"detail"}``), else the start of the body; anything that looks like a credential redacted
+    (the message is relayed to codestop's clients and logs)."""
+    return redact(_error_text(response))
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300].strip() or response.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if body.get("detail"):
+            return json.dumps(body["detail"])[:300] if not isinstance(body["detail"], str) else body["detail"]
+        if body.get("message"):
+            return str(body["message"])
+    return str(body)[:300]
+
+
+def timeout_error(where: str, timeout: httpx.Timeout, err: httpx.TimeoutException) -> ServerTimeout:
+    """The one error for a server that stays silent: 504, whichever call noticed it."""
+    if isinstance(err, httpx.ConnectTimeout):
+        return ServerTimeout(f"the completions server at {where} did not accept a connection within {timeout.connect:g} s; "
+                             "it may be overloaded or hung")
+    return ServerTimeout(f"the completions server at {where} did not answer within {timeout.read:g} s "
+                         f"({type(err).__name__}); it may be overloaded or hung")
+
+
+def mentions_context(message: str) -> bool:
+    low = message.lower()
+    return "context" in low and ("exceed" in low or "length" in low or "too long" in low or "maximum" in low)
+
+
+def parse_json(content: bytes, where: str) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        raise ServerError(f"the completions server at {where} answered with invalid JSON: {redact(repr(content[:200]))}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Sending
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopState:
+    """What an event loop owns: its HTTP client and its concurrency limit."""
+
+    client: httpx.AsyncClient
+    limit: asyncio.Semaphore
+
+
+@dataclass
+class RequestStats:
+    """What was sent (the engine's :meth:`~codestop.engines.server.ServerEngine.counters`)."""
+
+    retries: int = 0
+    text_fallbacks: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class Transport:
+    """The HTTP clients of one server and the requests sent on them. ``as_text`` turns a token-id
+    prompt into text, for a server that takes text prompts only; ``sync``: the blocking client
+    (connecting, the server's tokenizer and template), made here when not given."""
+
+    def __init__(self, base_url: str, options: ServerOptions, as_text: Callable[[Sequence[int]], Awaitable[str]],
+                 sync: httpx.Client | None = None) -> None:
+        self.base_url = base_url
+        self.options = options
+        self.timeout = httpx.Timeout(options.timeout, connect=options.connect_timeout)
+        self.as_text = as_text
+        self.text_prompts = False  # switched on when only text prompts work on this server
+        self._ids_confirmed = False  # a token-id prompt has succeeded: never switch to text
+        self.stats = RequestStats()
+        self.loops: dict[asyncio.AbstractEventLoop, LoopState] = {}
+        self.sync = sync or client_for(options, self.timeout)
+        self._ssl: Any = None  # one SSL context for every client made here (building one costs ~90 ms)
+
+    def state(self) -> LoopState:
+        """The running event loop's client and limit (made on first use)."""
+        loop = asyncio.get_running_loop()
+        state = self.loops.get(loop)
+        if state is None:
+            for dead in [lp for lp in self.loops if lp.is_closed()]:
+                del self.loops[dead]  # a finished asyncio.run: its client cannot be closed any more
+            if self.options.transport is not None:
+                kwargs: dict[str, Any] = {"transport": self.options.transport}
+            else:
+                if self._ssl is None:
+                    self._ssl = httpx.create_ssl_context()
+                n = self.options.concurrency
+                kwargs = {"limits": httpx.Limits(max_connections=n, max_keepalive_connections=n), "verify": self._ssl}
+            client = httpx.AsyncClient(timeout=self.timeout, headers=headers(self.options.api_key), **kwargs)
+            state = self.loops[loop] = LoopState(client, asyncio.Semaphore(self.options.concurrency))
+        return state
+
+    async def backoff(self, attempt: int, response: httpx.Response | None = None) -> None:
+        """Wait before retry ``attempt`` (0-based): doubling, jittered, at least a ``Retry-After``."""
+        delay = self.options.backoff * (2**attempt) * (0.5 + random.random())
+        if response is not None and response.headers.get("retry-after", "").isdigit():
+            delay = max(delay, float(response.headers["retry-after"]))
+        self.stats.retries += 1
+        await asyncio.sleep(min(delay, 30.0))
+
+    def unreachable(self, err: Exception) -> ServerError:
+        if isinstance(err, httpx.TimeoutException):
+            return timeout_error(self.base_url, self.timeout, err)
+        return ServerUnreachable(
+            f"the completions server at {self.base_url} is unreachable or dropped the connection "
+            f"({type(err).__name__}) after {self.options.retries} retries; check that it is running"
+        )
+
+    def _raise_for(self, response: httpx.Response) -> None:
+        message = error_message(response)
+        if response.status_code in (401, 403):
+            raise ServerError(f"the completions server refused the API key ({response.status_code}): {message}", 502, response.status_code)
+        if mentions_context(message):
+            raise ContextTooLong(f"the completions server says: {message}")
+        raise ServerError(f"the completions server answered {response.status_code}: {message}", 502, response.status_code)
+
+    async def _send(self, client: httpx.AsyncClient, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any],
+                    stream: bool) -> httpx.Response:
+        """Send one request until a 200 answer: 429/5xx and connection errors are retried with
+        backoff. A 400/422 for a token-id prompt, while token ids never worked here, is re-sent
+        once as text; only if that works does the engine switch to text prompts (llama-cpp-python
+        takes no token ids), else the server's first error is raised."""
+        attempt = 0
+        as_text = self.text_prompts
+        rejected: httpx.Response | None = None
+        while True:
+            prompt = await self.as_text(prompt_ids) if as_text else list(prompt_ids)
+            body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
+            self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+            try:
+                response = await client.send(client.build_request("POST", self.base_url + path, json=body), stream=stream)
+            except httpx.TimeoutException as err:
+                raise self.unreachable(err) from None
+            except httpx.TransportError as err:
+                if attempt >= self.options.retries:
+                    raise self.unreachable(err) from None
+                await self.backoff(attempt)
+                attempt += 1
+                continue
+            if response.status_code == 200:
+                if not as_text:
+                    self._ids_confirmed = True
+                elif not self.text_prompts and not self._ids_confirmed:
+                    self.text_prompts = True
+                    self.stats.text_fallbacks += 1
+                return response
+            await response.aread()
+            await response.aclose()
+            if response.status_code in RETRY_STATUSES and attempt < self.options.retries:
+                await self.backoff(attempt, response)
+                attempt += 1
+                continue
+            if (
+                rejected is None and not as_text and not self._ids_confirmed and response.status_code in (400, 422)
+                and not mentions_context(error_message(response))
+            ):
+                rejected, as_text = response, True
+                continue
+            self._raise_for(rejected or response)
+
+    @asynccontextmanager
+    async def _post(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], stream: bool,
+                    slot: bool = True) -> AsyncIterator[httpx.Response]:
+        """One request (see :meth:`_send`), holding a slot of the concurrency limit until closed;
+        ``slot`` False: the session already holds one (a probe beside its own running stream, which
+        must not wait behind other sessions' streams)."""
+        state = self.state()
+        async with state.limit if slot else nullcontext():
+            response = await self._send(state.client, path, prompt_ids, kind, fields, stream)
+            try:
+                yield response
+            finally:
+                await response.aclose()
+
+    async def complete(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any],
+                       parse: Callable[[dict[str, Any]], Chunk] = parse_choice, slot: bool = True) -> Chunk:
+        """One plain (non-streaming) completion."""
+        async with self._post(path, prompt_ids, kind, fields, stream=False, slot=slot) as response:
+            return parse(parse_json(response.content, self.base_url))
+
+    async def stream(self, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], slot: bool = True) -> AsyncGenerator[Chunk, None]:
+        """One streaming completion, event by event. Closing the generator closes the connection,
+        which aborts the request on the server; a connection broken mid-stream raises (the session
+        resumes from what it kept)."""
+        async with self._post(COMPLETIONS, prompt_ids, kind, {**fields, "stream": True}, stream=True, slot=slot) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return
+                data = parse_json(payload.encode(), self.base_url)
+                if isinstance(data, dict) and data.get("error"):
+                    err = data["error"]
+                    msg = redact(str(err.get("message") if isinstance(err, dict) else err))
+                    if mentions_context(msg):
+                        raise ContextTooLong(f"the completions server says: {msg}")
+                    raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
+                yield parse_choice(data)
+
+    async def aclose(self) -> None:
+        """Close every client: each event loop's (the current loop's here, one of a loop running in
+        another thread there; a closed loop's client cannot be closed any more and is dropped) and
+        the sync one."""
+        current = asyncio.get_running_loop()
+        states, self.loops = self.loops, {}
+        for loop, state in states.items():
+            if loop is current:
+                await state.client.aclose()
+            elif loop.is_running() and not loop.is_closed():
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(state.client.aclose(), loop))
+        self.sync.close()
+
+
+def headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def client_for(options: ServerOptions, timeout: httpx.Timeout | None = None) -> httpx.Client:
+    """A blocking client with the options' key, timeouts and transport."""
+    timeout = timeout or httpx.Timeout(options.timeout, connect=options.connect_timeout)
+    return httpx.Client(timeout=timeout, headers=headers(options.api_key), transport=options.transport)
