@@ -16,12 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from llama_servers import FaultProxy, LlamaServer, free_port, serve_in_thread
+from llama_servers import FaultProxy, LlamaServer, free_port, serve_in_thread, upstream_metrics
 from scripted import ScriptedBackend, ScriptedEngine
 
 from codestop.config import GenerationConfig
@@ -29,8 +30,9 @@ from codestop.engines.server import ServerEngine
 from codestop.errors import CodestopError
 from codestop.families import FAMILIES
 from codestop.serve import create_app
+from codestop.serve.defaults import DEFAULT_CONFIG
 from codestop.serve.protocol import parse_request
-from codestop.serve.serving import DEFAULT_CONFIG, Splitter, prepare, server_defaults
+from codestop.serve.serving import Splitter, prepare, server_defaults
 
 pytestmark = pytest.mark.slow
 SHORT = 16  # tokens per answer in the load rounds: short answers
@@ -631,6 +633,30 @@ def test_the_proxy_starts_before_its_upstream_and_serves_once_it_is_up(smollm2_p
 # --------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def cli_proxy(base_url: str, *flags: str):
+    """The real ``codestop serve`` verb in a subprocess in front of ``base_url``, once healthy: (process, URL)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "codestop.cli", "serve", "--base-url", base_url, "--port", str(port), "--log-level", "warning", *flags]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def _proxy_sockets(pid: int) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -664,22 +690,7 @@ async def _round(base_url: str, body: dict, clients: int = 16, per_client: int =
 
 
 def test_load_16_clients_x_2_requests_without_failures_or_leaks(llama):
-    port = free_port()
-    cmd = [sys.executable, "-m", "codestop.cli", "serve", "--base-url", llama.url + "/v1", "--port", str(port),
-           "--log-level", "warning", "--probe-interval", "6", "--boundaries", "\\n"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    with cli_proxy(llama.url + "/v1", "--probe-interval", "6", "--boundaries", "\\n") as (proc, url):
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]  # the upstream's
         questions = {"model": model, "messages": [{"role": "user", "content": "Name three colours, one per line."}], "max_tokens": SHORT, "temperature": 0}
         sockets0 = _proxy_sockets(proc.pid)
@@ -716,6 +727,50 @@ def test_load_16_clients_x_2_requests_without_failures_or_leaks(llama):
             f"vanilla via proxy {32 / via_s:.2f} req/s {tok_via / via_s:.1f} tok/s, "
             f"direct {32 / direct_s:.2f} req/s {tok_direct / direct_s:.1f} tok/s"
         )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+
+
+def _in_flight(url: str) -> float:
+    return float(re.search(r"^codestop_requests_in_flight (\S+)$", httpx.get(url + "/metrics").text, re.MULTILINE)[1])
+
+
+def test_clients_leaving_free_every_slot_and_concurrent_streams_never_mix(llama):
+    """The bad-input battery's survivors, kept: 20 clients that leave after their first chunk leave
+    nothing in flight, in the proxy or upstream; then 32 concurrent streams, half cancelled after
+    their first chunk, three rounds: no 5xx, each stream its own, no growth in sockets or memory."""
+    busy = "llamacpp:requests_processing"
+    with cli_proxy(llama.url + "/v1", "--method", "vanilla") as (proc, url):
+        body = {"messages": [{"role": "user", "content": POEM}], "max_tokens": 48, "stream": True}
+        for _ in range(20):
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                assert r.status_code == 200
+                assert next(line for line in r.iter_lines() if line.startswith("data: "))
+        wait_for(lambda: _in_flight(url) == 0 and upstream_metrics(llama.url)[busy] == 0, timeout=30)
+
+        async def one(client: httpx.AsyncClient, leaves: bool) -> tuple[int, set[str], bool]:
+            ids, done = set(), False
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        ids.add(json.loads(line[6:]).get("id"))
+                        if leaves:
+                            break
+            return r.status_code, ids, done
+
+        async def round_() -> list[tuple[int, set[str], bool]]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                return await asyncio.gather(*(one(client, leaves=i % 2 == 1) for i in range(32)))
+
+        seen: list[tuple[int, int]] = []
+        for _ in range(3):
+            streams = asyncio.run(round_())
+            assert [status for status, _, _ in streams] == [200] * 32
+            assert all(len(ids) == 1 for _, ids, _ in streams), streams  # one answer per stream, none mixed in
+            assert len({next(iter(ids)) for _, ids, _ in streams}) == 32
+            assert all(done for i, (_, _, done) in enumerate(streams) if i % 2 == 0)  # the ones that stayed got to the end
+            wait_for(lambda: _in_flight(url) == 0 and upstream_metrics(llama.url)[busy] == 0, timeout=30)
+            seen.append((_proxy_sockets(proc.pid), _rss(proc.pid)))
+        (sockets1, rss1), _, (sockets3, rss3) = seen
+        assert sockets3 <= sockets1 + 8 and rss3 <= 1.10 * rss1, seen
+        assert not re.search(r'^codestop_requests_total\{endpoint="chat",status="5\d\d"\}', httpx.get(url + "/metrics").text, re.MULTILINE)

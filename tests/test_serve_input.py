@@ -27,8 +27,9 @@ from codestop.engines.server import ServerEngine, error_message
 from codestop.errors import CodestopError, ServerTimeout, redact
 from codestop.serve import create_app
 from codestop.serve.app import json_depth
+from codestop.serve.defaults import DEFAULT_CONFIG
 from codestop.serve.protocol import ROLES, error_for, parse_request
-from codestop.serve.serving import DEFAULT_CONFIG, Prepared, prepare, server_defaults
+from codestop.serve.serving import Prepared, prepare, server_defaults
 
 KEY = "s3cret-proxy-key"
 CHAT = {"messages": [{"role": "user", "content": "Go."}], "max_tokens": 3}

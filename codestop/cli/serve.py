@@ -16,7 +16,7 @@ from codestop.cli.options import (
 )
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError
-from codestop.serve import DEFAULT_ANSWER, DEFAULT_MAX_REQUEST_BYTES
+from codestop.serve.defaults import DEFAULT_ANSWER, DEFAULT_MAX_REQUEST_BYTES
 
 
 def build_engine(args: argparse.Namespace) -> Engine:

@@ -9,7 +9,8 @@ reasoning parsers put it) and the answer in ``content``.
 * :mod:`codestop.serve.serving`: a request made into a policy, config and prompt, run, and shaped
   as a response or a stream;
 * :mod:`codestop.serve.app`: the app (:func:`create_app`), its routes, key check and middlewares;
-* :mod:`codestop.serve.metrics`: the Prometheus metrics.
+* :mod:`codestop.serve.metrics`: the Prometheus metrics;
+* :mod:`codestop.serve.defaults`: the server-wide defaults.
 
 The names below load on first use: the command line reads the defaults without the serve extra
 (FastAPI, pydantic) installed.
@@ -20,12 +21,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-DEFAULT_ANSWER = "free"  # a chat answer after a stop: the model's own words (a raw completion: "none")
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # the largest request body, by default (8 MiB)
+from codestop.serve.defaults import DEFAULT_ANSWER, DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
 
 # name -> the module that defines it
 _EXPORTS = {"create_app": "codestop.serve.app", "Metrics": "codestop.serve.metrics"}
-__all__ = ["DEFAULT_ANSWER", "DEFAULT_MAX_REQUEST_BYTES", "Metrics", "create_app"]
+__all__ = ["DEFAULT_ANSWER", "DEFAULT_CONFIG", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_POLICY", "Metrics", "create_app"]
 
 if TYPE_CHECKING:
     from codestop.serve.app import create_app

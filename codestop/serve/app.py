@@ -27,12 +27,10 @@ from codestop.config import GenerationConfig
 from codestop.controller import Event, Result, agenerate, astream
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError, is_integer, redact, require
-from codestop.serve import DEFAULT_MAX_REQUEST_BYTES
+from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
 from codestop.serve.metrics import CountRequests, Metrics
 from codestop.serve.protocol import RequestError, error_body, error_for, parse_request
 from codestop.serve.serving import (
-    DEFAULT_CONFIG,
-    DEFAULT_POLICY,
     Defaults,
     full_response,
     prepare,

@@ -34,7 +34,6 @@ from codestop.engines.base import Engine
 from codestop.errors import ParameterError, require
 from codestop.families import Family, get_family
 from codestop.policies import METHOD_OPTIONS, METHODS, Policy, make_policy
-from codestop.serve import DEFAULT_ANSWER
 from codestop.serve.protocol import OPENAI_FIELDS, ChatRequest, CompletionRequest, RequestError, error_for
 
 if TYPE_CHECKING:
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger("codestop.serve")
 
-DEFAULT_CONFIG = GenerationConfig(answer=DEFAULT_ANSWER)
-DEFAULT_POLICY: Mapping[str, Any] = {"method": "codestop"}
 # a request's ``codestop`` field: the policies' knobs and the generation config's fields, from their registries
 POLICY_FIELDS = frozenset({"method", *(k for knobs in METHOD_OPTIONS.values() for k in knobs)})
 GENERATION_FIELDS = frozenset(f.name for f in cli_fields()) | frozenset(OLD_NAMES)  # an old name is read as its new one
