@@ -25,6 +25,7 @@ import codestop
 from codestop.cli.serve import add_parser, build_engine
 from codestop.engines.server import ServerEngine, error_message
 from codestop.errors import CodestopError, ServerTimeout, redact
+from codestop.policies import make_policy
 from codestop.serve import create_app
 from codestop.serve.app import json_depth
 from codestop.serve.defaults import DEFAULT_CONFIG
@@ -445,3 +446,26 @@ def test_what_clients_send_is_honoured_and_neutral_fields_are_accepted(scripted)
     assert (asked.policy.name, asked.policy.tau, asked.config.max_reasoning_tokens, asked.config.answer) == ("codestop", 3.5, 64, "boxed")
     assert asked.question == "Go." and asked.prompt.endswith("<think>\n")
     assert prepared(scripted, {"prompt": ["Once upon"]}, chat=False).prompt == "Once upon"
+
+
+def test_the_default_policy_is_validated_once_at_start_up(scripted, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from codestop.serve import serving
+
+    built = []
+    monkeypatch.setattr(serving, "make_policy", lambda method, **knobs: built.append(method) or make_policy(method, **knobs))
+    app = create_app(scripted, policy={"method": "budget", "budget": 3}, close_engine=False)
+    assert built == ["budget"]
+    with TestClient(app) as client:
+        for _ in range(2):
+            assert client.post("/v1/chat/completions", json=CHAT).json()["usage"]["codestop"]["stop_reason"] == "budget"
+        assert built == ["budget"]  # requests that ask for no policy get the one built at start-up
+        assert client.post("/v1/chat/completions", json=dict(CHAT, codestop={"budget": 2})).status_code == 200
+        assert built == ["budget", "budget"]
+    # a bad default ends `codestop serve` before any engine is built: one line, no traceback
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    args = sub.choices["serve"].parse_args(["--model", "/nowhere/x.gguf", "--method", "deer", "--tau", "3"])
+    with pytest.raises(CodestopError, match=r"^tau: 3.0 is not an option of method 'deer'"):
+        args.func(args)

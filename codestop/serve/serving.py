@@ -222,7 +222,13 @@ class Splitter:
     For a thinking family the reasoning ends at its ``think_end`` marker (hidden, possibly split
     over events), codestop's forced close (``close_thinking``) is hidden too, and so are the
     family's section markup and the blank lines that open the answer. For a plain family, or a raw
-    completion, everything is ``content``, as the model wrote it."""
+    completion, everything is ``content``, as the model wrote it.
+
+    Why the marker is looked for here although the step scanner found it: the controller's events
+    say when the reasoning ends, not where in its text the model's own ``think_end`` starts (the
+    step keeps the token that completed it, with whatever else that token holds, and a stream may
+    split it over events). The search covers only the held tail and the new text, and stops at the
+    marker."""
 
     def __init__(self, family: Family, split: bool) -> None:
         self.split = split and family.thinks
