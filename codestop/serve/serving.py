@@ -63,10 +63,10 @@ class Defaults:
 
 
 def server_defaults(config: GenerationConfig, policy: Mapping[str, Any], served_model_name: str | Sequence[str] | None) -> Defaults:
+    """The defaults, checked: the policy built once (a bad knob is a ParameterError naming it)."""
     names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name or ())
     require((served_model_name is None or bool(names)) and all(isinstance(n, str) and n for n in names),
             "served_model_name", served_model_name, "must be one or more non-empty names")
-    require(isinstance(config, GenerationConfig), "config", config, "must be a GenerationConfig")
     return Defaults(config, dict(policy), build_policy({}, policy, prefix=""), tuple(dict.fromkeys(names)))
 
 
