@@ -111,7 +111,7 @@ def validation_error(err: ValidationError) -> tuple[str, str, str | None]:
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, ParameterError):  # a validator's own check: its words, where it sits
         return param, f"{param}: {short(cause.value)} {cause.must}", getattr(cause, "code", None)
-    must = first["msg"].replace("Input should be", "must be", 1)
+    must = first["msg"].replace("Input should be", "must be", 1).split(" or instance of ")[0]  # no class names
     return param, f"{param}: {short(first['input'])} {must}", None
 
 
