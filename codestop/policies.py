@@ -427,9 +427,9 @@ class _VanillaTracker:
 
 
 def _check_confidence_name(name: str) -> None:
-    from codestop.confidence import confidence_function
+    from codestop.confidence import CONFIDENCE_FUNCTIONS
 
-    confidence_function(name)
+    require(isinstance(name, str) and name in CONFIDENCE_FUNCTIONS, "confidence", name, f"must be one of {', '.join(CONFIDENCE_FUNCTIONS)}")
 
 
 METHODS = {"codestop": CodeStop, "deer": Deer, "consistency": Consistency, "budget": TokenBudget, "vanilla": Vanilla}

@@ -1,7 +1,11 @@
 """Bad input to ``codestop serve`` and to the server engine: each refused with the right status and
 OpenAI's error shape, nothing leaked, the connection left usable. A scripted in-process engine
 (SmolLM2's real tokenizer and template) or a fake upstream (``httpx.MockTransport``, a socket that
-never answers) stands behind the proxy: nothing depends on what a model writes."""
+never answers) stands behind the proxy: nothing depends on what a model writes.
+
+The request validation itself (the typed request models, then the values checked where they are
+defined) is one table at the end, called directly; a few cases go through the proxy to show the
+wiring: the 400's shape, the param named, the connection still usable."""
 
 from __future__ import annotations
 
@@ -19,10 +23,14 @@ from test_serve import InProcessProxy, wait_for
 
 import codestop
 from codestop.cli.serve import add_parser, build_engine
-from codestop.config import GenerationConfig
 from codestop.engines.server import ServerEngine, error_message
 from codestop.errors import CodestopError, ServerTimeout, redact
-from codestop.serve import ROLES, RequestError, create_app, error_for, json_depth, prepare
+from codestop.policies import make_policy
+from codestop.serve import create_app
+from codestop.serve.app import json_depth
+from codestop.serve.defaults import DEFAULT_CONFIG
+from codestop.serve.protocol import ROLES, error_for, parse_request
+from codestop.serve.serving import Prepared, prepare, server_defaults
 
 KEY = "s3cret-proxy-key"
 CHAT = {"messages": [{"role": "user", "content": "Go."}], "max_tokens": 3}
@@ -39,12 +47,21 @@ def error_of(r: httpx.Response, status: int, param: str | None, code: str | None
     return body["error"]["message"]
 
 
-def raised(exc: BaseException, status: int, param: str | None, code: str | None = None) -> str:
-    """The same for an exception a validation function raised, as the proxy would answer it."""
-    got, body = error_for(exc)
-    assert got == status and body["error"]["param"] == param and body["error"]["code"] == code, body
-    assert body["error"]["type"] == "invalid_request_error"
-    return body["error"]["message"]
+DEFAULTS = server_defaults(DEFAULT_CONFIG, {"method": "codestop"}, None)
+
+
+def prepared(engine, body: dict, chat: bool = True) -> Prepared:
+    """A request body through the proxy's validation, as a request would go: its model, then its values."""
+    return asyncio.run(prepare(parse_request(body, chat), engine, DEFAULTS))
+
+
+def refusal(engine, body: dict, chat: bool = True) -> tuple[int, dict]:
+    """The status and OpenAI-style body the proxy answers a request it refuses."""
+    try:
+        prepared(engine, body, chat)
+    except Exception as exc:  # noqa: BLE001 - what the app's error handler gets
+        return error_for(exc, "messages" if chat else "prompt")
+    raise AssertionError(f"accepted: {body}")
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +141,7 @@ def test_a_body_over_max_request_bytes_is_413_before_it_is_read(proxy):
     add_parser(sub)
     parser = sub.choices["serve"]
     assert parser.parse_args([]).max_request_bytes == 8 * 2**20
+    assert parser.parse_args([]).host == "127.0.0.1"  # loopback unless asked
     assert parser.parse_args(["--max-request-bytes", "1024"]).max_request_bytes == 1024
 
 
@@ -214,31 +232,20 @@ class StrictTemplateEngine(ScriptedEngine):
         return self.tokenizer.apply_chat_template(messages, chat_template=self.TEMPLATE, tokenize=False, add_generation_prompt=True)
 
 
-def test_an_unknown_role_and_a_max_tokens_the_window_cannot_hold_are_400(proxy, scripted, tokenizer):
+def test_an_unknown_role_and_a_max_tokens_the_window_cannot_hold_are_400_through_the_proxy(proxy, scripted, tokenizer):
     r = httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, messages=[{"role": "wizard", "content": "hi"}]))
     assert error_of(r, 400, "messages[0].role").startswith("messages[0].role: 'wizard'")
-    history = [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]
-    with pytest.raises(RequestError) as err:
-        asyncio.run(prepare({"messages": history}, scripted, GenerationConfig(), {"method": "vanilla"}, chat=True))
-    raised(err.value, 400, "messages[1].role")
-    for role in ROLES:  # each renders through the template
-        messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Go."}]
-        prep = asyncio.run(prepare({"messages": messages}, scripted, GenerationConfig(), {"method": "vanilla"}, chat=True))
-        assert f"<|im_start|>{role}\nBe brief." in prep.prompt
-    strict = StrictTemplateEngine(tokenizer, "Step.", window=2048)
-    with pytest.raises(RequestError) as err:
-        asyncio.run(prepare({"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "Go."}]}, strict,
-                            GenerationConfig(), {"method": "vanilla"}, chat=True))
-    assert "roles must be user or assistant" in raised(err.value, 400, "messages")
-
     for field in ("max_tokens", "max_completion_tokens"):
         r = httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, **{"max_tokens": None, field: 1000000000000}))
         assert "2048" in error_of(r, 400, field)
-        r = httpx.post(proxy.url + "/v1/completions", json={"prompt": "Go.", field: 2048})
-        error_of(r, 400, field)
-    error_of(httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, max_tokens=1e12)), 400, "max_tokens")
-    prep = asyncio.run(prepare(dict(CHAT, max_tokens=2047), scripted, GenerationConfig(), {"method": "vanilla"}, chat=True))
-    assert prep.config.max_tokens == 2047  # what fits beside a prompt is honoured
+    error_of(httpx.post(proxy.url + "/v1/completions", json={"prompt": "Go.", "max_tokens": 1e12}), 400, "max_tokens")
+    for role in ROLES:  # each renders through the template
+        messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Go."}]
+        assert f"<|im_start|>{role}\nBe brief." in prepared(scripted, {"messages": messages}).prompt
+    strict = StrictTemplateEngine(tokenizer, "Step.", window=2048)
+    status, body = refusal(strict, {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "Go."}]})
+    assert (status, body["error"]["param"]) == (400, "messages") and "roles must be user or assistant" in body["error"]["message"]
+    assert prepared(scripted, dict(CHAT, max_tokens=2047)).config.max_tokens == 2047  # what fits beside a prompt is honoured
 
 
 # 6 ------------------------------------------------------------------------------------------------
@@ -252,6 +259,10 @@ def test_the_auth_scheme_is_case_insensitive_and_the_key_is_not(keyed):
         error_of(r, 401, None, "invalid_api_key", "authentication_error")
     r = httpx.post(keyed.url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"bearer {KEY}"})
     assert r.status_code == 200
+    # the key is checked before the body is read: a bad body without the key is a 401, not a 400
+    headers = {"authorization": "Bearer wrong", "content-type": "application/json"}
+    error_of(httpx.post(keyed.url + "/v1/chat/completions", content=b"{not json", headers=headers), 401, None, "invalid_api_key",
+             "authentication_error")
 
 
 # 7 ------------------------------------------------------------------------------------------------
@@ -311,3 +322,150 @@ def test_an_unknown_server_engine_option_is_an_error_naming_it():
     engine = build_engine(args)
     assert isinstance(engine, ServerEngine) and not engine.connected and engine.options.retries == 1
     engine.close()
+
+
+# 9 ------------------------------------------------------------------------------------------------
+# The validation table: every field a request may get wrong, refused with a 400 (a 404 for a model
+# not served) naming it, in OpenAI's shape. Defaults: policy codestop, a 2048-token window.
+
+MESSAGES = [{"role": "user", "content": "Go."}]
+TOOL = {"type": "function", "function": {"name": "f"}}
+
+
+def chat(**fields) -> tuple[bool, dict]:
+    return True, {"messages": MESSAGES, **fields}
+
+
+def completion(**fields) -> tuple[bool, dict]:
+    return False, {"prompt": "Go.", **fields}
+
+
+REFUSED = [  # (endpoint and body, status, param, code)
+    # the codestop field: a policy and its knobs, generation fields
+    (chat(codestop={"taux": 3}), 400, "codestop.taux", None),
+    (chat(codestop={"tau": -1}), 400, "codestop.tau", None),
+    (chat(codestop={"method": "magic"}), 400, "codestop.method", None),
+    (chat(codestop={"method": 7}), 400, "codestop.method", None),
+    (chat(codestop={"method": "deer", "tau": 3}), 400, "codestop.tau", None),
+    (chat(codestop={"confidence": "loudest"}), 400, "codestop.confidence", None),
+    (chat(codestop={"confidence": ["mean"]}), 400, "codestop.confidence", None),
+    (chat(codestop={"method": "budget", "budget": 0}), 400, "codestop.budget", None),
+    (chat(codestop="fast"), 400, "codestop", None),
+    (chat(codestop={"boundaries": "\n"}), 400, "codestop.boundaries", None),
+    (chat(codestop={"probe_interval": -1}), 400, "codestop.probe_interval", None),
+    (chat(codestop={"live_text": True}), 400, "codestop.live_text", None),  # set by the proxy, not by clients
+    (chat(codestop={"answer": "long"}), 400, "codestop.answer", None),
+    (chat(codestop={"family": "llama9"}), 400, "codestop.family", None),
+    (chat(codestop={"max_new_tokens": 0}), 400, "codestop.max_reasoning_tokens", None),  # the old name, read as the new
+    # OpenAI's fields: wrong types and values
+    (chat(temperature="hot"), 400, "temperature", None),
+    (chat(temperature=-1), 400, "temperature", None),
+    (chat(top_p=0), 400, "top_p", None),
+    (chat(top_k=1.5), 400, "top_k", None),
+    (chat(seed="1"), 400, "seed", None),
+    (chat(max_tokens=0), 400, "max_tokens", None),
+    (chat(max_tokens=True), 400, "max_tokens", None),
+    (chat(max_tokens=1e12), 400, "max_tokens", None),  # a float: no integer
+    (chat(max_tokens=1000000000000), 400, "max_tokens", None),  # more than the window holds: not clamped
+    (chat(max_completion_tokens=-3), 400, "max_completion_tokens", None),
+    (chat(max_completion_tokens=2048), 400, "max_completion_tokens", None),
+    (completion(max_tokens=2048), 400, "max_tokens", None),
+    (chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+    (chat(stop=[""]), 400, "stop", None),
+    (chat(stop=7), 400, "stop", None),
+    (chat(stream="yes"), 400, "stream", None),
+    (chat(stream_options={"include_usage": "yes"}), 400, "stream_options.include_usage", None),
+    (chat(stream_options=[]), 400, "stream_options", None),
+    (chat(model=3), 400, "model", None),
+    (chat(model="gpt-4o"), 404, "model", "model_not_found"),
+    (completion(model="gpt-4o"), 404, "model", "model_not_found"),
+    # what the proxy cannot honour is refused, never ignored
+    (chat(n=2), 400, "n", "unsupported_parameter"),
+    (chat(n=True), 400, "n", "unsupported_parameter"),  # True is no 1
+    (chat(best_of=2), 400, "best_of", "unsupported_parameter"),
+    (chat(tools=[TOOL]), 400, "tools", "unsupported_parameter"),
+    (chat(tool_choice="auto"), 400, "tool_choice", "unsupported_parameter"),
+    (chat(functions=[{"name": "f"}]), 400, "functions", "unsupported_parameter"),
+    (chat(function_call="auto"), 400, "function_call", "unsupported_parameter"),
+    (chat(response_format={"type": "json_object"}), 400, "response_format", "unsupported_parameter"),
+    (chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    (chat(top_logprobs=2), 400, "top_logprobs", "unsupported_parameter"),
+    (chat(logit_bias={"42": 5}), 400, "logit_bias", "unsupported_parameter"),
+    (chat(presence_penalty=0.5), 400, "presence_penalty", "unsupported_parameter"),
+    (chat(frequency_penalty=-1), 400, "frequency_penalty", "unsupported_parameter"),
+    (completion(echo=True), 400, "echo", "unsupported_parameter"),
+    (completion(suffix="!"), 400, "suffix", "unsupported_parameter"),
+    (completion(logprobs=2), 400, "logprobs", "unsupported_parameter"),
+    # what OpenAI does not know is unknown: named, whatever else is wrong
+    (chat(repetition_penalty=1.1), 400, "repetition_penalty", "unknown_parameter"),
+    (chat(repetition_penalty=1.1, temperature="hot"), 400, "repetition_penalty", "unknown_parameter"),
+    (chat(prompt="Go."), 400, "prompt", "unknown_parameter"),
+    (completion(messages=MESSAGES), 400, "messages", "unknown_parameter"),
+    # the conversation, the prompt
+    ((True, {}), 400, "messages", None),
+    (chat(messages=[]), 400, "messages", None),
+    (chat(messages="Go."), 400, "messages", None),
+    (chat(messages=["Go."]), 400, "messages[0]", None),
+    (chat(messages=[{"content": "x"}]), 400, "messages[0].role", None),
+    (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", None),
+    (chat(messages=[*MESSAGES, {"role": "wizard", "content": "x"}]), 400, "messages[1].role", None),
+    (chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content", None),
+    (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, "messages[0].content", None),
+    ((False, {}), 400, "prompt", None),
+    (completion(prompt=""), 400, "prompt", None),
+    (completion(prompt=["one", "two"]), 400, "prompt", None),
+    (completion(prompt=[1, 2, 3]), 400, "prompt", None),
+]
+
+
+@pytest.mark.parametrize(("request_", "status", "param", "code"), REFUSED,
+                         ids=[f"{'chat' if c[0][0] else 'completion'}-{json.dumps(c[0][1])[:60]}" for c in REFUSED])
+def test_a_request_a_field_of_which_is_wrong_is_refused_naming_it(scripted, request_, status, param, code):
+    is_chat, body = request_
+    got, error = refusal(scripted, body, is_chat)
+    assert (got, error["error"]["param"], error["error"]["code"]) == (status, param, code), error
+    assert error["error"]["type"] == "invalid_request_error" and sorted(error["error"]) == ["code", "message", "param", "type"]
+    assert error["error"]["message"].startswith(f"{param}: "), error  # the message names it first, as the param
+
+
+def test_what_clients_send_is_honoured_and_neutral_fields_are_accepted(scripted):
+    neutral = {"user": "u1", "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1, "best_of": 1, "logprobs": False, "top_logprobs": 0,
+               "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "response_format": {"type": "text"},
+               "logit_bias": {}, "stream_options": {"include_usage": False, "include_obfuscation": True}, "metadata": {"k": "v"},
+               "store": False, "service_tier": "auto", "parallel_tool_calls": True, "model": "scripted", "stream": False}
+    prep = prepared(scripted, {"messages": MESSAGES, **neutral})
+    assert prep.config == DEFAULT_CONFIG and prep.policy is DEFAULTS.policy  # the defaults, the policy not built again
+    assert prepared(scripted, {"prompt": "Go.", "echo": False, "suffix": "", **neutral}, chat=False).config == DEFAULT_CONFIG.replace(answer="none")
+    honoured = prepared(scripted, {"messages": MESSAGES, "temperature": 0, "top_p": 0.5, "top_k": 4, "seed": 3, "max_tokens": 9,
+                                   "max_completion_tokens": 8, "stop": "zz", "stream": True, "stream_options": {"include_usage": True}})
+    c = honoured.config
+    assert (c.temperature, c.top_p, c.top_k, c.seed, c.max_tokens, c.stop, c.live_text) == (0, 0.5, 4, 3, 8, ("zz",), True)
+    assert honoured.stream and honoured.include_usage and honoured.model == "scripted"
+    asked = prepared(scripted, {"messages": [{"role": "user", "content": [{"type": "text", "text": "Go"}, {"type": "text", "text": "."}]}],
+                                "codestop": {"tau": 3.5, "max_new_tokens": 64, "answer": "boxed", "family": "think"}})
+    assert (asked.policy.name, asked.policy.tau, asked.config.max_reasoning_tokens, asked.config.answer) == ("codestop", 3.5, 64, "boxed")
+    assert asked.question == "Go." and asked.prompt.endswith("<think>\n")
+    assert prepared(scripted, {"prompt": ["Once upon"]}, chat=False).prompt == "Once upon"
+
+
+def test_the_default_policy_is_validated_once_at_start_up(scripted, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from codestop.serve import serving
+
+    built = []
+    monkeypatch.setattr(serving, "make_policy", lambda method, **knobs: built.append(method) or make_policy(method, **knobs))
+    app = create_app(scripted, policy={"method": "budget", "budget": 3}, close_engine=False)
+    assert built == ["budget"]
+    with TestClient(app) as client:
+        for _ in range(2):
+            assert client.post("/v1/chat/completions", json=CHAT).json()["usage"]["codestop"]["stop_reason"] == "budget"
+        assert built == ["budget"]  # requests that ask for no policy get the one built at start-up
+        assert client.post("/v1/chat/completions", json=dict(CHAT, codestop={"budget": 2})).status_code == 200
+        assert built == ["budget", "budget"]
+    # a bad default ends `codestop serve` before any engine is built: one line, no traceback
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    args = sub.choices["serve"].parse_args(["--model", "/nowhere/x.gguf", "--method", "deer", "--tau", "3"])
+    with pytest.raises(CodestopError, match=r"^tau: 3.0 is not an option of method 'deer'"):
+        args.func(args)

@@ -40,8 +40,10 @@ def add_policy_options(parser: argparse.ArgumentParser, default_method: str = "c
 
 
 def policy_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``{"method": ..., knob: value}`` for the knobs the flags set (the method's own knobs only)."""
-    return {"method": args.method, **{k: getattr(args, k) for k in METHOD_OPTIONS.get(args.method, ()) if getattr(args, k, None) is not None}}
+    """``{"method": ..., knob: value}`` for every knob flag set: one that is not the method's own is
+    an error where the policy is built."""
+    knobs = {k for opts in METHOD_OPTIONS.values() for k in opts}
+    return {"method": args.method, **{k: getattr(args, k) for k in sorted(knobs) if getattr(args, k, None) is not None}}
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:

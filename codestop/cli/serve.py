@@ -12,12 +12,11 @@ from codestop.cli.options import (
     add_policy_options,
     config_from_args,
     engine_options_from_args,
-    policy_from_args,
     policy_options_from_args,
 )
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError
-from codestop.serve import DEFAULT_ANSWER, DEFAULT_MAX_REQUEST_BYTES, create_app
+from codestop.serve.defaults import DEFAULT_ANSWER, DEFAULT_MAX_REQUEST_BYTES
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -76,14 +75,13 @@ def add_parser(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from codestop.serve import create_app
 
     if not args.base_url and not args.model:
         raise CodestopError("serve: give --base-url URL (an upstream completions server) or --model M (an in-process engine)")
     if not 0 < args.port < 65536:
         raise CodestopError(f"port: {args.port} must be in 1..65535")
     config = config_from_args(args)
-    policy_from_args(args)  # the default policy's knobs fail here, before the model loads
-    policy = policy_options_from_args(args)
     proxy_api_key = args.proxy_api_key or os.environ.get("CODESTOP_PROXY_API_KEY") or None
     server: Any = None
 
@@ -94,7 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True  # an engine that cannot be built (a bad model, key, URL) ends the server
             raise
 
-    app = create_app(engine, config=config, policy=policy, answer=config.answer, proxy_api_key=proxy_api_key,
+    # the default policy is validated here, once, before the model loads
+    app = create_app(engine, config=config, policy=policy_options_from_args(args), proxy_api_key=proxy_api_key,
                      max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     server.run()

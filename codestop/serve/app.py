@@ -1,0 +1,363 @@
+"""The proxy's FastAPI app: routes, the key check, the engine built at start-up, the ASGI
+middlewares (the body's size limit, the request counter) and the two ways an answer goes out
+(consumed to its Result, or streamed as SSE).
+
+Without ``proxy_api_key`` everything is open; with one, only ``/health``'s bare status is: its
+details, ``/metrics`` and everything under ``/v1`` ask for the key, and the API docs are off. The
+upstream's error text never reaches ``/health`` unauthenticated. A request body over
+``max_request_bytes`` is a 413 before it is read whole; one nested deeper than ``MAX_JSON_DEPTH``
+is a 400 and leaves the connection usable.
+"""
+
+# no "from __future__ import annotations": FastAPI reads the handlers' annotations at runtime
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from pydantic import ValidationError
+
+from codestop.config import GenerationConfig
+from codestop.controller import Event, Result, agenerate, astream
+from codestop.engines.base import Engine
+from codestop.errors import CodestopError, is_integer, redact, require
+from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
+from codestop.serve.metrics import CountRequests, Metrics
+from codestop.serve.protocol import RequestError, error_body, error_for, parse_request
+from codestop.serve.serving import (
+    Defaults,
+    full_response,
+    prepare,
+    pull_head,
+    served_models,
+    server_defaults,
+    sse_events,
+)
+
+T = TypeVar("T")
+log = logging.getLogger("codestop.serve")
+
+MAX_JSON_DEPTH = 64  # the deepest nesting of a request body (OpenAI's bodies nest a few levels)
+DISCONNECT_POLL_S = 0.25  # how often a plain request checks that its client is still there
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready: nobody reads the response (499)."""
+
+
+def create_app(
+    engine: Engine | Callable[[], Engine],
+    *,
+    config: GenerationConfig = DEFAULT_CONFIG,
+    policy: Mapping[str, Any] = DEFAULT_POLICY,
+    proxy_api_key: str | None = None,
+    close_engine: bool = True,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    served_model_name: str | Sequence[str] | None = None,
+) -> Any:
+    """The FastAPI app answering OpenAI-style requests with ``engine``, or with the engine a
+    blocking ``engine()`` builds at startup in a worker thread (a model loading: ``/health`` and
+    requests are 503 until it is there). ``config`` and ``policy`` (a method and its knobs, as in a
+    request's ``codestop`` field) are the server-wide defaults, validated here once; a chat answer
+    after a stop follows ``config.answer`` (the proxy's default config: "free", the model's own
+    words), a raw completion just ends there, a request's ``codestop.answer`` overrides both. The
+    app closes the engine at shutdown unless ``close_engine`` is False (a shared engine). A request
+    body over ``max_request_bytes`` is a 413. With ``proxy_api_key`` set, only ``/health``'s bare
+    status is public: its details, ``/metrics`` and ``/v1`` ask for the key, and the API docs are
+    off. ``served_model_name`` (one name or several, as vLLM's ``--served-model-name``) is what
+    ``/v1/models`` lists and requests may name, responses carrying the one asked for (the first
+    when none is); default: the engine's model name (a server engine's upstream's)."""
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
+
+    defaults = server_defaults(config, policy, served_model_name)  # a bad default fails at start, not per request
+    require(is_integer(max_request_bytes) and max_request_bytes >= 1, "max_request_bytes", max_request_bytes, "must be an integer >= 1")
+    make = None if isinstance(engine, Engine) else engine
+    served = Served(engine if isinstance(engine, Engine) else None, defaults, proxy_api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        building = None if make is None else asyncio.create_task(served.build(make))
+        try:
+            yield
+        finally:
+            if building is not None:
+                await asyncio.gather(building, return_exceptions=True)  # a thread cannot be cancelled
+            if close_engine and served.engine is not None:
+                await served.engine.aclose()
+
+    keyed = bool(proxy_api_key)  # the API docs would be public: off then
+    app = FastAPI(title="codestop", version=_version(), lifespan=lifespan, docs_url=None if keyed else "/docs",
+                  redoc_url=None if keyed else "/redoc", openapi_url=None if keyed else "/openapi.json")
+    app.state.served = served
+    app.add_middleware(LimitBody, max_bytes=max_request_bytes)  # inside CountRequests: a 413 is counted
+    app.add_middleware(CountRequests, metrics=served.metrics)
+    # each kind a handler of its own: one registered only as an Exception would be answered, then
+    # raised again (Starlette's server-error middleware)
+    for kind in (CodestopError, ValidationError, HTTPException, Exception):
+        app.add_exception_handler(kind, on_error)
+    app.add_exception_handler(ClientGone, on_client_gone)
+    for router in _routes(served):
+        app.include_router(router)
+    return app
+
+
+@dataclass
+class Served:
+    """What the handlers answer with. ``engine`` is None until it is built (``build``)."""
+
+    engine: Engine | None
+    defaults: Defaults
+    proxy_api_key: str | None
+    metrics: Metrics = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+    load_error: str | None = None  # why building the engine failed
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.engine)
+
+    async def build(self, make: Callable[[], Engine]) -> None:
+        try:
+            self.engine = await asyncio.to_thread(make)
+        except Exception as err:
+            self.load_error = redact(str(err) or type(err).__name__)
+            log.error("the engine failed to start: %s", self.load_error, exc_info=not isinstance(err, CodestopError))
+
+    async def ready_engine(self) -> Engine:
+        """The engine once it can answer: a 503 saying why while it is being built, or while its
+        upstream is not up yet (a server engine started before it connects on first use)."""
+        if self.engine is None:
+            if self.load_error is not None:
+                raise RequestError(f"the engine failed to start: {self.load_error}", None, 503, "engine_failed", "server_error")
+            raise RequestError("the model is still loading; retry shortly", None, 503, "model_loading", "server_error")
+        await self.engine.ready()  # a server engine connects now if not yet (a 503 ServerError)
+        return self.engine
+
+
+def _routes(s: Served) -> tuple[Any, Any]:
+    """The open route (/health) and the others (/metrics, /v1), behind the key check when a key is
+    set. /health's details (engine, model, upstream URL) are for the key's holders then; the
+    upstream's error text is never public."""
+    from fastapi import APIRouter, Depends, Request
+    from fastapi.responses import JSONResponse, Response
+
+    def has_key(request: Request) -> bool:
+        """The request carries the proxy's key (the scheme in any case, RFC 7235; the key compared
+        in constant time)."""
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        right = hmac.compare_digest(token.strip().encode(), (s.proxy_api_key or "").encode())
+        return right and scheme.lower() == "bearer"
+
+    async def require_key(request: Request) -> None:
+        if s.proxy_api_key and not has_key(request):
+            raise RequestError("invalid or missing API key (Authorization: Bearer ...)", None, 401,
+                               "invalid_api_key", "authentication_error")
+
+    opened, v1 = APIRouter(), APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @opened.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        holder = bool(s.proxy_api_key) and has_key(request)  # may read details and the upstream's errors
+        if s.engine is None:
+            status = "failed" if s.load_error is not None else "loading"
+            return JSONResponse({"status": status, **({"error": s.load_error} if s.load_error and holder else {})}, status_code=503)
+        state = await s.engine.health()
+        ok = bool(state.get("ok"))
+        body = {"status": "ok" if ok else "degraded"}
+        if holder or not s.proxy_api_key:
+            body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
+            if "base_url" in body:
+                body["base_url"] = redact(str(body["base_url"]))
+        return JSONResponse(body if holder else without_errors(body), status_code=200 if ok else 503)
+
+    @opened.get("/metrics", dependencies=[Depends(require_key)])
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @v1.get("/models")
+    async def models() -> JSONResponse:
+        engine = await s.ready_engine()
+        cards = [{"id": name, "object": "model", "created": s.created, "owned_by": "codestop"}
+                 for name in served_models(engine, s.defaults.served_model_name)]
+        return JSONResponse({"object": "list", "data": cards})
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await answer(s, request, chat=True)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await answer(s, request, chat=False)
+
+    return opened, v1
+
+
+def without_errors(value: Any) -> Any:
+    """A health state without the upstream's error texts (``error``, a replica's ``last_error``)."""
+    if isinstance(value, dict):
+        return {k: without_errors(v) for k, v in value.items() if k not in ("error", "last_error")}
+    if isinstance(value, list):
+        return [without_errors(v) for v in value]
+    return value
+
+
+async def answer(s: Served, request: Any, chat: bool) -> Any:
+    """One answer: consumed to its Result, or streamed as SSE from its first text on."""
+    from fastapi.responses import JSONResponse
+
+    body = parse_request(await read_json(request), chat)
+    engine = await s.ready_engine()
+    prep = await prepare(body, engine, s.defaults)
+    run = (engine, prep.question, prep.policy, prep.config)
+    raw = not prep.chat  # a raw completion's text is all visible, a thinking family's reasoning too: its stops end it
+    if not prep.stream:
+        result = await unless_disconnected(request, agenerate(*run, family=prep.family, prompt=prep.prompt,
+                                                              stop_in_reasoning=raw))
+        s.metrics.count_result(result)
+        return JSONResponse(full_response(result, prep))
+    stream = cast(AsyncGenerator[Event | Result, None],
+                  astream(*run, family=prep.family, prompt=prep.prompt, stop_in_reasoning=raw))
+    head = await unless_disconnected(request, pull_head(stream))
+    request.state.outcome = 499  # until the body is sent to its end
+    return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and objects (iteratively: no recursion limit to hit)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((x, depth + 1) for x in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+async def read_json(request: Any) -> Any:
+    too_deep = RequestError(f"body: nested more than {MAX_JSON_DEPTH} levels deep", "body")
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError("body: not valid JSON", "body") from None
+    except RecursionError:  # nested deeper than the parser goes
+        raise too_deep from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
+    return body
+
+
+class LimitBody:
+    """ASGI middleware: a request body over ``max_bytes`` is a 413 before it is read whole: at
+    once by its Content-Length, else (a chunked body) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self, size: str) -> RequestError:
+        return RequestError(f"body: the request body is {size} bytes; this server takes at most {self.max_bytes} "
+                            "(--max-request-bytes)", "body", 413, "request_too_large")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            err = self.too_large(length.decode())
+            payload = json.dumps(error_body(str(err), err.kind, err.param, err.code)).encode()
+            await send({"type": "http.response.start", "status": 413, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
+            return await send({"type": "http.response.body", "body": payload})
+        read = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    raise self.too_large(f"more than {self.max_bytes}")  # answered 413 by the app's error handler
+            return cast(dict[str, Any], message)
+
+        await self.app(scope, counted, send)
+
+
+async def unless_disconnected(request: Any, work: Awaitable[T]) -> T:
+    """``work``'s value while the client stays; a client that leaves cancels it (which closes its
+    stream and so frees its session) and raises ClientGone."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def on_error(request: Any, exc: Exception) -> Any:
+    from fastapi.responses import JSONResponse
+
+    prompt_param = "prompt" if request.url.path == "/v1/completions" else "messages"
+    status, body = error_for(exc, prompt_param, f"{request.method} {request.url.path}")
+    if status == 500:
+        log.error("answer failed", exc_info=exc)
+    return JSONResponse(body, status_code=status, headers={"connection": "close"} if status == 413 else None)
+
+
+async def on_client_gone(request: Any, exc: Exception) -> Any:
+    from fastapi.responses import Response
+
+    return Response(status_code=499)
+
+
+def event_stream(body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> Any:
+    """An SSE response whose generation is closed however the response ends: finished, failed, the
+    client gone, or its body never started (a generator that never ran has no ``finally`` to run)."""
+    return _event_stream_type()(body, stream)
+
+
+@functools.cache
+def _event_stream_type() -> type:
+    from starlette.responses import StreamingResponse
+
+    class EventStream(StreamingResponse):
+        def __init__(self, body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> None:
+            super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            self.events, self.stream = body, stream
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            # Starlette's streaming, but a client gone cancels the body once, the asyncio way:
+            # under an anyio cancel scope every await of the stream's cleanup would be cancelled
+            # again, and the session's close with it.
+            body = asyncio.ensure_future(self.stream_response(send))
+            gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
+            try:
+                await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (body, gone):
+                    task.cancel()
+                await asyncio.gather(body, gone, return_exceptions=True)
+                await self.events.aclose()
+                await self.stream.aclose()
+            if not body.cancelled() and body.exception() is not None:
+                raise body.exception()  # type: ignore[misc]
+
+    return EventStream
+
+
+def _version() -> str:
+    from codestop import __version__
+
+    return __version__

@@ -1,0 +1,110 @@
+"""The proxy's Prometheus metrics (prometheus_client, one registry per app): requests by endpoint
+and status, latency to the last byte, requests in flight, stops by reason, tokens by kind, the
+process's own series, and the engine's counters read at each scrape."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from codestop.controller import Result
+from codestop.engines.base import Engine
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # what /metrics counts
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
+
+
+def counter_labels(key: str | tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """The labels of one of ``engine.counters()``'s keys: a string is the ``kind`` ("" for none),
+    a tuple of (label, value) pairs names its own (several replicas: ``kind`` and ``replica``)."""
+    return dict(key) if isinstance(key, tuple) else ({"kind": key} if key else {})
+
+
+class EngineCounters:
+    """Exports ``engine.counters()`` (``{name: {kind: n}}``) as ``codestop_<name>_total{kind}``
+    (other labels where a key is a tuple of label pairs, see :func:`counter_labels`), read at each
+    scrape so the engine keeps its own counts (none while the engine is being built)."""
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Any]:
+        return []  # unknown until scraped: do not call the engine at registration
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        engine = self.engine()
+        if engine is None:
+            return
+        for name, by_key in sorted(engine.counters().items()):
+            series = [(counter_labels(key), n) for key, n in by_key.items()]
+            names = list(dict.fromkeys(label for labels, _ in series for label in labels))
+            family = CounterMetricFamily(f"codestop_{name}", f"{engine.name} engine: {name.replace('_', ' ')}", labels=names)
+            for values, n in sorted(([labels.get(k, "") for k in names], n) for labels, n in series):
+                family.add_metric(values, n)
+            yield family
+
+
+class Metrics:
+    """The proxy's series: requests by endpoint and status, latency to the last byte, requests in
+    flight, stops by reason, tokens by kind; the process's; the engine's counters."""
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(EngineCounters(engine))
+        self.requests = Counter("codestop_requests", "Requests answered, by endpoint and HTTP status (499: the client left).",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("codestop_request_duration_seconds", "Request latency, to the last byte.", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("codestop_requests_in_flight", "Requests being answered now.", registry=r)
+        self.stops = Counter("codestop_stops", "Answers by stop reason.", ["reason"], registry=r)
+        self.tokens = Counter("codestop_tokens", "Tokens by kind.", ["kind"], registry=r)
+        self.steps = Counter("codestop_reasoning_steps", "Reasoning steps (boundary to boundary) scanned.", registry=r)
+
+    def count_result(self, result: Result) -> None:
+        self.stops.labels(result.stop_reason).inc()
+        self.steps.inc(result.steps)
+        for kind, n in result.tokens.items():
+            self.tokens.labels(kind).inc(n)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class CountRequests:
+    """ASGI middleware: counts each answer request once it is over, whatever ended it. The status
+    is the response's, or ``state.outcome`` where the handler knows better (a stream that failed
+    after its first byte, a client gone); in flight until then, even if a body never started."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        endpoint = ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None:
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        status = 500  # an exception that escapes is answered 500 outside this middleware
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        t0 = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(endpoint, str(state.get("outcome", status))).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)

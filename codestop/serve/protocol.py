@@ -1,0 +1,254 @@
+"""The OpenAI wire format the proxy speaks: typed request models for ``/v1/chat/completions`` and
+``/v1/completions``, and OpenAI's error shape.
+
+A request body is checked here once for its shape and JSON types (pydantic, strict: ``"7"`` is no
+number, ``true`` no integer); its values are checked where they are defined, by
+:class:`~codestop.config.GenerationConfig` and the policies, which raise
+:class:`~codestop.errors.ParameterError`. Either error becomes a 400 whose ``param`` comes from the
+error itself (a pydantic error's location, a ParameterError's ``param``), as vLLM's do.
+
+Every field is honoured, harmless, or refused with a 400 naming it, never accepted and ignored: an
+unknown field is ``unknown_parameter``; an OpenAI field the proxy cannot honour (``n > 1``,
+``tools``, ``logprobs``, ...) is accepted at its neutral value (what the official clients send when
+nothing is asked) and else ``unsupported_parameter``.
+"""
+
+# no "from __future__ import annotations": pydantic reads the fields' annotations at runtime
+from typing import Any, cast
+
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+
+from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerError, redact, require
+
+MAX_STOPS = 4  # as OpenAI's API
+ROLES = ("system", "user", "assistant", "developer", "tool")  # the message roles a request may use
+# The OpenAI fields the proxy honours: the GenerationConfig field each sets (later ones win).
+OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+                 "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "stop": "stop"}
+# Refused unless at their neutral value (None always is): (neutral values, why)
+UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((1,), "one choice per request"),
+    "best_of": ((1,), "one choice per request"),
+    "echo": ((False,), "the prompt is not echoed"),
+    "suffix": (("",), "no suffix insertion"),
+    "logprobs": ((False,), "the answer's log-probabilities are not returned"),
+    "top_logprobs": ((0,), "the answer's log-probabilities are not returned"),
+    "logit_bias": (({},), "no logit bias"),
+    "tools": (([],), "no tool calling"),
+    "tool_choice": (("none",), "no tool calling"),
+    "functions": (([],), "no function calling"),
+    "function_call": (("none",), "no function calling"),
+    "response_format": (({"type": "text"},), "no structured output"),
+    "presence_penalty": ((0, 0.0), "no penalties on the reasoning steps"),
+    "frequency_penalty": ((0, 0.0), "no penalties on the reasoning steps"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors, in OpenAI's shape
+# --------------------------------------------------------------------------------------------
+
+
+class RequestError(CodestopError):
+    """A request the proxy refuses for what it is, not for one field's value (a model it does not
+    serve, a body too large, a missing key, an engine not ready): HTTP ``status`` with an
+    OpenAI-style error."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.param, self.status, self.code, self.kind = param, status, code, kind
+
+
+class Unsupported(ParameterError):
+    """An OpenAI field the proxy cannot honour, given at a value that asks for it."""
+
+    code = "unsupported_parameter"
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape; a credential in the message (an upstream's text) is redacted."""
+    return {"error": {"message": redact(message), "type": kind, "param": param, "code": code}}
+
+
+def error_for(exc: BaseException, prompt_param: str = "messages", where: str = "") -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI-style body for an exception raised while answering; ``where`` is
+    the request's method and path (for an unknown route)."""
+    from starlette.exceptions import HTTPException
+
+    if isinstance(exc, RequestError):
+        return exc.status, error_body(str(exc), exc.kind, exc.param, exc.code)
+    if isinstance(exc, ValidationError):
+        param, message, code = validation_error(exc)
+        return 400, error_body(message, "invalid_request_error", param, code)
+    if isinstance(exc, ParameterError):
+        return 400, error_body(str(exc), "invalid_request_error", exc.param, getattr(exc, "code", None))
+    if isinstance(exc, ContextTooLong):
+        return 400, error_body(str(exc), "invalid_request_error", prompt_param, "context_length_exceeded")
+    if isinstance(exc, ServerError):
+        code = {503: "upstream_not_ready", 504: "upstream_timeout"}.get(exc.status, "upstream_unavailable")
+        return exc.status, error_body(str(exc), "upstream_error", None, code)
+    if isinstance(exc, CodestopError):
+        return 400, error_body(str(exc), "invalid_request_error")
+    if isinstance(exc, HTTPException):
+        message = {404: f"Invalid URL ({where})", 405: f"Method not allowed ({where})"}.get(exc.status_code, str(exc.detail))
+        return exc.status_code, error_body(message, "invalid_request_error", None,
+                                           {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
+    return 500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+def validation_error(err: ValidationError) -> tuple[str, str, str | None]:
+    """(param, message, code) of a request model's first error, an unknown field's first: ``param``
+    is where pydantic found it (``messages[0].role``), the message says what the value must be."""
+    first = min(err.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+    param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".") or "body"
+    if first["type"] == "extra_forbidden":
+        prompt = "messages" if err.title == ChatRequest.__name__ else "prompt"
+        return param, f"{param}: unrecognized request argument (the codestop proxy honours {prompt}, " \
+                      f"{', '.join(OPENAI_FIELDS)} and codestop)", "unknown_parameter"
+    if first["type"] == "missing":
+        return param, f"{param}: required", None
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ParameterError):  # a validator's own check: its words, where it sits
+        return param, f"{param}: {short(cause.value)} {cause.must}", getattr(cause, "code", None)
+    must = first["msg"].replace("Input should be", "must be", 1).split(" or instance of ")[0]  # no class names
+    return param, f"{param}: {short(first['input'])} {must}", None
+
+
+def short(value: Any, limit: int = 100) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a wrong value may be a whole document)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True)  # OpenAI's other stream options change nothing here
+
+    include_usage: bool = False
+
+
+class Message(BaseModel):
+    """A chat message: its role and its text (other keys, such as ``name``, are not rendered)."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    role: str
+    content: str = ""
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        require(role in ROLES, "role", role, f"is not a role the codestop proxy renders; use one of {', '.join(ROLES)}")
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, content: Any) -> Any:
+        """A string, nothing, or OpenAI's list of text parts, as one string."""
+        if content is None:
+            return ""
+        if isinstance(content, list):
+            texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+            require(len(texts) == len(content) and all(isinstance(t, str) for t in texts), "content", content,
+                    'must be a string or a list of text parts ({"type": "text", "text": ...}): only text is supported')
+            return "".join(cast(list[str], texts))
+        return content
+
+
+class OpenAIRequest(BaseModel):
+    """The fields both endpoints take: honoured, harmless, or refused unless neutral."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    codestop: dict[str, Any] | None = None  # a policy and its knobs, generation fields: checked where they are defined
+    # honoured (OPENAI_FIELDS)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+    # harmless: they change nothing in the answer
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None
+    # refused unless neutral (UNSUPPORTED_FIELDS)
+    n: Any = None
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+    @field_validator(*UNSUPPORTED_FIELDS)
+    @classmethod
+    def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral, why = UNSUPPORTED_FIELDS[str(info.field_name)]
+        if value is None or any(type(value) is type(v) and value == v for v in neutral):  # True is no 1
+            return value
+        raise Unsupported(str(info.field_name), value, f"is not supported by the codestop proxy ({why})")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, value: Any) -> Any:
+        """OpenAI's ``stop``: a string or a list of at most four (non-empty) strings."""
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        require(isinstance(stops, list) and all(isinstance(x, str) and x for x in stops), "stop", value,
+                f"must be a non-empty string or a list of up to {MAX_STOPS} of them")
+        require(len(stops) <= MAX_STOPS, "stop", value, f"holds {len(stops)} stop strings; at most {MAX_STOPS} are allowed")
+        return tuple(stops)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[Message]
+
+    @field_validator("messages")
+    @classmethod
+    def _some(cls, messages: list[Message]) -> list[Message]:
+        require(bool(messages), "messages", messages, "must be a non-empty list of {role, content}")
+        return messages
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        require(isinstance(prompt, str) and bool(prompt), "prompt", prompt, "must be a non-empty string (one prompt per request)")
+        return prompt
+
+
+def parse_request(body: Any, chat: bool) -> ChatRequest | CompletionRequest:
+    """A request body as its endpoint's model; a ValidationError (a 400 naming the field) if it is
+    not one."""
+    if not isinstance(body, dict):
+        raise RequestError("body: must be a JSON object", "body")
+    return (ChatRequest if chat else CompletionRequest).model_validate(body)
