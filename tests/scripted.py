@@ -88,9 +88,9 @@ class ToyTokenizer:
 
 def toy_tokenizer() -> ToyTokenizer:
     """The fixed toy vocabulary: EOS <|im_end|>, <|im_start|>, <think>, </think>, 256 bytes, the
-    words of ``WORDS`` (each alone and after a space), and a ChatML template."""
+    words of ``WORDS`` (each alone and after a space), a blank line, and a ChatML template."""
     words = [w.encode() for word in WORDS.split() for w in (word, " " + word)]
-    return ToyTokenizer("<|im_end|>", ("<|im_start|>", "<think>", "</think>"), [bytes([b]) for b in range(256)] + words, CHATML)
+    return ToyTokenizer("<|im_end|>", ("<|im_start|>", "<think>", "</think>"), [bytes([b]) for b in range(256)] + words + [b"\n\n"], CHATML)
 
 
 class ScriptedBackend(LocalBackend):

@@ -27,17 +27,21 @@ def ntok(tok, text, script=SCRIPT):
     raise AssertionError(f"{text!r} does not end on a token of the script")
 
 
+def boundaries(tok) -> list[int]:
+    """Where SCRIPT's steps end: after each blank line, and before each "Wait" / "But wait"."""
+    return [
+        ntok(tok, "Step one.\n\n"),
+        ntok(tok, "Step one.\n\nStep two, 3 apples."),
+        ntok(tok, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\n"),
+        ntok(tok, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1."),
+        ntok(tok, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1. But wait, it is 5.\n\n"),
+    ]
+
+
 def test_probes_sit_after_blank_lines_and_before_boundary_words(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=1, always_probe=True)
-    expected = [
-        ntok(toy_tokenizer, "Step one.\n\n"),
-        ntok(toy_tokenizer, "Step one.\n\nStep two, 3 apples."),
-        ntok(toy_tokenizer, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\n"),
-        ntok(toy_tokenizer, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1."),
-        ntok(toy_tokenizer, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1. But wait, it is 5.\n\n"),
-    ]
-    assert [p.position for p in result.probes] == expected
+    assert [p.position for p in result.probes] == boundaries(toy_tokenizer)
     assert result.reasoning_text == SCRIPT  # the held-back words are not lost
     assert result.tokens["reasoning"] == ntok(toy_tokenizer, SCRIPT)
     assert result.stop_reason == "finished" and result.answer == "5"
@@ -47,9 +51,12 @@ def test_probes_sit_after_blank_lines_and_before_boundary_words(toy_tokenizer):
 def test_probe_interval_skips_close_boundaries(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=10, always_probe=True)
-    positions = [p.position for p in result.probes]
-    assert all(b - a >= 10 for a, b in zip([0, *positions], positions))
-    assert len(positions) < 5
+    expected: list[int] = []
+    for at in boundaries(toy_tokenizer):  # a boundary 10 tokens or more past the last probe (or the start)
+        if at - (expected[-1] if expected else 0) >= 10:
+            expected.append(at)
+    assert len(expected) < len(boundaries(toy_tokenizer))  # (the script has boundaries closer than 10)
+    assert [p.position for p in result.probes] == expected
 
 
 def test_probe_leaves_the_session_unchanged(toy_tokenizer):
@@ -108,7 +115,8 @@ def test_vanilla_spends_no_probes_and_reads_the_models_box(toy_tokenizer):
 def test_a_plain_model_without_a_box_is_asked_for_one(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, "It is seven.", answer="7}")
     result = generate(engine, "Q?", Vanilla(), family="plain")
-    assert result.stop_reason == "finished" and result.answer == "7" and result.tokens["answer"] > 0
+    assert result.stop_reason == "finished" and result.answer == "7" and result.tokens["answer"] == 2  # "7", "}"
+    assert result.answer_text == "\n\n**Final Answer**\n\nThe final answer is \\boxed{7}"
 
 
 def test_a_thinking_model_that_closes_its_thinking_answers_freely(toy_tokenizer):
@@ -220,7 +228,7 @@ def test_a_cancelled_generation_stops_between_chunks_and_frees_the_engine(toy_to
         return other
 
     other = asyncio.run(go())
-    assert other.stop_reason == "max_reasoning_tokens" or other.stop_reason == "finished"
+    assert other.stop_reason == "max_reasoning_tokens" and other.tokens["reasoning"] == 5  # SCRIPT * 50 runs on
     assert engine.closed == 2
 
 
@@ -273,12 +281,22 @@ def test_answer_none_ends_the_output_at_the_stop(toy_tokenizer):
 
 @pytest.mark.parametrize("mode", ["boxed", "free"])
 def test_max_tokens_caps_reasoning_and_answer_together(toy_tokenizer, mode):
-    engine = ScriptedEngine(toy_tokenizer, SCRIPT, answer="12345}")
-    stop_at = ntok(toy_tokenizer, "Step one.\n\n")
-    for cap in (5, stop_at + 2):
+    script, one = toy_tokenizer.encode(SCRIPT), toy_tokenizer.encode("1")
+
+    def rambling(ids: list[int], prompt_len: int) -> int:
+        """SCRIPT, then (asked for an answer, boxed or free) "1" for ever: only a cap ends it."""
+        gen = ids[prompt_len:]
+        return script[len(gen)] if gen == script[: len(gen)] and len(gen) < len(script) else one[0]
+
+    engine = ScriptedEngine(toy_tokenizer, next_token=rambling)
+    stop_at = ntok(toy_tokenizer, "Step one.\n\n")  # Deer stops at the first probe
+    for cap in (stop_at - 1, stop_at + 2):
         result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, max_tokens=cap, answer=mode)
-        assert result.tokens["reasoning"] + result.tokens["answer"] <= cap
-    assert result.tokens["answer"] == 2 if mode == "boxed" else result.tokens["answer"] <= 2
+        if cap < stop_at:  # the cap comes first: no probe, no answer
+            assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("max_reasoning_tokens", cap, 0)
+        else:
+            assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("threshold", stop_at, 2)
+            assert result.answer_text.endswith("\\boxed{11" if mode == "boxed" else "**Final Answer**\n\n11")
 
 
 def test_a_client_stop_string_ends_a_plain_models_output(toy_tokenizer):
