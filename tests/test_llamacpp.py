@@ -20,6 +20,7 @@ from codestop.steps import StepRules, decode_text
 pytestmark = pytest.mark.slow
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+REASONING = "1. First, we need to find the total number of apples Tom has.\n2. We know that Tom has"  # SmolLM2's own
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +80,30 @@ def test_probe_leaves_the_session_unchanged(engine, force_state_copy, monkeypatc
 
 
 def test_probe_is_greedy_and_stops_at_the_closing_brace(engine):
-    session, _ = _session_after_reasoning(engine)
-    out = asyncio.run(session.probe(engine.tokenize(PROBE_PROMPT), 20))
-    text = decode_text(engine.detokenize, out.token_ids)
-    assert text.count("}") <= 1 and (text.endswith("}") or len(out.token_ids) == 20)
-    asyncio.run(session.close())
+    """The probe is the model's greedy continuation cut at the token that closes the box, though
+    the model goes on past it (here "12}" and then "\n\nStep 1: ..."); the session itself samples."""
+    context = _prompt(engine) + engine.tokenize(REASONING)
+    probe_ids = engine.tokenize(PROBE_PROMPT)
+    greedy, written = engine.new_backend(context + probe_ids), []
+    try:
+        for _ in range(20):
+            written.append(int(np.argmax(greedy.logits())))
+            greedy.feed(written[-1:])
+    finally:
+        greedy.close()
+    cut = next(n for n in range(1, 21) if "}" in decode_text(engine.detokenize, written[:n]))
+    assert cut < 20 and written[cut] not in engine.eos_token_ids  # the model would go on
+
+    async def probe():
+        session = await engine.start(context, Sampling(temperature=1.0, seed=1))
+        try:
+            return await session.probe(probe_ids, 20)
+        finally:
+            await session.close()
+
+    out = asyncio.run(probe())
+    assert out.token_ids == written[:cut] and decode_text(engine.detokenize, out.token_ids).endswith("}")
+    assert len(out.logprobs) == cut
 
 
 def test_controller_stops_and_answers_within_budgets(engine):
