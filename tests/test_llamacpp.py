@@ -111,8 +111,8 @@ def test_controller_stops_and_answers_within_budgets(engine):
     result = generate(
         engine, QUESTION, CodeStop(), max_reasoning_tokens=60, probe_interval=8, boundaries=["\n"], temperature=0.0
     )
-    assert result.tokens["reasoning"] <= 60
-    assert result.stop_reason in ("confident", "degenerate", "finished", "max_reasoning_tokens")
+    # its probes (confidence about 0.2, far under r_min = 0.9) never stop CoDE-Stop: the cap does
+    assert (result.stop_reason, result.tokens["reasoning"]) == ("max_reasoning_tokens", 60)
     assert result.answer_text and result.engine == "llamacpp"
     assert result.probes, "CoDE-Stop probes at the step boundaries"
     budget = generate(engine, QUESTION, TokenBudget(budget=12), temperature=0.0)
@@ -144,9 +144,8 @@ def test_greedy_matches_across_sessions_and_concurrency(engine):
 
 def test_a_thinking_model_that_never_closes_is_stopped_cleanly(engine):
     result = generate(engine, QUESTION, Vanilla(), family="think", max_reasoning_tokens=30, temperature=0.0)
-    assert result.stop_reason in ("max_reasoning_tokens", "finished")
-    assert "</think>" in result.answer_text  # codestop closed the thinking itself
-    assert result.tokens["reasoning"] <= 30
+    assert (result.stop_reason, result.tokens["reasoning"]) == ("max_reasoning_tokens", 30)
+    assert result.answer_text.startswith("\n</think>\n\n**Final Answer**")  # codestop closed the thinking itself
 
 
 def test_context_window_is_enforced(smollm2_path):
@@ -158,7 +157,7 @@ def test_context_window_is_enforced(smollm2_path):
             generate(small, "How many? " * 200, Vanilla(), temperature=0.0)
         # reasoning that reaches the window is a clean budget stop with an answer, not a crash
         result = generate(small, QUESTION, Vanilla(), family="think", max_reasoning_tokens=1000, temperature=0.0)
-        assert result.stop_reason in ("max_reasoning_tokens", "finished")
+        assert result.stop_reason == "max_reasoning_tokens" and result.tokens["reasoning"] < 256 - result.tokens["prompt"]
         assert result.tokens["prompt"] + result.tokens["reasoning"] + result.tokens["answer"] <= 256
     finally:
         small.close()
