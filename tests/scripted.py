@@ -74,9 +74,14 @@ class ToyTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False,
                             chat_template: str | None = None, **kwargs: Any) -> str | list[int]:
+        from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
+        env.globals["raise_exception"] = raise_exception
         text = env.from_string(chat_template or self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, eos_token=self.pieces[0].decode(), **kwargs
         )
