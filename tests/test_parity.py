@@ -18,18 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
-import numpy as np
 import pytest
-from scripted import ToyTokenizer
+from scripted import ScriptedEngine, ToyTokenizer
 
-from codestop.engines.local import LocalBackend, LocalEngine
 from codestop.engines.server import HFTokens, RemoteTokens, ServerEngine, ServerOptions, Upstream, dialect_for
 from codestop.errors import ServerError
 from codestop.sampling import Sampling
 from codestop.steps import StepRules
 
 EOS = 0
-PEAK = 12.0
+CONFIDENCE = 0.9  # every token's probability, on both sides
 SNOWMAN = "\u2603".encode()  # 3 bytes
 RULES = StepRules(separators=("\n\n",), words=("Wait", "But wait", "Alternatively"), stop_texts=("</think>",))
 FEW_RULES = StepRules(separators=("\n\n",), words=("Wait",), stop_texts=("</think>",))  # 3 stop strings: fit any server
@@ -39,7 +37,7 @@ ANSWER_RULES = StepRules(close_box=True, greedy=True)
 
 class ToyModel:
     """Writes ``script`` after ``prompt``; after ``box`` (a probe prompt or the forced answer) it
-    writes ``answer``; anything else ends with EOS. Its logits put ``PEAK`` on that one token."""
+    writes ``answer``; anything else ends with EOS. That one token's probability is ``CONFIDENCE``."""
 
     def __init__(self, tok: ToyTokenizer, prompt: list[int], script: list[int], box: list[int], answer: list[int]) -> None:
         self.tok, self.prompt, self.script, self.box, self.answer = tok, prompt, script, box, answer
@@ -54,67 +52,16 @@ class ToyModel:
                 return self.answer[j] if j < len(self.answer) else EOS
         return EOS
 
-    @property
-    def logprob(self) -> float:
-        return PEAK - math.log(math.exp(PEAK) + len(self.tok) - 1)
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        out = np.zeros(len(self.tok), dtype=np.float32)
-        out[self.next(ids)] = PEAK
-        return out
+    logprob = math.log(CONFIDENCE)
 
 
 # --------------------------------------------------------------------------------------------
-# The in-process side: a scripted LocalEngine (as tests/scripted.py, on the toy model)
+# The in-process side: the scripted engine (tests/scripted.py) on the toy model
 # --------------------------------------------------------------------------------------------
 
 
-class ToyBackend(LocalBackend):
-    def __init__(self, model: ToyModel, prompt: Sequence[int]) -> None:
-        self.model, self.history = model, list(prompt)
-        self._logits = model.logits(self.history)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.history)
-
-    def feed(self, ids: Sequence[int]) -> None:
-        if ids:
-            self.history += ids
-            self._logits = self.model.logits(self.history)
-
-    def crop(self, n_tokens: int) -> None:
-        del self.history[n_tokens:]
-
-    def logits(self) -> np.ndarray:
-        return self._logits
-
-    def set_logits(self, logits: np.ndarray) -> None:
-        self._logits = logits
-
-
-class ToyLocalEngine(LocalEngine):
-    name = "toy"
-
-    def __init__(self, model: ToyModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.model.tok.encode(text)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.model.tok.decode(ids)
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return frozenset({EOS})
-
-    def chat_template(self, messages, **kwargs) -> str:  # pragma: no cover - not used here
-        return ""
-
-    def new_backend(self, prompt_ids: Sequence[int]) -> ToyBackend:
-        return ToyBackend(self.model, prompt_ids)
+def local_engine(model: ToyModel) -> ScriptedEngine:
+    return ScriptedEngine(model.tok, confidence=CONFIDENCE, next_token=lambda ids, _prompt_len: model.next(ids))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +250,7 @@ def server_engine(model: ToyModel, dialect: str, remote: bool, **options) -> tup
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_server_steps_equal_local_steps(case: Case, dialect: str, live: bool, remote: bool, rules: StepRules):
     model, prompt, box = build(case)
-    local = asyncio.run(run_question(ToyLocalEngine(model), prompt, box, case.budget, live, rules))
+    local = asyncio.run(run_question(local_engine(model), prompt, box, case.budget, live, rules))
     eng, server = server_engine(model, dialect, remote)
     got = asyncio.run(run_question(eng, prompt, box, case.budget, live, rules))
     assert got == local
@@ -341,7 +288,7 @@ def test_boundary_words_beyond_the_stop_cap_are_found_client_side(max_stops: int
     up to the cap; the step is streamed and the scanner finds the rest, with the same steps."""
     case = Case("words beyond the cap", ["So", " x", ".", " Alternatively", ",", " y", ".\n\n", "But", " wait", ",", " z", "<eos>"], ["3}"])
     model, prompt, box = build(case)
-    local = asyncio.run(run_question(ToyLocalEngine(model), prompt, box, 99, False))
+    local = asyncio.run(run_question(local_engine(model), prompt, box, 99, False))
     eng, server = server_engine(model, "vllm", False, max_stops=max_stops)
     got = asyncio.run(run_question(eng, prompt, box, 99, False))
     assert got == local and [s["text"] for s in got[:-1]] == ["So x.", " Alternatively, y.\n\n", "But wait, z"]
