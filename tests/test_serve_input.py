@@ -1,6 +1,6 @@
 """Bad input to ``codestop serve`` and to the server engine: each refused with the right status and
 OpenAI's error shape, nothing leaked, the connection left usable. A scripted in-process engine
-(SmolLM2's real tokenizer and template) or a fake upstream (``httpx.MockTransport``, a socket that
+(the tests' toy tokenizer and its ChatML template) or a fake upstream (``httpx.MockTransport``, a socket that
 never answers) stands behind the proxy: nothing depends on what a model writes.
 
 The request validation itself (the typed request models, then the values checked where they are
@@ -65,8 +65,8 @@ def refusal(engine, body: dict, chat: bool = True) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def scripted(tokenizer):
-    return ScriptedEngine(tokenizer, "Step. " * 20, window=2048)
+def scripted(toy_tokenizer):
+    return ScriptedEngine(toy_tokenizer, "Step. " * 20, window=2048)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def leaky_upstream(request: httpx.Request) -> httpx.Response:
     return httpx.Response(503, json={"error": {"message": LEAKY}})
 
 
-def test_upstream_error_text_stays_out_of_health_and_credentials_are_redacted(tokenizer):
+def test_upstream_error_text_stays_out_of_health_and_credentials_are_redacted(toy_tokenizer):
     for secret in ("Bearer sk-live-0123456789abcdef", "api_key=hunter2hunter2", "bearer abcdef.ghij", "sk-proj-AbCdEf123456789",
                    "http://user:pa55word@host/v1", "hf_abcdefghijklmnopqrstuv"):
         cleaned = redact(f"failed: {secret} (retry)")
@@ -162,7 +162,7 @@ def test_upstream_error_text_stays_out_of_health_and_credentials_are_redacted(to
     assert redact("the prompt is 3000 tokens; max_tokens: 20") == "the prompt is 3000 tokens; max_tokens: 20"
     assert "hunter2" not in error_message(httpx.Response(500, text=f"oops api_key=hunter2 {'x' * 10}"))
 
-    engine = ServerEngine.connect("http://upstream/v1", wait=False, tokenizer=tokenizer, transport=httpx.MockTransport(leaky_upstream))
+    engine = ServerEngine.connect("http://upstream/v1", wait=False, tokenizer=toy_tokenizer, transport=httpx.MockTransport(leaky_upstream))
     for key in (None, KEY):
         p = InProcessProxy(engine, close_engine=False, proxy_api_key=key)
         try:
@@ -232,7 +232,7 @@ class StrictTemplateEngine(ScriptedEngine):
         return self.tokenizer.apply_chat_template(messages, chat_template=self.TEMPLATE, tokenize=False, add_generation_prompt=True)
 
 
-def test_an_unknown_role_and_a_max_tokens_the_window_cannot_hold_are_400_through_the_proxy(proxy, scripted, tokenizer):
+def test_an_unknown_role_and_a_max_tokens_the_window_cannot_hold_are_400_through_the_proxy(proxy, scripted, toy_tokenizer):
     r = httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, messages=[{"role": "wizard", "content": "hi"}]))
     assert error_of(r, 400, "messages[0].role").startswith("messages[0].role: 'wizard'")
     for field in ("max_tokens", "max_completion_tokens"):
@@ -242,7 +242,7 @@ def test_an_unknown_role_and_a_max_tokens_the_window_cannot_hold_are_400_through
     for role in ROLES:  # each renders through the template
         messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Go."}]
         assert f"<|im_start|>{role}\nBe brief." in prepared(scripted, {"messages": messages}).prompt
-    strict = StrictTemplateEngine(tokenizer, "Step.", window=2048)
+    strict = StrictTemplateEngine(toy_tokenizer, "Step.", window=2048)
     status, body = refusal(strict, {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "Go."}]})
     assert (status, body["error"]["param"]) == (400, "messages") and "roles must be user or assistant" in body["error"]["message"]
     assert prepared(scripted, dict(CHAT, max_tokens=2047)).config.max_tokens == 2047  # what fits beside a prompt is honoured
@@ -268,11 +268,11 @@ def test_the_auth_scheme_is_case_insensitive_and_the_key_is_not(keyed):
 # 7 ------------------------------------------------------------------------------------------------
 
 
-def test_an_upstream_that_accepts_and_never_answers_is_a_504_not_a_503(tokenizer):
+def test_an_upstream_that_accepts_and_never_answers_is_a_504_not_a_503(toy_tokenizer):
     silent = socket.create_server(("127.0.0.1", 0), backlog=16)  # the kernel accepts; nobody answers
     url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
     try:
-        engine = ServerEngine.connect(url, wait=False, timeout=0.5, tokenizer=tokenizer)
+        engine = ServerEngine.connect(url, wait=False, timeout=0.5, tokenizer=toy_tokenizer)
         assert not engine.connected
         p = InProcessProxy(engine)
         try:
@@ -281,7 +281,7 @@ def test_an_upstream_that_accepts_and_never_answers_is_a_504_not_a_503(tokenizer
         finally:
             p.stop()
         # a request that queued behind that attempt waited as long: a 504 too
-        engine = ServerEngine.connect(url, wait=False, timeout=0.5, tokenizer=tokenizer)
+        engine = ServerEngine.connect(url, wait=False, timeout=0.5, tokenizer=toy_tokenizer)
         errors: list[BaseException] = []
 
         def wait_ready() -> None:

@@ -17,8 +17,8 @@ CHAT = {"messages": [{"role": "user", "content": "Go."}], "max_tokens": 3}
 
 
 @pytest.fixture(scope="module")
-def scripted(tokenizer):
-    return ScriptedEngine(tokenizer, "Step. " * 20)
+def scripted(toy_tokenizer):
+    return ScriptedEngine(toy_tokenizer, "Step. " * 20)
 
 
 def test_the_served_names_are_listed_accepted_and_answered_with(scripted):
@@ -56,7 +56,7 @@ def test_the_served_names_are_listed_accepted_and_answered_with(scripted):
             serve.create_app(scripted, served_model_name=bad)
 
 
-def test_the_cli_flag_reaches_the_app(tokenizer, monkeypatch):
+def test_the_cli_flag_reaches_the_app(toy_tokenizer, monkeypatch):
     """``codestop serve --served-model-name A B`` as parsed, through cmd_serve to the running app
     (uvicorn's server replaced by one that asks the app in-process)."""
     import uvicorn
@@ -75,7 +75,7 @@ def test_the_cli_flag_reaches_the_app(tokenizer, monkeypatch):
                 seen["model"] = client.post("/v1/chat/completions", json=CHAT).json()["model"]
 
     monkeypatch.setattr(uvicorn, "Server", Server)
-    monkeypatch.setattr(cli_serve, "build_engine", lambda args: ScriptedEngine(tokenizer, "Step. " * 20))  # closed at shutdown
+    monkeypatch.setattr(cli_serve, "build_engine", lambda args: ScriptedEngine(toy_tokenizer, "Step. " * 20))  # closed at shutdown
     parser = build_parser()
     assert parser.parse_args(["serve", "--model", "/models/x.gguf"]).served_model_name is None  # default: the model's
     args = parser.parse_args(["serve", "--model", "/models/x.gguf", "--served-model-name", "x", "x-latest", "--method", "vanilla"])
