@@ -193,7 +193,7 @@ def version(url: str) -> str:
 
 # a vLLM whose every forward pass holds one request, so a request's greedy tokens never depend on
 # what shares its batch (vLLM's CPU build has no batch-invariant mode): test_overlap.py's equality
-SERIAL_ARGS = ("--max-num-seqs", "1")
+SERIAL_ARGS = ("--max-num-seqs", "1", "--max-num-batched-tokens", "1", "--enable-chunked-prefill")
 
 
 @contextmanager
