@@ -16,10 +16,11 @@ import math
 import sys
 from pathlib import Path
 
-from codestop import sweep as sw
+from codestop.analysis.calibrate import calibrate
+from codestop.analysis.sweep import KNOBS, Point, fixed_policy, mark_pareto, parse_range, run_policy
+from codestop.figures.tradeoff import STYLE, plot_tradeoff
 from codestop.policies import make_policy
-from codestop.replay import load_traces
-from codestop.sweep import Point, calibrate, fixed_policy, mark_pareto, parse_range, plot_tradeoff, run_policy
+from codestop.traces import load_traces
 
 TAUS = parse_range("0.25:16:0.25")
 THRESHOLDS = parse_range("0.3,0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.999,0.9995,0.9999")
@@ -35,7 +36,7 @@ VARIANTS: dict[str, tuple[str, list, dict]] = {
     "deer": ("deer", THRESHOLDS, {}),
     "consistency": ("consistency", WINDOWS, {}),
 }
-sw.STYLE.update({"codestop r=0.99": ("tab:orange", "o"), "codestop r=1 (D only)": ("tab:purple", "o")})
+STYLE.update({"codestop r=0.99": ("tab:orange", "o"), "codestop r=1 (D only)": ("tab:purple", "o")})
 
 
 def paired(policy_rows, vanilla_rows) -> dict:
@@ -75,7 +76,7 @@ def main(folder: str) -> None:
                 acc = sum(r.correct for r in rows) / n
                 tok = sum(r.reasoning_tokens for r in rows) / n
                 cost = sum(r.cost for r in rows) / n
-                points.append(Point(label, sw.KNOBS[method][0], value, n, acc, tok, cost, acc - v_acc, 1 - tok / v_tok))
+                points.append(Point(label, KNOBS[method][0], value, n, acc, tok, cost, acc - v_acc, 1 - tok / v_tok))
                 rows_of[(label, value)] = rows
         mark_pareto(points)
         plot_tradeoff(points, root / f"{name}.tradeoff.png", title=f"{name}: {n} GSM8K traces (not a reasoning model)")

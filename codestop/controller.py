@@ -21,12 +21,12 @@ from codestop.config import GenerationConfig
 from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
 from codestop.errors import ContextTooLong
 from codestop.families import Family, get_family
-from codestop.grading import extract_boxed
 from codestop.policies import Policy, Probe, Vanilla, best_probe, policy_options
 from codestop.steps import (
     IncrementalDecoder,
     StepRules,
     closing_brace_index,
+    extract_boxed,
     probe_answer,
 )
 

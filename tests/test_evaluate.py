@@ -9,14 +9,8 @@ import pytest
 
 from codestop.config import GenerationConfig
 from codestop.errors import CodestopError
-from codestop.evaluate import (
-    evaluate,
-    print_summary,
-    regrade,
-    regrade_file,
-    samples_path,
-    summarize,
-)
+from codestop.eval.runner import evaluate, samples_path
+from codestop.eval.summary import print_summary, regrade, regrade_file, summarize
 from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Vanilla
 
@@ -109,7 +103,7 @@ def test_baseline_comparison_and_concurrency(tiny_engine, questions, tmp_path):
 
 
 def test_cli_eval_json_summary(tiny_engine, questions, tmp_path, capsys, monkeypatch):
-    import codestop.evaluate as ev
+    import codestop.eval.runner as ev
 
     monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
     out = tmp_path / "cli.jsonl"
@@ -126,7 +120,7 @@ def test_cli_eval_json_summary(tiny_engine, questions, tmp_path, capsys, monkeyp
 
 
 def test_cli_record_writes_traces_with_the_record_defaults(tiny_engine, questions, tmp_path, capsys, monkeypatch):
-    import codestop.evaluate as ev
+    import codestop.eval.runner as ev
     from codestop.cli import main
 
     monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
@@ -142,9 +136,9 @@ def test_cli_record_writes_traces_with_the_record_defaults(tiny_engine, question
     # a probe at every boundary, and no stopping
     assert generation["probe_interval"] == 1 and generation["always_probe"] is True and generation["max_reasoning_tokens"] == 12
     assert traces[0]["config"]["kind"] == "trace" and traces[0]["config"]["method"] == {"method": "vanilla"}
-    from codestop.demo import DEMO_INSTRUCTION
+    from codestop.eval.prompts import SOLVE_THEN_CHECK
 
-    assert traces[0]["config"]["prompt"] == {"style": "solve-then-check", "instruction": DEMO_INSTRUCTION, "system": None}
+    assert traces[0]["config"]["prompt"] == {"style": "solve-then-check", "instruction": SOLVE_THEN_CHECK, "system": None}
     samples = _lines(samples_path(out))  # t.traces.samples.jsonl: what the model wrote, beside the traces
     assert [x["id"] for x in samples] == ["q:1", "q:2"]
     assert [x["correct"] for x in samples] == [t["final_correct"] for t in traces]
@@ -211,10 +205,10 @@ def test_run_config_records_version_prompt_and_model_sha(tiny_engine, questions,
     import hashlib
 
     import codestop
-    import codestop.evaluate as ev
+    import codestop.eval.runner as ev
     from codestop import presets
     from codestop.cli import main
-    from codestop.prompts import CHAIN_OF_DRAFT
+    from codestop.eval.prompts import CHAIN_OF_DRAFT
 
     monkeypatch.setenv("CODESTOP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
@@ -245,9 +239,8 @@ def test_run_config_records_version_prompt_and_model_sha(tiny_engine, questions,
 
 
 def test_prompt_styles_reach_the_model(tiny_engine, questions, tmp_path, monkeypatch):
-    from codestop.demo import DEMO_INSTRUCTION
+    from codestop.eval.prompts import CHAIN_OF_DRAFT, PROMPT_STYLES, SOLVE_THEN_CHECK
     from codestop.families import STEP_BY_STEP
-    from codestop.prompts import CHAIN_OF_DRAFT, PROMPT_STYLES
 
     seen: list[list[dict[str, str]]] = []
     real = tiny_engine.chat_template
@@ -263,7 +256,6 @@ def test_prompt_styles_reach_the_model(tiny_engine, questions, tmp_path, monkeyp
     evaluate(tiny_engine, data=questions, out=tmp_path / "b.jsonl", policy=Vanilla(), limit=1, generation=gen,
              prompt="chain-of-draft", system_prompt="Be brief.")
     assert seen[-1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is 1 + 1?\n\n{CHAIN_OF_DRAFT}"}]
-    assert PROMPT_STYLES["solve-then-check"] is DEMO_INSTRUCTION  # the demo's own, not a copy
     template = tmp_path / "ask.txt"
     template.write_text("Question: {question}\nAnswer in \\boxed{}.\n")
     evaluate(tiny_engine, data=questions, out=tmp_path / "c.jsonl", policy=Vanilla(), limit=1, generation=gen, prompt=str(template))
@@ -283,7 +275,7 @@ def test_prompt_styles_reach_the_model(tiny_engine, questions, tmp_path, monkeyp
 
 def test_a_family_keeps_the_system_prompt_it_needs():
     from codestop.families import FAMILIES
-    from codestop.prompts import resolve_prompt
+    from codestop.eval.prompts import resolve_prompt
 
     nemotron = resolve_prompt("chain-of-draft", "Be brief.").apply(FAMILIES["nemotron"])
     assert nemotron.messages("Q?")[0] == {"role": "system", "content": "detailed thinking on\nBe brief."}

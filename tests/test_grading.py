@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from codestop.datasets import load_examples
-from codestop.grading import (
+from codestop.eval.datasets import load_examples
+from codestop.steps import extract_boxed
+from codestop.eval.grading import (
     _WORKER,
     extract_answer,
-    extract_boxed,
     grade,
     normalize_choice,
     normalize_integer,

@@ -14,7 +14,8 @@ import pytest
 from codestop.cli import main
 from codestop.errors import CodestopError
 from codestop.policies import CodeStop, Consistency, Deer, Vanilla
-from codestop.replay import load_traces, replay, replay_trace, rescored, trace_from_json
+from codestop.replay import replay, replay_trace, rescored
+from codestop.traces import load_traces, trace_from_json
 
 COMMITTED = Path(__file__).resolve().parents[1] / "bench" / "results" / "gsm8k-qwen2.5-coder-0.5b.traces.jsonl"
 
@@ -28,7 +29,7 @@ def gen():
 
 @pytest.fixture(scope="module")
 def recorded(tiny_engine, tmp_path_factory, gen):
-    from codestop.evaluate import record
+    from codestop.eval.runner import record
 
     d = tmp_path_factory.mktemp("traces")
     data = d / "q.jsonl"
@@ -208,9 +209,9 @@ def test_the_committed_traces_stay_readable():
 
 def test_replay_imports_no_engine():
     code = (
-        "import sys, codestop.replay, codestop.sweep\n"
+        "import sys, codestop.replay, codestop.analysis.sweep, codestop.analysis.calibrate\n"
         "bad = [m for m in sys.modules if m.startswith(('codestop.engines', 'codestop.controller', 'codestop.api', "
-        "'codestop.models', 'codestop.evaluate')) or m in ('torch', 'numpy', 'transformers', 'llama_cpp')]\n"
+        "'codestop.models', 'codestop.eval.runner')) or m in ('torch', 'numpy', 'transformers', 'llama_cpp')]\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -219,7 +220,7 @@ def test_replay_imports_no_engine():
 
 def test_answer_from_best_scores_the_most_confident_probe_up_to_the_stop():
     from codestop.policies import Probe
-    from codestop.replay import Trace
+    from codestop.traces import Trace
 
     probes = (
         Probe(position=10, confidence=0.90, answer="5", correct=True, probe_tokens=2),

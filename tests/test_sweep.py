@@ -10,21 +10,11 @@ import pytest
 from codestop.cli import main
 from codestop.errors import CodestopError
 from codestop.policies import make_policy
-from codestop.replay import trace_from_json
-from codestop.sweep import (
-    Point,
-    calibrate,
-    clopper_pearson_upper,
-    compare_to_vanilla,
-    drop_bounds,
-    knob_labels,
-    mark_pareto,
-    paired_bootstrap,
-    parse_range,
-    run_policy,
-    sweep,
-    tradeoff_figure,
-)
+from codestop.analysis.calibrate import calibrate, compare_to_vanilla
+from codestop.analysis.statistics import clopper_pearson_upper, drop_bounds, paired_bootstrap
+from codestop.analysis.sweep import Point, mark_pareto, parse_range, run_policy, sweep
+from codestop.figures.tradeoff import knob_labels, tradeoff_figure
+from codestop.traces import trace_from_json
 
 
 def test_parse_range():

@@ -38,25 +38,13 @@ from typing import Any
 
 from scipy.stats import mannwhitneyu  # type: ignore[import-untyped]
 
-from codestop.plots import auroc_table, dynamics, plot_dynamics
-from codestop.replay import Replayed, Trace, load_traces
-from codestop.sweep import (
-    KNOBS,
-    Point,
-    calibrate,
-    clopper_pearson_upper,
-    compare_to_vanilla,
-    drop_bounds,
-    fixed_policy,
-    markdown_table,
-    method_frontier,
-    paired_bootstrap,
-    paired_counts,
-    parse_range,
-    plot_tradeoff,
-    run_policy,
-    sweep,
-)
+from codestop.analysis.calibrate import calibrate, compare_to_vanilla
+from codestop.analysis.statistics import clopper_pearson_upper, drop_bounds, paired_bootstrap, paired_counts
+from codestop.analysis.sweep import KNOBS, Point, fixed_policy, markdown_table, parse_range, run_policy, sweep
+from codestop.figures.dynamics import auroc_table, dynamics, plot_dynamics
+from codestop.figures.tradeoff import method_frontier, plot_tradeoff
+from codestop.replay import Replayed
+from codestop.traces import Trace, load_traces
 
 METHODS = ("codestop", "deer", "consistency")
 TARGET_SAVING = 0.25  # issue 10: at least 25% fewer cost tokens ...

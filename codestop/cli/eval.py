@@ -18,9 +18,10 @@ from codestop.cli.options import (
     engine_options_from_args,
     policy_from_args,
 )
-from codestop.datasets import DATASETS
+from codestop.eval.datasets import DATASETS
 from codestop.errors import CodestopError
-from codestop.evaluate import RECORD_GENERATION, evaluate, print_summary, record, samples_path
+from codestop.eval.runner import RECORD_GENERATION, evaluate, record, samples_path
+from codestop.eval.summary import print_summary
 
 
 def add_parser(sub: Any) -> None:

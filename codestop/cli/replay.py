@@ -8,7 +8,8 @@ import time
 from typing import Any
 
 from codestop.cli.options import add_policy_options, add_probe_interval_option, policy_from_args
-from codestop.replay import load_traces, replay
+from codestop.replay import replay
+from codestop.traces import load_traces
 
 
 def add_parser(sub: Any) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 from codestop.cli.options import add_probe_interval_option
 from codestop.errors import CodestopError
 from codestop.policies import knob_help, knob_type
-from codestop.replay import load_traces
-from codestop.sweep import FIXED_OPTIONS, KNOBS, calibrate, markdown_table, parse_range, plot_tradeoff, sweep, write_csv
+from codestop.analysis.calibrate import calibrate
+from codestop.analysis.sweep import FIXED_OPTIONS, KNOBS, markdown_table, parse_range, sweep, write_csv
+from codestop.figures.tradeoff import plot_tradeoff
+from codestop.traces import load_traces
 
 
 def _add_knob_options(p: argparse.ArgumentParser) -> None:
