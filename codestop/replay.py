@@ -5,7 +5,7 @@ probe at every step boundary, storing everything a policy could look at (schema:
 ``docs/traces.md``, loaded by :mod:`codestop.traces`). ``codestop replay`` then feeds the stored probes, in order, to
 ``policy.start().update``, their confidence re-scored from the stored answer-token
 log-probabilities with :func:`codestop.confidence.score_probe` and the policy's own confidence
-function, as live generation scores them. Milliseconds; this module imports no engine.
+function, as live generation scores them. Milliseconds; no engine is imported.
 
 Replay rules (also in docs/traces.md):
 
@@ -17,10 +17,11 @@ Replay rules (also in docs/traces.md):
   (``final_correct``; ``reasoning_tokens`` = the trace's ``reasoning_tokens``, the full reasoning),
   else by its last probe (``reasoning_tokens`` = the last probe's position); ``stop_index`` and
   ``stop_reason`` are null;
-* ``cost`` = ``reasoning_tokens`` + the ``probe_tokens`` of the probes up to and including the stop
-  (all of them when it never stops), for policies that spend probes (none for vanilla and budget,
-  which probe nothing live);
-* answer tokens are not counted in replay (a stop's forced answer was never generated).
+* ``cost_tokens`` = :func:`codestop.controller.cost_tokens` of ``reasoning_tokens`` and the
+  ``probe_tokens`` of the probes up to and including the stop (all of them when it never stops),
+  for policies that spend probes (none for vanilla and budget, which probe nothing live);
+* answer and overrun tokens are not counted in replay (a stop's forced answer was never generated,
+  a recording probes sequentially; docs/vocabulary.md).
 """
 
 from __future__ import annotations
@@ -31,25 +32,26 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from codestop.confidence import score_probe
+from codestop.controller import cost_tokens
 from codestop.policies import Policy, Probe, best_probe
 from codestop.traces import Trace, load_traces, thinned
 
 
 @dataclass(frozen=True)
 class Replayed:
-    """A policy's outcome on one trace: reasoning tokens at the stop, and cost (those plus the probe
-    tokens spent up to it)."""
+    """A policy's outcome on one trace: reasoning tokens at the stop, and cost tokens (those plus the
+    probe tokens spent up to it)."""
 
     id: str
     stop_index: int | None
     stop_reason: str | None
     correct: bool
     reasoning_tokens: int
-    cost: int
+    cost_tokens: int
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "stop_index": self.stop_index, "stop_reason": self.stop_reason, "correct": self.correct,
-                "reasoning_tokens": self.reasoning_tokens}
+                "reasoning_tokens": self.reasoning_tokens, "cost_tokens": self.cost_tokens}
 
 
 def rescored(probes: Sequence[Probe], confidence: str) -> list[Probe]:
@@ -71,32 +73,36 @@ def replay_trace(trace: Trace, policy: Policy, probes: Sequence[Probe] | None = 
         spent += p.probe_tokens or 0
         decision = tracker.update(p)
         if decision.stop:
-            cost = p.position + (spent if policy.needs_probes else 0)
             answered = best_probe(probes[: i + 1]) if policy.answer_from == "best" else p
-            return Replayed(trace.id, i, decision.reason, bool(answered.correct), p.position, cost)
+            return Replayed(trace.id, i, decision.reason, bool(answered.correct), p.position, _cost(p.position, spent, policy))
     if trace.final_correct is not None:
         correct = trace.final_correct
         tokens = trace.reasoning_tokens if trace.reasoning_tokens is not None else (probes[-1].position if probes else 0)
     else:
         correct = bool(probes[-1].correct)
         tokens = probes[-1].position
-    return Replayed(trace.id, None, None, correct, tokens, tokens + (spent if policy.needs_probes else 0))
+    return Replayed(trace.id, None, None, correct, tokens, _cost(tokens, spent, policy))
+
+
+def _cost(reasoning: int, probe: int, policy: Policy) -> int:
+    """What replay can count of the cost: the reasoning, and the probes where the policy spends them."""
+    return cost_tokens({"reasoning": reasoning, "probe": probe if policy.needs_probes else 0})
 
 
 def summarize_replay(rows: Sequence[Replayed]) -> dict[str, Any]:
-    """Accuracy (a fraction), mean reasoning tokens and mean cost over the replayed traces."""
+    """Accuracy (a fraction), mean reasoning tokens and mean cost tokens over the replayed traces."""
     n = len(rows)
     return {
         "n": n,
         "accuracy": sum(r.correct for r in rows) / n if n else 0.0,
-        "mean_tokens": sum(r.reasoning_tokens for r in rows) / n if n else 0.0,
-        "mean_cost": sum(r.cost for r in rows) / n if n else 0.0,
+        "mean_reasoning_tokens": sum(r.reasoning_tokens for r in rows) / n if n else 0.0,
+        "mean_cost_tokens": sum(r.cost_tokens for r in rows) / n if n else 0.0,
     }
 
 
 def replay(traces: Sequence[Trace] | str | os.PathLike[str], policy: Policy, probe_interval: int | None = None) -> dict[str, Any]:
-    """``{"summary": {n, accuracy, mean_tokens, mean_cost}, "traces": [{id, stop_index, stop_reason,
-    correct, reasoning_tokens}]}`` for ``policy`` on ``traces`` (a list or a trace file), thinned
+    """``{"summary": {n, accuracy, mean_reasoning_tokens, mean_cost_tokens}, "traces": [{id, stop_index,
+    stop_reason, correct, reasoning_tokens, cost_tokens}]}`` for ``policy`` on ``traces`` (a list or a trace file), thinned
     to ``probe_interval`` when given."""
     if isinstance(traces, (str, os.PathLike)):
         traces = load_traces(traces)

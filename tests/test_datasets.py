@@ -10,8 +10,8 @@ import json
 import pytest
 
 from codestop.cli import main
-from codestop.eval.datasets import DATASETS, gpqa_order, load_examples
 from codestop.errors import CodestopError
+from codestop.eval.datasets import DATASETS, gpqa_order, load_examples
 from codestop.eval.grading import grade
 
 

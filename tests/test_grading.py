@@ -11,7 +11,6 @@ import threading
 import pytest
 
 from codestop.eval.datasets import load_examples
-from codestop.steps import extract_boxed
 from codestop.eval.grading import (
     _WORKER,
     extract_answer,
@@ -19,6 +18,7 @@ from codestop.eval.grading import (
     normalize_choice,
     normalize_integer,
 )
+from codestop.steps import extract_boxed
 
 FILES = {
     "gsm8k": "gsm8k_test.jsonl",

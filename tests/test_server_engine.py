@@ -19,7 +19,7 @@ import time
 
 import httpx
 import pytest
-from llama_servers import FaultProxy, LlamaServer, free_port
+from llama_servers import FaultProxy, free_port
 from test_parity import ToyTokenizer
 
 from codestop import CodeStop, Vanilla

@@ -1,4 +1,4 @@
-"""``codestop calibrate``: the knob value that saves the most within an accuracy-drop limit, with a bound.
+"""``codestop calibrate``: the knob value that stops earliest within an accuracy-drop limit, with a bound.
 
 Calibration picks the knob value with the fewest mean reasoning tokens whose accuracy drop against
 vanilla on a calibration split stays within ``max_accuracy_drop``, then measures the chosen value
@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from codestop.analysis.statistics import BOOTSTRAP_RESAMPLES, drop_bounds, paired_bootstrap, paired_counts
-from codestop.analysis.sweep import KNOBS, fixed_policy, parse_range, run_policy
+from codestop.analysis.sweep import KNOBS, fixed_policy, mean_of, parse_range, run_policy, saving
 from codestop.errors import CodestopError
 from codestop.policies import Probe, make_policy
 from codestop.replay import Replayed
@@ -23,10 +23,10 @@ from codestop.traces import Trace
 
 def compare_to_vanilla(rows: Sequence[Replayed], vanilla_rows: Sequence[Replayed], *, seed: int = 0) -> dict[str, Any]:
     """Paired bootstrap intervals of the policy minus vanilla on the same traces: accuracy (a
-    fraction) and mean cost (reasoning + probe tokens)."""
+    fraction) and mean cost tokens (replayed: reasoning + probe tokens)."""
     return {
         "accuracy_change": paired_bootstrap([float(r.correct) for r in rows], [float(v.correct) for v in vanilla_rows], seed=seed),
-        "cost_change": paired_bootstrap([float(r.cost) for r in rows], [float(v.cost) for v in vanilla_rows], seed=seed),
+        "cost_change": paired_bootstrap([float(r.cost_tokens) for r in rows], [float(v.cost_tokens) for v in vanilla_rows], seed=seed),
     }
 
 
@@ -77,17 +77,17 @@ def calibrate(
 
     cache: dict[str, list[list[Probe]]] = {}
     vanilla_cal = run_policy(cal, make_policy("vanilla"), cache)
-    v_tokens = sum(r.reasoning_tokens for r in vanilla_cal) / len(cal)
+    _, _, v_cost = mean_of(vanilla_cal)
     candidates = []
     for value in values:
         rows = run_policy(cal, fixed_policy(method, value, **options), cache)
         lost, gained = paired_counts(rows, vanilla_cal)
-        drop = (lost - gained) / len(cal)
-        tokens = sum(r.reasoning_tokens for r in rows) / len(cal)
-        candidates.append({"value": value, "drop": drop, "mean_tokens": tokens, "token_saving": 1 - tokens / v_tokens if v_tokens else 0.0})
+        _, tokens, cost = mean_of(rows)
+        candidates.append({"value": value, "drop": (lost - gained) / len(cal), "mean_reasoning_tokens": tokens,
+                           "mean_cost_tokens": cost, "saving": saving(cost, v_cost)})
     ok = [c for c in candidates if c["drop"] <= max_accuracy_drop + 1e-12]
-    # the fewest tokens; among equals, the smaller drop
-    chosen = min(ok, key=lambda c: (c["mean_tokens"], c["drop"])) if ok else None
+    # the fewest reasoning tokens; among equals, the smaller drop
+    chosen = min(ok, key=lambda c: (c["mean_reasoning_tokens"], c["drop"])) if ok else None
 
     out: dict[str, Any] = {
         "method": method,
@@ -114,22 +114,22 @@ def calibrate(
         vanilla_held = run_policy(held, make_policy("vanilla"))
         lost, gained = paired_counts(rows, vanilla_held)
         bounds = drop_bounds(lost, gained, len(held))
-        vt = sum(r.reasoning_tokens for r in vanilla_held) / len(held)
-        mt = sum(r.reasoning_tokens for r in rows) / len(held)
+        acc, mt, cost = mean_of(rows)
+        v_acc, vt, v_cost = mean_of(vanilla_held)
         out["held_out"] = {
             "n": len(held),
-            "accuracy": sum(r.correct for r in rows) / len(held),
-            "vanilla_accuracy": sum(r.correct for r in vanilla_held) / len(held),
+            "accuracy": acc,
+            "vanilla_accuracy": v_acc,
             "accuracy_drop": bounds["drop"],
             "lost": lost,
             "gained": gained,
             "drop_upper_95_exact": bounds["exact"],
             "drop_upper_95_normal": bounds["normal"],
-            "mean_tokens": mt,
-            "vanilla_mean_tokens": vt,
-            "token_saving": 1 - mt / vt if vt else 0.0,
-            "mean_cost": sum(r.cost for r in rows) / len(held),
-            "vanilla_mean_cost": sum(r.cost for r in vanilla_held) / len(held),
+            "mean_reasoning_tokens": mt,
+            "vanilla_mean_reasoning_tokens": vt,
+            "mean_cost_tokens": cost,
+            "vanilla_mean_cost_tokens": v_cost,
+            "saving": saving(cost, v_cost),
             # two-sided 95% paired bootstrap intervals, policy minus vanilla
             "paired_bootstrap": compare_to_vanilla(rows, vanilla_held, seed=seed),
         }
@@ -139,8 +139,8 @@ def calibrate(
         out["statement"] = (
             f"Split: {sizes}. "
             f"{knob}={chosen['value']} was chosen on the {len(cal)} calibration traces (drop {chosen['drop'] * 100:+.1f} pts, "
-            f"{chosen['token_saving'] * 100:.1f}% fewer tokens). On the {len(held)} held-out traces, not used to choose it: "
-            f"drop {h['accuracy_drop'] * 100:+.1f} pts ({lost} lost, {gained} gained), {h['token_saving'] * 100:.1f}% fewer tokens. "
+            f"saving {chosen['saving'] * 100:.1f}% of vanilla's cost tokens). On the {len(held)} held-out traces, not used to choose it: "
+            f"drop {h['accuracy_drop'] * 100:+.1f} pts ({lost} lost, {gained} gained), saving {h['saving'] * 100:.1f}%. "
             f"With 95% confidence the drop on new questions like these is at most {h['drop_upper_95_exact'] * 100:.1f} pts "
             f"(exact one-sided Clopper-Pearson bound on the lost-question rate, gains not credited; "
             f"normal approximation of the paired difference: {h['drop_upper_95_normal'] * 100:.1f} pts), {certified} "

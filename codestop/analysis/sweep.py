@@ -64,17 +64,17 @@ def parse_range(text: str, kind: type = float, name: str = "range") -> list[Any]
 @dataclass
 class Point:
     """One policy's replayed outcome on all traces; ``pareto``: no other point of the sweep is at
-    least as accurate with fewer tokens (or more accurate with as few)."""
+    least as accurate with fewer reasoning tokens (or more accurate with as few)."""
 
     method: str
     knob: str
     value: float | int | None
     n: int
     accuracy: float
-    mean_tokens: float
-    mean_cost: float
+    mean_reasoning_tokens: float
+    mean_cost_tokens: float  # replayed: reasoning + probe tokens (docs/vocabulary.md)
     accuracy_change: float  # vs vanilla on the same traces, a fraction
-    token_saving: float  # 1 - mean_tokens / vanilla's
+    saving: float  # 1 - mean_cost_tokens / vanilla's
     pareto: bool = False
 
 
@@ -88,19 +88,28 @@ def run_policy(traces: Sequence[Trace], policy: Policy, cache: dict[str, list[li
     return [replay_trace(t, policy) for t in traces]
 
 
-def _point(method: str, knob: str, value: Any, rows: Sequence[Replayed], vanilla: Sequence[Replayed]) -> Point:
+def mean_of(rows: Sequence[Replayed]) -> tuple[float, float, float]:
+    """(accuracy, mean reasoning tokens, mean cost tokens) of replayed rows."""
     n = len(rows)
-    acc = sum(r.correct for r in rows) / n
-    toks = sum(r.reasoning_tokens for r in rows) / n
-    v_acc = sum(r.correct for r in vanilla) / n
-    v_toks = sum(r.reasoning_tokens for r in vanilla) / n
-    return Point(method, knob, value, n, acc, toks, sum(r.cost for r in rows) / n, acc - v_acc, 1 - toks / v_toks if v_toks else 0.0)
+    return sum(r.correct for r in rows) / n, sum(r.reasoning_tokens for r in rows) / n, sum(r.cost_tokens for r in rows) / n
+
+
+def saving(cost: float, vanilla_cost: float) -> float:
+    """1 - cost / vanilla's cost (0 when vanilla cost nothing)."""
+    return 1 - cost / vanilla_cost if vanilla_cost else 0.0
+
+
+def _point(method: str, knob: str, value: Any, rows: Sequence[Replayed], vanilla: Sequence[Replayed]) -> Point:
+    acc, toks, cost = mean_of(rows)
+    v_acc, _, v_cost = mean_of(vanilla)
+    return Point(method, knob, value, len(rows), acc, toks, cost, acc - v_acc, saving(cost, v_cost))
 
 
 def mark_pareto(points: list[Point]) -> None:
     for p in points:
         p.pareto = not any(
-            (q.accuracy >= p.accuracy and q.mean_tokens <= p.mean_tokens) and (q.accuracy > p.accuracy or q.mean_tokens < p.mean_tokens)
+            (q.accuracy >= p.accuracy and q.mean_reasoning_tokens <= p.mean_reasoning_tokens)
+            and (q.accuracy > p.accuracy or q.mean_reasoning_tokens < p.mean_reasoning_tokens)
             for q in points
         )
 
@@ -141,15 +150,15 @@ def sweep(traces: Sequence[Trace], ranges: Mapping[str, Sequence[Any]], **option
 
 
 def markdown_table(points: Sequence[Point], only_pareto: bool = False) -> str:
-    rows = ["| method | knob | accuracy | mean tokens | mean cost (incl. probes) | accuracy change | fewer tokens | Pareto |",
+    rows = ["| method | knob | accuracy | mean reasoning tokens | mean cost tokens (incl. probes) | accuracy change | saving | Pareto |",
             "|---|---|---:|---:|---:|---:|---:|:-:|"]
     for p in points:
         if only_pareto and not p.pareto:
             continue
         knob = f"{p.knob}={p.value}" if p.knob else "-"
         rows.append(
-            f"| {p.method} | {knob} | {p.accuracy * 100:.1f}% | {p.mean_tokens:.0f} | {p.mean_cost:.0f} | "
-            f"{p.accuracy_change * 100:+.1f} pts | {p.token_saving * 100:.1f}% | {'yes' if p.pareto else ''} |"
+            f"| {p.method} | {knob} | {p.accuracy * 100:.1f}% | {p.mean_reasoning_tokens:.0f} | {p.mean_cost_tokens:.0f} | "
+            f"{p.accuracy_change * 100:+.1f} pts | {p.saving * 100:.1f}% | {'yes' if p.pareto else ''} |"
         )
     return "\n".join(rows) + "\n"
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from codestop.config import OLD_NAMES, PROBE_MODES, GenerationConfig, cli_fields
 from codestop.eval.datasets import DATASETS
-from codestop.policies import METHOD_OPTIONS, METHODS, Policy, knob_help, knob_type, make_policy
 from codestop.eval.prompts import DEFAULT_STYLE, PROMPT_STYLES, QUESTION_SLOT
+from codestop.policies import METHOD_OPTIONS, METHODS, Policy, knob_help, knob_type, make_policy
 
 if TYPE_CHECKING:
     from codestop.engines.base import Engine

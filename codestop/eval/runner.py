@@ -3,7 +3,7 @@ one JSON line per question, resumable (summaries: :mod:`codestop.eval.summary`).
 
 The output file holds one JSON object per line, written and flushed as each question finishes, so
 a killed run loses only the questions in flight. Every line carries the run's ``config`` (model,
-engine, method and its options, generation options); re-running the same command skips the ids
+engine, policy and its options, generation options); re-running the same command skips the ids
 already there, a half-written last line is dropped (saying so) and redone, and a file whose config
 differs is refused rather than mixed.
 
@@ -47,7 +47,7 @@ from codestop.errors import CodestopError, ContextTooLong
 from codestop.eval.datasets import Example, load_examples
 from codestop.eval.grading import extract_answer, grade
 from codestop.eval.prompts import PromptStyle, resolve_prompt
-from codestop.eval.summary import record_tokens, summarize
+from codestop.eval.summary import record_reasoning, summarize
 from codestop.families import Family, get_family
 from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Policy, Vanilla, policy_options
@@ -63,6 +63,16 @@ INFORMATIONAL_KEYS = ("codestop_version",)
 # --------------------------------------------------------------------------------------------
 
 
+def current_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config as this codestop writes it, from one written before a key was renamed: ``method``
+    (the policy's options) is ``policy``, ``generation.max_new_tokens`` is ``max_reasoning_tokens``."""
+    if "method" in config and "policy" not in config:
+        config = {**{k: v for k, v in config.items() if k != "method"}, "policy": config["method"]}
+    if isinstance(config.get("generation"), dict):
+        config = {**config, "generation": current_names(config["generation"])}
+    return config
+
+
 def check_config(path: Path, records: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
     """Refuse to resume ``path`` when its lines were written under another config (the codestop
     version aside: each line records its own, and a fix release should not strand a long run)."""
@@ -72,8 +82,7 @@ def check_config(path: Path, records: Sequence[dict[str, Any]], config: dict[str
             continue
         if not isinstance(theirs, dict):
             raise CodestopError(f"out: {path} line {n} has no run config; it was not written by this command. Choose another --out")
-        if isinstance(theirs.get("generation"), dict):  # written before a field was renamed
-            theirs = {**theirs, "generation": current_names(theirs["generation"])}
+        theirs = current_config(theirs)
         keys = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k) and k not in INFORMATIONAL_KEYS)
         if not keys:
             continue
@@ -318,7 +327,7 @@ def run_config(
         "model": model,
         "model_sha256": sha256,
         "engine": engine_name,
-        "method": policy_options(policy),
+        "policy": policy_options(policy),
         "generation": generation.to_dict(),
         "prompt": (prompt or resolve_prompt()).to_config(),
         "codestop_version": __version__,
@@ -348,8 +357,8 @@ def _progress(total: int, done_records: Sequence[dict[str, Any]], label: str, en
         if not seen:
             return label
         acc = sum(bool(r.get("correct")) for r in seen) / len(seen)
-        toks = sum(record_tokens(r) for r in seen) / len(seen)
-        return f"{label} acc {acc * 100:.1f}% · {toks:.0f} tok"
+        toks = sum(record_reasoning(r) for r in seen) / len(seen)
+        return f"{label} acc {acc * 100:.1f}% · {toks:.0f} reasoning tok"
 
     task = progress.add_task(describe(), total=total, completed=len(seen))
     progress.start()

@@ -15,20 +15,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from codestop.controller import cost_tokens
 from codestop.errors import CodestopError
 from codestop.eval.datasets import DATASETS
 from codestop.eval.grading import GRADE_KINDS, GradeKind, grade
 from codestop.jsonl import read_jsonl
 
 
-def record_tokens(rec: dict[str, Any]) -> int:
-    t = rec.get("tokens") or {}
-    return int(t.get("reasoning", 0)) + int(t.get("answer", 0))
+def record_reasoning(rec: dict[str, Any]) -> int:
+    """A run line's reasoning tokens (0 for an error line)."""
+    return int((rec.get("tokens") or {}).get("reasoning", 0))
 
 
 def record_cost(rec: dict[str, Any]) -> int:
-    from codestop.controller import cost_tokens
-
+    """A run line's cost tokens, from its token counts (lines written before ``cost_tokens`` too)."""
     return cost_tokens(rec.get("tokens") or {})
 
 
@@ -50,19 +50,19 @@ def summarize(
     session: Sequence[dict[str, Any]] | None = None,
     elapsed: float | None = None,
 ) -> dict[str, Any]:
-    """Accuracy (a fraction) with its 95% Wilson interval, mean tokens, mean cost and the count of
-    each stop reason of a run; with ``session`` (the records answered in this session) and
-    ``elapsed`` (the seconds it took, loading excluded): the throughput; with a baseline run, the
-    paired comparison on the ids both hold: compression (1 - tokens / baseline tokens) and the
-    accuracy difference."""
+    """Accuracy (a fraction) with its 95% Wilson interval, mean reasoning tokens, mean cost tokens and
+    the count of each stop reason of a run; with ``session`` (the records answered in this session)
+    and ``elapsed`` (the seconds it took, loading excluded): the throughput; with a baseline run, the
+    paired comparison on the ids both hold: the saving (1 - cost tokens / the baseline's) and the
+    accuracy difference (docs/vocabulary.md)."""
     n = len(records)
     right = sum(bool(r.get("correct")) for r in records)
     s: dict[str, Any] = {
         "n": n,
         "accuracy": right / n if n else 0.0,
         "accuracy_ci95": accuracy_interval(right, n),
-        "mean_tokens": sum(record_tokens(r) for r in records) / n if n else 0.0,
-        "mean_cost": sum(record_cost(r) for r in records) / n if n else 0.0,
+        "mean_reasoning_tokens": sum(record_reasoning(r) for r in records) / n if n else 0.0,
+        "mean_cost_tokens": sum(record_cost(r) for r in records) / n if n else 0.0,
         "stop_reasons": dict(sorted(Counter(str(r.get("stop_reason")) for r in records).items())),
     }
     if elapsed is not None:
@@ -76,9 +76,9 @@ def summarize(
         ours = {str(r["id"]): r for r in records}
         pairs = [(ours[str(b["id"])], b) for b in baseline if str(b.get("id")) in ours]
         if pairs:
-            base_tokens = sum(record_tokens(b) for _, b in pairs)
+            base_cost = sum(record_cost(b) for _, b in pairs)
             s["paired_n"] = len(pairs)
-            s["compression"] = 1 - sum(record_tokens(r) for r, _ in pairs) / base_tokens if base_tokens else 0.0
+            s["saving"] = 1 - sum(record_cost(r) for r, _ in pairs) / base_cost if base_cost else 0.0
             s["baseline_accuracy"] = sum(bool(b.get("correct")) for _, b in pairs) / len(pairs)
             s["accuracy_change"] = sum(bool(r.get("correct")) - bool(b.get("correct")) for r, b in pairs) / len(pairs)
     return s
@@ -101,19 +101,19 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("questions", "accuracy (95% CI)", "mean tokens", "mean cost (incl. probes)"):
+    for col in ("questions", "accuracy (95% CI)", "mean reasoning tokens", "mean cost tokens (incl. probes)"):
         table.add_column(col, justify="right")
     ci = summary.get("accuracy_ci95")
     row = [
         str(summary["n"]),
         f"{summary['accuracy'] * 100:.1f}%" + (f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]" if ci else ""),
-        f"{summary['mean_tokens']:.0f}",
-        f"{summary['mean_cost']:.0f}",
+        f"{summary['mean_reasoning_tokens']:.0f}",
+        f"{summary['mean_cost_tokens']:.0f}",
     ]
-    if "compression" in summary:
+    if "saving" in summary:
         table.add_column("vs baseline (paired)", justify="right")
         row.append(
-            f"{summary['compression'] * 100:.1f}% fewer tokens, {summary['accuracy_change'] * 100:+.1f} pts "
+            f"saving {summary['saving'] * 100:.1f}%, {summary['accuracy_change'] * 100:+.1f} pts "
             f"(n={summary['paired_n']})"
         )
     table.add_row(*row)

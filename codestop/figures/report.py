@@ -70,8 +70,8 @@ def _run_summary_html(path: Path) -> str | None:
         ci = s["accuracy_ci95"]
         reasons = ", ".join(f"{k} {v}" for k, v in s["stop_reasons"].items())
         return (f"<p><b>{html.escape(path.name)}</b>: {s['n']} questions, accuracy {s['accuracy'] * 100:.1f}% "
-                f"(95% CI {ci[0] * 100:.1f}-{ci[1] * 100:.1f}), mean tokens {s['mean_tokens']:.0f}, "
-                f"mean cost {s['mean_cost']:.0f}; stops: {html.escape(reasons)}</p>")
+                f"(95% CI {ci[0] * 100:.1f}-{ci[1] * 100:.1f}), mean reasoning tokens {s['mean_reasoning_tokens']:.0f}, "
+                f"mean cost tokens {s['mean_cost_tokens']:.0f}; stops: {html.escape(reasons)}</p>")
     return None
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from codestop.analysis.sweep import Point
 
-
 STYLE = {"codestop": ("tab:red", "o"), "deer": ("tab:blue", "s"), "consistency": ("tab:green", "^"), "budget": ("tab:gray", "x")}
 # for series named otherwise (e.g. one method at several fixed options), in order of appearance
 EXTRA_STYLES = (("tab:purple", "d"), ("tab:orange", "v"), ("tab:brown", "P"), ("tab:pink", "X"), ("tab:olive", "<"), ("tab:cyan", ">"))
@@ -23,7 +22,7 @@ def method_frontier(points: Sequence[Point]) -> list[Point]:
     """One method's own frontier: going right (more tokens), only the points that raise accuracy."""
     frontier: list[Point] = []
     best = -1.0
-    for p in sorted(points, key=lambda p: (p.mean_tokens, -p.accuracy)):
+    for p in sorted(points, key=lambda p: (p.mean_reasoning_tokens, -p.accuracy)):
         if p.accuracy > best:
             frontier.append(p)
             best = p.accuracy
@@ -61,7 +60,7 @@ def knob_labels(points: Sequence[Point], near: Any = None) -> list[tuple[list[in
 
     for i in range(len(points)):
         for j in range(i):
-            same = points[i].mean_tokens == points[j].mean_tokens and points[i].accuracy == points[j].accuracy
+            same = points[i].mean_reasoning_tokens == points[j].mean_reasoning_tokens and points[i].accuracy == points[j].accuracy
             if same or (near is not None and near(i, j)):
                 parent[root(i)] = root(j)
     groups: dict[int, list[int]] = {}
@@ -157,16 +156,16 @@ def tradeoff_figure(points: Sequence[Point], title: str = "") -> Any:
         if method == "vanilla":
             v = mine[0]
             ax.axhline(v.accuracy * 100, color="black", lw=1, ls="--", zorder=1)
-            ax.axvline(v.mean_tokens, color="black", lw=0.8, ls=":", zorder=1)
-            handles.append(ax.scatter([v.mean_tokens], [v.accuracy * 100], marker="*", s=200, color="black", zorder=5,
-                                      label=f"vanilla: {v.accuracy * 100:.1f}%, {v.mean_tokens:.0f} tokens (reference lines)"))
+            ax.axvline(v.mean_reasoning_tokens, color="black", lw=0.8, ls=":", zorder=1)
+            handles.append(ax.scatter([v.mean_reasoning_tokens], [v.accuracy * 100], marker="*", s=200, color="black", zorder=5,
+                                      label=f"vanilla: {v.accuracy * 100:.1f}%, {v.mean_reasoning_tokens:.0f} tokens (reference lines)"))
             continue
         color, marker = STYLE.get(method) or next(extra)
         frontier = method_frontier(mine)
         on = {id(p) for p in frontier}
         faded = [p for p in mine if id(p) not in on]
-        ax.scatter([p.mean_tokens for p in faded], [p.accuracy * 100 for p in faded], color=color, marker=marker, alpha=0.3, s=20)
-        (line,) = ax.plot([p.mean_tokens for p in frontier], [p.accuracy * 100 for p in frontier], color=color, marker=marker,
+        ax.scatter([p.mean_reasoning_tokens for p in faded], [p.accuracy * 100 for p in faded], color=color, marker=marker, alpha=0.3, s=20)
+        (line,) = ax.plot([p.mean_reasoning_tokens for p in frontier], [p.accuracy * 100 for p in frontier], color=color, marker=marker,
                           ms=5, label=f"{method} ({mine[0].knob} values labelled)")
         handles.append(line)
         per_method.append((mine, color, on))
@@ -174,7 +173,7 @@ def tradeoff_figure(points: Sequence[Point], title: str = "") -> Any:
     fig.canvas.draw()
     touch = 5 * fig.dpi / 72
     for mine, color, on in per_method:
-        xy = ax.transData.transform([(p.mean_tokens, p.accuracy * 100) for p in mine])
+        xy = ax.transData.transform([(p.mean_reasoning_tokens, p.accuracy * 100) for p in mine])
 
         def near(i: int, j: int, xy: Any = xy) -> bool:
             return bool(abs(xy[i][0] - xy[j][0]) <= touch and abs(xy[i][1] - xy[j][1]) <= touch)
@@ -182,8 +181,8 @@ def tradeoff_figure(points: Sequence[Point], title: str = "") -> Any:
         for members, text in knob_labels(mine, near):
             strong = [i for i in members if id(mine[i]) in on]
             anchor = mine[strong[0]] if strong else mine[members[len(members) // 2]]
-            labels.append((anchor.mean_tokens, anchor.accuracy * 100, text, color, bool(strong)))
-    markers = [(p.mean_tokens, p.accuracy * 100) for p in points]
+            labels.append((anchor.mean_reasoning_tokens, anchor.accuracy * 100, text, color, bool(strong)))
+    markers = [(p.mean_reasoning_tokens, p.accuracy * 100) for p in points]
     place_labels(fig, ax, sorted(labels, key=lambda item: not item[4]), markers)  # frontier labels get the best places
     handles.append(Line2D([], [], color="gray", marker="o", ls="", alpha=0.3,
                           label="faded: a setting off its method's frontier\n(another is as accurate for fewer tokens)"))
