@@ -6,7 +6,7 @@ For every ``*.traces.jsonl`` in the folder: sweeps every method's knob (CoDE-Sto
 confidence-threshold settings), picks each method's best setting (the fewest tokens with a paired
 accuracy drop of at most 1 point on all traces, in-sample), gives the paired difference against
 vanilla with a 95% confidence interval, the held-out figures of `codestop calibrate` (choose on half,
-measure on the other half), the best accuracy each method reaches within a token budget (whose
+measure on the other half), the best accuracy each method reaches within a share of vanilla's tokens (whose
 curve is higher), and writes one trade-off figure with every curve: ``<name>.tradeoff.png``.
 """
 
@@ -16,10 +16,11 @@ import math
 import sys
 from pathlib import Path
 
-from codestop import sweep as sw
+from codestop.analysis.calibrate import calibrate
+from codestop.analysis.sweep import KNOBS, Point, fixed_policy, mark_pareto, parse_range, run_policy, saving
+from codestop.figures.tradeoff import STYLE, plot_tradeoff
 from codestop.policies import make_policy
-from codestop.replay import load_traces
-from codestop.sweep import Point, calibrate, fixed_policy, mark_pareto, parse_range, plot_tradeoff, run_policy
+from codestop.traces import load_traces
 
 TAUS = parse_range("0.25:16:0.25")
 THRESHOLDS = parse_range("0.3,0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.999,0.9995,0.9999")
@@ -35,7 +36,7 @@ VARIANTS: dict[str, tuple[str, list, dict]] = {
     "deer": ("deer", THRESHOLDS, {}),
     "consistency": ("consistency", WINDOWS, {}),
 }
-sw.STYLE.update({"codestop r=0.99": ("tab:orange", "o"), "codestop r=1 (D only)": ("tab:purple", "o")})
+STYLE.update({"codestop r=0.99": ("tab:orange", "o"), "codestop r=1 (D only)": ("tab:purple", "o")})
 
 
 def paired(policy_rows, vanilla_rows) -> dict:
@@ -49,8 +50,8 @@ def paired(policy_rows, vanilla_rows) -> dict:
     return {"drop": mean, "ci": (mean - half, mean + half), "lost": lost, "gained": gained}
 
 
-def best_within(points: list[Point], budget: float) -> float | None:
-    ok = [p.accuracy for p in points if p.mean_tokens <= budget + 1e-9]
+def best_within(points: list[Point], limit: float) -> float | None:
+    ok = [p.accuracy for p in points if p.mean_reasoning_tokens <= limit + 1e-9]
     return max(ok) if ok else None
 
 
@@ -67,15 +68,16 @@ def main(folder: str) -> None:
         vanilla_rows = run_policy(traces, make_policy("vanilla"), cache)
         v_acc = sum(r.correct for r in vanilla_rows) / n
         v_tok = sum(r.reasoning_tokens for r in vanilla_rows) / n
-        points: list[Point] = [Point("vanilla", "", None, n, v_acc, v_tok, v_tok, 0.0, 0.0)]
+        v_cost = sum(r.cost_tokens for r in vanilla_rows) / n  # = v_tok: vanilla spends no probes
+        points: list[Point] = [Point("vanilla", "", None, n, v_acc, v_tok, v_cost, 0.0, 0.0)]
         rows_of: dict[tuple[str, object], list] = {}
         for label, (method, values, fixed) in VARIANTS.items():
             for value in values:
                 rows = run_policy(traces, fixed_policy(method, value, **fixed), cache)
                 acc = sum(r.correct for r in rows) / n
                 tok = sum(r.reasoning_tokens for r in rows) / n
-                cost = sum(r.cost for r in rows) / n
-                points.append(Point(label, sw.KNOBS[method][0], value, n, acc, tok, cost, acc - v_acc, 1 - tok / v_tok))
+                cost = sum(r.cost_tokens for r in rows) / n
+                points.append(Point(label, KNOBS[method][0], value, n, acc, tok, cost, acc - v_acc, saving(cost, v_cost)))
                 rows_of[(label, value)] = rows
         mark_pareto(points)
         plot_tradeoff(points, root / f"{name}.tradeoff.png", title=f"{name}: {n} GSM8K traces (not a reasoning model)")
@@ -96,25 +98,25 @@ def main(folder: str) -> None:
         print(f"Oracle stop (knows the gold; the floor for any policy that keeps vanilla's accuracy): accuracy "
               f"{o_acc / n * 100:.1f}%, {o_tok / n:.0f} tokens ({(1 - o_tok / n / v_tok) * 100:.1f}% fewer).\n")
         print("### Each method at its best setting (in-sample: the fewest tokens with a paired drop of at most 1 point)\n")
-        print("| method | setting | accuracy | mean tokens | mean cost (incl. probes) | fewer tokens | paired drop (95% CI) | lost / gained |")
+        print("| method | setting | accuracy | mean reasoning tokens | mean cost tokens (incl. probes) | saving | paired drop (95% CI) | lost / gained |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
-        print(f"| vanilla | - | {v_acc * 100:.1f}% | {v_tok:.0f} | {v_tok:.0f} | 0% | - | - |")
+        print(f"| vanilla | - | {v_acc * 100:.1f}% | {v_tok:.0f} | {v_cost:.0f} | 0% | - | - |")
         for label in VARIANTS:
             mine = [p for p in points if p.method == label]
             ok = [p for p in mine if -p.accuracy_change <= MAX_DROP + 1e-12]
             if ok:
-                best = min(ok, key=lambda p: (p.mean_tokens, -p.accuracy))
+                best = min(ok, key=lambda p: (p.mean_reasoning_tokens, -p.accuracy))
                 note = ""
             else:  # nothing within 1 point: show its most accurate setting
-                best = max(mine, key=lambda p: (p.accuracy, -p.mean_tokens))
+                best = max(mine, key=lambda p: (p.accuracy, -p.mean_reasoning_tokens))
                 note = " (none within 1 pt; most accurate shown)"
             pr = paired(rows_of[(label, best.value)], vanilla_rows)
             print(
-                f"| {label} | {best.knob}={best.value}{note} | {best.accuracy * 100:.1f}% | {best.mean_tokens:.0f} | {best.mean_cost:.0f} | "
-                f"{best.token_saving * 100:.1f}% | {pr['drop'] * 100:+.1f} pts [{pr['ci'][0] * 100:+.1f}, {pr['ci'][1] * 100:+.1f}] | "
+                f"| {label} | {best.knob}={best.value}{note} | {best.accuracy * 100:.1f}% | {best.mean_reasoning_tokens:.0f} | {best.mean_cost_tokens:.0f} | "
+                f"{best.saving * 100:.1f}% | {pr['drop'] * 100:+.1f} pts [{pr['ci'][0] * 100:+.1f}, {pr['ci'][1] * 100:+.1f}] | "
                 f"{pr['lost']} / {pr['gained']} |"
             )
-        print("\n### Best accuracy within a token budget (each method's whole curve; higher is better)\n")
+        print("\n### Best accuracy within a share of vanilla's reasoning tokens (each method's whole curve; higher is better)\n")
         fractions = (0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
         print("| method | " + " | ".join(f"<= {int(f * 100)}% of vanilla tokens" for f in fractions) + " |")
         print("|---|" + "---:|" * len(fractions))
@@ -149,7 +151,7 @@ def main(folder: str) -> None:
             cw = sum(conf_wrong) / len(conf_wrong) if conf_wrong else float("nan")
             print(f"| {int(f * 100)}% | {share * 100:.0f}% (n={len(right)}) | {cr:.2f} | {cw:.2f} |")
         print("\n### Calibrated on half the traces, measured on the other half (`codestop calibrate --max-accuracy-drop 0.01`)\n")
-        print("| method | chosen | held-out accuracy (vanilla) | held-out fewer tokens | held-out drop | 95% upper bound on drop (exact / normal) |")
+        print("| method | chosen | held-out accuracy (vanilla) | held-out saving | held-out drop | 95% upper bound on drop (exact / normal) |")
         print("|---|---|---:|---:|---:|---:|")
         for label, (method, values, fixed) in VARIANTS.items():
             c = calibrate(traces, MAX_DROP, method=method, values=values, calibration_fraction=0.5, seed=0, **fixed)
@@ -159,7 +161,7 @@ def main(folder: str) -> None:
             h = c["held_out"]
             print(
                 f"| {label} | {c['knob']}={c['chosen']} | {h['accuracy'] * 100:.1f}% ({h['vanilla_accuracy'] * 100:.1f}%) | "
-                f"{h['token_saving'] * 100:.1f}% | {h['accuracy_drop'] * 100:+.1f} pts | "
+                f"{h['saving'] * 100:.1f}% | {h['accuracy_drop'] * 100:+.1f} pts | "
                 f"{h['drop_upper_95_exact'] * 100:.1f} / {h['drop_upper_95_normal'] * 100:.1f} pts |"
             )
         print()

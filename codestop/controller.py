@@ -14,21 +14,23 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from codestop.confidence import score_probe
 from codestop.config import GenerationConfig
-from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
 from codestop.errors import ContextTooLong
 from codestop.families import Family, get_family
-from codestop.grading import extract_boxed
 from codestop.policies import Policy, Probe, Vanilla, best_probe, policy_options
 from codestop.steps import (
     IncrementalDecoder,
     StepRules,
     closing_brace_index,
+    extract_boxed,
     probe_answer,
 )
+
+if TYPE_CHECKING:  # only annotations: replay and sweeps import cost_tokens without an engine
+    from codestop.engines.base import Engine, ProbeOutput, Session, StepOutput
 
 PROBE_MAX_TOKENS = 20
 ANSWER_MAX_TOKENS = 30  # a forced answer: the box's content
@@ -54,7 +56,9 @@ EventCallback = Callable[[Event], None]
 
 def cost_tokens(tokens: Mapping[str, int]) -> int:
     """What a run costs: reasoning + probe + answer + overrun tokens (the paper's accounting plus the
-    overrun of overlapped probing); missing counts are 0, as in records written before a field existed."""
+    overrun of overlapped probing); missing counts are 0, as in records written before a field existed
+    and in replay, which knows no answer or overrun (docs/vocabulary.md). The one definition: live
+    results, eval lines, the demo, replay and sweeps all cost through it."""
     return sum(int(tokens.get(k, 0)) for k in ("reasoning", "probe", "answer", "overrun"))
 
 
@@ -64,8 +68,9 @@ class Result:
     ``reasoning`` (thinking tokens the model generated), ``probe`` (tokens the probes generated),
     ``probe_prompt`` (probe-prompt tokens prefilled), ``answer`` (forced or free answer tokens),
     ``overrun`` (reasoning generated past the stop while its probe ran, then dropped: overlapped
-    probing). ``cost`` = reasoning + probe + answer + overrun, the paper's accounting plus the
-    overrun. Times are seconds by phase."""
+    probing). ``cost`` = :func:`cost_tokens`: reasoning + probe + answer + overrun, the paper's
+    accounting plus the overrun. ``policy``: the policy's options (``policy_options``). Times are
+    seconds by phase."""
 
     question: str
     answer: str | None
@@ -78,7 +83,7 @@ class Result:
     steps: int  # reasoning steps (boundary to boundary) the stream was cut into
     tokens: dict[str, int]
     timings: dict[str, float]
-    method: dict[str, Any]
+    policy: dict[str, Any]
     model: str
     engine: str
     family: str
@@ -89,7 +94,7 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["cost"] = self.cost
+        d["cost_tokens"] = self.cost
         for p in d["probes"]:
             if p.get("token_logprobs") is not None:
                 p["token_logprobs"] = list(p["token_logprobs"])
@@ -189,23 +194,24 @@ async def astream(
     and any answer; a thinking family's reasoning only with ``stop_in_reasoning`` (a raw
     completion, whose text is the reasoning itself: no thinking block kept apart)."""
     await engine.ready()  # a completions server still starting: a clear 503-style error, not a hang
-    rule: Policy = policy if policy is not None else cast(Policy, Vanilla())
+    if policy is None:
+        policy = cast(Policy, Vanilla())
     family = family or get_family(config.family, engine, config.enable_thinking)
     clock = _Clock()
     t_start = time.perf_counter()
-    plan = await _plan(engine, question, prompt, family, rule, config)
+    plan = await _plan(engine, question, prompt, family, policy, config)
     session = await clock.timed("prefill", engine.start(plan.prompt_ids, config.sampling, live=config.live_text))
     try:
         # a thinking model's reasoning ends at its think_end; a plain model's is the visible output,
         # and so is a raw completion's (stop_in_reasoning): the client's stop strings end it
         stop_texts = (family.think_end,) if family.thinks else ()
         stops = config.stop if stop_in_reasoning or not family.thinks else ()
-        probing = rule.needs_probes or config.always_probe
+        probing = policy.needs_probes or config.always_probe
         # overlapped: the reasoning streams on while a probe runs (server engines; others ignore it)
         run_ahead = probing and config.probe_mode == "overlapped"
-        # a rule that never probes needs no steps: one request (or one run) to the end
+        # a policy that never probes needs no steps: one request (or one run) to the end
         rules = replace(config.step_rules(probing=probing), stop_texts=stop_texts, stops=stops)
-        tracker = rule.start()
+        tracker = policy.start()
         probes: list[Probe] = []
         reasoning_ids: list[int] = []
         reasoning_text = ""
@@ -229,7 +235,7 @@ async def astream(
                 stop_reason = "finished"
                 break
             if step.end == "length" or position >= plan.cap:
-                capped_by_policy = rule.max_reasoning_tokens is not None and position >= rule.max_reasoning_tokens
+                capped_by_policy = policy.max_reasoning_tokens is not None and position >= policy.max_reasoning_tokens
                 stop_reason = "budget" if capped_by_policy else "max_reasoning_tokens"
                 break
             if not probing or position == 0 or position - last_probe_at < max(1, config.probe_interval):
@@ -238,19 +244,19 @@ async def astream(
             last_probe_at = position
             spent["probe"] += len(out.token_ids)
             spent["probe_prompt"] += out.prompt_tokens
-            probe = score(out, position, rule.confidence, engine)
+            probe = score(out, position, policy.confidence, engine)
             probes.append(probe)
             text_at[position] = len(reasoning_text)
             yield Event("probe", probe=probe)
             decision = tracker.update(probe)
             if decision.stop:
-                stop_reason = decision.reason or "budget"
+                stop_reason = decision.reason or "policy"  # a policy that stopped without naming why
                 break
 
         await clock.timed("reasoning", session.halt())  # a stream still running ahead is cancelled now
         yield Event("stop", reason=stop_reason, position=position)
         answer_position, answered_text = position, reasoning_text
-        if rule.answer_from == "best" and stop_reason != "finished" and probes and config.answer != "none":
+        if policy.answer_from == "best" and stop_reason != "finished" and probes and config.answer != "none":
             # the reference code's rollback: answer from the most confident checkpoint
             answer_position = best_probe(probes).position
             answered_text = reasoning_text[: text_at[answer_position]]
@@ -275,7 +281,7 @@ async def astream(
             tokens={"prompt": len(plan.prompt_ids), "reasoning": position, **spent, "answer": answer.tokens,
                     "overrun": session.overrun},
             timings=timings,
-            method=policy_options(rule),
+            policy=policy_options(policy),
             model=engine.model_name,
             engine=engine.name,
             family=family.name,

@@ -6,7 +6,9 @@ progress bar, and ends with one table: accuracy, mean reasoning tokens, tokens s
 vanilla, what the probes cost, and wall time. Every method answers the same problems greedily, so
 the differences come from when each one stops.
 
-The demo's settings were chosen by measurement on a 2-core CPU (see ``DEMO_INSTRUCTION``): the
+Each method runs through the eval runner and is graded by the eval grader (the golds are integers).
+The demo's settings were chosen by measurement on a 2-core CPU (see
+:data:`codestop.eval.prompts.SOLVE_THEN_CHECK`): the
 preset models are instruct models, not reasoning models, so their whole answer is the "reasoning"
 (family ``plain``), a blank line ends a step, and the prompt asks them to solve and then check the
 answer, as reasoning models do by themselves. A model with thinking markers (``--model`` a Qwen3,
@@ -16,31 +18,21 @@ an R1 distill, ...) keeps its own family's prompt and boundaries.
 from __future__ import annotations
 
 import json
-import math
-import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import Any
 
 from codestop.engines.base import Engine
+from codestop.eval.datasets import Example
+from codestop.eval.prompts import SOLVE_THEN_CHECK
+from codestop.eval.runner import eval_record, run_questions
 
 DEFAULT_METHODS = ("vanilla", "deer", "codestop")
 DEFAULT_PROBLEMS = 6  # 6 x 3 runs: 4.2 min on 2 idle cores (8 took 5.2 min, 12 took 7.9 min)
 DEMO_MAX_REASONING_TOKENS = 500  # vanilla answers these in ~150-450 tokens; the cap bounds a runaway
-# For a plain instruct model the demo asks for what a reasoning model does by itself: solve, then
-# check the answer. Measured on the 0.5B, greedy, all 24 problems (probes replayed offline from one
-# recording per prompt; BENCHMARKS.md, "Demo settings"): with the plain "reason step by step"
-# prompt the answer is the last line, so there is nothing after it to save, and every early stop
-# lands on an intermediate result (a probe copies the last number computed, with confidence ~1):
-# vanilla 67% -> 25-50% whatever the probe interval. With the check, the answer comes at about half the
-# tokens and the check then often talks the model out of it (overthinking), which is what early
-# stopping is for.
-DEMO_INSTRUCTION = (
-    "Solve it step by step and write the answer in \\boxed{}. Then check the answer a second way, by "
-    "working backwards from it, and state the final answer again in \\boxed{}."
-)
 # Probes at blank lines at least 128 reasoning tokens apart: the first probe then comes after the
 # solution, not inside it (24 problems: vanilla 46% / 339 tokens; CoDE-Stop 50% / 199; DEER 54% /
 # 219; probing every 16-64 tokens stopped on intermediate results: 21-38%).
@@ -66,28 +58,13 @@ def load_problems(limit: int | None = None) -> list[Problem]:
     return problems
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def first_number(text: str | None) -> float | None:
-    """The first number an answer states: "$18", "18 dollars", "1,080", "\\text{65 minutes}"."""
-    if not text:
-        return None
-    m = _NUMBER.search(text.replace("\\,", "").replace("{,}", ","))
-    if not m:
-        return None
-    raw = m.group(0)
-    if "," in raw and not re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", raw):
-        raw = raw.split(",")[0]  # "3, 4": a list, take its first item
-    try:
-        return float(raw.replace(",", ""))
-    except ValueError:
-        return None
-
-
-def numeric_match(prediction: str | None, gold: str) -> bool:
-    got, want = first_number(prediction), first_number(gold)
-    return got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
+def demo_record(example: Example, result: Any, wall_time: float) -> dict[str, Any]:
+    """An eval line (graded by the eval grader, the golds being integers) with what the demo's
+    report also shows: the question, the reasoning text and the time of each phase."""
+    if isinstance(result, Exception):
+        raise result  # the demo has no run file to record an error in: say it
+    return {**eval_record(example, result, wall_time), "question": example.question,
+            "reasoning_text": result.reasoning_text, "timings": result.timings}
 
 
 @dataclass
@@ -123,8 +100,8 @@ class DemoReport:
     wall_seconds: float
     engine_build: str = ""  # e.g. the llama.cpp build and its CPU kernels: greedy answers depend on it
 
-    def saved_vs_vanilla(self, summary: MethodSummary) -> float | None:
-        """Fraction of vanilla's mean cost (reasoning + probe + answer tokens) this method saved."""
+    def saving(self, summary: MethodSummary) -> float | None:
+        """1 - this method's mean cost tokens / vanilla's (reasoning + probe + answer tokens)."""
         base = next((s for s in self.summaries if s.method == "vanilla"), None)
         if base is None or base.cost_tokens == 0:
             return None
@@ -138,14 +115,14 @@ class DemoReport:
             ("method", "left"),
             ("accuracy", "right"),
             ("reasoning tokens", "right"),
-            ("saved vs vanilla", "right"),
+            ("saving vs vanilla", "right"),
             ("probe overhead", "right"),
             ("stops", "left"),
             ("wall time", "right"),
         ):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for s in self.summaries:
-            saved = self.saved_vs_vanilla(s)
+            saved = self.saving(s)
             table.add_row(
                 s.method,
                 f"{s.accuracy * 100:.0f}%",
@@ -156,8 +133,8 @@ class DemoReport:
                 f"{s.wall_seconds:.0f} s",
             )
         table.caption = (
-            "Per problem: mean reasoning tokens; saved = fewer reasoning + probe + answer tokens than "
-            "vanilla; probe overhead = probe tokens, share of wall time. The presets are instruct models, "
+            "Per problem: mean reasoning tokens; saving = 1 - cost tokens (reasoning + probe + answer) / "
+            "vanilla's; probe overhead = probe tokens, share of wall time. The presets are instruct models, "
             "not reasoning models: the demo prompt asks them to solve, then check the answer. Stops: "
             "confident / degenerate (CoDE-Stop), threshold (DEER), finished (the model ended itself), "
             "max_reasoning_tokens (the cap)."
@@ -186,7 +163,7 @@ class DemoReport:
                     **asdict(s),
                     "accuracy": s.accuracy,
                     "probe_overhead": s.probe_overhead,
-                    "tokens_saved_vs_vanilla": self.saved_vs_vanilla(s),
+                    "saving": self.saving(s),
                 }
                 for s in self.summaries
             ],
@@ -229,7 +206,6 @@ def demo(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from codestop.config import GenerationConfig
-    from codestop.controller import agenerate, run_sync
     from codestop.families import get_family
     from codestop.models import DEFAULT_MODEL, load_engine
     from codestop.policies import make_policy
@@ -260,7 +236,7 @@ def demo(
     load_seconds = time.perf_counter() - t_load
     fam = get_family(family, eng)
     if fam.name == "plain":
-        fam = replace(fam, instruction=DEMO_INSTRUCTION)
+        fam = replace(fam, instruction=SOLVE_THEN_CHECK)
     # greedy, the default step boundaries (a blank line, "Wait", ...)
     config = GenerationConfig(max_reasoning_tokens=max_reasoning_tokens, probe_interval=probe_interval, temperature=0.0)
 
@@ -277,48 +253,32 @@ def demo(
         disable=not show,
         transient=False,
     )
+    examples = [Example(str(i), p.question, p.answer, "integer", "demo") for i, p in enumerate(items, start=1)]
     with progress:
         tasks = {n: progress.add_task(n, total=len(items), status="") for n in names}
         for method in names:
             rows: list[dict[str, Any]] = []
-            correct = 0
+
+            def done(row: dict[str, Any], task: Any = tasks[method], rows: list[dict[str, Any]] = rows) -> None:
+                rows.append(row)
+                progress.update(task, advance=1, status=f"{sum(r['correct'] for r in rows)}/{len(rows)} right")
+
             t_method = time.perf_counter()
-            for item in items:
-                result = run_sync(agenerate(eng, item.question, policies[method], config, family=fam))
-                ok = numeric_match(result.answer, item.answer)
-                correct += ok
-                rows.append(
-                    {
-                        "question": item.question,
-                        "gold": item.answer,
-                        "answer": result.answer,
-                        "correct": ok,
-                        "stop_reason": result.stop_reason,
-                        "reasoning_text": result.reasoning_text,
-                        "tokens": result.tokens,
-                        "cost": result.cost,
-                        "probes": [(p.position, round(p.confidence, 4), p.answer) for p in result.probes],
-                        "timings": result.timings,
-                    }
-                )
-                progress.update(tasks[method], advance=1, status=f"{correct}/{len(rows)} right")
+            run_questions(eng, examples, policies[method], config, None, demo_record, on_record=done, family=fam)
             wall = time.perf_counter() - t_method
             n = len(rows)
-            reasons: dict[str, int] = {}
-            for r in rows:
-                reasons[r["stop_reason"]] = reasons.get(r["stop_reason"], 0) + 1
             summaries.append(
                 MethodSummary(
                     method=method,
                     problems=n,
-                    correct=correct,
+                    correct=sum(r["correct"] for r in rows),
                     reasoning_tokens=sum(r["tokens"]["reasoning"] for r in rows) / n,
-                    cost_tokens=sum(r["cost"] for r in rows) / n,
+                    cost_tokens=sum(r["cost_tokens"] for r in rows) / n,
                     probe_tokens=sum(r["tokens"]["probe"] for r in rows) / n,
                     probes=sum(len(r["probes"]) for r in rows) / n,
                     probe_seconds=sum(r["timings"]["probe"] for r in rows),
                     wall_seconds=wall,
-                    stop_reasons=reasons,
+                    stop_reasons=dict(Counter(r["stop_reason"] for r in rows)),
                 )
             )
             results[method] = rows

@@ -31,7 +31,7 @@ class Family:
     system: str | None = None  # a system prompt the family needs (Nemotron's "detailed thinking on")
     instruction: str = STEP_BY_STEP  # appended to the question
     # a prompt style's whole user message with a "{question}" slot; replaces question + instruction
-    # (``codestop eval --prompt FILE``, see codestop.prompts)
+    # (``codestop eval --prompt FILE``, see codestop.eval.prompts)
     template: str | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     close_thinking: str = ""  # appended before the answer prompt on a stop

@@ -47,6 +47,21 @@ def closing_brace_index(text: str) -> int | None:
     return None
 
 
+BOX_OPENERS = ("\\boxed{", "\\fbox{", "\\boxed {")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (nested braces respected), or None."""
+    at, opener = max((text.rfind(o), o) for o in BOX_OPENERS)
+    if at == -1:
+        return None
+    start = at + len(opener)
+    end = closing_brace_index(text[start:])
+    if end is None:
+        return None
+    return text[start : start + end].strip() or None
+
+
 class IncrementalDecoder:
     """Token ids to text in O(1) per token: each new token is decoded with a few tokens before it
     and only the difference is appended (as vLLM's incremental detokenizer does), so characters

@@ -31,7 +31,7 @@ def test_run_json_prints_one_result_object(tiny_dir):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # nothing else on stdout
     assert result["stop_reason"] == "budget" and result["tokens"]["reasoning"] == 12
-    assert result["method"] == {"method": "budget", "budget": 12}
+    assert result["policy"] == {"method": "budget", "budget": 12}
     assert result["engine"] == "transformers"
 
 

@@ -170,9 +170,9 @@ def test_result_serialises(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", CodeStop(tau=3), family="plain", probe_interval=1)
     data = json.loads(json.dumps(result.to_dict()))
-    assert data["method"]["method"] == "codestop" and data["method"]["tau"] == 3
+    assert data["policy"]["method"] == "codestop" and data["policy"]["tau"] == 3
     assert set(data["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer", "overrun"}
-    assert data["cost"] == result.cost and data["engine"] == "scripted"
+    assert data["cost_tokens"] == result.cost and data["engine"] == "scripted"
 
 
 class ClosingEngine(ScriptedEngine):

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from codestop.cli import main
-from codestop.datasets import DATASETS, gpqa_order, load_examples
 from codestop.errors import CodestopError
-from codestop.grading import grade
+from codestop.eval.datasets import DATASETS, gpqa_order, load_examples
+from codestop.eval.grading import grade
 
 
 def test_local_copies_load_with_ids_and_golds(fixture_data):
@@ -137,7 +137,7 @@ def test_offset_skips_questions_without_checking_them(tmp_path):
 
 def test_record_names_its_split_and_offset(tiny_engine, tmp_path):
     from codestop.config import GenerationConfig
-    from codestop.evaluate import record
+    from codestop.eval.runner import record
 
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))

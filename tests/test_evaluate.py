@@ -9,14 +9,8 @@ import pytest
 
 from codestop.config import GenerationConfig
 from codestop.errors import CodestopError
-from codestop.evaluate import (
-    evaluate,
-    print_summary,
-    regrade,
-    regrade_file,
-    samples_path,
-    summarize,
-)
+from codestop.eval.runner import evaluate, samples_path
+from codestop.eval.summary import print_summary, regrade, regrade_file, summarize
 from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Vanilla
 
@@ -42,15 +36,16 @@ def test_one_line_per_question_with_what_a_run_needs(tiny_engine, questions, tmp
     lines = _lines(out)
     assert [r["id"] for r in lines] == ["q:1", "q:2", "q:3"]
     for r in lines:
-        assert {"id", "gold", "answer", "correct", "tokens", "cost", "probes", "stop_reason", "wall_time", "config"} <= set(r)
+        assert {"id", "gold", "answer", "correct", "tokens", "cost_tokens", "probes", "stop_reason", "wall_time", "config"} <= set(r)
         assert set(r["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer", "overrun"}
-        assert r["cost"] == r["tokens"]["reasoning"] + r["tokens"]["probe"] + r["tokens"]["answer"] + r["tokens"]["overrun"]
+        assert r["cost_tokens"] == r["tokens"]["reasoning"] + r["tokens"]["probe"] + r["tokens"]["answer"] + r["tokens"]["overrun"]
         assert r["correct"] is False  # a random model
-        assert r["config"]["method"]["method"] == "codestop" and r["config"]["method"]["tau"] == 2.0
+        assert r["config"]["policy"]["method"] == "codestop" and r["config"]["policy"]["tau"] == 2.0 and "method" not in r["config"]
         assert all(set(p) == {"position", "confidence", "answer", "probe_tokens"} for p in r["probes"])
         assert sum(p["probe_tokens"] for p in r["probes"]) == r["tokens"]["probe"]
     assert summary["n"] == 3 and summary["accuracy"] == 0.0
-    assert summary["mean_tokens"] == sum(r["tokens"]["reasoning"] + r["tokens"]["answer"] for r in lines) / 3
+    assert summary["mean_reasoning_tokens"] == sum(r["tokens"]["reasoning"] for r in lines) / 3
+    assert summary["mean_cost_tokens"] == sum(r["cost_tokens"] for r in lines) / 3 > summary["mean_reasoning_tokens"]
 
 
 def test_resume_after_a_kill_redoes_only_the_cut_line(tiny_engine, questions, tmp_path, capsys):
@@ -78,12 +73,31 @@ def test_resume_with_other_options_is_refused(tiny_engine, questions, tmp_path):
     out = tmp_path / "run.jsonl"
     evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=2.0), limit=1, generation=GEN)
     before = out.read_text()
-    with pytest.raises(CodestopError, match=r"holds a different run \(method: file has .*\"tau\": 2.0"):
+    with pytest.raises(CodestopError, match=r"holds a different run \(policy: file has .*\"tau\": 2.0"):
         evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=3.0), limit=2, generation=GEN)
     with pytest.raises(CodestopError, match="holds a different run"):
         evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=2.0), limit=2,
                  generation=GEN.replace(max_reasoning_tokens=8))
     assert out.read_text() == before
+
+
+def test_a_run_file_with_the_old_keys_resumes_and_summarizes(tiny_engine, questions, tmp_path):
+    # written before the vocabulary (docs/vocabulary.md): config "method" for the policy, "cost" per line
+    out = tmp_path / "old.jsonl"
+    evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=2.0), limit=2, generation=GEN)
+    old = []
+    for r in _lines(out):
+        config = {("method" if k == "policy" else k): v for k, v in r["config"].items()}
+        old.append({**{("cost" if k == "cost_tokens" else k): v for k, v in r.items()}, "config": config})
+    out.write_text("".join(json.dumps(r) + "\n" for r in old))
+    summary = evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=2.0), limit=3, generation=GEN)
+    lines = _lines(out)
+    assert [r["id"] for r in lines] == ["q:1", "q:2", "q:3"] and lines[:2] == old  # resumed, the old lines kept
+    assert "policy" in lines[2]["config"] and "cost_tokens" in lines[2]  # a new line writes the new keys
+    costs = [r["tokens"]["reasoning"] + r["tokens"]["probe"] + r["tokens"]["answer"] + r["tokens"]["overrun"] for r in lines]
+    assert summary["mean_cost_tokens"] == sum(costs) / 3
+    with pytest.raises(CodestopError, match="policy: file has"):  # the old key is compared as the new one
+        evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=3.0), limit=3, generation=GEN)
 
 
 def test_a_bad_line_inside_the_file_is_named(tmp_path):
@@ -94,22 +108,24 @@ def test_a_bad_line_inside_the_file_is_named(tmp_path):
 
 
 def test_baseline_comparison_and_concurrency(tiny_engine, questions, tmp_path):
+    # long enough reasoning that a stop at the first probe saves more than the probe and the forced answer cost
+    gen = GEN.replace(max_reasoning_tokens=96)
     base = tmp_path / "vanilla.jsonl"
-    evaluate(tiny_engine, data=questions, out=base, policy=Vanilla(), generation=GEN)
+    evaluate(tiny_engine, data=questions, out=base, policy=Vanilla(), generation=gen)
     out = tmp_path / "stop.jsonl"
     summary = evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=0.5, r_min=0.0, r_max=0.0),
-                       generation=GEN, baseline=base, concurrency=3)
+                       generation=gen, baseline=base, concurrency=3)
     assert sorted(r["id"] for r in _lines(out)) == ["q:1", "q:2", "q:3", "q:4"]
     assert summary["paired_n"] == 4
-    base_tokens = sum(r["tokens"]["reasoning"] + r["tokens"]["answer"] for r in _lines(base))
-    ours = sum(r["tokens"]["reasoning"] + r["tokens"]["answer"] for r in _lines(out))
-    assert summary["compression"] == pytest.approx(1 - ours / base_tokens)
-    assert summary["compression"] > 0  # r = 0 stops at the first probe: fewer tokens than vanilla
+    base_cost = sum(r["cost_tokens"] for r in _lines(base))
+    ours = sum(r["cost_tokens"] for r in _lines(out))
+    assert summary["saving"] == pytest.approx(1 - ours / base_cost)
+    assert summary["saving"] > 0  # r = 0 stops at the first probe: fewer tokens than vanilla, probes included
     assert all(r["stop_reason"] == "confident" for r in _lines(out))
 
 
 def test_cli_eval_json_summary(tiny_engine, questions, tmp_path, capsys, monkeypatch):
-    import codestop.evaluate as ev
+    import codestop.eval.runner as ev
 
     monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
     out = tmp_path / "cli.jsonl"
@@ -121,12 +137,12 @@ def test_cli_eval_json_summary(tiny_engine, questions, tmp_path, capsys, monkeyp
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
-    method = _lines(out)[0]["config"]["method"]
-    assert method["method"] == "deer" and method["threshold"] == 0.5 and method["confidence"] == "mean"
+    policy = _lines(out)[0]["config"]["policy"]
+    assert policy["method"] == "deer" and policy["threshold"] == 0.5 and policy["confidence"] == "mean"
 
 
 def test_cli_record_writes_traces_with_the_record_defaults(tiny_engine, questions, tmp_path, capsys, monkeypatch):
-    import codestop.evaluate as ev
+    import codestop.eval.runner as ev
     from codestop.cli import main
 
     monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
@@ -141,10 +157,10 @@ def test_cli_record_writes_traces_with_the_record_defaults(tiny_engine, question
     generation = traces[0]["config"]["generation"]
     # a probe at every boundary, and no stopping
     assert generation["probe_interval"] == 1 and generation["always_probe"] is True and generation["max_reasoning_tokens"] == 12
-    assert traces[0]["config"]["kind"] == "trace" and traces[0]["config"]["method"] == {"method": "vanilla"}
-    from codestop.demo import DEMO_INSTRUCTION
+    assert traces[0]["config"]["kind"] == "trace" and traces[0]["config"]["policy"] == {"method": "vanilla"}
+    from codestop.eval.prompts import SOLVE_THEN_CHECK
 
-    assert traces[0]["config"]["prompt"] == {"style": "solve-then-check", "instruction": DEMO_INSTRUCTION, "system": None}
+    assert traces[0]["config"]["prompt"] == {"style": "solve-then-check", "instruction": SOLVE_THEN_CHECK, "system": None}
     samples = _lines(samples_path(out))  # t.traces.samples.jsonl: what the model wrote, beside the traces
     assert [x["id"] for x in samples] == ["q:1", "q:2"]
     assert [x["correct"] for x in samples] == [t["final_correct"] for t in traces]
@@ -211,10 +227,10 @@ def test_run_config_records_version_prompt_and_model_sha(tiny_engine, questions,
     import hashlib
 
     import codestop
-    import codestop.evaluate as ev
+    import codestop.eval.runner as ev
     from codestop import presets
     from codestop.cli import main
-    from codestop.prompts import CHAIN_OF_DRAFT
+    from codestop.eval.prompts import CHAIN_OF_DRAFT
 
     monkeypatch.setenv("CODESTOP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
@@ -245,9 +261,8 @@ def test_run_config_records_version_prompt_and_model_sha(tiny_engine, questions,
 
 
 def test_prompt_styles_reach_the_model(tiny_engine, questions, tmp_path, monkeypatch):
-    from codestop.demo import DEMO_INSTRUCTION
+    from codestop.eval.prompts import CHAIN_OF_DRAFT
     from codestop.families import STEP_BY_STEP
-    from codestop.prompts import CHAIN_OF_DRAFT, PROMPT_STYLES
 
     seen: list[list[dict[str, str]]] = []
     real = tiny_engine.chat_template
@@ -263,7 +278,6 @@ def test_prompt_styles_reach_the_model(tiny_engine, questions, tmp_path, monkeyp
     evaluate(tiny_engine, data=questions, out=tmp_path / "b.jsonl", policy=Vanilla(), limit=1, generation=gen,
              prompt="chain-of-draft", system_prompt="Be brief.")
     assert seen[-1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is 1 + 1?\n\n{CHAIN_OF_DRAFT}"}]
-    assert PROMPT_STYLES["solve-then-check"] is DEMO_INSTRUCTION  # the demo's own, not a copy
     template = tmp_path / "ask.txt"
     template.write_text("Question: {question}\nAnswer in \\boxed{}.\n")
     evaluate(tiny_engine, data=questions, out=tmp_path / "c.jsonl", policy=Vanilla(), limit=1, generation=gen, prompt=str(template))
@@ -282,8 +296,8 @@ def test_prompt_styles_reach_the_model(tiny_engine, questions, tmp_path, monkeyp
 
 
 def test_a_family_keeps_the_system_prompt_it_needs():
+    from codestop.eval.prompts import resolve_prompt
     from codestop.families import FAMILIES
-    from codestop.prompts import resolve_prompt
 
     nemotron = resolve_prompt("chain-of-draft", "Be brief.").apply(FAMILIES["nemotron"])
     assert nemotron.messages("Q?")[0] == {"role": "system", "content": "detailed thinking on\nBe brief."}

@@ -10,15 +10,15 @@ import threading
 
 import pytest
 
-from codestop.datasets import load_examples
-from codestop.grading import (
+from codestop.eval.datasets import load_examples
+from codestop.eval.grading import (
     _WORKER,
     extract_answer,
-    extract_boxed,
     grade,
     normalize_choice,
     normalize_integer,
 )
+from codestop.steps import extract_boxed
 
 FILES = {
     "gsm8k": "gsm8k_test.jsonl",

@@ -83,7 +83,7 @@ def check_requests(runs: dict[str, tuple[Result, dict[str, int]]]) -> None:
         assert result.probes, f"{mode}: no probe in {result.tokens['reasoning']} reasoning tokens: {result.reasoning_text!r}"
         assert sent["probe"] == len(result.probes) and sent["answer"] >= 1, (mode, sent)
         # the stop is the policy's own decision on the probes this run got back
-        policy = make_policy(**result.method)
+        policy = make_policy(**result.policy)
         decisions = [d for d in map(policy.start().update, result.probes) if d.stop]
         if result.stop_reason in ("finished", "max_reasoning_tokens"):
             assert not decisions, (mode, decisions)

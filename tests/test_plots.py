@@ -8,8 +8,9 @@ import pytest
 
 from codestop.cli import main
 from codestop.errors import CodestopError
-from codestop.plots import auroc, auroc_table, dynamics, dynamics_figure, report
-from codestop.replay import load_traces, trace_from_json
+from codestop.figures.dynamics import auroc, auroc_table, dynamics, dynamics_figure
+from codestop.figures.report import report
+from codestop.traces import load_traces, trace_from_json
 
 
 def test_auroc():

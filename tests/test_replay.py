@@ -14,7 +14,8 @@ import pytest
 from codestop.cli import main
 from codestop.errors import CodestopError
 from codestop.policies import CodeStop, Consistency, Deer, Vanilla
-from codestop.replay import load_traces, replay, replay_trace, rescored, trace_from_json
+from codestop.replay import replay, replay_trace, rescored
+from codestop.traces import load_traces, trace_from_json
 
 COMMITTED = Path(__file__).resolve().parents[1] / "bench" / "results" / "gsm8k-qwen2.5-coder-0.5b.traces.jsonl"
 
@@ -28,7 +29,7 @@ def gen():
 
 @pytest.fixture(scope="module")
 def recorded(tiny_engine, tmp_path_factory, gen):
-    from codestop.evaluate import record
+    from codestop.eval.runner import record
 
     d = tmp_path_factory.mktemp("traces")
     data = d / "q.jsonl"
@@ -53,7 +54,7 @@ def test_record_stores_every_probe_and_the_final_answer(recorded):
             assert isinstance(p["correct"], bool) and p["probe_tokens"] >= 1
         positions = [p["position"] for p in t["probes"]]
         assert positions == sorted(positions)
-        assert t["config"]["method"] == {"method": "vanilla"} and t["config"]["generation"]["probe_interval"] == 1
+        assert t["config"]["policy"] == {"method": "vanilla"} and t["config"]["generation"]["probe_interval"] == 1
     assert sum(p.probe_tokens for p in load_traces(out)[0].probes) == lines[0]["tokens"]["probe"]
 
 
@@ -102,7 +103,7 @@ def test_replay_rescores_confidence_from_logprobs():
     ]}, "x:1")
     # the stored confidence (0) would never pass 0.95; the re-scored geometric mean (0.985) does
     r = replay_trace(t, CodeStop())
-    assert (r.stop_index, r.stop_reason, r.correct, r.reasoning_tokens, r.cost) == (0, "confident", True, 5, 8)
+    assert (r.stop_index, r.stop_reason, r.correct, r.reasoning_tokens, r.cost_tokens) == (0, "confident", True, 5, 8)
     # a log-probability a little above 0 (an engine's rounding) is clamped, as live
     t = trace_from_json({"id": "b", "probes": [
         {"position": 5, "confidence": 0.0, "answer": "4", "correct": True, "token_logprobs": [1e-7, -0.01]}]}, "x:2")
@@ -135,16 +136,19 @@ def test_replay_rules_on_minimal_traces(tmp_path):
     path = _write(tmp_path / "min.jsonl", MINIMAL)
     result = replay(path, CodeStop(tau=100))
     rows = {t["id"]: t for t in result["traces"]}
-    assert rows["stops"] == {"id": "stops", "stop_index": 1, "stop_reason": "confident", "correct": True, "reasoning_tokens": 30}
+    assert rows["stops"] == {"id": "stops", "stop_index": 1, "stop_reason": "confident", "correct": True, "reasoning_tokens": 30,
+                             "cost_tokens": 37}
     # never stops, no final answer: scored by the last probe, reasoning tokens = its position
-    assert rows["never"] == {"id": "never", "stop_index": None, "stop_reason": None, "correct": False, "reasoning_tokens": 50}
+    assert rows["never"] == {"id": "never", "stop_index": None, "stop_reason": None, "correct": False, "reasoning_tokens": 50,
+                             "cost_tokens": 52}
     # never stops, a final answer: scored by it, reasoning tokens = the full reasoning
-    assert rows["full"] == {"id": "full", "stop_index": None, "stop_reason": None, "correct": True, "reasoning_tokens": 90}
+    assert rows["full"] == {"id": "full", "stop_index": None, "stop_reason": None, "correct": True, "reasoning_tokens": 90,
+                            "cost_tokens": 95}
     s = result["summary"]
-    assert s == {"n": 3, "accuracy": pytest.approx(2 / 3), "mean_tokens": pytest.approx(170 / 3),
-                 "mean_cost": pytest.approx((30 + 7 + 50 + 2 + 90 + 5) / 3)}
+    assert s == {"n": 3, "accuracy": pytest.approx(2 / 3), "mean_reasoning_tokens": pytest.approx(170 / 3),
+                 "mean_cost_tokens": pytest.approx((30 + 7 + 50 + 2 + 90 + 5) / 3)}
     # vanilla spends no probes live, so its cost carries none
-    assert replay(path, Vanilla())["summary"]["mean_cost"] == pytest.approx((60 + 50 + 90) / 3)
+    assert replay(path, Vanilla())["summary"]["mean_cost_tokens"] == pytest.approx((60 + 50 + 90) / 3)
 
 
 def test_replay_json_shape(tmp_path, capsys):
@@ -152,8 +156,8 @@ def test_replay_json_shape(tmp_path, capsys):
     assert main(["replay", str(path), "--method", "deer", "--threshold", "0.9", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"summary", "traces"}
-    assert set(out["summary"]) == {"n", "accuracy", "mean_tokens", "mean_cost"}
-    assert all(set(t) == {"id", "stop_index", "stop_reason", "correct", "reasoning_tokens"} for t in out["traces"])
+    assert set(out["summary"]) == {"n", "accuracy", "mean_reasoning_tokens", "mean_cost_tokens"}
+    assert all(set(t) == {"id", "stop_index", "stop_reason", "correct", "reasoning_tokens", "cost_tokens"} for t in out["traces"])
     assert out["traces"][0]["stop_reason"] == "threshold" and out["traces"][0]["stop_index"] == 1
 
 
@@ -203,14 +207,15 @@ def test_the_committed_traces_stay_readable():
     t = traces[0]
     row = replay_trace(t, CodeStop())
     upto = len(t.probes) if row.stop_index is None else row.stop_index + 1
-    assert row.cost == row.reasoning_tokens + sum(p.probe_tokens for p in t.probes[:upto])
+    assert row.cost_tokens == row.reasoning_tokens + sum(p.probe_tokens for p in t.probes[:upto])
 
 
 def test_replay_imports_no_engine():
     code = (
-        "import sys, codestop.replay, codestop.sweep\n"
-        "bad = [m for m in sys.modules if m.startswith(('codestop.engines', 'codestop.controller', 'codestop.api', "
-        "'codestop.models', 'codestop.evaluate')) or m in ('torch', 'numpy', 'transformers', 'llama_cpp')]\n"
+        "import sys, codestop.replay, codestop.analysis.sweep, codestop.analysis.calibrate\n"
+        # the controller comes for cost_tokens (the one cost definition) and brings no engine with it
+        "bad = [m for m in sys.modules if m.startswith(('codestop.engines', 'codestop.api', "
+        "'codestop.models', 'codestop.eval.runner')) or m in ('torch', 'numpy', 'transformers', 'llama_cpp')]\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -219,7 +224,7 @@ def test_replay_imports_no_engine():
 
 def test_answer_from_best_scores_the_most_confident_probe_up_to_the_stop():
     from codestop.policies import Probe
-    from codestop.replay import Trace
+    from codestop.traces import Trace
 
     probes = (
         Probe(position=10, confidence=0.90, answer="5", correct=True, probe_tokens=2),
@@ -233,7 +238,7 @@ def test_answer_from_best_scores_the_most_confident_probe_up_to_the_stop():
     assert at_stop.stop_index == best.stop_index == 3
     assert at_stop.correct is False and best.correct is True
     # the cost still counts the reasoning and probes up to the stop
-    assert best.reasoning_tokens == at_stop.reasoning_tokens == 40 and best.cost == at_stop.cost == 48
+    assert best.reasoning_tokens == at_stop.reasoning_tokens == 40 and best.cost_tokens == at_stop.cost_tokens == 48
 
 
 @pytest.mark.parametrize("interval", [3, 7])

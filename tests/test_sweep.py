@@ -7,24 +7,14 @@ import math
 
 import pytest
 
+from codestop.analysis.calibrate import calibrate, compare_to_vanilla
+from codestop.analysis.statistics import clopper_pearson_upper, drop_bounds, paired_bootstrap
+from codestop.analysis.sweep import Point, mark_pareto, parse_range, run_policy, sweep
 from codestop.cli import main
 from codestop.errors import CodestopError
+from codestop.figures.tradeoff import knob_labels, tradeoff_figure
 from codestop.policies import make_policy
-from codestop.replay import trace_from_json
-from codestop.sweep import (
-    Point,
-    calibrate,
-    clopper_pearson_upper,
-    compare_to_vanilla,
-    drop_bounds,
-    knob_labels,
-    mark_pareto,
-    paired_bootstrap,
-    parse_range,
-    run_policy,
-    sweep,
-    tradeoff_figure,
-)
+from codestop.traces import trace_from_json
 
 
 def test_parse_range():
@@ -66,10 +56,10 @@ def test_sweep_on_a_budget_ladder():
     traces = _traces([300, 500, 200, 400])
     pts = sweep(traces, {"budget": [100, 300, 500, 700]})
     by = {(p.method, p.value): p for p in pts}
-    assert by[("vanilla", None)].accuracy == 1.0 and by[("vanilla", None)].mean_tokens == 1000
+    assert by[("vanilla", None)].accuracy == 1.0 and by[("vanilla", None)].mean_reasoning_tokens == 1000
     assert by[("budget", 100)].accuracy == 0.0
-    assert by[("budget", 300)].accuracy == 0.5 and by[("budget", 300)].mean_tokens == 300
-    assert by[("budget", 500)].accuracy == 1.0 and by[("budget", 500)].token_saving == pytest.approx(0.5)
+    assert by[("budget", 300)].accuracy == 0.5 and by[("budget", 300)].mean_reasoning_tokens == 300
+    assert by[("budget", 500)].accuracy == 1.0 and by[("budget", 500)].saving == pytest.approx(0.5)
     assert by[("budget", 500)].pareto and not by[("budget", 700)].pareto and not by[("vanilla", None)].pareto
 
 
@@ -79,7 +69,7 @@ def test_sweep_codestop_tau_is_monotone():
     t = {"id": "a", "probes": [{"position": 100 * (i + 1), "confidence": c, "answer": "1", "correct": i >= 8, "probe_tokens": 3}
                                for i, c in enumerate(conf)]}
     pts = [p for p in sweep([trace_from_json(t, "x:1")], {"codestop": [0.5, 1, 2, 4, 8, 50]}) if p.method == "codestop"]
-    tokens = [p.mean_tokens for p in pts]
+    tokens = [p.mean_reasoning_tokens for p in pts]
     assert tokens == sorted(tokens) and tokens[0] < tokens[-1] == 1000
 
 
@@ -92,7 +82,7 @@ def test_calibrate_finds_the_known_budget():
     assert result["n_calibration"] == 30 and result["n_held_out"] == 30
     held = result["held_out"]
     assert held["accuracy_drop"] == 0.0 and held["lost"] == 0
-    assert held["token_saving"] == pytest.approx(0.5)
+    assert held["saving"] == pytest.approx(0.5)
     assert held["drop_upper_95_exact"] == pytest.approx(1 - 0.05 ** (1 / 30), rel=1e-6)
     assert "does NOT certify" in result["statement"]  # 30 held-out questions cannot certify a 0-point drop
     # allowing a 60-point drop picks 300 (loses the 500s: half)

@@ -38,25 +38,13 @@ from typing import Any
 
 from scipy.stats import mannwhitneyu  # type: ignore[import-untyped]
 
-from codestop.plots import auroc_table, dynamics, plot_dynamics
-from codestop.replay import Replayed, Trace, load_traces
-from codestop.sweep import (
-    KNOBS,
-    Point,
-    calibrate,
-    clopper_pearson_upper,
-    compare_to_vanilla,
-    drop_bounds,
-    fixed_policy,
-    markdown_table,
-    method_frontier,
-    paired_bootstrap,
-    paired_counts,
-    parse_range,
-    plot_tradeoff,
-    run_policy,
-    sweep,
-)
+from codestop.analysis.calibrate import calibrate, compare_to_vanilla
+from codestop.analysis.statistics import clopper_pearson_upper, drop_bounds, paired_bootstrap, paired_counts
+from codestop.analysis.sweep import KNOBS, Point, fixed_policy, markdown_table, parse_range, run_policy, saving, sweep
+from codestop.figures.dynamics import auroc_table, dynamics, plot_dynamics
+from codestop.figures.tradeoff import method_frontier, plot_tradeoff
+from codestop.replay import Replayed
+from codestop.traces import Trace, load_traces
 
 METHODS = ("codestop", "deer", "consistency")
 TARGET_SAVING = 0.25  # issue 10: at least 25% fewer cost tokens ...
@@ -82,7 +70,7 @@ def correct(rows: Sequence[Replayed]) -> list[float]:
 
 
 def mean_cost(rows: Sequence[Replayed]) -> float:
-    return sum(r.cost for r in rows) / len(rows)
+    return sum(r.cost_tokens for r in rows) / len(rows)
 
 
 def measure(traces: Sequence[Trace], method: str, value: Any, seed: int) -> dict[str, Any]:
@@ -93,11 +81,12 @@ def measure(traces: Sequence[Trace], method: str, value: Any, seed: int) -> dict
     bounds = drop_bounds(lost, gained, len(traces))
     return {"n": len(traces), "accuracy": sum(correct(rows)) / len(rows), "vanilla_accuracy": sum(correct(vanilla)) / len(rows),
             "accuracy_drop": bounds["drop"], "lost": lost, "gained": gained, "drop_upper_95_exact": bounds["exact"],
-            "drop_upper_95_normal": bounds["normal"], "mean_cost": mean_cost(rows), "vanilla_mean_cost": mean_cost(vanilla),
+            "drop_upper_95_normal": bounds["normal"], "mean_cost_tokens": mean_cost(rows), "vanilla_mean_cost_tokens": mean_cost(vanilla),
+            "saving": saving(mean_cost(rows), mean_cost(vanilla)),
             "paired_bootstrap": compare_to_vanilla(rows, vanilla, seed=seed)}
 
 
-MEASURED_HEAD = ("| method | setting | vanilla accuracy | vanilla mean cost | accuracy | mean cost | cost saved | "
+MEASURED_HEAD = ("| method | setting | vanilla accuracy | vanilla mean cost | accuracy | mean cost | saving | "
                  "accuracy change [95% CI] | cost change [95% CI] | lost / gained | 95% bound on the drop |\n"
                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
@@ -106,25 +95,13 @@ def measured_row(method: str, value: Any, h: dict[str, Any] | None) -> str:
     if h is None:
         return f"| {method} | none within the drop | - | - | - | - | - | - | - | - | - |"
     boot = h["paired_bootstrap"]
-    return (f"| {method} | {KNOBS[method][0]}={value} | {pct(h['vanilla_accuracy'])} | {h['vanilla_mean_cost']:.0f} | "
-            f"{pct(h['accuracy'])} | {h['mean_cost']:.0f} | {pct(h['cost_saving'])} | {ci(boot['accuracy_change'])} | "
+    return (f"| {method} | {KNOBS[method][0]}={value} | {pct(h['vanilla_accuracy'])} | {h['vanilla_mean_cost_tokens']:.0f} | "
+            f"{pct(h['accuracy'])} | {h['mean_cost_tokens']:.0f} | {pct(h['saving'])} | {ci(boot['accuracy_change'])} | "
             f"{ci(boot['cost_change'], 1, ' tok')} | {h['lost']} / {h['gained']} | {h['drop_upper_95_exact'] * 100:.1f} pts |")
 
 
-def with_saving(h: dict[str, Any]) -> dict[str, Any]:
-    return {**h, "cost_saving": 1 - h["mean_cost"] / h["vanilla_mean_cost"] if h["vanilla_mean_cost"] else 0.0}
-
-
-def calibrated(traces: Sequence[Trace], drop: float, method: str, seed: int, **options: Any) -> dict[str, Any]:
-    """``calibrate``, with the cost saving added to its held-out measurement."""
-    c = calibrate(traces, drop, method=method, seed=seed, **options)
-    if "held_out" in c:
-        c["held_out"] = with_saving(c["held_out"])
-    return c
-
-
 def section_calibration(traces: Sequence[Trace], drop: float, seed: int) -> tuple[str, dict[str, Any], list[Trace]]:
-    results = {m: calibrated(traces, drop, m, seed) for m in METHODS}
+    results = {m: calibrate(traces, drop, method=m, seed=seed) for m in METHODS}
     first = results[METHODS[0]]
     if any(r["held_out_ids"] != first["held_out_ids"] for r in results.values()):
         sys.exit("analyze: calibrate split the traces differently per method")
@@ -152,10 +129,10 @@ def section_targets(cal: dict[str, Any], measurement: Sequence[Trace], points: S
         a = {"met": False, "certified": False, "reason": "calibrate found no tau within the drop"}
         line_a = "**(a) NOT MET**: calibrate found no tau within the allowed drop on the calibration half."
     else:
-        met = h["cost_saving"] >= TARGET_SAVING and h["accuracy_drop"] <= TARGET_DROP
-        a = {"met": met, "certified": met and h["drop_upper_95_exact"] <= TARGET_DROP, "cost_saving": h["cost_saving"],
+        met = h["saving"] >= TARGET_SAVING and h["accuracy_drop"] <= TARGET_DROP
+        a = {"met": met, "certified": met and h["drop_upper_95_exact"] <= TARGET_DROP, "saving": h["saving"],
              "accuracy_drop": h["accuracy_drop"], "drop_upper_95_exact": h["drop_upper_95_exact"], "bound_with_no_loss": floor}
-        line_a = (f"**(a) {'MET' if met else 'NOT MET'}**: CoDE-Stop tau={cal['codestop']['chosen']} saves {pct(h['cost_saving'])} "
+        line_a = (f"**(a) {'MET' if met else 'NOT MET'}**: CoDE-Stop tau={cal['codestop']['chosen']} saves {pct(h['saving'])} "
                   f"of the cost (target >= {TARGET_SAVING * 100:.0f}%) for a drop of {h['accuracy_drop'] * 100:+.1f} pts "
                   f"(target <= {TARGET_DROP * 100:g}); the exact 95% bound on the drop is {h['drop_upper_95_exact'] * 100:.1f} pts, "
                   f"{'which' if a['certified'] else 'which does not'} certify {TARGET_DROP * 100:g} pt "
@@ -172,22 +149,22 @@ def section_targets(cal: dict[str, Any], measurement: Sequence[Trace], points: S
            "CoDE-Stop cost | CoDE-Stop minus them [95% CI] |"), "|---|---|---:|---:|---|---:|---:|---:|"]
     b: dict[str, Any] = {"points": []}
     for other in METHODS[1:]:
-        # the other method's own frontier in cost: method_frontier reads mean_tokens, so give it the cost there
-        frontier = method_frontier([replace(p, mean_tokens=p.mean_cost) for p in points if p.method == other])
+        # the other method's own frontier in cost: method_frontier reads mean_reasoning_tokens, so give it the cost there
+        frontier = method_frontier([replace(p, mean_reasoning_tokens=p.mean_cost_tokens) for p in points if p.method == other])
         for f in frontier:
-            cheaper = [p for p in ours if p.mean_cost <= f.mean_cost]
-            entry: dict[str, Any] = {"vs": other, "value": f.value, "accuracy": f.accuracy, "mean_cost": f.mean_cost}
-            theirs = f"| {other} | {KNOBS[other][0]}={f.value} | {pct(f.accuracy)} | {f.mean_cost:.0f} |"
+            cheaper = [p for p in ours if p.mean_cost_tokens <= f.mean_cost_tokens]
+            entry: dict[str, Any] = {"vs": other, "value": f.value, "accuracy": f.accuracy, "mean_cost_tokens": f.mean_cost_tokens}
+            theirs = f"| {other} | {KNOBS[other][0]}={f.value} | {pct(f.accuracy)} | {f.mean_cost_tokens:.0f} |"
             if not cheaper:
                 entry.update(codestop=None, below=True)
                 md.append(theirs + " none this cheap | - | - | counts as below |")
             else:
-                best = max(cheaper, key=lambda p: (p.accuracy, -p.mean_cost))
+                best = max(cheaper, key=lambda p: (p.accuracy, -p.mean_cost_tokens))
                 diff = paired_bootstrap(correct(rows("codestop", best.value)), correct(rows(other, f.value)), seed=seed)
                 below = diff["high"] is not None and diff["high"] < 0
-                entry.update(codestop={"value": best.value, "accuracy": best.accuracy, "mean_cost": best.mean_cost},
+                entry.update(codestop={"value": best.value, "accuracy": best.accuracy, "mean_cost_tokens": best.mean_cost_tokens},
                              difference=diff, below=below)
-                md.append(theirs + f" tau={best.value} | {pct(best.accuracy)} | {best.mean_cost:.0f} | "
+                md.append(theirs + f" tau={best.value} | {pct(best.accuracy)} | {best.mean_cost_tokens:.0f} | "
                           f"{ci(diff)}{' (below)' if below else ''} |")
             b["points"].append(entry)
     b["met"] = not any(e["below"] for e in b["points"])
@@ -221,13 +198,13 @@ def section_rollback(cal: dict[str, Any], measurement: Sequence[Trace], points: 
         best = run_policy(measurement, fixed_policy(method, value, answer_from="best"))
         diff = paired_bootstrap(correct(best), correct(stop), seed=seed)
         entry = {"method": method, "value": value, "accuracy_stop": sum(correct(stop)) / len(stop),
-                 "accuracy_best": sum(correct(best)) / len(best), "mean_cost": mean_cost(stop), "difference": diff}
+                 "accuracy_best": sum(correct(best)) / len(best), "mean_cost_tokens": mean_cost(stop), "difference": diff}
         if where == "calibrated":
             data["calibrated"][method] = entry
         else:
             data["frontier"].append(entry)
         md.append(f"| {where} | {setting(method, value)} | {pct(entry['accuracy_stop'])} | {pct(entry['accuracy_best'])} | "
-                  f"{entry['mean_cost']:.0f} | {ci(diff)} |")
+                  f"{entry['mean_cost_tokens']:.0f} | {ci(diff)} |")
     gains = [e for e in data["frontier"] if e["difference"]["low"] is not None and e["difference"]["low"] > 0]
     losses = [e for e in data["frontier"] if e["difference"]["high"] is not None and e["difference"]["high"] < 0]
     caption = ("Answer rollback on the measurement half: the answer of the probe stopped at (stop) or of the most confident "
@@ -250,14 +227,14 @@ def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], other
     """Exploratory, beyond the frozen protocol: CoDE-Stop's tau moves only its degeneration stop, while its
     confident stop (c >= r_max after the ramp) is fixed by r_max. Calibrate tau at several r_max on the same
     calibration half, pick the r_max there too, and measure on the measurement half."""
-    md = [("| r_max | tau (calibrated) | calibration: drop / fewer tokens | accuracy | mean cost | cost saved | "
+    md = [("| r_max | tau (calibrated) | calibration: drop / saving | accuracy | mean cost | saving | "
            "accuracy change [95% CI] | lost / gained | stops at tau=16: confident / degenerate / none |"),
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     data: dict[str, Any] = {"rows": []}
     sweep_points: list[Point] = []
     for r in CEILINGS:
         ramp = {"r_max": r, "r_min": 1.0} if r == 1.0 else {"r_max": r}
-        c = calibrated(traces, drop, "codestop", seed, **ramp)
+        c = calibrate(traces, drop, method="codestop", seed=seed, **ramp)
         h = c.get("held_out")
         loose = run_policy(measurement, fixed_policy("codestop", 16.0, **ramp))
         reasons = {x: sum(row.stop_reason == x for row in loose) for x in ("confident", "degenerate", None)}
@@ -269,13 +246,13 @@ def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], other
             md.append(f"| {label} | none within the drop | - | - | - | - | - | - | {stops} |")
         else:
             cal_row = c["calibration"]
-            md.append(f"| {label} | {c['chosen']:g} | {cal_row['drop'] * 100:+.1f} pts / {pct(cal_row['token_saving'])} | "
-                      f"{pct(h['accuracy'])} | {h['mean_cost']:.0f} | {pct(h['cost_saving'])} | "
+            md.append(f"| {label} | {c['chosen']:g} | {cal_row['drop'] * 100:+.1f} pts / {pct(cal_row['saving'])} | "
+                      f"{pct(h['accuracy'])} | {h['mean_cost_tokens']:.0f} | {pct(h['saving'])} | "
                       f"{ci(h['paired_bootstrap']['accuracy_change'])} | {h['lost']} / {h['gained']} | {stops} |")
         points = sweep(measurement, {"codestop": parse_range(CEILING_TAUS, float, "tau")}, **ramp)
         sweep_points += [replace(p, method="codestop D alone" if r == 1.0 else f"codestop r_max={r:g}") for p in points if p.method != "vanilla"]
     ok = [row for row in data["rows"] if row["calibration"] is not None]
-    choice = min(ok, key=lambda row: (row["calibration"]["mean_tokens"], row["calibration"]["drop"])) if ok else None
+    choice = min(ok, key=lambda row: (row["calibration"]["mean_reasoning_tokens"], row["calibration"]["drop"])) if ok else None
     data["two_knob_choice"] = None if choice is None else {k: choice[k] for k in ("r_max", "r_min", "tau") if k in choice}
     figure = "gsm8k-ceiling.png"
     # vanilla, DEER and Consistency from section 3's sweep of the same measurement half
@@ -375,7 +352,7 @@ def section_math(traces: Sequence[Trace], cal: dict[str, Any], out: Path, seed: 
     rows = [MEASURED_HEAD]
     for m in METHODS:
         value = cal[m]["chosen"]
-        data[m] = None if value is None else with_saving(measure(traces, m, value, seed))
+        data[m] = None if value is None else measure(traces, m, value, seed)
         rows.append(measured_row(m, value, data[m]))
     sweep_md, points = section_sweep(traces, out, "math", "all MATH traces", k)
     data["sweep"] = [asdict(p) for p in points]
@@ -401,13 +378,13 @@ def section_cod(main: Sequence[Trace], cod: Sequence[Trace], cal: dict[str, Any]
         return (f"The Chain-of-Draft file has {len(cal_ids)} questions of the calibration half and {len(ids)} of the "
                 "measurement half: it needs both."), {"n_calibration": len(cal_ids), "n_measurement": len(ids)}
     cod_meas, main_meas = [cod_by_id[i] for i in ids], [main_by_id[i] for i in ids]
-    c = calibrated([cod_by_id[i] for i in cal_ids + ids], drop, "codestop", seed, calibration_ids=cal_ids)
+    c = calibrate([cod_by_id[i] for i in cal_ids + ids], drop, method="codestop", seed=seed, calibration_ids=cal_ids)
     probes = sum(len(t.probes) for t in cod_meas) / len(cod_meas)
     md = [(f"{len(cod)} Chain-of-Draft traces of the held-out GSM8K questions ({probes:.1f} probes per trace on the measurement "
            f"half). CoDE-Stop's tau calibrated on the CoD traces of the calibration half (n = {len(cal_ids)}) by section 1's "
            f"rule, measured on those of the measurement half (n = {len(ids)}); cost, changes and bound as in section 1."),
           "", MEASURED_HEAD, measured_row("codestop", c["chosen"], c.get("held_out"))]
-    sweep_rows = {tau: with_saving(measure(cod_meas, "codestop", tau, seed)) for tau in parse_range(COD_TAUS, float, "tau")}
+    sweep_rows = {tau: measure(cod_meas, "codestop", tau, seed) for tau in parse_range(COD_TAUS, float, "tau")}
     md += ["", "CoDE-Stop's tau swept on the CoD measurement half (not a choice: every value shown):", "", MEASURED_HEAD]
     md += [measured_row("codestop", tau, h) for tau, h in sweep_rows.items()]
     md += ["", "Chain-of-Draft against the main prompt (paired, same measurement-half questions, bootstrap 95%):", "",
@@ -420,7 +397,7 @@ def section_cod(main: Sequence[Trace], cod: Sequence[Trace], cal: dict[str, Any]
     data: dict[str, Any] = {"calibration": c, "sweep": {str(t): h for t, h in sweep_rows.items()}, "comparisons": {}}
     for label, (a, b) in comparisons.items():
         d = compare_to_vanilla(a, b, seed=seed)
-        data["comparisons"][label] = {"accuracy": sum(correct(a)) / len(a), "mean_cost": mean_cost(a), **d}
+        data["comparisons"][label] = {"accuracy": sum(correct(a)) / len(a), "mean_cost_tokens": mean_cost(a), **d}
         md.append(f"| {label} | {pct(sum(correct(a)) / len(a))} | {mean_cost(a):.0f} | {ci(d['accuracy_change'])} | "
                   f"{ci(d['cost_change'], 1, ' tok')} |")
     return "\n".join(md), data
@@ -455,7 +432,7 @@ def main() -> int:
     sweep_md, points = section_sweep(measurement, args.out, "gsm8k", "the measurement half", k)
     data["sweep"] = [asdict(p) for p in points]
     text, data["targets"] = section_targets(data["calibration"], measurement, points, args.seed)
-    md += ["", "### 2. Targets (measurement half)", "", text, "", "### 3. Accuracy at a token budget (measurement half)", "", sweep_md]
+    md += ["", "### 2. Targets (measurement half)", "", text, "", "### 3. Accuracy against reasoning tokens (measurement half)", "", sweep_md]
     print("confidence ceilings...", file=sys.stderr)
     text, data["ceiling"] = section_ceiling(traces, measurement, points, args.max_accuracy_drop, args.seed, args.out, k)
     md += ["", "### 3b. CoDE-Stop's confidence ceiling (exploratory)", "", text]

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from codestop.replay import load_traces, thinned
+from codestop.traces import load_traces, thinned
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ("solve-then-check", "chain-of-draft", "step-by-step")

@@ -18,9 +18,10 @@ from codestop.cli.options import (
     engine_options_from_args,
     policy_from_args,
 )
-from codestop.datasets import DATASETS
 from codestop.errors import CodestopError
-from codestop.evaluate import RECORD_GENERATION, evaluate, print_summary, record, samples_path
+from codestop.eval.datasets import DATASETS
+from codestop.eval.runner import RECORD_GENERATION, evaluate, record, samples_path
+from codestop.eval.summary import print_summary
 
 
 def add_parser(sub: Any) -> None:
@@ -32,7 +33,8 @@ def add_parser(sub: Any) -> None:
     )
     add_dataset_options(p)
     p.add_argument("--out", required=True, help="the run file (JSON lines); re-running resumes it")
-    p.add_argument("--baseline", default=None, help="a vanilla run file: report compression and accuracy change against it")
+    p.add_argument("--baseline", default=None,
+                   help="a vanilla run file: report the saving (1 - cost tokens / the baseline's) and the accuracy change against it")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--log-samples", action="store_true",
                    help="also write OUT's .samples.jsonl: each question, reasoning, answer text, extracted answer, gold, verdict")

@@ -8,9 +8,9 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from codestop.config import OLD_NAMES, PROBE_MODES, GenerationConfig, cli_fields
-from codestop.datasets import DATASETS
+from codestop.eval.datasets import DATASETS
+from codestop.eval.prompts import DEFAULT_STYLE, PROMPT_STYLES, QUESTION_SLOT
 from codestop.policies import METHOD_OPTIONS, METHODS, Policy, knob_help, knob_type, make_policy
-from codestop.prompts import DEFAULT_STYLE, PROMPT_STYLES, QUESTION_SLOT
 
 if TYPE_CHECKING:
     from codestop.engines.base import Engine

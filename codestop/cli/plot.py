@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from codestop.errors import CodestopError
-from codestop.plots import auroc_table, dynamics, plot_dynamics, report
-from codestop.replay import load_traces
+from codestop.figures.dynamics import auroc_table, dynamics, plot_dynamics
+from codestop.figures.report import report
+from codestop.traces import load_traces
 
 
 def add_parser(sub: Any) -> None:

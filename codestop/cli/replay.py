@@ -8,7 +8,8 @@ import time
 from typing import Any
 
 from codestop.cli.options import add_policy_options, add_probe_interval_option, policy_from_args
-from codestop.replay import load_traces, replay
+from codestop.replay import replay
+from codestop.traces import load_traces
 
 
 def add_parser(sub: Any) -> None:
@@ -36,8 +37,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for t in result["traces"]:
         stops[t["stop_reason"] or "never"] = stops.get(t["stop_reason"] or "never", 0) + 1
     print(
-        f"{policy.name} on {s['n']} traces: accuracy {s['accuracy'] * 100:.1f}%, mean reasoning tokens {s['mean_tokens']:.0f}, "
-        f"mean cost {s['mean_cost']:.0f} (incl. probes); stops: "
+        f"{policy.name} on {s['n']} traces: accuracy {s['accuracy'] * 100:.1f}%, mean reasoning tokens {s['mean_reasoning_tokens']:.0f}, "
+        f"mean cost tokens {s['mean_cost_tokens']:.0f} (incl. probes); stops: "
         + ", ".join(f"{k} {v}" for k, v in sorted(stops.items()))
         + f" ({(time.perf_counter() - t0) * 1000:.0f} ms)"
     )

@@ -10,11 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from codestop.analysis.calibrate import calibrate
+from codestop.analysis.sweep import FIXED_OPTIONS, KNOBS, markdown_table, parse_range, sweep, write_csv
 from codestop.cli.options import add_probe_interval_option
 from codestop.errors import CodestopError
+from codestop.figures.tradeoff import plot_tradeoff
 from codestop.policies import knob_help, knob_type
-from codestop.replay import load_traces
-from codestop.sweep import FIXED_OPTIONS, KNOBS, calibrate, markdown_table, parse_range, plot_tradeoff, sweep, write_csv
+from codestop.traces import load_traces
 
 
 def _add_knob_options(p: argparse.ArgumentParser) -> None:
@@ -48,7 +50,7 @@ def add_parser(sub: Any) -> None:
         "sweep",
         help="replay methods over a range of their knob: Pareto table and accuracy-vs-tokens plot",
         description="Replay one or several methods over a range of their knob on recorded traces; write "
-        "PREFIX.csv, PREFIX.md (the Pareto table) and PREFIX.png (accuracy against mean tokens).",
+        "PREFIX.csv, PREFIX.md (the Pareto table) and PREFIX.png (accuracy against mean reasoning tokens).",
     )
     p.add_argument("traces", help="a trace file (codestop record)")
     p.add_argument(
@@ -63,7 +65,7 @@ def add_parser(sub: Any) -> None:
 
     c = sub.add_parser(
         "calibrate",
-        help="pick the knob value that saves the most tokens within an accuracy-drop budget, with a held-out bound",
+        help="pick the knob value that stops earliest within --max-accuracy-drop, with a held-out bound",
         description="Choose a method's knob on a calibration split of the traces so that the accuracy drop "
         "against vanilla stays within --max-accuracy-drop, then measure it on the held-out rest.",
     )

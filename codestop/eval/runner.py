@@ -1,15 +1,15 @@
-"""``codestop eval`` and ``codestop record``: a benchmark under a stopping policy, one JSON line per
-question, resumable.
+"""The runner behind ``codestop eval`` and ``codestop record``: a benchmark under a stopping policy,
+one JSON line per question, resumable (summaries: :mod:`codestop.eval.summary`).
 
 The output file holds one JSON object per line, written and flushed as each question finishes, so
 a killed run loses only the questions in flight. Every line carries the run's ``config`` (model,
-engine, method and its options, generation options); re-running the same command skips the ids
+engine, policy and its options, generation options); re-running the same command skips the ids
 already there, a half-written last line is dropped (saying so) and redone, and a file whose config
 differs is refused rather than mixed.
 
 Recording is evaluation with another record maker: ``codestop record`` runs with no stopping (the
 Vanilla policy) and a probe at every step boundary, and writes one trace per question (schema:
-``docs/traces.md``) for :mod:`codestop.replay`, sweeps and figures to read without the model.
+``docs/traces.md``, :mod:`codestop.traces`) for :mod:`codestop.replay`, sweeps and figures to read without the model.
 
 Token accounting in a run line: ``tokens`` holds each kind (prompt, reasoning, probe, probe_prompt,
 answer); the summary's *tokens* are reasoning + answer (what the model wrote, probes excluded) and
@@ -24,7 +24,7 @@ What a harness user expects besides (lm-evaluation-harness is the reference):
   reason, and this session's elapsed time and throughput (questions and generated tokens per
   second, model loading excluded): the per-question times overlap under ``--concurrency``, so
   their sum is no time anyone waited;
-* the run config records the codestop version, the prompt actually sent (:mod:`codestop.prompts`)
+* the run config records the codestop version, the prompt actually sent (:mod:`codestop.eval.prompts`)
   and, for a model that is a local file, its sha256 (hashed once per file version), so a run file
   says what produced it; a resumed run says so on stderr.
 """
@@ -36,22 +36,22 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from codestop.config import GenerationConfig, current_names
-from codestop.datasets import DATASETS, Example, load_examples
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError, ContextTooLong
+from codestop.eval.datasets import Example, load_examples
+from codestop.eval.grading import extract_answer, grade
+from codestop.eval.prompts import PromptStyle, resolve_prompt
+from codestop.eval.summary import record_reasoning, summarize
 from codestop.families import Family, get_family
-from codestop.grading import GRADE_KINDS, GradeKind, extract_answer, grade
 from codestop.jsonl import read_jsonl
 from codestop.policies import CodeStop, Policy, Vanilla, policy_options
-from codestop.prompts import PromptStyle, resolve_prompt
-from codestop.replay import TRACE_SCHEMA
+from codestop.traces import TRACE_SCHEMA
 
 RUN_SCHEMA = 1
 # config keys that describe a line without defining the run: a resume may differ in them
@@ -63,6 +63,16 @@ INFORMATIONAL_KEYS = ("codestop_version",)
 # --------------------------------------------------------------------------------------------
 
 
+def current_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config as this codestop writes it, from one written before a key was renamed: ``method``
+    (the policy's options) is ``policy``, ``generation.max_new_tokens`` is ``max_reasoning_tokens``."""
+    if "method" in config and "policy" not in config:
+        config = {**{k: v for k, v in config.items() if k != "method"}, "policy": config["method"]}
+    if isinstance(config.get("generation"), dict):
+        config = {**config, "generation": current_names(config["generation"])}
+    return config
+
+
 def check_config(path: Path, records: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
     """Refuse to resume ``path`` when its lines were written under another config (the codestop
     version aside: each line records its own, and a fix release should not strand a long run)."""
@@ -72,8 +82,7 @@ def check_config(path: Path, records: Sequence[dict[str, Any]], config: dict[str
             continue
         if not isinstance(theirs, dict):
             raise CodestopError(f"out: {path} line {n} has no run config; it was not written by this command. Choose another --out")
-        if isinstance(theirs.get("generation"), dict):  # written before a field was renamed
-            theirs = {**theirs, "generation": current_names(theirs["generation"])}
+        theirs = current_config(theirs)
         keys = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k) and k not in INFORMATIONAL_KEYS)
         if not keys:
             continue
@@ -182,7 +191,7 @@ def run_questions(
     examples: Sequence[Example],
     policy: Policy,
     generation: GenerationConfig,
-    out: RunFile,
+    out: RunFile | None,
     make_record: Make,
     *,
     concurrency: int = 1,
@@ -191,13 +200,13 @@ def run_questions(
     samples: SampleLog | None = None,
 ) -> None:
     """Answer every example not yet in ``out``; each record is appended as soon as it is made (and
-    its sample, when ``samples`` logs them). ``family``: the prompt family (with its prompt style)
+    its sample, when ``samples`` logs them). ``out`` None: every example, nothing written (the demo). ``family``: the prompt family (with its prompt style)
     every question is asked through; None: the one ``generation`` names or the engine's own."""
     from codestop.controller import agenerate
 
     if concurrency < 1:
         raise ValueError(f"concurrency: {concurrency!r} must be >= 1")
-    done = out.done
+    done = out.done if out is not None else set()
     todo = [e for e in examples if e.id not in done]
 
     async def one(example: Example, gate: asyncio.Semaphore) -> None:
@@ -208,7 +217,8 @@ def run_questions(
             except ContextTooLong as err:
                 result = err  # recorded as an error line, so a resume does not retry it forever
             record = make_record(example, result, time.perf_counter() - t0)
-            out.append(record)
+            if out is not None:
+                out.append(record)
             if samples is not None:
                 samples.append(sample_record(example, result, record))
             if on_record:
@@ -230,7 +240,7 @@ def eval_record(example: Example, result: Any, wall_time: float) -> dict[str, An
     """One line of an eval run."""
     base = {"id": example.id, "dataset": example.dataset, "gold": example.gold, "grading": example.kind}
     if isinstance(result, Exception):
-        return {**base, "answer": None, "correct": False, "tokens": {}, "cost": 0, "probes": [],
+        return {**base, "answer": None, "correct": False, "tokens": {}, "cost_tokens": 0, "probes": [],
                 "stop_reason": "error", "error": str(result), "wall_time": round(wall_time, 3)}
     answer = result.answer if result.answer is not None else extract_answer(result.answer_text)
     return {
@@ -238,7 +248,7 @@ def eval_record(example: Example, result: Any, wall_time: float) -> dict[str, An
         "answer": answer,
         "correct": grade(answer, example.gold, example.kind),
         "tokens": dict(result.tokens),
-        "cost": result.cost,
+        "cost_tokens": result.cost,
         "probes": [{"position": p.position, "confidence": round(p.confidence, 6), "answer": p.answer, "probe_tokens": p.probe_tokens}
                    for p in result.probes],
         "stop_reason": result.stop_reason,
@@ -275,168 +285,6 @@ def trace_record(example: Example, result: Any, wall_time: float) -> dict[str, A
         "tokens": dict(result.tokens),
         "wall_time": round(wall_time, 3),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Summaries
-# --------------------------------------------------------------------------------------------
-
-
-def record_tokens(rec: dict[str, Any]) -> int:
-    t = rec.get("tokens") or {}
-    return int(t.get("reasoning", 0)) + int(t.get("answer", 0))
-
-
-def record_cost(rec: dict[str, Any]) -> int:
-    from codestop.controller import cost_tokens
-
-    return cost_tokens(rec.get("tokens") or {})
-
-
-def accuracy_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
-    """The Wilson score interval of an accuracy (scipy's binomial test), None with no questions:
-    unlike the normal approximation it stays inside [0, 1] and is sound at 0 or n correct."""
-    if n == 0:
-        return None
-    from scipy.stats import binomtest
-
-    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
-def summarize(
-    records: Sequence[dict[str, Any]],
-    baseline: Sequence[dict[str, Any]] | None = None,
-    *,
-    session: Sequence[dict[str, Any]] | None = None,
-    elapsed: float | None = None,
-) -> dict[str, Any]:
-    """Accuracy (a fraction) with its 95% Wilson interval, mean tokens, mean cost and the count of
-    each stop reason of a run; with ``session`` (the records answered in this session) and
-    ``elapsed`` (the seconds it took, loading excluded): the throughput; with a baseline run, the
-    paired comparison on the ids both hold: compression (1 - tokens / baseline tokens) and the
-    accuracy difference."""
-    n = len(records)
-    right = sum(bool(r.get("correct")) for r in records)
-    s: dict[str, Any] = {
-        "n": n,
-        "accuracy": right / n if n else 0.0,
-        "accuracy_ci95": accuracy_interval(right, n),
-        "mean_tokens": sum(record_tokens(r) for r in records) / n if n else 0.0,
-        "mean_cost": sum(record_cost(r) for r in records) / n if n else 0.0,
-        "stop_reasons": dict(sorted(Counter(str(r.get("stop_reason")) for r in records).items())),
-    }
-    if elapsed is not None:
-        done = list(session or ())
-        s["elapsed_s"] = elapsed
-        s["session_n"] = len(done)
-        # generated tokens, probes included: what the engine produced in this session
-        s["questions_per_s"] = len(done) / elapsed if done and elapsed > 0 else None
-        s["tokens_per_s"] = sum(record_cost(r) for r in done) / elapsed if done and elapsed > 0 else None
-    if baseline is not None:
-        ours = {str(r["id"]): r for r in records}
-        pairs = [(ours[str(b["id"])], b) for b in baseline if str(b.get("id")) in ours]
-        if pairs:
-            base_tokens = sum(record_tokens(b) for _, b in pairs)
-            s["paired_n"] = len(pairs)
-            s["compression"] = 1 - sum(record_tokens(r) for r, _ in pairs) / base_tokens if base_tokens else 0.0
-            s["baseline_accuracy"] = sum(bool(b.get("correct")) for _, b in pairs) / len(pairs)
-            s["accuracy_change"] = sum(bool(r.get("correct")) - bool(b.get("correct")) for r, b in pairs) / len(pairs)
-    return s
-
-
-def _elapsed_line(summary: dict[str, Any]) -> str | None:
-    """This session's elapsed time and throughput, in words (None when the summary has no timing)."""
-    if "elapsed_s" not in summary:
-        return None
-    if not summary["session_n"]:
-        return "elapsed: nothing left to answer (every question was already in the run file)"
-    return (
-        f"elapsed: {summary['elapsed_s']:.1f} s for the {summary['session_n']} questions answered now (model loading excluded): "
-        f"{summary['questions_per_s']:.2f} questions/s, {summary['tokens_per_s']:.0f} generated tokens/s (probes included)"
-    )
-
-
-def print_summary(summary: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("questions", "accuracy (95% CI)", "mean tokens", "mean cost (incl. probes)"):
-        table.add_column(col, justify="right")
-    ci = summary.get("accuracy_ci95")
-    row = [
-        str(summary["n"]),
-        f"{summary['accuracy'] * 100:.1f}%" + (f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]" if ci else ""),
-        f"{summary['mean_tokens']:.0f}",
-        f"{summary['mean_cost']:.0f}",
-    ]
-    if "compression" in summary:
-        table.add_column("vs baseline (paired)", justify="right")
-        row.append(
-            f"{summary['compression'] * 100:.1f}% fewer tokens, {summary['accuracy_change'] * 100:+.1f} pts "
-            f"(n={summary['paired_n']})"
-        )
-    table.add_row(*row)
-    console = Console(highlight=False)
-    console.print(table)
-    reasons = summary.get("stop_reasons") or {}
-    if reasons:
-        console.print("stop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))), soft_wrap=True)
-    line = _elapsed_line(summary)
-    if line:
-        console.print(line, soft_wrap=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Re-grading
-# --------------------------------------------------------------------------------------------
-
-
-def regrade(record: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """``record`` (a run line or a trace) graded again with today's :func:`grade`, and how many of
-    its verdicts changed: every probe's ``correct`` and the final one (``correct`` or
-    ``final_correct``). Nothing else is touched, so a grader fix can be applied to stored runs."""
-    gold = str(record.get("gold", ""))
-    stated = record.get("grading")
-    if stated is None:  # a run line from before lines named their grading: the dataset's
-        spec = DATASETS.get(str(record.get("dataset")))
-        stated = spec.kind if spec is not None else "math"
-    if stated not in GRADE_KINDS:
-        raise CodestopError(f"grading: {record.get('id')!r} says {stated!r}; expected one of {', '.join(GRADE_KINDS)}")
-    kind = cast(GradeKind, stated)
-    flips = 0
-    out = dict(record)
-    if isinstance(record.get("probes"), list) and all("correct" in p for p in record["probes"]):
-        probes = []
-        for p in record["probes"]:
-            verdict = grade(p.get("answer"), gold, kind)
-            flips += verdict != bool(p["correct"])
-            probes.append({**p, "correct": verdict})
-        out["probes"] = probes
-    for answer_key, verdict_key in (("final_answer", "final_correct"), ("answer", "correct")):
-        if verdict_key in record and record.get("stop_reason", record.get("finish_reason")) != "error":
-            verdict = grade(record.get(answer_key), gold, kind)
-            flips += verdict != bool(record[verdict_key])
-            out[verdict_key] = verdict
-    return out, flips
-
-
-def regrade_file(path: str | os.PathLike[str]) -> int:
-    """Re-grade a run or trace file in place (see :func:`regrade`), written whole to a temporary
-    file first; returns the number of verdicts that changed."""
-    p = Path(path)
-    records = read_jsonl(p)
-    flips = 0
-    lines = []
-    for rec in records:
-        new, k = regrade(rec)
-        flips += k
-        lines.append(json.dumps(new, ensure_ascii=False) + "\n")
-    tmp = p.with_name(p.name + f".{os.getpid()}.partial")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, p)
-    return flips
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +327,7 @@ def run_config(
         "model": model,
         "model_sha256": sha256,
         "engine": engine_name,
-        "method": policy_options(policy),
+        "policy": policy_options(policy),
         "generation": generation.to_dict(),
         "prompt": (prompt or resolve_prompt()).to_config(),
         "codestop_version": __version__,
@@ -509,8 +357,8 @@ def _progress(total: int, done_records: Sequence[dict[str, Any]], label: str, en
         if not seen:
             return label
         acc = sum(bool(r.get("correct")) for r in seen) / len(seen)
-        toks = sum(record_tokens(r) for r in seen) / len(seen)
-        return f"{label} acc {acc * 100:.1f}% · {toks:.0f} tok"
+        toks = sum(record_reasoning(r) for r in seen) / len(seen)
+        return f"{label} acc {acc * 100:.1f}% · {toks:.0f} reasoning tok"
 
     task = progress.add_task(describe(), total=total, completed=len(seen))
     progress.start()
@@ -629,7 +477,7 @@ def evaluate(
     """Run ``dataset`` (its first ``limit`` questions after ``offset``) under ``policy``, appending one line per
     question to ``out`` (resuming it when it exists), and return the summary of every line in it
     (see :func:`summarize`; paired against ``baseline`` when given). ``prompt``: a style name or a
-    template file (:mod:`codestop.prompts`); ``log_samples``: also write :func:`samples_path`."""
+    template file (:mod:`codestop.eval.prompts`); ``log_samples``: also write :func:`samples_path`."""
     base_records = read_jsonl(baseline) if baseline is not None else None
     style = prompt if isinstance(prompt, PromptStyle) else resolve_prompt(prompt, system_prompt)
     outcome = _run_dataset(

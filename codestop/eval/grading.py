@@ -1,7 +1,7 @@
 """Answer extraction and grading.
 
-* :func:`extract_boxed` / :func:`extract_answer`: the answer a model wrote (the last ``\\boxed{}``
-  after its thinking, else what follows "the answer is").
+* :func:`extract_answer`: the answer a model wrote (the last ``\\boxed{}``
+  after its thinking, :func:`codestop.steps.extract_boxed`, else what follows "the answer is").
 * :func:`grade`: is a predicted answer right? Three kinds of gold:
 
   - ``integer`` (GSM8K, AIME): the prediction must be one number (see :func:`normalize_integer`:
@@ -36,36 +36,15 @@ import threading
 from functools import lru_cache
 from typing import IO, Literal
 
+from codestop.families import FAMILIES
+from codestop.steps import extract_boxed
+
 GradeKind = Literal["integer", "math", "choice"]
 GRADE_KINDS = ("integer", "math", "choice")
 VERIFY_TIMEOUT_S = 5.0
 
-_BOX_OPENERS = ("\\boxed{", "\\fbox{", "\\boxed {")
-_THINK_ENDS = ("</think>", "<|end|>")
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (nested braces respected), or None."""
-    best = -1
-    opener_len = 0
-    for opener in _BOX_OPENERS:
-        at = text.rfind(opener)
-        if at > best:
-            best, opener_len = at, len(opener)
-    if best == -1:
-        return None
-    depth = 1
-    start = best + opener_len
-    for i in range(start, len(text)):
-        ch = text[i]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                content = text[start:i].strip()
-                return content or None
-    return None
+# what ends a family's thinking ("</think>", gpt-oss's "<|end|>"): the answer part comes after it
+_THINK_ENDS = tuple(dict.fromkeys(f.think_end for f in FAMILIES.values() if f.think_end))
 
 
 _ANSWER_IS = re.compile(r"(?:final answer|the answer)\s*(?:is\s*:?|:)\s*\$?([^\n$]+?)\$?\s*(?:\.|$)", re.IGNORECASE | re.MULTILINE)
@@ -173,7 +152,7 @@ class _VerifyWorker:
     def _start(self) -> None:
         self._lines = queue.Queue()
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from codestop.grading import _serve; _serve()"],
+            [sys.executable, "-c", "from codestop.eval.grading import _serve; _serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -1,0 +1,1 @@
+"""Analyses of recorded traces: sweeps, calibration with a bound, and their statistics."""

@@ -1,0 +1,1 @@
+"""Benchmarks: datasets, grading, prompt styles, the eval/record runner and run summaries."""

@@ -1,0 +1,109 @@
+"""Traces: the recorded questions that replay, sweeps, calibration and figures read without the model.
+
+One JSON line per question (schema 1, ``docs/traces.md``): every probe with its position,
+confidence, answer, correctness and answer-token log-probabilities, and the final answer's
+correctness and full reasoning length. ``codestop record`` (:mod:`codestop.eval.runner`) writes
+them; :func:`load_traces` reads and validates them (minimal traces, only ``id`` and ``probes``,
+too), optionally :func:`thinned` to a larger probe interval. Engine-free.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from codestop.errors import CodestopError
+from codestop.jsonl import read_numbered
+from codestop.policies import Probe
+
+TRACE_SCHEMA = 1
+
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A trace as replay needs it: its probes (``correct`` set on each), and the final answer's
+    correctness and full reasoning length when the trace has them."""
+
+    id: str
+    probes: tuple[Probe, ...]
+    final_correct: bool | None = None
+    reasoning_tokens: int | None = None
+
+
+def _probe_from_json(obj: Any, where: str, i: int) -> Probe:
+    if not isinstance(obj, dict):
+        raise CodestopError(f"traces: {where}: probe {i} is not an object")
+    for key in ("position", "confidence", "answer", "correct"):
+        if key not in obj:
+            raise CodestopError(f"traces: {where}: probe {i} has no {key!r} (a probe needs position, confidence, answer, correct)")
+    lps = obj.get("token_logprobs")
+    spent = obj.get("probe_tokens", obj.get("tokens"))  # "tokens": traces written before the rename
+    try:
+        return Probe(
+            position=obj["position"],
+            confidence=float(obj["confidence"]),
+            answer="" if obj["answer"] is None else str(obj["answer"]),
+            text=obj.get("text"),
+            token_logprobs=tuple(float(x) for x in lps) if isinstance(lps, list) else None,
+            probe_tokens=int(spent) if isinstance(spent, (int, float)) and not isinstance(spent, bool) else None,
+            correct=bool(obj["correct"]),
+        )
+    except (ValueError, TypeError) as err:
+        raise CodestopError(f"traces: {where}: probe {i}: {err}") from None
+
+
+def trace_from_json(obj: dict[str, Any], where: str) -> Trace:
+    """Validate one trace line (full or minimal); ``where`` (file:line) names it in errors."""
+    if "id" not in obj:
+        raise CodestopError(f"traces: {where}: no 'id'")
+    schema = obj.get("schema", TRACE_SCHEMA)
+    if schema != TRACE_SCHEMA:
+        raise CodestopError(f"traces: {where}: schema {schema!r} is not one this codestop reads ({TRACE_SCHEMA})")
+    probes_json = obj.get("probes")
+    if not isinstance(probes_json, list):
+        raise CodestopError(f"traces: {where}: no 'probes' list")
+    probes = tuple(_probe_from_json(p, where, i) for i, p in enumerate(probes_json))
+    for i in range(1, len(probes)):
+        if probes[i].position < probes[i - 1].position:
+            raise CodestopError(f"traces: {where}: probe {i} position {probes[i].position} goes backwards")
+    final = obj.get("final_correct")
+    reasoning = obj.get("reasoning_tokens")
+    if not probes and final is None:
+        raise CodestopError(f"traces: {where}: no probes and no final answer: nothing to score")
+    return Trace(
+        id=str(obj["id"]),
+        probes=probes,
+        final_correct=bool(final) if final is not None else None,
+        reasoning_tokens=int(reasoning) if isinstance(reasoning, (int, float)) and final is not None else None,
+    )
+
+
+def thinned(trace: Trace, probe_interval: int) -> Trace:
+    """The trace as a live run with ``probe_interval`` would have probed it: a recorded probe is
+    kept when at least ``probe_interval`` reasoning tokens passed since the last kept one (the
+    controller's rule), so a trace recorded at every boundary stands for any larger interval. A
+    trace with no final answer keeps its last probe, which stands for it (the replay rules)."""
+    kept: list[Probe] = []
+    last = 0
+    for p in trace.probes:
+        if p.position > 0 and p.position - last >= max(1, probe_interval):
+            kept.append(p)
+            last = p.position
+    if trace.final_correct is None and trace.probes and (not kept or kept[-1] is not trace.probes[-1]):
+        kept.append(trace.probes[-1])
+    return replace(trace, probes=tuple(kept))
+
+
+def load_traces(path: str | os.PathLike[str], probe_interval: int | None = None) -> list[Trace]:
+    """The traces of a trace file (each :func:`thinned` to ``probe_interval`` when given). A
+    cut-short last line is dropped with a warning on stderr; a file with no trace at all is an
+    error (a replay of nothing would report nothing quietly)."""
+    if probe_interval is not None and probe_interval < 1:
+        raise CodestopError(f"probe_interval: {probe_interval!r} must be >= 1")
+    records = read_numbered(path)
+    if not records:
+        raise CodestopError(f"traces: no traces in {path}; record some with `codestop record`")
+    traces = [trace_from_json(rec, f"{path}:{n}") for n, rec in records]
+    return traces if probe_interval is None else [thinned(t, probe_interval) for t in traces]
