@@ -102,7 +102,7 @@ def test_the_openai_client_works_unchanged_streaming_or_not(proxy):
     usage = r.usage
     assert usage.completion_tokens == usage.codestop["reasoning_tokens"] + usage.codestop["answer_tokens"] <= SHORT
     assert usage.completion_tokens_details.reasoning_tokens == 0
-    for key in ("probe_tokens", "stop_reason", "tokens_saved", "probes", "method"):
+    for key in ("probe_tokens", "stop_reason", "cost_tokens", "probes", "policy"):
         assert key in usage.codestop
 
     stream = ask(client, "What is 12 + 30?", temperature=0, stream=True, stream_options={"include_usage": True})
@@ -128,12 +128,12 @@ def test_the_policy_is_chosen_per_request_over_the_server_default(proxy):
     # "3 + 4 = 7", may end before either)
     r = ask(client, POEM, max_tokens=40, extra_body={"codestop": {"method": "deer", "threshold": 0.5, "probe_interval": 4, "boundaries": [" "]}})
     cs = r.usage.codestop
-    assert cs["method"] == {"method": "deer", "threshold": 0.5, "confidence": "mean", "answer_from": "stop"}
+    assert cs["policy"] == {"method": "deer", "threshold": 0.5, "confidence": "mean", "answer_from": "stop"}
     assert cs["probes"] >= 1 and cs["probe_tokens"] >= 1, (cs, r.choices[0].message)
     r = ask(client, POEM, max_tokens=40, extra_body={"codestop": {"method": "budget", "budget": 5}})
     assert r.usage.codestop["reasoning_tokens"] == 5 and r.usage.codestop["stop_reason"] == "budget"
     r = ask(client, "What is 3 + 4?", extra_body={"codestop": {"tau": 3.5}})  # the default method, one knob changed
-    assert r.usage.codestop["method"]["method"] == "codestop" and r.usage.codestop["method"]["tau"] == 3.5
+    assert r.usage.codestop["policy"]["method"] == "codestop" and r.usage.codestop["policy"]["tau"] == 3.5
 
 
 def test_bad_requests_are_400_naming_the_field(proxy, llama):
@@ -447,7 +447,7 @@ def test_the_default_config_and_policy_apply_and_requests_override_them(tokenize
     try:
         client = p.client()
         cs = ask(client, "Hi", max_tokens=None).usage.codestop
-        assert cs["reasoning_tokens"] == 5 and cs["method"] == {"method": "budget", "budget": 5}
+        assert cs["reasoning_tokens"] == 5 and cs["policy"] == {"method": "budget", "budget": 5}
         cs = ask(client, "Hi", max_tokens=None, extra_body={"codestop": {"budget": 6}}).usage.codestop
         assert cs["reasoning_tokens"] == 6 and cs["stop_reason"] == "budget"
         r = ask(client, "Hi", max_tokens=None, extra_body={"codestop": {"method": "vanilla"}})

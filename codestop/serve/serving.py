@@ -336,7 +336,7 @@ def usage_of(result: Result, family: Family) -> dict[str, Any]:
         "total_tokens": t["prompt"] + completion,
         "completion_tokens_details": {"reasoning_tokens": t["reasoning"] if family.thinks else 0},
         "codestop": {
-            "method": result.method,
+            "policy": result.policy,
             "stop_reason": result.stop_reason,
             "stopped_early": result.stop_reason not in ("finished", "budget", "max_reasoning_tokens"),
             "stop_position": result.stop_position,
@@ -348,9 +348,7 @@ def usage_of(result: Result, family: Family) -> dict[str, Any]:
             "probes": len(result.probes),
             "steps": result.steps,
             "answer": result.answer,
-            # known only when nothing was cut: the model finished on its own
-            "tokens_saved": 0 if result.stop_reason == "finished" else None,
-            "cost": result.cost,
+            "cost_tokens": result.cost,
         },
     }
 
