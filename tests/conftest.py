@@ -124,8 +124,8 @@ def vllm_url():
 
 @pytest.fixture(scope="module")
 def vllm_serial_url():
-    """Like ``vllm_url``, but a vLLM of its own started with ``--max-num-seqs 1`` (every forward
-    pass holds one request, so greedy tokens do not depend on what else is running), for the
+    """Like ``vllm_url``, but a vLLM of its own started with ``SERIAL_ARGS`` (every token computed
+    alone, so greedy tokens depend neither on what else runs nor on how a request was cut), for the
     module that uses it only; ``$CODESTOP_VLLM_SERIAL_URL`` reuses one."""
     from vllm_server import SERIAL_ARGS
 

@@ -15,9 +15,11 @@ cached keys slightly different numerics and can change a later greedy token in e
 vLLM 0.32's CPU build has no batch-invariant mode (``VLLM_BATCH_INVARIANT`` overrides CUDA, ROCm
 and XPU kernels only), and its greedy tokens do depend on what shares a batch: measured here, the
 same probe answered alone was identical in 4 of 4 tries, logprobs included, and beside a streaming
-request diverged at the same character in 4 of 4. So greedy equality of the two modes is shown on
-a vLLM started with ``--max-num-seqs 1`` (every forward pass holds one request: a probe waits for
-the stream instead of joining its batch), and on the shared server, where probes do run beside
+request diverged at the same character in 4 of 4. Nor do a stream and the same request resumed
+from a cut agree on AVX-512 machines (the resumed one prefills what the stream decoded). So greedy
+equality of the two modes is shown on a vLLM that computes every token alone
+(``vllm_server.SERIAL_ARGS``: one request per forward pass, one token per prefill pass; a probe
+waits for the stream instead of joining its batch), and on the shared server, where probes do run beside
 the stream, the test asserts what the batching cannot change: the requests, the reasoning up to
 the first probe, where the probes are, and that the stop is the policy's own decision on the
 probes the server returned.
