@@ -87,7 +87,7 @@ def test_run_end_to_end_on_smollm2(smollm2_path):
     # greedy SmolLM2 rambles past 120 tokens on this question, and its probes (confidence about
     # 0.4-0.5, never near r_min = 0.9) do not stop CoDE-Stop: the cap ends the reasoning, exactly there
     assert (result["stop_reason"], result["stop_position"], result["tokens"]["reasoning"]) == ("max_reasoning_tokens", 120, 120)
-    tracker = make_policy(**result["method"]).start()  # the policy the run used, replayed on its own probes
+    tracker = make_policy(**result["policy"]).start()  # the policy the run used, replayed on its own probes
     decisions = [tracker.update(Probe(**{k: p[k] for k in ("position", "confidence", "answer")})) for p in result["probes"]]
     assert result["probes"] and not any(d.stop for d in decisions)
     assert [p["position"] for p in result["probes"]] == sorted({p["position"] for p in result["probes"]})
