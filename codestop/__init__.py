@@ -6,8 +6,9 @@ The names below load on first use, so that importing an engine-free part (``code
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from codestop.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -78,13 +79,7 @@ if TYPE_CHECKING:
     from codestop.sampling import Sampling
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'codestop' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports("codestop", _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

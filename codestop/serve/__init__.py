@@ -18,9 +18,9 @@ The names below load on first use: the command line reads the defaults without t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from codestop.lazy import lazy_exports
 from codestop.serve.defaults import DEFAULT_ANSWER, DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
 
 # name -> the module that defines it
@@ -32,10 +32,4 @@ if TYPE_CHECKING:
     from codestop.serve.metrics import Metrics
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'codestop.serve' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports("codestop.serve", _EXPORTS, globals())
