@@ -23,21 +23,36 @@ TRACE_SCHEMA = 1
 
 @dataclass(frozen=True)
 class Trace:
-    """A trace as replay needs it: its probes (``correct`` set on each), and the final answer's
-    correctness and full reasoning length when the trace has them."""
+    """A trace as replay needs it: its probes (``correct`` set on each when the trace is labelled,
+    None on unlabelled traces such as the proxy's shadow traces), and the final answer's correctness
+    and full reasoning length when the trace has them.
+
+    ``reference_answer`` is what the full reasoning answers, the reference of the label-free risk
+    ``changed``: the answer of the trace's ``reference`` probe (the same probe as at every boundary,
+    taken at the end of the full reasoning, so both answers are read alike) when it has one, else its
+    ``final_answer``. ``grading`` says how two answers are compared (``integer``, ``math``, ``choice``)."""
 
     id: str
     probes: tuple[Probe, ...]
     final_correct: bool | None = None
     reasoning_tokens: int | None = None
+    final_answer: str | None = None
+    reference_answer: str | None = None
+    grading: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every probe and the final answer carry ``correct`` (the risk ``lost`` needs it)."""
+        return self.final_correct is not None and all(p.correct is not None for p in self.probes)
 
 
 def _probe_from_json(obj: Any, where: str, i: int) -> Probe:
     if not isinstance(obj, dict):
         raise CodestopError(f"traces: {where}: probe {i} is not an object")
-    for key in ("position", "confidence", "answer", "correct"):
+    for key in ("position", "confidence", "answer"):
         if key not in obj:
-            raise CodestopError(f"traces: {where}: probe {i} has no {key!r} (a probe needs position, confidence, answer, correct)")
+            raise CodestopError(f"traces: {where}: probe {i} has no {key!r} (a probe needs position, confidence, answer; "
+                                "correct when labelled)")
     lps = obj.get("token_logprobs")
     spent = obj.get("probe_tokens", obj.get("tokens"))  # "tokens": traces written before the rename
     try:
@@ -48,7 +63,7 @@ def _probe_from_json(obj: Any, where: str, i: int) -> Probe:
             text=obj.get("text"),
             token_logprobs=tuple(float(x) for x in lps) if isinstance(lps, list) else None,
             probe_tokens=int(spent) if isinstance(spent, (int, float)) and not isinstance(spent, bool) else None,
-            correct=bool(obj["correct"]),
+            correct=None if obj.get("correct") is None else bool(obj["correct"]),
         )
     except (ValueError, TypeError) as err:
         raise CodestopError(f"traces: {where}: probe {i}: {err}") from None
@@ -69,14 +84,25 @@ def trace_from_json(obj: dict[str, Any], where: str) -> Trace:
         if probes[i].position < probes[i - 1].position:
             raise CodestopError(f"traces: {where}: probe {i} position {probes[i].position} goes backwards")
     final = obj.get("final_correct")
+    final_answer = obj.get("final_answer")
     reasoning = obj.get("reasoning_tokens")
-    if not probes and final is None:
+    if not probes and final is None and final_answer is None:
         raise CodestopError(f"traces: {where}: no probes and no final answer: nothing to score")
+    reference = obj.get("reference")
+    reference_probe = _probe_from_json(reference, where, -1) if reference is not None else None
+    if reference_probe is not None:
+        reference_answer: str | None = reference_probe.answer
+    else:
+        reference_answer = None if final_answer is None else str(final_answer)
+    ended = final is not None or final_answer is not None  # the trace ran to the end of its reasoning
     return Trace(
         id=str(obj["id"]),
         probes=probes,
         final_correct=bool(final) if final is not None else None,
-        reasoning_tokens=int(reasoning) if isinstance(reasoning, (int, float)) and final is not None else None,
+        reasoning_tokens=int(reasoning) if isinstance(reasoning, (int, float)) and ended else None,
+        final_answer=None if final_answer is None else str(final_answer),
+        reference_answer=reference_answer,
+        grading=obj.get("grading") if isinstance(obj.get("grading"), str) else None,
     )
 
 
@@ -91,7 +117,7 @@ def thinned(trace: Trace, probe_interval: int) -> Trace:
         if p.position > 0 and p.position - last >= max(1, probe_interval):
             kept.append(p)
             last = p.position
-    if trace.final_correct is None and trace.probes and (not kept or kept[-1] is not trace.probes[-1]):
+    if trace.final_correct is None and trace.final_answer is None and trace.probes and (not kept or kept[-1] is not trace.probes[-1]):
         kept.append(trace.probes[-1])
     return replace(trace, probes=tuple(kept))
 

@@ -67,12 +67,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from codestop.models import DEFAULT_MODEL
 
         args.model = DEFAULT_MODEL
+    policy = policy_from_args(args)
     summary = evaluate(
         args.model,
         args.dataset,
         out=args.out,
         data=args.data,
-        policy=policy_from_args(args),
+        policy=policy,
         limit=args.limit,
         baseline=args.baseline,
         concurrency=args.concurrency,
@@ -89,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print_summary(summary, f"{args.dataset or args.data} · {args.method} · {args.model}")
+        print_summary(summary, f"{args.dataset or args.data} · {policy.name} · {args.model}")
     if args.log_samples:
         print(f"samples: {samples_path(args.out)}", file=sys.stderr)
     return 0

@@ -8,9 +8,11 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from codestop.config import OLD_NAMES, PROBE_MODES, GenerationConfig, cli_fields
+from codestop.errors import CodestopError
 from codestop.eval.datasets import DATASETS
 from codestop.eval.prompts import DEFAULT_STYLE, PROMPT_STYLES, QUESTION_SLOT
 from codestop.policies import METHOD_OPTIONS, METHODS, Policy, knob_help, knob_type, make_policy
+from codestop.policy_file import PolicyFile, read_policy_file
 
 if TYPE_CHECKING:
     from codestop.engines.base import Engine
@@ -32,23 +34,42 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = False) -
 
 
 def add_policy_options(parser: argparse.ArgumentParser, default_method: str = "codestop") -> None:
-    """``--method`` and one flag per policy knob, from the policies' own fields."""
+    """``--method`` and one flag per policy knob, from the policies' own fields, or ``--policy-file``."""
     g = parser.add_argument_group("stopping policy")
-    g.add_argument("--method", default=default_method, help=", ".join(METHODS))
+    g.add_argument("--method", default=None, help=f"{', '.join(METHODS)} (default {default_method})")
     for name, help_text in knob_help().items():
         g.add_argument("--" + name.replace("_", "-"), type=knob_type(name), default=None, help=help_text)
+    g.add_argument("--policy-file", default=None, metavar="FILE",
+                   help="the method and knobs from a policy file (`codestop calibrate --out`), instead of --method and knob flags")
+    parser.set_defaults(default_method=default_method)
+
+
+def policy_file_from_args(args: argparse.Namespace) -> PolicyFile | None:
+    """The ``--policy-file`` read, or None; given with --method or a knob flag, an error (which would win is unclear)."""
+    if getattr(args, "policy_file", None) is None:
+        return None
+    knobs = {k for opts in METHOD_OPTIONS.values() for k in opts}
+    given = (["--method"] if args.method is not None else []) + [
+        "--" + k.replace("_", "-") for k in sorted(knobs) if getattr(args, k, None) is not None]
+    if given:
+        raise CodestopError(f"--policy-file: give either a policy file or {', '.join(given)}, not both")
+    return read_policy_file(args.policy_file)
 
 
 def policy_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``{"method": ..., knob: value}`` for every knob flag set: one that is not the method's own is
-    an error where the policy is built."""
+    """``{"method": ..., knob: value}``: the policy file's, or every knob flag set (one that is not
+    the method's own is an error where the policy is built)."""
+    from_file = policy_file_from_args(args)
+    if from_file is not None:
+        return dict(from_file.policy)
     knobs = {k for opts in METHOD_OPTIONS.values() for k in opts}
-    return {"method": args.method, **{k: getattr(args, k) for k in sorted(knobs) if getattr(args, k, None) is not None}}
+    method = args.method or getattr(args, "default_method", "codestop")
+    return {"method": method, **{k: getattr(args, k) for k in sorted(knobs) if getattr(args, k, None) is not None}}
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    knobs = {k for opts in METHOD_OPTIONS.values() for k in opts}
-    return make_policy(args.method, **{k: getattr(args, k, None) for k in knobs})
+    options = policy_options_from_args(args)
+    return make_policy(options.pop("method"), **options)
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
