@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from codestop.analysis.calibrate import calibrate
+from codestop.analysis.calibrate import calibrate_by_drop as calibrate
 from codestop.analysis.sweep import KNOBS, Point, fixed_policy, mark_pareto, parse_range, run_policy, saving
 from codestop.figures.tradeoff import STYLE, plot_tradeoff
 from codestop.policies import make_policy

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS = {
+    "calibrate": "codestop.analysis.calibrate",
     "agenerate_question": "codestop.api",
     "generate": "codestop.api",
     "load": "codestop.api",
@@ -60,6 +61,7 @@ __all__ = [
     "agenerate_question",
     "arithmetic_mean",
     "astream",
+    "calibrate",
     "generate",
     "geometric_mean",
     "load",
@@ -69,6 +71,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from codestop.analysis.calibrate import calibrate
     from codestop.api import agenerate_question, generate, load
     from codestop.confidence import arithmetic_mean, geometric_mean, minimum, span
     from codestop.config import GenerationConfig

@@ -136,14 +136,15 @@ def test_replay_rules_on_minimal_traces(tmp_path):
     path = _write(tmp_path / "min.jsonl", MINIMAL)
     result = replay(path, CodeStop(tau=100))
     rows = {t["id"]: t for t in result["traces"]}
-    assert rows["stops"] == {"id": "stops", "stop_index": 1, "stop_reason": "confident", "correct": True, "reasoning_tokens": 30,
-                             "cost_tokens": 37}
-    # never stops, no final answer: scored by the last probe, reasoning tokens = its position
-    assert rows["never"] == {"id": "never", "stop_index": None, "stop_reason": None, "correct": False, "reasoning_tokens": 50,
-                             "cost_tokens": 52}
+    # no final answer and no reference probe: whether the stop changed the answer is unknown
+    assert rows["stops"] == {"id": "stops", "stop_index": 1, "stop_reason": "confident", "answer": "4", "correct": True,
+                             "changed": None, "reasoning_tokens": 30, "cost_tokens": 37}
+    # never stops, no final answer: scored by the last probe, reasoning tokens = its position; nothing was cut
+    assert rows["never"] == {"id": "never", "stop_index": None, "stop_reason": None, "answer": "7", "correct": False,
+                             "changed": False, "reasoning_tokens": 50, "cost_tokens": 52}
     # never stops, a final answer: scored by it, reasoning tokens = the full reasoning
-    assert rows["full"] == {"id": "full", "stop_index": None, "stop_reason": None, "correct": True, "reasoning_tokens": 90,
-                            "cost_tokens": 95}
+    assert rows["full"] == {"id": "full", "stop_index": None, "stop_reason": None, "answer": None, "correct": True,
+                            "changed": False, "reasoning_tokens": 90, "cost_tokens": 95}
     s = result["summary"]
     assert s == {"n": 3, "accuracy": pytest.approx(2 / 3), "mean_reasoning_tokens": pytest.approx(170 / 3),
                  "mean_cost_tokens": pytest.approx((30 + 7 + 50 + 2 + 90 + 5) / 3)}
@@ -157,8 +158,26 @@ def test_replay_json_shape(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"summary", "traces"}
     assert set(out["summary"]) == {"n", "accuracy", "mean_reasoning_tokens", "mean_cost_tokens"}
-    assert all(set(t) == {"id", "stop_index", "stop_reason", "correct", "reasoning_tokens", "cost_tokens"} for t in out["traces"])
+    assert all(set(t) == {"id", "stop_index", "stop_reason", "answer", "correct", "changed", "reasoning_tokens", "cost_tokens"}
+               for t in out["traces"])
     assert out["traces"][0]["stop_reason"] == "threshold" and out["traces"][0]["stop_index"] == 1
+
+
+def test_replay_reports_the_answer_at_the_stop_against_the_reference():
+    probes = [{"position": 10, "confidence": 0.99, "answer": "18.0", "correct": None},
+              {"position": 20, "confidence": 0.2, "answer": "20", "correct": None}]
+    # unlabelled (a shadow trace): no gold, so correct is null; the reference is the final answer
+    shadow = trace_from_json({"id": "s", "grading": "integer", "probes": probes, "final_answer": "18",
+                              "reasoning_tokens": 40}, "x:1")
+    r = replay_trace(shadow, Deer(threshold=0.9))
+    assert (r.stop_index, r.answer, r.correct, r.changed) == (0, "18.0", None, False)  # 18.0 and 18 are one integer
+    # a reference probe, taken at the end of the full reasoning, is the reference when present
+    probed = trace_from_json({"id": "p", "grading": "integer", "probes": probes, "final_answer": "18", "reasoning_tokens": 40,
+                              "reference": {"position": 40, "confidence": 0.9, "answer": "21"}}, "x:2")
+    assert probed.reference_answer == "21" and replay_trace(probed, Deer(threshold=0.9)).changed is True
+    never = replay_trace(shadow, Vanilla())
+    assert (never.answer, never.changed, never.correct, never.reasoning_tokens) == ("18", False, None, 40)
+    assert replay([shadow], Deer(threshold=0.9))["summary"]["accuracy"] is None  # unknown, not 0
 
 
 def test_bad_traces_are_named(tmp_path, capsys):

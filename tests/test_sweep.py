@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from codestop.analysis.calibrate import calibrate, compare_to_vanilla
+from codestop.analysis.calibrate import calibrate_by_drop, compare_to_vanilla
 from codestop.analysis.statistics import clopper_pearson_upper, drop_bounds, paired_bootstrap
 from codestop.analysis.sweep import Point, mark_pareto, parse_range, run_policy, sweep
 from codestop.cli import main
@@ -77,7 +77,7 @@ def test_calibrate_finds_the_known_budget():
     # every question is right from 500 tokens on (half of them from 300): budget 500 is the cheapest
     # value with no loss, 300 loses half of the questions
     traces = _traces([500, 300] * 30)
-    result = calibrate(traces, 0.0, method="budget", values=[100, 300, 500, 700, 900], calibration_fraction=0.5, seed=1)
+    result = calibrate_by_drop(traces, 0.0, method="budget", values=[100, 300, 500, 700, 900], calibration_fraction=0.5, seed=1)
     assert result["chosen"] == 500
     assert result["n_calibration"] == 30 and result["n_held_out"] == 30
     held = result["held_out"]
@@ -86,15 +86,15 @@ def test_calibrate_finds_the_known_budget():
     assert held["drop_upper_95_exact"] == pytest.approx(1 - 0.05 ** (1 / 30), rel=1e-6)
     assert "does NOT certify" in result["statement"]  # 30 held-out questions cannot certify a 0-point drop
     # allowing a 60-point drop picks 300 (loses the 500s: half)
-    assert calibrate(traces, 0.6, method="budget", values=[100, 300, 500], seed=1)["chosen"] == 300
+    assert calibrate_by_drop(traces, 0.6, method="budget", values=[100, 300, 500], seed=1)["chosen"] == 300
 
 
 def test_calibrate_says_when_nothing_qualifies():
     traces = _traces([900] * 10)
-    result = calibrate(traces, 0.01, method="budget", values=[100, 200])
+    result = calibrate_by_drop(traces, 0.01, method="budget", values=[100, 200])
     assert result["chosen"] is None and "vanilla" in result["statement"]
     with pytest.raises(CodestopError, match="fraction"):
-        calibrate(traces, 1.5, method="budget")
+        calibrate_by_drop(traces, 1.5, method="budget")
 
 
 def test_bounds():
@@ -135,7 +135,7 @@ def test_paired_bootstrap_resamples_pairs_with_a_fixed_seed():
 def test_calibrate_reports_the_split_it_used_and_bootstrap_intervals():
     # 31 traces: round(15.5) = 16 calibration, 15 held out; the report must say 16 and 15, from the lists
     traces = _traces([500, 300] * 15 + [300])
-    result = calibrate(traces, 0.0, method="budget", values=[100, 300, 500, 700], seed=3)
+    result = calibrate_by_drop(traces, 0.0, method="budget", values=[100, 300, 500, 700], seed=3)
     assert result["n_calibration"] == len(result["calibration_ids"]) == 16
     assert result["n_held_out"] == len(result["held_out_ids"]) == result["held_out"]["n"] == 15
     assert sorted(result["calibration_ids"] + result["held_out_ids"]) == sorted(t.id for t in traces)
@@ -147,21 +147,21 @@ def test_calibrate_reports_the_split_it_used_and_bootstrap_intervals():
     assert boot == compare_to_vanilla(rows, vanilla, seed=3)
     assert boot["cost_change"]["estimate"] == pytest.approx(-500)  # budget 500 against 1000-token traces
     assert "Paired bootstrap" in result["statement"] and "mean cost -500.0 tokens" in result["statement"]
-    none = calibrate(traces, 0.0, method="budget", values=[100])  # nothing qualifies: the sizes are still said
+    none = calibrate_by_drop(traces, 0.0, method="budget", values=[100])  # nothing qualifies: the sizes are still said
     assert none["chosen"] is None and none["statement"].startswith("Split: 16 calibration and 15 held-out traces of 31")
 
 
 def test_calibrate_on_given_ids_uses_exactly_that_split():
     # a second recording of the same questions is calibrated on the first one's calibration half
     traces = _traces([500, 300] * 10)
-    first = calibrate(traces, 0.0, method="budget", values=[100, 300, 500, 700], seed=3)
-    again = calibrate(list(reversed(traces)), 0.0, method="budget", values=[100, 300, 500, 700],
+    first = calibrate_by_drop(traces, 0.0, method="budget", values=[100, 300, 500, 700], seed=3)
+    again = calibrate_by_drop(list(reversed(traces)), 0.0, method="budget", values=[100, 300, 500, 700],
                       calibration_ids=first["calibration_ids"])
     assert sorted(again["calibration_ids"]) == sorted(first["calibration_ids"])
     assert sorted(again["held_out_ids"]) == sorted(first["held_out_ids"])
     assert "(the given calibration ids)" in again["statement"]
     with pytest.raises(CodestopError, match="calibration_ids"):
-        calibrate(traces, 0.0, method="budget", values=[100], calibration_ids=["nowhere:1"])
+        calibrate_by_drop(traces, 0.0, method="budget", values=[100], calibration_ids=["nowhere:1"])
 
 
 def test_cli_sweep_writes_table_and_plot(tmp_path, capsys):

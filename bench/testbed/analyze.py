@@ -38,7 +38,8 @@ from typing import Any
 
 from scipy.stats import mannwhitneyu  # type: ignore[import-untyped]
 
-from codestop.analysis.calibrate import calibrate, compare_to_vanilla
+from codestop.analysis.calibrate import calibrate_by_drop as calibrate
+from codestop.analysis.calibrate import compare_to_vanilla
 from codestop.analysis.statistics import clopper_pearson_upper, drop_bounds, paired_bootstrap, paired_counts
 from codestop.analysis.sweep import KNOBS, Point, fixed_policy, markdown_table, parse_range, run_policy, saving, sweep
 from codestop.figures.dynamics import auroc_table, dynamics, plot_dynamics

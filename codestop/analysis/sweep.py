@@ -88,10 +88,26 @@ def run_policy(traces: Sequence[Trace], policy: Policy, cache: dict[str, list[li
     return [replay_trace(t, policy) for t in traces]
 
 
+def first_unlabelled(traces: Sequence[Trace]) -> Trace | None:
+    """The first trace with a probe or a final answer but no ``correct`` for it (no gold), or None."""
+    return next((t for t in traces if any(p.correct is None for p in t.probes)
+                 or (t.final_correct is None and t.final_answer is not None)), None)
+
+
+def require_labels(traces: Sequence[Trace], what: str) -> None:
+    """Refuse unlabelled traces for ``what``, which needs to know which answers are right."""
+    bad = first_unlabelled(traces)
+    if bad is not None:
+        raise CodestopError(
+            f"traces: {what} needs labelled traces (every probe's and the final answer's 'correct'), and trace {bad.id!r} "
+            "has none (unlabelled traces, such as the proxy's shadow traces, have no gold); "
+            "`codestop calibrate --risk changed` needs no labels")
+
+
 def mean_of(rows: Sequence[Replayed]) -> tuple[float, float, float]:
-    """(accuracy, mean reasoning tokens, mean cost tokens) of replayed rows."""
+    """(accuracy, mean reasoning tokens, mean cost tokens) of replayed rows (labelled traces)."""
     n = len(rows)
-    return sum(r.correct for r in rows) / n, sum(r.reasoning_tokens for r in rows) / n, sum(r.cost_tokens for r in rows) / n
+    return sum(bool(r.correct) for r in rows) / n, sum(r.reasoning_tokens for r in rows) / n, sum(r.cost_tokens for r in rows) / n
 
 
 def saving(cost: float, vanilla_cost: float) -> float:
@@ -128,6 +144,7 @@ def sweep(traces: Sequence[Trace], ranges: Mapping[str, Sequence[Any]], **option
     confidence) go to the methods that take them."""
     if not traces:
         raise CodestopError("traces: no traces to sweep")
+    require_labels(traces, "a sweep (accuracy against tokens)")
     cache: dict[str, list[list[Probe]]] = {}
     vanilla = run_policy(traces, make_policy("vanilla"), cache)
     points = [_point("vanilla", "", None, vanilla, vanilla)]

@@ -12,11 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from codestop.cli import demo, eval, plot, replay, run, serve, sweep
+from codestop.cli import calibrate, demo, eval, plot, replay, run, serve, sweep
 from codestop.errors import CodestopError
 
 # in the order `codestop --help` lists them
-VERBS = (run, demo, eval, replay, sweep, plot, serve)
+VERBS = (run, demo, eval, replay, sweep, calibrate, plot, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

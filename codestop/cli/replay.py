@@ -36,8 +36,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     stops: dict[str, int] = {}
     for t in result["traces"]:
         stops[t["stop_reason"] or "never"] = stops.get(t["stop_reason"] or "never", 0) + 1
+    accuracy = "unknown (unlabelled traces)" if s["accuracy"] is None else f"{s['accuracy'] * 100:.1f}%"
     print(
-        f"{policy.name} on {s['n']} traces: accuracy {s['accuracy'] * 100:.1f}%, mean reasoning tokens {s['mean_reasoning_tokens']:.0f}, "
+        f"{policy.name} on {s['n']} traces: accuracy {accuracy}, mean reasoning tokens {s['mean_reasoning_tokens']:.0f}, "
         f"mean cost tokens {s['mean_cost_tokens']:.0f} (incl. probes); stops: "
         + ", ".join(f"{k} {v}" for k, v in sorted(stops.items()))
         + f" ({(time.perf_counter() - t0) * 1000:.0f} ms)"

@@ -1,4 +1,4 @@
-"""``codestop sweep`` and ``codestop calibrate``: the trade-off on recorded traces."""
+"""``codestop sweep``: the trade-off on recorded traces (``codestop calibrate``: :mod:`codestop.cli.calibrate`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from codestop.analysis.calibrate import calibrate
 from codestop.analysis.sweep import FIXED_OPTIONS, KNOBS, markdown_table, parse_range, sweep, write_csv
 from codestop.cli.options import add_probe_interval_option
 from codestop.errors import CodestopError
@@ -63,22 +62,6 @@ def add_parser(sub: Any) -> None:
     _add_knob_options(p)
     p.set_defaults(func=cmd_sweep)
 
-    c = sub.add_parser(
-        "calibrate",
-        help="pick the knob value that stops earliest within --max-accuracy-drop, with a held-out bound",
-        description="Choose a method's knob on a calibration split of the traces so that the accuracy drop "
-        "against vanilla stays within --max-accuracy-drop, then measure it on the held-out rest.",
-    )
-    c.add_argument("traces", help="a trace file (codestop record)")
-    c.add_argument("--max-accuracy-drop", type=float, required=True, help="a fraction: 0.01 allows one point")
-    c.add_argument("--method", default="codestop", help="codestop, deer, consistency or budget")
-    c.add_argument("--calibration-fraction", type=float, default=0.5, help="share of traces used to choose (default 0.5)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
-    c.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    add_probe_interval_option(c)
-    _add_knob_options(c)
-    c.set_defaults(func=cmd_calibrate)
-
 
 def _methods(raw: Sequence[str] | None) -> list[str]:
     if not raw:
@@ -102,20 +85,3 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(markdown_table(points, only_pareto=True))
         print(f"wrote {prefix}.csv, {prefix}.md, {prefix}.png", file=sys.stderr)
     return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    traces = load_traces(args.traces, args.probe_interval)
-    knob, kind, default = KNOBS.get(args.method, ("", float, ""))
-    values = parse_range(getattr(args, knob) or default, kind, knob) if knob else None
-    result = calibrate(
-        traces, args.max_accuracy_drop, method=args.method, values=values,
-        calibration_fraction=args.calibration_fraction, seed=args.seed, **_fixed(args),
-    )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(result["statement"])
-    return 0
-
-

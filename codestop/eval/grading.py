@@ -246,3 +246,25 @@ def grade(prediction: str | None, gold: str, kind: GradeKind = "math") -> bool:
         if want is not None:  # strict: one number equal to the gold, never an expression to evaluate
             return normalize_integer(prediction) == want
     return math_equal(prediction.strip(), gold.strip())
+
+
+def same_answer(a: str | None, b: str | None, grading: str | None = None) -> bool:
+    """Whether two answers say the same thing, compared as the grader compares a prediction with its
+    gold for ``grading`` (``integer``: the same number; ``choice``: the same letter; ``math``:
+    math-verify). Two missing or empty answers are the same; one missing is not. Without a grading,
+    answers that both state one integer compare as numbers, others as text without spaces."""
+    a = (a or "").strip()
+    b = (b or "").strip()
+    if not a or not b:
+        return not a and not b
+    if grading == "choice":
+        la, lb = normalize_choice(a), normalize_choice(b)
+        if la is not None and lb is not None:
+            return la == lb
+    elif grading in ("integer", None):
+        na, nb = normalize_integer(a), normalize_integer(b)
+        if na is not None and nb is not None:
+            return na == nb
+    elif grading == "math":
+        return math_equal(a, b)
+    return _strip_latex_noise(a).replace(" ", "") == _strip_latex_noise(b).replace(" ", "")
