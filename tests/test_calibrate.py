@@ -74,14 +74,15 @@ def test_learn_then_test_controls_the_false_certification_rate():
 
 
 def test_learn_then_test_stops_at_the_first_failure():
-    # candidate 1 (in order) fails; candidate 2 would pass but is never reached
-    loss = np.zeros((3, 100), dtype=bool)
-    loss[1, :50] = True
-    cost = np.array([[90.0] * 100, [50.0] * 100, [10.0] * 100])
-    ordering, testing = np.arange(0), np.arange(100)
-    res = learn_then_test(loss, cost, np.full(100, 100.0), ordering, testing, max_risk=0.05, alpha=0.05)
-    assert res.order == [0, 1, 2] and res.n_certified == 1 and res.n_tested == 2 and res.chosen == 0
-    assert res.p_values[0] == pytest.approx(0.95 ** 100) and res.p_values[1] > 0.99
+    # in order: 0 passes, 1 fails, 2 would pass but is never reached; 3 costs more than vanilla: never tested
+    loss = np.zeros((4, 200), dtype=bool)
+    loss[1, 50:125] = True  # no loss on the ordering part (columns 0-49), half of the testing part
+    cost = np.array([[90.0] * 200, [50.0] * 200, [10.0] * 200, [120.0] * 200])
+    ordering, testing = np.arange(50), np.arange(50, 200)
+    res = learn_then_test(loss, cost, np.full(200, 100.0), ordering, testing, max_risk=0.05, alpha=0.05)
+    assert res.order == [0, 1, 2] and res.skipped == [3]
+    assert res.n_certified == 1 and res.n_tested == 2 and res.chosen == 0
+    assert res.p_values[0] == pytest.approx(0.95 ** 150) and res.p_values[1] > 0.99 and res.p_values[2] < 0.05
 
 
 def _ladder_trace(i: int, right_from: int, labelled: bool = True) -> dict:

@@ -116,6 +116,14 @@ def _report(out: Outcomes, ltt: LttResult, risk: str, max_risk: float, alpha: fl
             "tested": rank < ltt.n_tested, "certified": rank < ltt.n_certified,
             "mean_cost_tokens": mean_cost, "saving": 1 - mean_cost / vanilla_mean if vanilla_mean else 0.0,
         })
+    for i in ltt.skipped:  # saved nothing on the ordering part: never tested
+        mean_cost = float(out.cost[i].mean())
+        tested.append({
+            "rank": None, "label": candidate_label(out.candidates[i]), "policy": out.candidates[i],
+            "ordering_risk": float(ltt.ordering_risk[i]), "testing_losses": int(ltt.testing_losses[i]),
+            "testing_risk": float(ltt.testing_losses[i] / n_testing), "p_value": None, "tested": False, "certified": False,
+            "mean_cost_tokens": mean_cost, "saving": 1 - mean_cost / vanilla_mean if vanilla_mean else 0.0,
+        })
     n_min = min_certifiable_n(max_risk, alpha)
     chosen_i = ltt.chosen
     policy = out.candidates[chosen_i] if chosen_i is not None else {"method": "vanilla"}
@@ -150,9 +158,10 @@ def _report(out: Outcomes, ltt: LttResult, risk: str, max_risk: float, alpha: fl
 def _statement(out: Outcomes, ltt: LttResult, tested: list[dict[str, Any]], chosen: dict[str, Any], risk: str,
                max_risk: float, alpha: float, n_ordering: int, n_testing: int, n_min: int, ordering_fraction: float) -> str:
     n = n_ordering + n_testing
-    how = (f"Learn-then-Test: {n_ordering} of the {n} calibration traces ordered {len(out.candidates)} candidate settings "
-           f"from cautious to aggressive, and exact binomial tests on the other {n_testing} certified the first "
-           f"{ltt.n_certified} in that order (p <= {alpha:g}; the walk stops at the first p above it).")
+    how = (f"Learn-then-Test: {n_ordering} of the {n} calibration traces ordered the {len(ltt.order)} of "
+           f"{len(out.candidates)} candidate settings that saved tokens on them from cautious to aggressive, and exact "
+           f"binomial tests on the other {n_testing} certified the first {ltt.n_certified} in that order "
+           f"(p <= {alpha:g}; the walk stops at the first p above it).")
     s = chosen["saving"]
     interval = (f" (95% bootstrap interval {_pct(s['low'])} to {_pct(s['high'])})"
                 if s["low"] is not None and s["method"] != "degenerate" else "")
@@ -173,6 +182,9 @@ def _statement(out: Outcomes, ltt: LttResult, tested: list[dict[str, Any]], chos
     if ltt.n_certified:
         return (f"No setting is chosen: {ltt.n_certified} are certified, but none costs less than running without "
                 f"stopping on these traces. Run without stopping (vanilla: it never cuts an answer, risk 0). " + how)
+    if not ltt.order:
+        return (f"No setting is certified: none of the {len(out.candidates)} candidates saved tokens on the {n_ordering} "
+                "ordering traces. Run without stopping (vanilla: it never cuts an answer, risk 0).")
     first = tested[0]
     need = n_min
     total = math.ceil(need / (1 - ordering_fraction))

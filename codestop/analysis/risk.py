@@ -9,7 +9,8 @@ Jordan, Lei, "Learn then Test", 2021), in four parts:
 * :func:`outcomes`: every candidate replayed once on every trace, kept as 0/1 and token matrices
   (the loss of each risk, the cost), so that choosing on any subset of the traces is array work;
 * :func:`learn_then_test`: order the candidates from cautious to aggressive on one part of the
-  traces (empirical risk, then cost, on that part), then walk that order on the other part with exact
+  traces (empirical risk, then cost, on that part; those that save nothing there are left out),
+  then walk that order on the other part with exact
   binomial p-values, P(Binomial(n, max_risk) <= losses), certifying while p <= alpha and stopping at
   the first candidate that is not. Fixed-sequence testing controls the family-wise error, so every
   certified candidate has risk <= max_risk, together, with probability >= 1 - alpha over the draw of
@@ -192,13 +193,14 @@ def min_certifiable_n(max_risk: float, alpha: float) -> int:
 
 @dataclass(frozen=True)
 class LttResult:
-    """One Learn-then-Test run: ``order`` (candidate indices, cautious first), per candidate
-    (indexed like the candidates) its ordering-part risk, testing-part losses and p-value;
-    ``n_tested`` (how far the walk went: the certified ones and the first failure) and
-    ``n_certified`` (the first ``n_certified`` of ``order``), and ``chosen`` (a candidate index; None:
-    vanilla)."""
+    """One Learn-then-Test run: ``order`` (the candidate indices tested, cautious first) and
+    ``skipped`` (those that saved nothing on the ordering part, never tested); per candidate (indexed
+    like the candidates) its ordering-part risk, testing-part losses and p-value; ``n_tested`` (how
+    far the walk went: the certified ones and the first failure), ``n_certified`` (the first
+    ``n_certified`` of ``order``), and ``chosen`` (a candidate index; None: vanilla)."""
 
     order: list[int]
+    skipped: list[int]
     ordering_risk: np.ndarray
     testing_losses: np.ndarray
     p_values: np.ndarray
@@ -211,21 +213,27 @@ def learn_then_test(
     loss: np.ndarray, cost: np.ndarray, vanilla_cost: np.ndarray, ordering: np.ndarray, testing: np.ndarray,
     *, max_risk: float, alpha: float,
 ) -> LttResult:
-    """Learn-then-Test on the columns ``ordering`` and ``testing`` (index arrays, disjoint) of the
-    ``loss`` and ``cost`` matrices: order on the first, fixed-sequence binomial tests on the second,
-    then the certified candidate with the lowest mean cost on both parts together (the earliest in
-    the order among equals), provided it costs less than vanilla there; else None (vanilla)."""
+    """Learn-then-Test on the columns ``ordering`` and ``testing`` (index arrays, disjoint draws) of
+    the ``loss`` and ``cost`` matrices. On the ordering part: drop the candidates that cost at least
+    what vanilla costs there (they could only end the walk early), and order the rest cautious
+    first (the lowest risk, then the highest cost). On the testing part: fixed-sequence binomial
+    tests in that order. Chosen: the certified candidate with the lowest mean cost on both parts
+    together (the earliest in the order among equals), provided it costs less than vanilla there;
+    else None (vanilla). Which candidates are tested, and in which order, depends on the ordering
+    part alone: that is what keeps the family-wise error at alpha."""
     import numpy as np
     from scipy.stats import binom
 
-    ordering_risk = loss[:, ordering].mean(axis=1) if len(ordering) else np.zeros(loss.shape[0])
-    ordering_cost = cost[:, ordering].mean(axis=1) if len(ordering) else np.zeros(loss.shape[0])
-    # cautious first: the lowest risk on the ordering part, and among equal risks the costliest
-    order = [int(i) for i in np.lexsort((-ordering_cost, ordering_risk))]
+    ordering_risk = loss[:, ordering].mean(axis=1)
+    ordering_cost = cost[:, ordering].mean(axis=1)
+    saves = ordering_cost < vanilla_cost[ordering].mean()
+    ranked = [int(i) for i in np.lexsort((-ordering_cost, ordering_risk))]
+    order = [i for i in ranked if saves[i]]
+    skipped = [i for i in ranked if not saves[i]]
     losses = loss[:, testing].sum(axis=1)
     p_values = binom.cdf(losses, len(testing), max_risk)
     passed = p_values[order] <= alpha
-    n_certified = int(np.argmin(passed)) if not passed.all() else len(order)
+    n_certified = len(order) if passed.all() else int(np.argmin(passed))
     n_tested = min(n_certified + 1, len(order))
     chosen = None
     if n_certified:
@@ -235,7 +243,7 @@ def learn_then_test(
         best = int(np.argmin(mean_cost))  # argmin: the first, i.e. the most cautious, among equals
         if mean_cost[best] < vanilla_cost[both].mean():
             chosen = certified[best]
-    return LttResult(order, ordering_risk, losses, p_values, n_tested, n_certified, chosen)
+    return LttResult(order, skipped, ordering_risk, losses, p_values, n_tested, n_certified, chosen)
 
 
 def split(n: int, ordering_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
