@@ -129,7 +129,7 @@ def test_calibrate_refuses_and_says_how_many_traces_it_would_take():
     assert result["min_n_testing"] == 149 and result["chosen"]["saving"]["estimate"] == 0.0
     st = result["statement"]
     assert st.startswith("No setting is certified") and "at least 149 testing traces" in st
-    assert f"{math.ceil(149 / 0.7)} calibration traces" in st and "these gave 28" in st
+    assert f"{math.ceil(149 / 0.7)} calibration traces" in st and "these 28 could not certify it whatever they showed" in st
     for bad in ({"max_risk": 0.0}, {"max_risk": 1.0}, {"alpha": 1.5}, {"ordering_fraction": 1.0}):
         with pytest.raises(CodestopError, match="strictly between 0 and 1"):
             calibrate(traces, **{"max_risk": 0.1, "alpha": 0.1, **bad})
@@ -147,6 +147,16 @@ def test_unlabelled_traces_calibrate_changed_and_refuse_lost(tmp_path):
     with pytest.raises(CodestopError, match="risk 'lost' needs labelled traces"):
         calibrate(path, risk="lost", max_risk=0.05, alpha=0.05, candidates=BUDGETS)
     assert main(["calibrate", str(path), "--risk", "lost", "--max-risk", "0.05"]) == 2
+    # what needs to know the right answers says so, rather than counting unknown as wrong
+    from codestop.analysis.calibrate import calibrate_by_drop
+    from codestop.analysis.sweep import sweep
+    from codestop.traces import load_traces
+
+    traces = load_traces(path)
+    with pytest.raises(CodestopError, match="needs labelled traces"):
+        sweep(traces, {"budget": [500]})
+    with pytest.raises(CodestopError, match="needs labelled traces"):
+        calibrate_by_drop(traces, 0.01, method="budget", values=[500])
 
 
 def test_the_default_grid_spans_methods_and_the_ceiling():

@@ -158,44 +158,40 @@ def _report(out: Outcomes, ltt: LttResult, risk: str, max_risk: float, alpha: fl
 def _statement(out: Outcomes, ltt: LttResult, tested: list[dict[str, Any]], chosen: dict[str, Any], risk: str,
                max_risk: float, alpha: float, n_ordering: int, n_testing: int, n_min: int, ordering_fraction: float) -> str:
     n = n_ordering + n_testing
+    certified = f"certified the first {ltt.n_certified} in that order" if ltt.n_certified else "certified none"
     how = (f"Learn-then-Test: {n_ordering} of the {n} calibration traces ordered the {len(ltt.order)} of "
            f"{len(out.candidates)} candidate settings that saved tokens on them from cautious to aggressive, and exact "
-           f"binomial tests on the other {n_testing} certified the first {ltt.n_certified} in that order "
-           f"(p <= {alpha:g}; the walk stops at the first p above it).")
+           f"binomial tests on the other {n_testing} {certified} (p <= {alpha:g}; the walk stops at the first p above it).")
+    vanilla = "Run without stopping (vanilla: it never cuts an answer, risk 0)."
     s = chosen["saving"]
-    interval = (f" (95% bootstrap interval {_pct(s['low'])} to {_pct(s['high'])})"
-                if s["low"] is not None and s["method"] != "degenerate" else "")
-    if "net_accuracy_drop" in chosen:
-        observed = (f" Reported, not certified: net accuracy drop {chosen['net_accuracy_drop'] * 100:+.1f} pts "
-                    f"({chosen['lost']} lost, {chosen['gained']} gained of {n}).")
-    else:
-        observed = " The traces are unlabelled: no accuracy is known."
     if ltt.chosen is not None:
-        label = chosen["label"]
+        interval = (f" (95% bootstrap interval {_pct(s['low'])} to {_pct(s['high'])})"
+                    if s["low"] is not None and s["method"] != "degenerate" else "")
+        observed = (f" Reported, not certified: net accuracy drop {chosen['net_accuracy_drop'] * 100:+.1f} pts "
+                    f"({chosen['lost']} lost, {chosen['gained']} gained of {n})." if "net_accuracy_drop" in chosen
+                    else " The traces are unlabelled: no accuracy is known.")
         return (
-            f"With probability at least {1 - alpha:g} over the draw of these {n} calibration traces, {label} "
+            f"With probability at least {1 - alpha:g} over the draw of these {n} calibration traces, {chosen['label']} "
             f"{WHAT_RISK_MEANS[risk]} on at most {_pct(max_risk)} of questions like them (traffic exchangeable with "
-            f"them: the same model, sampling, prompt, step boundaries and token cap). " + how +
-            f" The most saving certified setting is chosen: it saves {_pct(s['estimate'])} of vanilla's cost tokens on "
-            f"the calibration traces{interval}, with {_pct(chosen['risk_observed'])} {risk} there." + observed
+            f"them: the same model, sampling, prompt, step boundaries and token cap). {how} The most saving certified "
+            f"setting is chosen: it saves {_pct(s['estimate'])} of vanilla's cost tokens on the calibration "
+            f"traces{interval}, with {_pct(chosen['risk_observed'])} {risk} there.{observed}"
         )
     if ltt.n_certified:
         return (f"No setting is chosen: {ltt.n_certified} are certified, but none costs less than running without "
-                f"stopping on these traces. Run without stopping (vanilla: it never cuts an answer, risk 0). " + how)
+                f"stopping on these traces. {vanilla} {how}")
     if not ltt.order:
         return (f"No setting is certified: none of the {len(out.candidates)} candidates saved tokens on the {n_ordering} "
-                "ordering traces. Run without stopping (vanilla: it never cuts an answer, risk 0).")
+                f"ordering traces. {vanilla}")
     first = tested[0]
-    need = n_min
-    total = math.ceil(need / (1 - ordering_fraction))
-    return (
-        f"No setting is certified: the most cautious candidate in the order, {first['label']}, had "
-        f"{first['testing_losses']} {risk} of {n_testing} testing traces (p = {first['p_value']:.3g} > {alpha:g}). "
-        f"Run without stopping (vanilla: it never cuts an answer, risk 0). Even with no {risk} answer at all, "
-        f"certifying {_pct(max_risk)} at alpha {alpha:g} needs at least {need} testing traces (the least n with "
-        f"(1 - {max_risk:g})^n <= {alpha:g}), i.e. {total} calibration traces at ordering fraction {ordering_fraction:g}; "
-        f"these gave {n_testing}. " + how.replace(f"certified the first {ltt.n_certified} in that order", "certified none")
-    )
+    least = (f"Even with no {risk} answer at all, certifying {_pct(max_risk)} at alpha {alpha:g} takes at least {n_min} "
+             f"testing traces (the least n with (1 - {max_risk:g})^n <= {alpha:g}), i.e. "
+             f"{math.ceil(n_min / (1 - ordering_fraction))} calibration traces at ordering fraction {ordering_fraction:g}")
+    least += (f"; these {n_testing} could not certify it whatever they showed." if n_testing < n_min else
+              f"; these {n_testing} are enough if fewer answers are {risk}.")
+    return (f"No setting is certified: the most cautious candidate in the order, {first['label']}, had "
+            f"{first['testing_losses']} {risk} of {n_testing} testing traces (p = {first['p_value']:.3g} > {alpha:g}). "
+            f"{vanilla} {least} {how}")
 
 
 def format_report(result: Mapping[str, Any], top: int = 12) -> str:

@@ -108,7 +108,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(format_report(result), end="")
     if args.out:
-        print(f"wrote {args.out}", file=sys.stderr)
+        what = "" if result["chosen"]["certified"] else " (vanilla: nothing certified)"
+        print(f"wrote {args.out}{what}", file=sys.stderr)
     return 0
 
 
