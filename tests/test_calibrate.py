@@ -172,6 +172,11 @@ def test_the_default_grid_spans_methods_and_the_ceiling():
                                                                      (4.0, 0.9, "reference"), (4.0, 1.0, "reference")]
     with pytest.raises(CodestopError, match="no knob"):
         candidate_grid(["vanilla"])
+    with pytest.raises(CodestopError, match="tau: a range for a knob none of the methods"):
+        candidate_grid(["deer"], {"tau": [2.0]})
+    with pytest.raises(CodestopError, match="candidates"):
+        calibrate([trace_from_json(_ladder_trace(i, 500), f"x:{i}") for i in range(4)], max_risk=0.1, alpha=0.1,
+                  candidates=[{"method": "deer", "tau": 3}])
 
 
 def test_outcomes_on_the_committed_testbed_agree_with_replay():

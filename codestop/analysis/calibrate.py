@@ -27,6 +27,7 @@ from codestop.analysis.risk import (
     Outcomes,
     candidate_grid,
     candidate_label,
+    checked_policy,
     learn_then_test,
     min_certifiable_n,
     outcomes,
@@ -88,7 +89,7 @@ def calibrate(
     if len(traces) < 2:
         raise CodestopError(f"traces: {len(traces)} trace(s): calibration needs at least 2 (one to order the "
                             "candidates, one to test them), and far more to certify anything")
-    cands = candidate_grid() if candidates is None else [dict(c) for c in candidates]
+    cands = candidate_grid() if candidates is None else [checked_policy(c) for c in candidates]
     if not cands:
         raise CodestopError("candidates: no candidate to calibrate")
     out = outcomes(traces, cands)

@@ -55,6 +55,15 @@ def full_policy(policy: Policy) -> dict[str, Any]:
     return {"method": policy.name, **{k: getattr(policy, k) for k in METHOD_OPTIONS[policy.name]}}
 
 
+def checked_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """A candidate given as ``{"method": ..., knob: value}``, checked and with all its knobs written out."""
+    options = {k: v for k, v in policy.items() if k != "method"}
+    try:
+        return full_policy(make_policy(str(policy.get("method")), **options))
+    except (ParameterError, ValueError, TypeError) as err:
+        raise CodestopError(f"candidates: {dict(policy)!r}: {err}") from None
+
+
 def candidate_label(policy: Mapping[str, Any]) -> str:
     """``codestop tau=4 r_min=0.9 r_max=0.99``: the method and its grid knobs."""
     method = str(policy["method"])
@@ -75,11 +84,15 @@ def candidate_grid(
 
     ranges = dict(ranges or {})
     fixed = dict(fixed or {})
+    unknown = [m for m in methods if m not in GRID_KNOBS]
+    if unknown:
+        raise CodestopError(f"method: {unknown[0]!r} has no knob to calibrate; choose from {', '.join(GRID_KNOBS)}")
+    unused = sorted(set(ranges) - {k for m in methods for k in GRID_KNOBS[m]})
+    if unused:
+        raise CodestopError(f"{unused[0]}: a range for a knob none of the methods ({', '.join(methods)}) has")
     out: list[dict[str, Any]] = []
     seen: set[tuple[Any, ...]] = set()
     for method in methods:
-        if method not in GRID_KNOBS:
-            raise CodestopError(f"method: {method!r} has no knob to calibrate; choose from {', '.join(GRID_KNOBS)}")
         knobs = GRID_KNOBS[method]
         values = []
         for knob in knobs:
@@ -93,10 +106,7 @@ def candidate_grid(
             given = dict(zip(knobs, combo))
             if method == "codestop" and given["r_min"] > given["r_max"]:
                 continue
-            try:
-                policy = full_policy(make_policy(method, **given, **extra))
-            except (ParameterError, ValueError) as err:
-                raise CodestopError(f"candidates: {err}") from None
+            policy = checked_policy({"method": method, **given, **extra})
             key = tuple(sorted(policy.items()))
             if key not in seen:
                 seen.add(key)
