@@ -262,6 +262,14 @@ def mean_row(benchmarks: dict[str, Any]) -> dict[str, Any] | None:
     return {"label": label, "complete": complete, "traces": sum(b["traces"] for b in benchmarks.values()), "methods": methods}
 
 
+def vllm_command(args: argparse.Namespace, model: str, port: int) -> list[str]:
+    """The `vllm serve` command this run starts: a context of the budget plus room for the prompt."""
+    return serve_command(args.vllm_command, model, port=port,
+                         max_model_len=args.max_model_len or args.max_reasoning_tokens + PROMPT_ALLOWANCE,
+                         gpu_memory_utilization=args.gpu_memory_utilization, stream_interval=args.stream_interval,
+                         extra=args.vllm_args)
+
+
 def run(args: argparse.Namespace) -> int:
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
@@ -290,10 +298,7 @@ def run(args: argparse.Namespace) -> int:
             check_vllm(args.vllm_command)
             found = check_gpu()
             port = free_port()
-            command = serve_command(args.vllm_command, model, port=port,
-                                    max_model_len=args.max_model_len or args.max_reasoning_tokens + PROMPT_ALLOWANCE,
-                                    gpu_memory_utilization=args.gpu_memory_utilization, stream_interval=args.stream_interval,
-                                    extra=args.vllm_args)
+            command = vllm_command(args, model, port)
             server = VllmProcess(command, port, out / "vllm.log")
             say(f"starting vLLM on {found[0]}{f' (+{len(found) - 1} more)' if len(found) > 1 else ''}: {' '.join(command)}")
             say(f"ready in {server.start(args.start_timeout, say):.0f} s")
