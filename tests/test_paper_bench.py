@@ -131,6 +131,10 @@ def test_table_sets_its_figures_beside_the_papers(first_run):
     assert "| Qwen3-4B | 78.4 / 8,344 | 77.4 / 6,176 | 76.9 / 5,865 (cost 5,960) |" in table
     assert "| Llama-3.1-Nemotron-Nano-8B | 73.2 / 5,729 | 72.0 / 4,736 | 71.3 / 4,531 |" in table
     assert "The paper reports no figures for smollm2" in table
+    timed = json.loads((out / "recording.json").read_text())
+    assert {b: t["traces"] for b, t in timed.items()} == {b: 2 * n for b, n in ROLLOUTS.items()}
+    assert all(t["generated_tokens"] >= t["traces"] for t in timed.values())
+    assert f"GSM8K 2 traces in {timed['gsm8k']['seconds']:,.0f} s" in table
     # progress on stderr, no traceback
     assert "[paper] GSM8K: 2 traces; 2 recorded now" in done.stderr
     assert "[paper] AIME 2025: 4 traces; 4 recorded now" in done.stderr
@@ -162,6 +166,9 @@ def test_resumes_what_is_recorded(first_run, vllm_url, tmp_path):
     assert "[paper] GSM8K: 2 traces; 1 recorded now" in resumed.stderr
     assert {p: p.read_bytes() for p in before if p != gsm8k} == {p: b for p, b in before.items() if p != gsm8k}
     assert json.loads((out / "results.json").read_text())["benchmarks"]["gsm8k"]["traces"] == 2
+    # what recording took is summed over the invocations that recorded: 2 traces, then 1
+    timed = json.loads((out / "recording.json").read_text())["gsm8k"]
+    assert timed["traces"] == 3 and timed["seconds"] > 0
 
 
 def test_a_missing_data_file_is_named_before_anything_starts(tmp_path):

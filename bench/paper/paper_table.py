@@ -141,6 +141,12 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(note)
     else:
         out.append(f"The paper reports no figures for {model}; its Table 1 below is for the four models it ran.")
+    timed = [(BENCHMARK_LABELS.get(b, b), v["recording"]) for b, v in results["benchmarks"].items()
+             if (v.get("recording") or {}).get("traces")]
+    if timed:
+        out.append("Recording took (measured here, summed over the invocations that recorded): " + "; ".join(
+            f"{label} {t['traces']} traces in {t['seconds']:,.0f} s ({t['tokens_per_second'] or 0:,.0f} generated tokens/s)"
+            for label, t in timed) + ".")
     out += ["", f"## The paper's Table 1 ({PAPER}; accuracy % / mean tokens, the mean over its four benchmarks)", ""]
     out += paper_table1()
     for line in results.get("caveats", []):

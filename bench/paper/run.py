@@ -17,8 +17,9 @@
 
 Re-running the same command resumes: questions already recorded are skipped (a half-written last
 line is redone), and the tables are rebuilt from every trace. Progress goes to stderr, the table to
-stdout. ``--data-dir`` holds the benchmark files under their usual names (see DATA_FILES); without
-it they load from the Hugging Face hub (GPQA is gated there).
+stdout (``$CODESTOP_PAPER_PROGRESS_S``: seconds between progress lines, default 30). ``--data-dir``
+holds the benchmark files under their usual names (see DATA_FILES); without it they load from the
+Hugging Face hub (GPQA is gated there).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -194,18 +196,30 @@ def record_benchmark(engine: Engine, args: argparse.Namespace, bench: str, data:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    pool = ThreadPoolExecutor(max_workers=len(paths))
     try:
-        with ThreadPoolExecutor(max_workers=len(paths)) as pool:
-            return list(pool.map(one, range(len(paths))))
+        return list(pool.map(one, range(len(paths))))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: do not wait for the rollouts in flight
+        raise
     finally:
         done.set()
+        pool.shutdown(wait=False)
 
 
 def record_all(engine: Engine, args: argparse.Namespace, out: Path, files: dict[str, str | None],
                rollouts: dict[str, int], generation: GenerationConfig) -> dict[str, Any]:
-    """Record every benchmark's rollouts (resuming what is there); returns what this session
-    recorded per benchmark: traces, generated tokens, seconds."""
-    timing: dict[str, Any] = {}
+    """Record every benchmark's rollouts (resuming what is there). What recording took is summed
+    over every invocation in ``recording.json`` (the wall seconds of the ones that recorded, and the
+    traces and tokens they generated; a killed invocation's are lost, its traces kept), so the
+    tokens/s it reports is measured on this machine; returns that, per benchmark."""
+    log_path = out / "recording.json"
+    totals: dict[str, Any] = {}
+    if log_path.exists():
+        try:
+            totals = json.loads(log_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            say(f"{log_path} unreadable ({err}); the recording times start again from here")
     for bench, data in files.items():
         paths = [trace_path(out, bench, r) for r in range(rollouts[bench])]
         before = {(r, str(rec.get("id"))) for r, path in enumerate(paths) if path.exists() for rec in read_jsonl(path, repair=True)}
@@ -216,12 +230,16 @@ def record_all(engine: Engine, args: argparse.Namespace, out: Path, files: dict[
         seconds = time.perf_counter() - t0
         fresh = [t for r, traces in enumerate(recorded) for t in traces if (r, str(t.get("id"))) not in before]
         tokens = sum(generated(t) for t in fresh)
-        rate = tokens / seconds if fresh and seconds > 0 else None
         say(f"{BENCHMARK_LABELS[bench]}: {sum(map(len, recorded))} traces; {len(fresh)} recorded now in {seconds:.0f} s"
-            + (f", {rate:,.0f} generated tokens/s" if rate else ""))
-        timing[bench] = {"traces": len(fresh), "generated_tokens": tokens, "seconds": round(seconds, 1) if fresh else 0.0,
-                         "tokens_per_second": round(rate, 1) if rate else None}
-    return timing
+            + (f", {tokens / seconds:,.0f} generated tokens/s" if fresh and seconds > 0 else ""))
+        if fresh:
+            total = totals.setdefault(bench, {"traces": 0, "generated_tokens": 0, "seconds": 0.0})
+            total["traces"] += len(fresh)
+            total["generated_tokens"] += tokens
+            total["seconds"] = round(total["seconds"] + seconds, 1)
+            total["tokens_per_second"] = round(total["generated_tokens"] / total["seconds"], 1) if total["seconds"] else None
+            log_path.write_text(json.dumps(totals, indent=2) + "\n", encoding="utf-8")
+    return totals
 
 
 def replay_benchmark(traces: Sequence[Trace], chosen: dict[str, Policy]) -> dict[str, Any]:
@@ -330,7 +348,7 @@ def build_results(args: argparse.Namespace, model: str, engine_name: str, out: P
         figures = replay_benchmark(traces, policies(taus[bench], args.deer_threshold))
         per[bench] = {"traces": len(traces), "rollouts": rollouts[bench], "questions": len({t.id for t in traces}),
                       "tau": taus[bench], "files": [str(trace_path(out, bench, r)) for r in range(rollouts[bench])],
-                      "recorded_this_session": timing.get(bench), "methods": figures}
+                      "recording": timing.get(bench), "methods": figures}
     sampling = f"temperature {generation.temperature}, top-p {generation.top_p}, top-k {generation.top_k}, seed {generation.seed} + rollout"
     tau_text = ", ".join(sorted({f"{v:g}" for v in taus.values()}))
     caveats = []
@@ -358,8 +376,13 @@ def build_results(args: argparse.Namespace, model: str, engine_name: str, out: P
     }
 
 
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the vLLM this run started is stopped on the way out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         return run(args)
     except (CodestopError, ValueError) as err:
