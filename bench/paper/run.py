@@ -145,6 +145,18 @@ def data_files(data_dir: str | None, benchmarks: Sequence[str]) -> dict[str, str
     return {b: str(root / DATA_FILES[b]) for b in benchmarks}
 
 
+def count_questions(files: dict[str, str | None], limit: int | None) -> dict[str, int]:
+    """Every benchmark's questions, read now (from the files or the hub), so that a file that does
+    not parse or a hub that cannot be reached fails before vLLM starts, not hours later."""
+    counts: dict[str, int] = {}
+    for bench, data in files.items():
+        try:
+            counts[bench] = len(load_examples(bench, data, limit))
+        except CodestopError as err:
+            raise CodestopError(str(err).replace("--data PATH", "--data-dir DIR")) from None
+    return counts
+
+
 def policies(tau: float, deer_threshold: float) -> dict[str, Policy]:
     """The paper's settings: DEER's exit threshold; CoDE-Stop's delta 0.55, r_max 0.95 and the
     reference code's tuned ramp (r_min 0.9, 2 steps), which are codestop's defaults."""
@@ -174,12 +186,12 @@ def count_lines(paths: Sequence[Path]) -> int:
 
 
 def record_benchmark(engine: Engine, args: argparse.Namespace, bench: str, data: str | None, paths: Sequence[Path],
-                     generation: GenerationConfig) -> list[list[dict[str, Any]]]:
+                     generation: GenerationConfig, questions: int) -> list[list[dict[str, Any]]]:
     """Record the rollouts of one benchmark at once, each in its own thread (each ``record`` runs
     its own event loop), sharing ``--concurrency`` between them: one rollout of AIME's 30 questions
     alone would leave most of a GPU's batch empty. Progress: the trace files' lines, every 30 s."""
     share = max(1, -(-args.concurrency // len(paths)))
-    total = len(paths) * len(load_examples(bench, data, args.limit))
+    total = len(paths) * questions
     done = threading.Event()
 
     def watch() -> None:
@@ -208,7 +220,7 @@ def record_benchmark(engine: Engine, args: argparse.Namespace, bench: str, data:
 
 
 def record_all(engine: Engine, args: argparse.Namespace, out: Path, files: dict[str, str | None],
-               rollouts: dict[str, int], generation: GenerationConfig) -> dict[str, Any]:
+               rollouts: dict[str, int], generation: GenerationConfig, questions: dict[str, int]) -> dict[str, Any]:
     """Record every benchmark's rollouts (resuming what is there). What recording took is summed
     over every invocation in ``recording.json`` (the wall seconds of the ones that recorded, and the
     traces and tokens they generated; a killed invocation's are lost, its traces kept), so the
@@ -226,7 +238,7 @@ def record_all(engine: Engine, args: argparse.Namespace, out: Path, files: dict[
         say(f"{BENCHMARK_LABELS[bench]}: {len(paths)} rollout(s) -> {paths[0].parent}/{bench}.r*.jsonl"
             + (f" (resuming: {len(before)} traces there)" if before else ""))
         t0 = time.perf_counter()
-        recorded = record_benchmark(engine, args, bench, data, paths, generation)
+        recorded = record_benchmark(engine, args, bench, data, paths, generation, questions[bench])
         seconds = time.perf_counter() - t0
         fresh = [t for r, traces in enumerate(recorded) for t in traces if (r, str(t.get("id"))) not in before]
         tokens = sum(generated(t) for t in fresh)
@@ -302,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
     generation = GenerationConfig(max_reasoning_tokens=args.max_reasoning_tokens, probe_interval=1, boundaries=tuple(args.boundaries),
                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     files = data_files(args.data_dir, benchmarks)
+    questions = count_questions(files, args.limit)
     model = args.model or (None if args.base_url else DEFAULT_MODEL)
     out = Path(args.out or Path("codestop-paper") / slug(model or "server")).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -324,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         engine = load_engine(model or "", engine="server", base_url=url)
         say(f"model {engine.model_name}; benchmarks {', '.join(benchmarks)}; rollouts "
             + ", ".join(f"{b} {rollouts[b]}" for b in benchmarks))
-        timing = record_all(engine, args, out, files, rollouts, generation)
+        timing = record_all(engine, args, out, files, rollouts, generation, questions)
     finally:
         if server is not None:
             say("stopping vLLM")
