@@ -29,7 +29,7 @@ SCRIPT = ROOT / "bench" / "paper" / "run.py"
 FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(SCRIPT.parent))
 
-from paper_table import BENCHMARK_LABELS, METHOD_LABELS, METHODS  # noqa: E402
+from paper_table import BENCHMARK_LABELS, METHOD_LABELS, METHODS, markdown, paper_model  # noqa: E402
 
 BENCHMARKS = ("gsm8k", "math500", "aime24", "aime25", "gpqa-diamond")
 ROLLOUTS = {"gsm8k": 1, "math500": 1, "aime24": 1, "aime25": 2, "gpqa-diamond": 1}  # --rollouts 1,aime25=2
@@ -139,6 +139,33 @@ def test_table_sets_its_figures_beside_the_papers(first_run):
     assert "[paper] GSM8K: 2 traces; 2 recorded now" in done.stderr
     assert "[paper] AIME 2025: 4 traces; 4 recorded now" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def row(label: str, traces: int, method: str, fig: dict) -> str:
+    return (f"| {label} | {traces} | {METHOD_LABELS[method]} | {100 * fig['accuracy']:.1f} | {fig['mean_reasoning_tokens']:,.0f} | "
+            f"{fig['mean_cost_tokens']:,.0f} | {100 * fig['saving']:.1f}% |")
+
+
+def test_the_papers_figures_stand_beside_a_model_it_ran(first_run):
+    """The same figures, as they would print for one of the paper's models: the paper's own figure
+    in the last column where it quotes one, blank where it does not."""
+    assert paper_model("Qwen/Qwen3-4B") == "Qwen3-4B" and paper_model("/models/qwen3-14b/") == "Qwen3-14B"
+    assert paper_model("nvidia/Llama-3.1-Nemotron-Nano-8B-v1") == "Llama-3.1-Nemotron-Nano-8B"
+    assert paper_model("Qwen/Qwen3-4B-Instruct-2507") is None and paper_model("smollm2") is None
+    out, _ = first_run
+    results = {**json.loads((out / "results.json").read_text()), "model": "Qwen/Qwen3-4B", "paper_model": "Qwen3-4B"}
+    table = markdown(results)
+    b = results["benchmarks"]
+    assert row("GSM8K", 2, "vanilla", b["gsm8k"]["methods"]["vanilla"]) + " 94.8 / 2,306 |" in table
+    assert row("GSM8K", 2, "codestop", b["gsm8k"]["methods"]["codestop"]) + " 94.6 / 1,233 |" in table
+    assert row("GSM8K", 2, "deer", b["gsm8k"]["methods"]["deer"]) + "  |" in table
+    mean = results["mean"]["methods"]
+    assert row("mean of the 4 benchmarks", 12, "codestop", mean["codestop"]) + " 76.9 / 5,865 |" in table
+    assert row("mean of the 4 benchmarks", 12, "vanilla", mean["vanilla"]) + " 78.4 / 8,344 |" in table
+    assert "paper (Qwen3-4B): accuracy % / tokens" in table and "about 13,400 tokens for DEER" in table
+    # a mean over fewer than the paper's four benchmarks is not set beside the paper's mean
+    partial = {**results, "mean": {**results["mean"], "complete": False, "label": "mean of the 3 benchmark groups run"}}
+    assert row("mean of the 3 benchmark groups run", 12, "vanilla", mean["vanilla"]) + "  |" in markdown(partial)
 
 
 def test_resumes_what_is_recorded(first_run, vllm_url, tmp_path):

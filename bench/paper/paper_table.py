@@ -93,10 +93,10 @@ def results_table(results: dict[str, Any]) -> list[str]:
     """This run's figures, one row per benchmark and method and the mean rows, with the paper's
     figure for the same model beside them where it has one."""
     ours = results["paper_model"]
-    head = f"paper ({ours}): accuracy % / tokens" if ours else "paper"
+    head = f" paper ({ours}): accuracy % / tokens |" if ours else ""  # no column for a model the paper did not run
     lines = [
-        f"| benchmark | traces | method | accuracy % | reasoning tokens | cost tokens | saving | {head} |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        f"| benchmark | traces | method | accuracy % | reasoning tokens | cost tokens | saving |{head}",
+        "|---|---:|---|---:|---:|---:|---:|" + ("---|" if ours else ""),
     ]
     rows: list[tuple[str, dict[str, Any], dict[str, tuple[float | None, int]]]] = []
     for name, bench in results["benchmarks"].items():
@@ -111,7 +111,8 @@ def results_table(results: dict[str, Any]) -> list[str]:
                 continue
             lines.append(
                 f"| {label} | {bench.get('traces', '')} | {METHOD_LABELS[m]} | {_pct(fig['accuracy'])} | "
-                f"{fig['mean_reasoning_tokens']:,.0f} | {fig['mean_cost_tokens']:,.0f} | {_saving(fig['saving'])} | {_cell(paper.get(m))} |"
+                f"{fig['mean_reasoning_tokens']:,.0f} | {fig['mean_cost_tokens']:,.0f} | {_saving(fig['saving'])} |"
+                + (f" {_cell(paper.get(m))} |" if ours else "")
             )
     return lines
 
