@@ -90,9 +90,12 @@ class Family:
         (thinking switched off) leaves a family that does not think."""
         family = self._switched_by(messages)
         prompt = engine.chat_template(family._with_system(messages), **family.template_kwargs)
-        if not family.thinks:
-            return family, prompt
         tail = prompt.rstrip()
+        if not family.thinks:
+            opener = FAMILIES[family.name].think_start if family.name in FAMILIES else ""
+            if opener and tail.endswith(opener):  # the conversation's own tag switched it back on
+                return family._thinking(), prompt
+            return family, prompt
         if tail.endswith(family.think_end):  # the template wrote an empty, closed block: no thinking
             return family._not_thinking(family.template_kwargs, family.system), prompt
         if not tail.endswith(family.think_start):
@@ -110,18 +113,24 @@ class Family:
         Switching off a family whose template has none is a ParameterError (it would be ignored)."""
         if self.thinking_switch == TEMPLATE_ARGUMENT:
             if enable_thinking:
-                return replace(self, template_kwargs={**self.template_kwargs, "enable_thinking": True})
+                return self._thinking(template_kwargs={**self.template_kwargs, "enable_thinking": True})
             return self._not_thinking({**self.template_kwargs, "enable_thinking": False}, self.system)
         if self.thinking_switch == SYSTEM_PROMPT:
             if enable_thinking:
-                return replace(self, system="detailed thinking on")
+                return self._thinking(system="detailed thinking on")
             return self._not_thinking(self.template_kwargs, "detailed thinking off")
         if self.thinking_switch == SYSTEM_TAG:
-            return replace(self, system="/think") if enable_thinking else self._not_thinking(self.template_kwargs, "/no_think")
+            return self._thinking(system="/think") if enable_thinking else self._not_thinking(self.template_kwargs, "/no_think")
         if enable_thinking or not self.thinks:
             return self
         raise ParameterError("enable_thinking", enable_thinking, f"cannot be honoured: the {self.name} family's chat "
                              "template has no switch to turn thinking off (Qwen3 and Nemotron have one)")
+
+    def _thinking(self, **changes: Any) -> Family:
+        """The family thinking again: its markers as the family it is named after has them."""
+        base = FAMILIES.get(self.name, self)
+        return replace(self, think_start=base.think_start, open_thinking=base.open_thinking, think_end=base.think_end,
+                       close_thinking=base.close_thinking, **changes)
 
     def _not_thinking(self, template_kwargs: dict[str, Any], system: str | None) -> Family:
         return replace(self, think_start="", open_thinking="", think_end="", close_thinking="",
@@ -132,11 +141,12 @@ class Family:
         system prompt; Qwen3's and Nemotron v2's last "/think" or "/no_think" (Nemotron v2's template
         reads the tag itself; Qwen3's model does, and rendering with enable_thinking false gives the
         empty block it would write)."""
-        if not self.thinks or not self.thinking_switch:
-            return self
         if self.thinking_switch == SYSTEM_PROMPT:
             system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-            return self.switched(False) if "detailed thinking off" in system else self
+            said = re.findall(r"detailed thinking (on|off)", system)
+            return self.switched(said[-1] == "on") if said else self
+        if not self.thinks or not self.thinking_switch:
+            return self  # the template reads a tag that turns it back on itself (see open)
         said = [m["content"] for m in messages if m["role"] in ("system", "user") and _TAG.search(m["content"])]
         if said and _TAG.findall(said[-1])[-1] == "/no_think":
             return self._not_thinking({**self.template_kwargs, "enable_thinking": False}, None)

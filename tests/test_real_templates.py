@@ -287,6 +287,15 @@ def test_a_conversation_sets_its_own_switch(engine_for):
     family, prompt = detect_family(engine).open(engine, [{"role": "system", "content": "/no_think"},
                                                          {"role": "user", "content": QUESTION}])
     assert not family.thinks and prompt.endswith("<think></think>") and prompt.count("<think>") == 1
+    # the conversation's own switch wins over the request's enable_thinking, both ways
+    engine = engine_for("nemotron-v1")
+    family, prompt = get_family(None, engine, enable_thinking=False).open(
+        engine, [{"role": "system", "content": "detailed thinking on"}, {"role": "user", "content": QUESTION}])
+    assert family.thinks and prompt.endswith(MODELS["nemotron-v1"].tail) and prompt.count("detailed thinking") == 1
+    engine = engine_for("nemotron-nano-v2")
+    family, prompt = get_family(None, engine, enable_thinking=False).open(
+        engine, [{"role": "system", "content": "/think"}, {"role": "user", "content": QUESTION}])
+    assert family.thinks and family.close_thinking == "\n</think>\n\n" and prompt.endswith(MODELS["nemotron-nano-v2"].tail)
     # Qwen3: the last /think or /no_think in the conversation wins, as the model reads it
     engine = engine_for("qwen3")
     messages = [{"role": "user", "content": "Hi /think"}, {"role": "assistant", "content": "Hello."},
@@ -308,6 +317,19 @@ def test_the_proxy_renders_a_conversation_with_its_switch(engine_for):
     assert not family.thinks and prompt.endswith("<think></think>") and "You are terse." in prompt
 
 
+def test_harmony_markup_resent_as_content_is_a_400_naming_messages(engine_for):
+    """gpt-oss's template refuses channel markup in an assistant's content (the client must send
+    the answer alone, as the proxy returns it): the proxy says so, naming ``messages``."""
+    from codestop.serve.protocol import RequestError
+    from codestop.serve.serving import render_messages
+
+    engine = engine_for("gpt-oss")
+    messages = [{"role": "user", "content": QUESTION},
+                {"role": "assistant", "content": "<|channel|>final<|message|>4"}, {"role": "user", "content": "And 3 + 3?"}]
+    with pytest.raises(RequestError, match="messages: the model's chat template cannot render them.*channel"):
+        asyncio.run(render_messages(engine, detect_family(engine), messages))
+
+
 # --------------------------------------------------------------------------------------------
 # the GGUF path: codestop's own renderer (engines/llamacpp.py) gives what transformers gives
 # --------------------------------------------------------------------------------------------
@@ -325,3 +347,17 @@ def test_the_gguf_renderer_agrees_with_transformers(engine_for, key):
         ours = template.render(messages=messages, add_generation_prompt=True, bos_token=tok.bos_token or "",
                                eos_token=tok.eos_token or "", **family.template_kwargs)
         assert ours == engine.chat_template(messages, **family.template_kwargs)
+
+
+@pytest.mark.parametrize("key", [k for k in MODELS if k != "nemotron-nano-v2"])  # (a Mamba model: slow on CPU)
+def test_a_generation_stopped_by_codestop_appends_the_familys_close(engine_for, key):
+    """Through the controller, on the tiny model: the prompt it feeds is the opened one, and a
+    stop closes the thinking with the family's close before the answer prompt."""
+    from codestop import TokenBudget, generate
+
+    engine = engine_for(key)
+    family = detect_family(engine)
+    result = generate(engine, QUESTION, TokenBudget(budget=6), temperature=0.0, answer="boxed", max_reasoning_tokens=64)
+    assert result.family == family.name and result.stop_reason == "budget"
+    assert result.tokens["prompt"] == len(engine.tokenize(family.build_prompt(engine, QUESTION)))
+    assert result.answer_text.startswith(family.close_thinking + family.answer_prompt)
