@@ -361,3 +361,26 @@ def test_a_generation_stopped_by_codestop_appends_the_familys_close(engine_for, 
     assert result.family == family.name and result.stop_reason == "budget"
     assert result.tokens["prompt"] == len(engine.tokenize(family.build_prompt(engine, QUESTION)))
     assert result.answer_text.startswith(family.close_thinking + family.answer_prompt)
+
+
+def test_the_proxy_follows_a_conversations_switch_end_to_end(engine_for):
+    """Through the proxy over the tiny model with Llama-Nemotron v1's template: a chat without a
+    system prompt thinks (codestop adds the switch), one whose system prompt says "detailed
+    thinking off" is answered without a thinking phase."""
+    from test_serve import InProcessProxy
+
+    p = InProcessProxy(engine_for("nemotron-v1"), close_engine=False)
+    try:
+        client = p.client()
+        knobs = {"codestop": {"method": "vanilla", "max_reasoning_tokens": 6}}
+        on = client.chat.completions.create(model=MODELS["nemotron-v1"].name, messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=10, temperature=0.0, extra_body=knobs)
+        assert on.usage.completion_tokens_details.reasoning_tokens == 6
+        assert (on.choices[0].message.model_extra or {}).get("reasoning_content")
+        off = client.chat.completions.create(model=MODELS["nemotron-v1"].name, max_tokens=10, temperature=0.0, extra_body=knobs,
+                                             messages=[{"role": "system", "content": "detailed thinking off"},
+                                                       {"role": "user", "content": QUESTION}])
+        assert off.usage.completion_tokens_details.reasoning_tokens == 0
+        assert not (off.choices[0].message.model_extra or {}).get("reasoning_content") and off.choices[0].message.content
+    finally:
+        p.stop()
