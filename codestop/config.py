@@ -50,7 +50,7 @@ class GenerationConfig:
     top_k: int | None = field(default=None, metadata=_flag("reasoning top-k (default: the model's)"))
     seed: int | None = field(default=None, metadata=_flag("sampling seed"))
     family: str | None = field(default=None, metadata=_flag(f"model family (default: detected): {', '.join(FAMILIES)}"))
-    enable_thinking: bool | None = field(default=None, metadata=_flag("Qwen3's thinking switch (default: on)"))
+    enable_thinking: bool | None = field(default=None, metadata=_flag("the template's thinking switch: Qwen3's, Nemotron's (default: on)"))
     answer: str = field(
         default="boxed",
         metadata=_flag('how the answer is had after a stop: "boxed" (the paper: close the thinking, force '

@@ -169,7 +169,7 @@ async def prepare(request: ChatRequest | CompletionRequest, engine: Engine, defa
     if isinstance(request, ChatRequest):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        prompt = await render_messages(engine, family, messages)
+        family, prompt = await render_messages(engine, family, messages)
     else:
         question = prompt = request.prompt
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -187,11 +187,12 @@ def check_max_tokens(request: ChatRequest | CompletionRequest, config: Generatio
                          f"prompt included) can hold; ask for fewer than {window}")
 
 
-async def render_messages(engine: Engine, family: Family, messages: list[dict[str, str]]) -> str:
-    """The conversation through the model's chat template; one the template refuses (a role or an
-    order it does not render) is a 400 naming ``messages``."""
+async def render_messages(engine: Engine, family: Family, messages: list[dict[str, str]]) -> tuple[Family, str]:
+    """The family as the conversation switches it (Family.open) and the conversation through the
+    model's chat template; one the template refuses (a role or an order it does not render) is a
+    400 naming ``messages``."""
     try:
-        return cast(str, await engine.run_tokenizer(family.render, engine, messages))
+        return cast(tuple[Family, str], await engine.run_tokenizer(family.open, engine, messages))
     except _template_errors() as err:
         raise RequestError(f"messages: the model's chat template cannot render them ({err})", "messages") from None
 
