@@ -184,6 +184,24 @@ def test_fields_still_not_honoured_keep_their_400(proxy):
     for path, body, param, code in cases:
         r = post(path, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param and r.json()["error"]["code"] == code, (body, r.text)
+    r = post("/v1/chat/completions", **chat_body, tools=TOOLS, codestop={**THINK_12, "method": "codestop", "answer_from": "best"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "codestop.answer_from", r.text  # the upstream answers from the stop
     # the upstream's own check, relayed: a named function that is not among the tools
     r = post("/v1/chat/completions", **chat_body, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
     assert r.status_code == 400 and r.json()["error"]["code"] == "upstream_rejected", r.text
+
+
+def test_an_engine_without_a_chat_endpoint_refuses_agents_requests(toy_tokenizer):
+    """In-process engines have no upstream chat endpoint to parse tool calls or enforce a format:
+    a 400 naming the field, before anything runs."""
+    from scripted import ScriptedEngine
+
+    p = InProcessProxy(ScriptedEngine(toy_tokenizer, "Step. " * 20, window=2048))
+    try:
+        for field, value in (("tools", TOOLS), ("response_format", PERSON_FORMAT)):
+            r = httpx.post(p.url + "/v1/chat/completions", json={"messages": ASK_WEATHER, field: value}, timeout=30)
+            error = r.json()["error"]
+            assert (r.status_code, error["param"], error["code"]) == (400, field, "unsupported_parameter"), r.text
+            assert "completions server upstream" in error["message"]
+    finally:
+        p.stop()

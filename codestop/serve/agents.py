@@ -27,6 +27,7 @@ import httpx
 
 from codestop.controller import Result, astream
 from codestop.engines.base import Engine
+from codestop.engines.replicas import ReplicaEngine
 from codestop.engines.server.dialects import CHAT
 from codestop.engines.server.engine import ServerEngine
 from codestop.engines.server.transport import error_message
@@ -34,21 +35,27 @@ from codestop.errors import ParameterError, ServerError
 from codestop.families import Family
 from codestop.policies import policy_options
 from codestop.serve.metrics import Metrics
-from codestop.serve.protocol import ChatRequest, RequestError, error_for
+from codestop.serve.protocol import ChatRequest, RequestError, Unsupported, error_for
 from codestop.serve.serving import Prepared, Splitter, _chunk, _sse, split_result, usage_of
 
 
-def server_of(engine: Engine, request: ChatRequest, prep: Prepared) -> ServerEngine:
-    """The completions-server engine that answers an agent's request, or a 400 saying why not."""
+def chat_upstream(engine: Engine, request: ChatRequest, prep: Prepared) -> ServerEngine:
+    """The completions server whose chat endpoint answers an agent's request (one of a replica
+    engine's: the healthy one with the fewest sessions in flight), or a 400 saying why there is none."""
+    if isinstance(engine, ReplicaEngine):
+        healthy = [r for r in engine.replicas if r.healthy] or engine.replicas
+        engine = min(healthy, key=lambda r: r.in_flight).engine
     if not isinstance(engine, ServerEngine):
-        raise RequestError(f"{_fields(request)}: an agent's request needs a completions server upstream "
-                           f"(codestop serve --base-url): its chat endpoint parses the tool calls and enforces "
-                           f"the format; this proxy runs the {engine.name} engine", _first(request))
+        first = _first(request)
+        value = request.agent_fields()[first]
+        raise Unsupported(first, [t["function"]["name"] for t in value] if first == "tools" else value,
+                          f"needs a completions server upstream (codestop serve --base-url), whose chat endpoint "
+                          f"parses tool calls and enforces formats; this proxy runs the {engine.name} engine")
     if prep.family.thinks and prep.policy.answer_from == "best":
         raise ParameterError("codestop.answer_from", "best", "is not supported with tools or response_format: the "
                              "upstream's chat endpoint answers from where the reasoning stopped")
     if "answer" in (request.codestop or {}):
-        raise ParameterError("codestop.answer", request.codestop["answer"],  # type: ignore[index]
+        raise ParameterError("codestop.answer", (request.codestop or {})["answer"],
                              "does not apply with tools or response_format: the upstream's chat endpoint answers")
     return engine
 
@@ -63,8 +70,8 @@ def _first(request: ChatRequest) -> str:
 
 async def complete(engine: Engine, request: ChatRequest, prep: Prepared, metrics: Metrics) -> dict[str, Any]:
     """A plain (not streamed) agent's answer, as OpenAI's chat completion."""
-    server = server_of(engine, request, prep)
-    reasoning = await _reasoning(server, prep) if prep.family.thinks else None
+    server = chat_upstream(engine, request, prep)
+    reasoning = await _reasoning(engine, prep) if prep.family.thinks else None
     body = _chat_body(server, request, prep, reasoning, stream=False)
     data: dict[str, Any] = {}
     if body is not None:
@@ -89,7 +96,7 @@ async def stream(engine: Engine, request: ChatRequest, prep: Prepared, metrics: 
     it runs, then the upstream's chat deltas (``content``, ``tool_calls``) relabelled as the proxy's.
     Nothing is yielded before the first delta, so a failure before it is still an HTTP error; one
     after it ends the stream with an error event."""
-    server = server_of(engine, request, prep)
+    server = chat_upstream(engine, request, prep)
     started = False
 
     def opening() -> str:
@@ -103,7 +110,7 @@ async def stream(engine: Engine, request: ChatRequest, prep: Prepared, metrics: 
         reasoning: Result | None = None
         if prep.family.thinks:
             splitter = Splitter(prep.family, True)
-            async with aclosing(astream(server, prep.question, prep.policy, prep.config, family=prep.family,
+            async with aclosing(astream(engine, prep.question, prep.policy, prep.config, family=prep.family,
                                         prompt=prep.prompt, reasoning_only=True)) as events:
                 async for item in events:
                     if isinstance(item, Result):
@@ -157,8 +164,8 @@ async def chain(head: str, rest: AsyncGenerator[str, None]) -> AsyncGenerator[st
         yield item
 
 
-async def _reasoning(server: ServerEngine, prep: Prepared) -> Result:
-    async with aclosing(astream(server, prep.question, prep.policy, prep.config, family=prep.family, prompt=prep.prompt,
+async def _reasoning(engine: Engine, prep: Prepared) -> Result:
+    async with aclosing(astream(engine, prep.question, prep.policy, prep.config, family=prep.family, prompt=prep.prompt,
                                 reasoning_only=True)) as events:
         async for item in events:
             if isinstance(item, Result):
