@@ -10,7 +10,8 @@ the call's JSON without the ``<tool_call>`` tags the hermes parser looks for, so
 name the function (``tool_choice: {"type": "function", ...}``: vLLM then constrains the arguments to
 the tool's schema). The tests that need a thinking block ask for the ``think`` family (the proxy
 opens ``<think>``) and stop it at 12 reasoning tokens, so the answer phase continues a reasoning
-codestop cut. Everything is greedy; the CPU build needs 10-30 s per request.
+codestop cut. Everything is greedy; the CPU build needs 10-30 s per request. Last, llama.cpp's
+server (the shared ``llama`` fixture, SmolLM2) for what its dialect does with agents' requests.
 """
 
 from __future__ import annotations
@@ -203,5 +204,25 @@ def test_an_engine_without_a_chat_endpoint_refuses_agents_requests(toy_tokenizer
             error = r.json()["error"]
             assert (r.status_code, error["param"], error["code"]) == (400, field, "unsupported_parameter"), r.text
             assert "completions server upstream" in error["message"]
+    finally:
+        p.stop()
+
+
+def test_llama_cpp_answers_a_plain_models_agent_request_and_refuses_to_continue_a_thinking_one(llama):
+    """llama.cpp's server (xllamacpp, SmolLM2) enforces a JSON schema in its chat endpoint; it
+    cannot continue a reasoning there (it repeats the prefilled message in its answer, and refuses a
+    prefill with a response format), so a thinking model's agent request is a 400 before it runs."""
+    p = InProcessProxy(ServerEngine.connect(llama.url + "/v1", backoff=0.05))
+    p.model = p.client().models.list().data[0].id
+    try:
+        r = chat(p, ASK_PERSON, response_format=PERSON_FORMAT, max_tokens=40)
+        person = json.loads(r.choices[0].message.content)
+        assert set(person) == {"name", "age"} and isinstance(person["name"], str) and type(person["age"]) is int
+        assert r.usage.codestop["answer_tokens"] == r.usage.completion_tokens >= 1
+
+        refused = httpx.post(p.url + "/v1/chat/completions", timeout=30, json={
+            "messages": ASK_PERSON, "response_format": PERSON_FORMAT, "codestop": {"family": "think"}})
+        error = refused.json()["error"]
+        assert (refused.status_code, error["param"]) == (400, "response_format") and "cannot continue" in error["message"], refused.text
     finally:
         p.stop()

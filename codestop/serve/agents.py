@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -51,6 +51,8 @@ def chat_upstream(engine: Engine, request: ChatRequest, prep: Prepared) -> Serve
         raise Unsupported(first, [t["function"]["name"] for t in value] if first == "tools" else value,
                           f"needs a completions server upstream (codestop serve --base-url), whose chat endpoint "
                           f"parses tool calls and enforces formats; this proxy runs the {engine.name} engine")
+    if prep.family.thinks and not engine.dialect.continues_chat:
+        raise _cannot_continue(engine, request)
     if prep.family.thinks and prep.policy.answer_from == "best":
         raise ParameterError("codestop.answer_from", "best", "is not supported with tools or response_format: the "
                              "upstream's chat endpoint answers from where the reasoning stopped")
@@ -60,8 +62,11 @@ def chat_upstream(engine: Engine, request: ChatRequest, prep: Prepared) -> Serve
     return engine
 
 
-def _fields(request: ChatRequest) -> str:
-    return ", ".join(request.agent_fields())
+def _cannot_continue(server: ServerEngine, request: ChatRequest) -> RequestError:
+    first = _first(request)
+    return RequestError(f"{first}: the upstream ({server.dialect.name}) cannot continue a thinking model's reasoning "
+                        "in its chat endpoint (vLLM and SGLang can); ask without tools and response_format, or with "
+                        "a model that does not think", first)
 
 
 def _first(request: ChatRequest) -> str:
@@ -201,40 +206,29 @@ def _chat_body(server: ServerEngine, request: ChatRequest, prep: Prepared, reaso
     messages = [m.wire() for m in request.messages]
     body = server.dialect.chat_body(server.model_name, messages, continuation(prep.family, reasoning.reasoning_text if reasoning else ""), fields)
     if body is None:
-        raise RequestError(f"{_fields(request)}: the upstream ({server.dialect.name}) cannot continue the reasoning in "
-                           "its chat endpoint (vLLM, SGLang and llama.cpp's server can); ask without them, or with "
-                           "a model that does not think", _first(request))
+        raise _cannot_continue(server, request)
     return body
 
 
-class _chat:
-    """The upstream chat request as an async context: its 200 response, or the error it is
-    (a 4xx the client's own: a 400 with the upstream's words; else a 502)."""
-
-    def __init__(self, server: ServerEngine, body: dict[str, Any]) -> None:
-        self.server, self.body = server, body
-        self.request: Any = None
-
-    async def __aenter__(self) -> httpx.Response:
-        client = self.server.transport.state().client
-        self.server.transport.stats.by_kind["chat"] = self.server.transport.stats.by_kind.get("chat", 0) + 1
-        try:
-            self.request = client.stream("POST", self.server.base_url + CHAT, json=self.body)
-            response = await self.request.__aenter__()
-        except httpx.TransportError as err:
-            raise self.server.transport.unreachable(err) from None
-        if response.status_code != 200:
-            await response.aread()
-            await self.request.__aexit__(None, None, None)
-            message = error_message(response)
-            if 400 <= response.status_code < 500 and response.status_code not in (401, 403, 404, 429):
-                raise RequestError(f"the upstream's chat endpoint refused the request: {message}", None, 400, "upstream_rejected")
-            raise ServerError(f"the upstream's chat endpoint answered {response.status_code}: {message}", 502,
-                              response.status_code)
-        return response
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.request.__aexit__(*exc)
+@asynccontextmanager
+async def _chat(server: ServerEngine, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+    """The upstream chat request's 200 response, or the error it is: a 4xx for the client's fields
+    (a named function not among the tools, a schema the server cannot compile) a 400 in the
+    upstream's words; anything else a 502."""
+    transport = server.transport
+    transport.stats.by_kind["chat"] = transport.stats.by_kind.get("chat", 0) + 1
+    try:
+        async with transport.state().client.stream("POST", server.base_url + CHAT, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                message = error_message(response)
+                if response.status_code in (400, 422):
+                    raise RequestError(f"the upstream's chat endpoint refused the request: {message}", None, 400, "upstream_rejected")
+                raise ServerError(f"the upstream's chat endpoint answered {response.status_code}: {message}", 502,
+                                  response.status_code)
+            yield response
+    except httpx.TransportError as err:
+        raise transport.unreachable(err) from None
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

@@ -33,9 +33,10 @@ a token that holds a stop string).
 Agents' requests (``tools``, ``response_format``): the answer phase goes to the server's own chat
 endpoint, continuing the reasoning so far as the final assistant message (:meth:`Dialect.chat_body`):
 vLLM's ``continue_final_message`` with ``add_generation_prompt: false`` (checked live); SGLang's
-``continue_final_message`` (source: its ChatCompletionRequest and serving_chat.py); llama.cpp's
-server continues a final assistant message by itself (its ``prefill_assistant``, on unless started
-with ``--no-prefill-assistant``; tools need ``--jinja``; source only).
+``continue_final_message`` (source: its ChatCompletionRequest and serving_chat.py). llama.cpp's
+server (xllamacpp, checked live) continues a final assistant message by itself (``prefill_assistant``)
+but repeats it in its answer's ``content``, and with a ``response_format`` refuses it ("Failed to
+initialize samplers"): it is not asked to continue one (a model without thinking needs no continuing).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class Dialect:
     keep_stops: Mapping[str, Any] | None = None  # fields that keep a matched stop string in the output; None: it cannot
     tokenize: Route | None = None  # the server's own tokenizer (None: every known route is tried)
     detokenize: Route | None = None
+    continues_chat = False  # whether its chat endpoint continues a final assistant message (agents' requests)
 
     @property
     def plain_steps(self) -> bool:
@@ -121,8 +123,6 @@ class Dialect:
         """The id of an EOS the server names nowhere but lists as a chunk's last token."""
         return None
 
-    continues_chat = False  # whether its chat endpoint continues a final assistant message
-
     def chat_body(self, model: str, messages: list[dict[str, Any]], prefix: str, fields: dict[str, Any]) -> dict[str, Any] | None:
         """The body of a chat request that answers ``messages`` with ``fields`` (tools, sampling...),
         continuing the assistant's ``prefix`` (the reasoning so far) when it is not empty; None when
@@ -132,9 +132,7 @@ class Dialect:
         if not self.continues_chat:
             return None
         return {"model": model, "messages": [*messages, {"role": "assistant", "content": prefix}], **fields,
-                **self.continue_fields}
-
-    continue_fields: Mapping[str, Any] = {"continue_final_message": True, "add_generation_prompt": False}
+                "continue_final_message": True, "add_generation_prompt": False}
 
     def sampling_fields(self, sampling: Sampling) -> dict[str, Any]:
         fields: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
@@ -230,9 +228,6 @@ class LlamaCpp(Dialect):
         tools, kwargs = _tools_apart(kwargs)
         r = client.post(root + "/apply-template", json={"messages": messages, "chat_template_kwargs": kwargs, **tools})
         return str(r.json()["prompt"]) if r.status_code == 200 and "prompt" in r.json() else None
-
-    continues_chat = True
-    continue_fields: Mapping[str, Any] = {}  # a final assistant message is continued by default
 
     def step_request(self, max_tokens: int, stops: list[str], streamed: bool) -> Request:
         if streamed:
