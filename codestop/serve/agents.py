@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from codestop.controller import Result, astream
+from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
 from codestop.engines.replicas import ReplicaEngine
 from codestop.engines.server.dialects import CHAT
@@ -87,10 +87,13 @@ async def complete(engine: Engine, request: ChatRequest, prep: Prepared, metrics
     result = _answered(server, prep, reasoning, str(upstream.get("content") or ""), data.get("usage"))
     metrics.count_result(result)
     message: dict[str, Any] = {"role": "assistant", "content": upstream.get("content")}
+    if prep.family.thinks:  # the thinking; text after the model's own close, if any, leads the answer
+        parts = split_result(replace(result, answer_text=""), prep.family, True)
+        message["reasoning_content"] = parts["reasoning_content"]
+        if parts["content"]:
+            message["content"] = parts["content"] + (message["content"] or "")
     if upstream.get("tool_calls"):
         message["tool_calls"] = upstream["tool_calls"]
-    if prep.family.thinks:
-        message["reasoning_content"] = split_result(replace(result, answer_text=""), prep.family, True)["reasoning_content"]
     finish = choice.get("finish_reason") or "length"  # no answer phase: the reasoning took every token
     return {"id": prep.rid, "object": "chat.completion", "created": prep.created, "model": prep.model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage_of(result, prep.family)}
@@ -115,8 +118,7 @@ async def stream(engine: Engine, request: ChatRequest, prep: Prepared, metrics: 
         reasoning: Result | None = None
         if prep.family.thinks:
             splitter = Splitter(prep.family, True)
-            async with aclosing(astream(engine, prep.question, prep.policy, prep.config, family=prep.family,
-                                        prompt=prep.prompt, reasoning_only=True)) as events:
+            async with aclosing(_reason(engine, prep)) as events:
                 async for item in events:
                     if isinstance(item, Result):
                         reasoning = item
@@ -169,9 +171,14 @@ async def chain(head: str, rest: AsyncGenerator[str, None]) -> AsyncGenerator[st
         yield item
 
 
+def _reason(engine: Engine, prep: Prepared) -> AsyncGenerator[Event | Result, None]:
+    """The reasoning phase: the controller's run without its answer."""
+    return astream(engine, prep.question, prep.policy, prep.config, family=prep.family, prompt=prep.prompt,
+                   reasoning_only=True)
+
+
 async def _reasoning(engine: Engine, prep: Prepared) -> Result:
-    async with aclosing(astream(engine, prep.question, prep.policy, prep.config, family=prep.family, prompt=prep.prompt,
-                                reasoning_only=True)) as events:
+    async with aclosing(_reason(engine, prep)) as events:
         async for item in events:
             if isinstance(item, Result):
                 return item
@@ -203,8 +210,8 @@ def _chat_body(server: ServerEngine, request: ChatRequest, prep: Prepared, reaso
     if stream:
         fields.update(stream=True, stream_options={"include_usage": True})
     fields = {k: v for k, v in fields.items() if v is not None}
-    messages = [m.wire() for m in request.messages]
-    body = server.dialect.chat_body(server.model_name, messages, continuation(prep.family, reasoning.reasoning_text if reasoning else ""), fields)
+    prefix = continuation(prep.family, reasoning.reasoning_text) if reasoning is not None else ""
+    body = server.dialect.chat_body(server.model_name, [m.wire() for m in request.messages], prefix, fields)
     if body is None:
         raise _cannot_continue(server, request)
     return body
