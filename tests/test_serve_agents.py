@@ -228,3 +228,23 @@ def test_llama_cpp_answers_a_plain_models_agent_request_and_refuses_to_continue_
         assert (refused.status_code, error["param"]) == (400, "response_format") and "cannot continue" in error["message"], refused.text
     finally:
         p.stop()
+
+
+def test_replicas_answer_an_agents_request_through_one_replicas_chat_endpoint(llama, smollm2_path):
+    from llama_servers import LlamaServer
+
+    from codestop.engines.replicas import ReplicaEngine
+
+    other = LlamaServer(smollm2_path, slots=1).start()
+    p = InProcessProxy(ReplicaEngine.connect([llama.url + "/v1", other.url + "/v1"], backoff=0.05))
+    p.model = p.client().models.list().data[0].id
+    try:
+        r = chat(p, ASK_PERSON, response_format=PERSON_FORMAT, max_tokens=40)
+        person = json.loads(r.choices[0].message.content)
+        assert set(person) == {"name", "age"} and type(person["age"]) is int
+        chats = [line for line in p.metrics().splitlines()
+                 if line.startswith("codestop_upstream_requests_total{") and 'kind="chat"' in line]
+        assert len(chats) == 1 and chats[0].endswith(" 1.0") and "replica=" in chats[0], chats  # one request, to one replica
+    finally:
+        p.stop()
+        other.kill()

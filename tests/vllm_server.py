@@ -249,11 +249,12 @@ def vllm_session(extra_args: tuple[str, ...] = (), env: str = "CODESTOP_VLLM_URL
     python = vllm_python()
     if python is None:
         raise VllmUnavailable(INSTALL_HINT)
+    INFO.convert_s = None  # set when this server's model is converted now
     server = (VllmServer(python, tools_model_dir(), extra_args=extra_args, served_name=TOOLS_SERVED_NAME) if tools
               else VllmServer(python, model_dir(), extra_args=extra_args))
     start_s = server.start(TOOLS_START_TIMEOUT_S if tools else START_TIMEOUT_S)
     INFO.version = INFO.version or version(server.url)
-    conv = f", model converted in {INFO.convert_s:.0f} s" if INFO.convert_s is not None and not INFO.servers else ""
+    conv = f", model converted in {INFO.convert_s:.0f} s" if INFO.convert_s is not None else ""
     INFO.servers.append(f"vLLM server{flags}: {server.url}, started in {start_s:.0f} s{conv}")
     print(f"\nvLLM {INFO.version}{flags} started in {start_s:.0f} s at {server.url}", file=sys.stderr)
     try:
