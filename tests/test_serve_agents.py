@@ -248,3 +248,16 @@ def test_replicas_answer_an_agents_request_through_one_replicas_chat_endpoint(ll
     finally:
         p.stop()
         other.kill()
+
+
+def test_each_dialect_says_how_its_chat_endpoint_continues_a_message():
+    from codestop.engines.server.dialects import DIALECTS, GENERIC
+
+    messages, fields = list(ASK_WEATHER), {"tools": TOOLS, "temperature": 0}
+    for dialect in (*DIALECTS.values(), GENERIC):  # no reasoning to continue: the client's request as sent
+        assert dialect.chat_body("m", messages, "", fields) == {"model": "m", "messages": messages, **fields}
+    for name in ("vllm", "sglang"):
+        body = DIALECTS[name].chat_body("m", messages, "<think>\nx\n</think>\n\n", fields)
+        assert body == {"model": "m", "messages": [*messages, {"role": "assistant", "content": "<think>\nx\n</think>\n\n"}],
+                        **fields, "continue_final_message": True, "add_generation_prompt": False}
+    assert DIALECTS["llamacpp"].chat_body("m", messages, "x", fields) is None and GENERIC.chat_body("m", messages, "x", fields) is None
