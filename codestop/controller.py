@@ -186,9 +186,11 @@ async def astream(
     family: Family | None = None,
     prompt: str | None = None,
     stop_in_reasoning: bool = False,
+    reasoning_only: bool = False,
 ) -> AsyncGenerator[Event | Result, None]:
     """Answer ``question`` on ``engine`` under ``policy``: yields Events as they happen, then the
-    Result. ``family`` overrides the one ``config`` names or the engine's detected one; ``prompt``
+    Result (with ``reasoning_only``, the reasoning's: no answer is written, the caller answers).
+    ``family`` overrides the one ``config`` names or the engine's detected one; ``prompt``
     (already templated, e.g. a client's conversation) replaces the family's prompt for ``question``.
     The client's stop strings (``config.stop``) end the visible output: a plain family's reasoning
     and any answer; a thinking family's reasoning only with ``stop_in_reasoning`` (a raw
@@ -256,7 +258,8 @@ async def astream(
         await clock.timed("reasoning", session.halt())  # a stream still running ahead is cancelled now
         yield Event("stop", reason=stop_reason, position=position)
         answer_position, answered_text = position, reasoning_text
-        if policy.answer_from == "best" and stop_reason != "finished" and probes and config.answer != "none":
+        answering = not reasoning_only and config.answer != "none"
+        if policy.answer_from == "best" and stop_reason != "finished" and probes and answering:
             # the reference code's rollback: answer from the most confident checkpoint
             answer_position = best_probe(probes).position
             answered_text = reasoning_text[: text_at[answer_position]]
@@ -264,8 +267,9 @@ async def astream(
                 await clock.timed("answer", session.rollback(len(plan.prompt_ids) + answer_position))
         answer = _Answer()
         left = config.max_tokens - position if config.max_tokens is not None else None
-        async for event in _answer(engine, session, family, config, clock, step, stop_reason, answered_text, left, answer):
-            yield event
+        if not reasoning_only:
+            async for event in _answer(engine, session, family, config, clock, step, stop_reason, answered_text, left, answer):
+                yield event
         timings = dict(clock.times)
         timings["total"] = time.perf_counter() - t_start
         yield Result(

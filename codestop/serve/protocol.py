@@ -9,12 +9,13 @@ error itself (a pydantic error's location, a ParameterError's ``param``), as vLL
 
 Every field is honoured, harmless, or refused with a 400 naming it, never accepted and ignored: an
 unknown field is ``unknown_parameter``; an OpenAI field the proxy cannot honour (``n > 1``,
-``tools``, ``logprobs``, ...) is accepted at its neutral value (what the official clients send when
-nothing is asked) and else ``unsupported_parameter``.
+``logprobs``, ...) is accepted at its neutral value (what the official clients send when nothing is
+asked) and else ``unsupported_parameter``. A chat request's agent fields (``AGENT_FIELDS``: tools,
+a response format) are honoured by :mod:`codestop.serve.agents`; a raw completion still refuses them.
 """
 
 # no "from __future__ import annotations": pydantic reads the fields' annotations at runtime
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
@@ -25,6 +26,11 @@ ROLES = ("system", "user", "assistant", "developer", "tool")  # the message role
 # The OpenAI fields the proxy honours: the GenerationConfig field each sets (later ones win).
 OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
                  "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "stop": "stop"}
+# A chat request's fields for agents, passed to the upstream's chat endpoint for the answer phase
+# (codestop/serve/agents.py); refused on /v1/completions like the fields below.
+AGENT_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+TOOL_CHOICES = ("none", "auto", "required")
 # Refused unless at their neutral value (None always is): (neutral values, why)
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "n": ((1,), "one choice per request"),
@@ -104,8 +110,9 @@ def validation_error(err: ValidationError) -> tuple[str, str, str | None]:
     param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".") or "body"
     if first["type"] == "extra_forbidden":
         prompt = "messages" if err.title == ChatRequest.__name__ else "prompt"
+        agents = f"{', '.join(AGENT_FIELDS)}, " if prompt == "messages" else ""
         return param, f"{param}: unrecognized request argument (the codestop proxy honours {prompt}, " \
-                      f"{', '.join(OPENAI_FIELDS)} and codestop)", "unknown_parameter"
+                      f"{', '.join(OPENAI_FIELDS)}, {agents}and codestop)", "unknown_parameter"
     if first["type"] == "missing":
         return param, f"{param}: required", None
     cause = (first.get("ctx") or {}).get("error")
@@ -133,12 +140,21 @@ class StreamOptions(BaseModel):
 
 
 class Message(BaseModel):
-    """A chat message: its role and its text (other keys, such as ``name``, are not rendered)."""
+    """A chat message: its role and its text; an agent's turns carry their tool calls and the id of
+    the call a tool's result answers (rendered and passed upstream in agents' requests only; other
+    keys are not rendered)."""
 
     model_config = ConfigDict(strict=True, frozen=True)
 
     role: str
     content: str = ""
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """The message as sent to a chat template or an upstream chat endpoint (unset keys left out)."""
+        return self.model_dump(exclude_none=True)
 
     @field_validator("role")
     @classmethod
@@ -199,9 +215,13 @@ class OpenAIRequest(BaseModel):
     presence_penalty: Any = None
     frequency_penalty: Any = None
 
+    honoured: ClassVar[frozenset[str]] = frozenset()  # the UNSUPPORTED_FIELDS this endpoint honours
+
     @field_validator(*UNSUPPORTED_FIELDS)
     @classmethod
     def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name in cls.honoured:
+            return check_agent_field(str(info.field_name), value, info.data)
         neutral, why = UNSUPPORTED_FIELDS[str(info.field_name)]
         if value is None or any(type(value) is type(v) and value == v for v in neutral):  # True is no 1
             return value
@@ -225,6 +245,8 @@ class OpenAIRequest(BaseModel):
 
 
 class ChatRequest(OpenAIRequest):
+    honoured = frozenset({"tools", "tool_choice", "response_format"})
+
     messages: list[Message]
 
     @field_validator("messages")
@@ -232,6 +254,23 @@ class ChatRequest(OpenAIRequest):
     def _some(cls, messages: list[Message]) -> list[Message]:
         require(bool(messages), "messages", messages, "must be a non-empty list of {role, content}")
         return messages
+
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _flag(cls, value: Any) -> Any:
+        require(value is None or isinstance(value, bool), "parallel_tool_calls", value, "must be true or false")
+        return value
+
+    @property
+    def agent(self) -> bool:
+        """Whether the answer phase goes to the upstream's chat endpoint: tools to call, or a
+        response format other than text (codestop/serve/agents.py)."""
+        fmt = self.response_format
+        return bool(self.tools) or (fmt is not None and fmt.get("type") != "text")
+
+    def agent_fields(self) -> dict[str, Any]:
+        """The agent fields the client set, as the upstream's chat endpoint takes them."""
+        return {k: v for k in AGENT_FIELDS if (v := getattr(self, k)) is not None}
 
 
 class CompletionRequest(OpenAIRequest):
@@ -244,6 +283,30 @@ class CompletionRequest(OpenAIRequest):
             prompt = prompt[0]
         require(isinstance(prompt, str) and bool(prompt), "prompt", prompt, "must be a non-empty string (one prompt per request)")
         return prompt
+
+
+def check_agent_field(name: str, value: Any, earlier: dict[str, Any]) -> Any:
+    """The shape of an agent field (OpenAI's); what a tool's schema says is the upstream's to check.
+    ``earlier``: the fields validated before it (a tool choice needs tools)."""
+    if value is None:
+        return value
+    if name == "tools":
+        require(isinstance(value, list) and all(isinstance(t, dict) and t.get("type") == "function"
+                                                and isinstance(t.get("function"), dict)
+                                                and isinstance(t["function"].get("name"), str) for t in value),
+                "tools", value, 'must be a list of {"type": "function", "function": {"name": ..., "parameters": ...}}')
+    elif name == "tool_choice":
+        named = isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str)
+        require(value in TOOL_CHOICES or named, "tool_choice", value,
+                f'must be one of {", ".join(TOOL_CHOICES)} or {{"type": "function", "function": {{"name": ...}}}}')
+        require(value == "none" or bool(earlier.get("tools")), "tool_choice", value, "needs tools to choose from (tools is empty)")
+    else:  # response_format
+        require(isinstance(value, dict) and value.get("type") in RESPONSE_FORMATS, "response_format", value,
+                f'must be {{"type": ...}} with a type among {", ".join(RESPONSE_FORMATS)}')
+        require(value["type"] != "json_schema" or isinstance(value.get("json_schema"), dict), "response_format", value,
+                'must carry "json_schema": {"name": ..., "schema": {...}} when its type is json_schema')
+    return value
 
 
 def parse_request(body: Any, chat: bool) -> ChatRequest | CompletionRequest:

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from codestop.config import OLD_NAMES, GenerationConfig, cli_fields
@@ -169,6 +169,9 @@ async def prepare(request: ChatRequest | CompletionRequest, engine: Engine, defa
     if isinstance(request, ChatRequest):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        if request.agent:  # the conversation as sent (tool calls, tool results) and the tools: codestop/serve/agents.py
+            messages = [m.wire() for m in request.messages]
+            family = replace(family, template_kwargs={**family.template_kwargs, "tools": request.tools}) if request.tools else family
         family, prompt = await render_messages(engine, family, messages)
     else:
         question = prompt = request.prompt
@@ -187,7 +190,7 @@ def check_max_tokens(request: ChatRequest | CompletionRequest, config: Generatio
                          f"prompt included) can hold; ask for fewer than {window}")
 
 
-async def render_messages(engine: Engine, family: Family, messages: list[dict[str, str]]) -> tuple[Family, str]:
+async def render_messages(engine: Engine, family: Family, messages: list[dict[str, Any]]) -> tuple[Family, str]:
     """The family as the conversation switches it (Family.open) and the conversation through the
     model's chat template; one the template refuses (a role or an order it does not render) is a
     400 naming ``messages``."""

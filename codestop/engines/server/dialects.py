@@ -29,6 +29,14 @@ asks for at most ``PLAIN_REQUEST_TOKENS`` tokens (a longer step continues with a
 a healthy server answers well within the timeout. A probe is plain with ``stop=["}"]`` where the
 server keeps the stop string, else streamed and closed at the brace (llama.cpp drops the logprobs of
 a token that holds a stop string).
+
+Agents' requests (``tools``, ``response_format``): the answer phase goes to the server's own chat
+endpoint, continuing the reasoning so far as the final assistant message (:meth:`Dialect.chat_body`):
+vLLM's ``continue_final_message`` with ``add_generation_prompt: false`` (checked live); SGLang's
+``continue_final_message`` (source: its ChatCompletionRequest and serving_chat.py). llama.cpp's
+server (xllamacpp, checked live) continues a final assistant message by itself (``prefill_assistant``)
+but repeats it in its answer's ``content``, and with a ``response_format`` refuses it ("Failed to
+initialize samplers"): it is not asked to continue one (a model without thinking needs no continuing).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import httpx
 from codestop.engines.server.transport import COMPLETIONS, Chunk, parse_choice, parse_native
 from codestop.sampling import Sampling
 
+CHAT = "/v1/chat/completions"  # agents' answer phase (codestop/serve/agents.py)
 # most tokens one plain request asks for: a plain answer is silent until done, so this keeps it
 # well inside ``timeout`` on any working server (a longer step continues with another request)
 PLAIN_REQUEST_TOKENS = 256
@@ -90,6 +99,7 @@ class Dialect:
     keep_stops: Mapping[str, Any] | None = None  # fields that keep a matched stop string in the output; None: it cannot
     tokenize: Route | None = None  # the server's own tokenizer (None: every known route is tried)
     detokenize: Route | None = None
+    continues_chat = False  # whether its chat endpoint continues a final assistant message (agents' requests)
 
     @property
     def plain_steps(self) -> bool:
@@ -112,6 +122,17 @@ class Dialect:
     def listed_eos(self, chunk: Chunk, ids: Sequence[int]) -> int | None:
         """The id of an EOS the server names nowhere but lists as a chunk's last token."""
         return None
+
+    def chat_body(self, model: str, messages: list[dict[str, Any]], prefix: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """The body of a chat request that answers ``messages`` with ``fields`` (tools, sampling...),
+        continuing the assistant's ``prefix`` (the reasoning so far) when it is not empty; None when
+        this server cannot continue one."""
+        if not prefix:
+            return {"model": model, "messages": messages, **fields}
+        if not self.continues_chat:
+            return None
+        return {"model": model, "messages": [*messages, {"role": "assistant", "content": prefix}], **fields,
+                "continue_final_message": True, "add_generation_prompt": False}
 
     def sampling_fields(self, sampling: Sampling) -> dict[str, Any]:
         fields: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
@@ -153,10 +174,13 @@ class VLLM(Dialect):
     tokenize = _openai_tokenize("/tokenize")
     detokenize = Route("/detokenize", lambda ids, model: {"model": model, "tokens": ids}, "prompt")
 
+    continues_chat = True
+
     def render(self, client: httpx.Client, root: str, model: str, messages: list[dict[str, str]], kwargs: dict[str, Any],
                detokenize: Callable[[Sequence[int]], str]) -> str | None:
+        tools, kwargs = _tools_apart(kwargs)
         body = {"model": model, "messages": messages, "add_generation_prompt": True, "add_special_tokens": False,
-                "chat_template_kwargs": kwargs}
+                "chat_template_kwargs": kwargs, **tools}
         r = client.post(root + "/tokenize", json=body)  # with messages, vLLM renders the template
         return detokenize(r.json()["tokens"]) if r.status_code == 200 and "tokens" in r.json() else None
 
@@ -171,6 +195,7 @@ class SGLang(Dialect):
     keep_stops = {"no_stop_trim": True}
     tokenize = _openai_tokenize("/v1/tokenize")
     detokenize = Route("/v1/detokenize", lambda ids, model: {"model": model, "tokens": ids, "skip_special_tokens": False}, "text")
+    continues_chat = True
 
 
 class LlamaCpp(Dialect):
@@ -200,7 +225,8 @@ class LlamaCpp(Dialect):
 
     def render(self, client: httpx.Client, root: str, model: str, messages: list[dict[str, str]], kwargs: dict[str, Any],
                detokenize: Callable[[Sequence[int]], str]) -> str | None:
-        r = client.post(root + "/apply-template", json={"messages": messages, "chat_template_kwargs": kwargs})
+        tools, kwargs = _tools_apart(kwargs)
+        r = client.post(root + "/apply-template", json={"messages": messages, "chat_template_kwargs": kwargs, **tools})
         return str(r.json()["prompt"]) if r.status_code == 200 and "prompt" in r.json() else None
 
     def step_request(self, max_tokens: int, stops: list[str], streamed: bool) -> Request:
@@ -209,6 +235,12 @@ class LlamaCpp(Dialect):
         fields = {"n_predict": min(max_tokens, PLAIN_REQUEST_TOKENS), "stop": stops or None, "return_tokens": True,
                   "n_probs": 1, "cache_prompt": True}
         return Request("/completion", fields, parse_native, False)
+
+
+def _tools_apart(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An agent's ``tools`` (a template argument to a tokenizer) as the body field servers read."""
+    rest = {k: v for k, v in kwargs.items() if k != "tools"}
+    return ({"tools": kwargs["tools"]} if kwargs.get("tools") else {}), rest
 
 
 # llama-cpp-python's server (``owned_by: me``, no dialect of its own): its tokenizer routes only
