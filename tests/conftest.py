@@ -132,7 +132,7 @@ def vllm_serial_url():
     yield from vllm_or_fail(SERIAL_ARGS, env="CODESTOP_VLLM_SERIAL_URL")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # one module uses it: its 2.5 GB of float32 weights go when that module ends
 def vllm_tools_url():
     """A vLLM of its own serving Qwen2.5-Coder-0.5B-Instruct (the ``qwen2.5-coder-0.5b`` preset,
     converted once) with its tool-call parser (``TOOLS_ARGS``), for agents' requests;
