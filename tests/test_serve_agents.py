@@ -16,11 +16,11 @@ server (the shared ``llama`` fixture, SmolLM2) for what its dialect does with ag
 
 from __future__ import annotations
 
-import jsonschema
 import json
 from dataclasses import replace
 
 import httpx
+import jsonschema
 import pytest
 from test_serve import InProcessProxy
 
