@@ -75,8 +75,8 @@ def replay_trace(trace: Trace, policy: Policy, probes: Sequence[Probe] | None = 
         if decision.stop:
             answered = best_probe(probes[: i + 1]) if policy.answer_from == "best" else p
             return Replayed(trace.id, i, decision.reason, bool(answered.correct), p.position, _cost(p.position, spent, policy))
-    if trace.final_correct is not None:
-        correct = trace.final_correct
+    if trace.final_correct is not None or trace.reasoning_tokens is not None:  # it ran to its end (labelled or not)
+        correct = bool(trace.final_correct)
         tokens = trace.reasoning_tokens if trace.reasoning_tokens is not None else (probes[-1].position if probes else 0)
     else:
         correct = bool(probes[-1].correct)
