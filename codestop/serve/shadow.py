@@ -73,10 +73,15 @@ class Shadow:
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as err:
             raise CodestopError(f"shadow: cannot append to {str(self.path)!r} ({err.strerror})") from None
-        end_cleanly(self.path)  # a line cut by a killed proxy is dropped (saying so), not appended to
+        try:
+            if fcntl is not None:  # another worker may be appending: never cut its line half-written
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            end_cleanly(self.path)  # a line cut by a killed proxy is dropped (saying so), not appended to
+        finally:
+            os.close(fd)
 
     def describe(self) -> str:
         share = "every request" if self.fraction >= 1 else f"{self.fraction:.0%} of requests"
