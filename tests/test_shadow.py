@@ -304,3 +304,21 @@ def test_serve_says_its_policy_and_guarantee_and_its_shadow_at_start(tmp_path):
     assert "policy deer (threshold=0.9); calibrated: changed risk <= 0.05 with probability >= 0.9" in said
     assert f"shadow: 25% of requests answered without stopping, traces appended to {tmp_path / 's.jsonl'}" in said
     assert "policy codestop (tau=5.0); uncalibrated" in first_lines("--tau", "5")
+
+
+def test_a_trace_that_cannot_be_written_is_counted_and_the_answer_still_served(toy_tokenizer, tmp_path):
+    path = tmp_path / "shadow.jsonl"
+    first_probe = {"method": "codestop", "r_min": 0.0, "r_max": 0.0}  # would stop at its first probe
+    proxy = InProcessProxy(ScriptedEngine(toy_tokenizer, "Step one.\nStep two.\n"), shadow=path,
+                           config=CONFIG.replace(probe_interval=1), policy=first_probe)
+    try:
+        path.unlink()
+        path.mkdir()  # the file became a directory: the append fails
+        r = proxy.client().chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Q?"}], max_tokens=32)
+        assert r.choices[0].message.content == "Step one.\nStep two.\n"  # the script, whole: nothing stopped it
+        m = proxy.metrics()
+        assert metric(m, "codestop_shadow_write_errors_total") == 1 and metric(m, "codestop_shadow_requests_total") == 1
+        assert metric(m, "codestop_shadow_would_stop_total", reason="confident") == 1
+        assert metric(m, "codestop_shadow_saved_reasoning_tokens_total") > 0
+    finally:
+        proxy.stop()

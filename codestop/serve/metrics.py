@@ -77,7 +77,7 @@ class Metrics:
                                            "saved on shadowed requests.", registry=r)
         self.shadow_saved = Histogram("codestop_shadow_saved_fraction", "Share of a shadowed request's reasoning the policy "
                                       "would have saved.", buckets=SAVED_BUCKETS, registry=r)
-        self.shadow_write_errors = Counter("codestop_shadow_write_errors", "Shadow traces that could not be appended.",
+        self.shadow_write_errors = Counter("codestop_shadow_write_errors", "Shadow traces that could not be recorded.",
                                            registry=r)
 
     def count_result(self, result: Result) -> None:

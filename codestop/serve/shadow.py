@@ -105,7 +105,11 @@ class Shadow:
         async with aclosing(stream):
             async for item in stream:
                 if isinstance(item, Result):
-                    self.record(item, prep, policy, metrics, time.perf_counter() - t0)
+                    try:
+                        self.record(item, prep, policy, metrics, time.perf_counter() - t0)
+                    except Exception:  # the client's answer is ready: shadowing never costs it
+                        metrics.shadow_write_errors.inc()
+                        log.exception("shadow: the trace of %s could not be recorded", prep.rid)
                 yield item
 
     def record(self, result: Result, prep: Prepared, policy: Policy, metrics: Metrics, wall_time: float) -> None:
