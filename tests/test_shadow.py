@@ -252,6 +252,8 @@ def test_shadow_calibrate_serve_the_policy_file_and_see_it_stop(vllm_serial_url,
         cs = r.usage.model_extra["codestop"]
         assert cs["stop_reason"] == stop.stop_reason == "confident" and cs["stopped_early"]
         assert cs["stop_position"] == cs["reasoning_tokens"] == stop.reasoning_tokens < trace.reasoning_tokens
+        print(f"certified {chosen} (p-values {[round(p, 4) for p in p_values]}); served, it stopped at "
+              f"{cs['reasoning_tokens']} of {trace.reasoning_tokens} reasoning tokens")
     finally:
         proxy.stop()
         asyncio.run(engine.aclose())

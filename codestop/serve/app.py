@@ -90,7 +90,8 @@ def create_app(
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException
 
-    policy_file = policy if isinstance(policy, PolicyFile) else PolicyFile(dict(policy))  # options: uncalibrated
+    # options (the method defaults to the proxy's) make an uncalibrated policy
+    policy_file = policy if isinstance(policy, PolicyFile) else PolicyFile({"method": DEFAULT_POLICY["method"], **policy})
     defaults = server_defaults(config, policy_file.policy, served_model_name)  # a bad default fails at start, not per request
     require(is_integer(max_request_bytes) and max_request_bytes >= 1, "max_request_bytes", max_request_bytes, "must be an integer >= 1")
     make = None if isinstance(engine, Engine) else engine
