@@ -324,3 +324,19 @@ def test_a_trace_that_cannot_be_written_is_counted_and_the_answer_still_served(t
         assert metric(m, "codestop_shadow_saved_reasoning_tokens_total") > 0
     finally:
         proxy.stop()
+
+
+def test_a_raw_completion_is_shadowed_too(toy_tokenizer, tmp_path):
+    path = tmp_path / "shadow.jsonl"
+    proxy = InProcessProxy(ScriptedEngine(toy_tokenizer, "Step one.\nStep two.\n"), shadow=path,
+                           config=CONFIG.replace(probe_interval=1), policy={"method": "codestop", "r_min": 0.0, "r_max": 0.0})
+    try:
+        r = proxy.client().completions.create(model="scripted", prompt="Q?", max_tokens=32)
+        assert r.choices[0].text == "Step one.\nStep two.\n"  # not stopped at the first probe, as the policy would
+        (line,) = read_jsonl(path)
+        first = len(toy_tokenizer.encode("Step one.\n", add_special_tokens=False))
+        whole = len(toy_tokenizer.encode("Step one.\nStep two.\n", add_special_tokens=False))
+        assert line["id"] == r.id and [p["position"] for p in line["probes"]] == [first, whole]  # at each line's end
+        assert line["reference"]["position"] == line["reasoning_tokens"] == whole and line["reference"]["answer"] == "5"
+    finally:
+        proxy.stop()
