@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from codestop.confidence import score_probe
 from codestop.config import GenerationConfig
-from codestop.errors import ContextTooLong
+from codestop.errors import CodestopError, ContextTooLong
 from codestop.families import Family, get_family
 from codestop.policies import Policy, Probe, Vanilla, best_probe, policy_options
 from codestop.steps import (
@@ -87,6 +87,9 @@ class Result:
     model: str
     engine: str
     family: str
+    # a recording's probe at the end of the full reasoning (``config.always_probe`` and no early
+    # stop): the reference answer of the label-free risk ``changed``, read as every probe is
+    reference: Probe | None = None
 
     @property
     def cost(self) -> int:
@@ -95,7 +98,7 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cost_tokens"] = self.cost
-        for p in d["probes"]:
+        for p in [*d["probes"], *([d["reference"]] if d["reference"] else [])]:
             if p.get("token_logprobs") is not None:
                 p["token_logprobs"] = list(p["token_logprobs"])
         return d
@@ -256,6 +259,12 @@ async def astream(
                 break
 
         await clock.timed("reasoning", session.halt())  # a stream still running ahead is cancelled now
+        reference = None
+        if config.always_probe and stop_reason in ("finished", "max_reasoning_tokens", "budget") and position > 0:
+            out = await clock.timed("probe", _reference_probe(engine, session, plan, family, step))
+            spent["probe"] += len(out.token_ids)
+            spent["probe_prompt"] += out.prompt_tokens
+            reference = score(out, position, policy.confidence, engine)
         yield Event("stop", reason=stop_reason, position=position)
         answer_position, answered_text = position, reasoning_text
         answering = not reasoning_only and config.answer != "none"
@@ -289,11 +298,33 @@ async def astream(
             model=engine.model_name,
             engine=engine.name,
             family=family.name,
+            reference=reference,
         )
     finally:
         # shielded: a consumer cancelled again while closing (anyio cancels every await) must not
         # leave the session open
         await asyncio.shield(session.close())
+
+
+async def _reference_probe(engine: Engine, session: Session, plan: _Plan, family: Family, step: StepOutput) -> ProbeOutput:
+    """The probe at the end of the full reasoning, on the same context as a boundary's: inside the
+    thinking, so a reasoning the model closed itself is probed before its ``think_end`` (cut back,
+    probed, then the marker's tokens put back)."""
+    marker = 0
+    if step.end == "stop_text":  # the step kept the tokens that wrote think_end
+        ids = step.token_ids
+        while marker < len(ids) and family.think_end in engine.detokenize(ids[: len(ids) - marker]):
+            marker += 1
+    if not marker:
+        return await session.probe(plan.probe_ids, PROBE_MAX_TOKENS)
+    try:
+        await session.rollback(session.n_tokens - marker)
+    except CodestopError:  # a cache that cannot be cut back: probed after the marker instead
+        return await session.probe(plan.probe_ids, PROBE_MAX_TOKENS)
+    try:
+        return await session.probe(plan.probe_ids, PROBE_MAX_TOKENS)
+    finally:
+        await session.append(step.token_ids[len(step.token_ids) - marker :])
 
 
 @dataclass

@@ -57,3 +57,38 @@ def read_numbered(path: str | os.PathLike[str], repair: bool = False) -> list[tu
 def read_jsonl(path: str | os.PathLike[str], repair: bool = False) -> list[dict[str, Any]]:
     """The JSON objects of a run or trace file, one per line (see :func:`read_numbered`)."""
     return [obj for _, obj in read_numbered(path, repair)]
+
+
+def end_cleanly(path: str | os.PathLike[str]) -> None:
+    """Make ``path`` end with a whole line before appending to it: a last line cut short by a killed
+    writer is cut off (with a warning naming it), a whole one that lost only its newline gets it
+    back. Only the tail is read, so a large file costs nothing."""
+    p = Path(path)
+    with open(p, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        start, block = size, 1 << 16
+        while start > 0:  # back to the newline before the last line
+            start = max(0, start - block)
+            fh.seek(start)
+            chunk = fh.read(size - start)
+            at = chunk.rfind(b"\n")
+            if at != -1:
+                start += at + 1
+                break
+        fh.seek(start)
+        tail = fh.read()
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except (ValueError, UnicodeDecodeError):
+            whole = False
+        if whole:
+            fh.write(b"\n")
+            return
+        print(f"codestop: warning: {p}: the last line (bytes {start}-{size}) is not a complete JSON object "
+              "(a killed writer?); it is removed", file=sys.stderr)
+        fh.truncate(start)

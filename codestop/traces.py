@@ -86,15 +86,16 @@ def trace_from_json(obj: dict[str, Any], where: str) -> Trace:
     final = obj.get("final_correct")
     final_answer = obj.get("final_answer")
     reasoning = obj.get("reasoning_tokens")
-    if not probes and final is None and final_answer is None:
-        raise CodestopError(f"traces: {where}: no probes and no final answer: nothing to score")
     reference = obj.get("reference")
+    if not probes and final is None and final_answer is None and reference is None:
+        raise CodestopError(f"traces: {where}: no probes and no final answer: nothing to score")
     reference_probe = _probe_from_json(reference, where, -1) if reference is not None else None
     if reference_probe is not None:
         reference_answer: str | None = reference_probe.answer
     else:
         reference_answer = None if final_answer is None else str(final_answer)
-    ended = final is not None or final_answer is not None  # the trace ran to the end of its reasoning
+    # the trace ran to the end of its reasoning (a reference probe is taken there)
+    ended = final is not None or final_answer is not None or reference_probe is not None
     return Trace(
         id=str(obj["id"]),
         probes=probes,
@@ -117,7 +118,7 @@ def thinned(trace: Trace, probe_interval: int) -> Trace:
         if p.position > 0 and p.position - last >= max(1, probe_interval):
             kept.append(p)
             last = p.position
-    if trace.final_correct is None and trace.final_answer is None and trace.probes and (not kept or kept[-1] is not trace.probes[-1]):
+    if trace.final_correct is None and trace.reference_answer is None and trace.probes and (not kept or kept[-1] is not trace.probes[-1]):
         kept.append(trace.probes[-1])
     return replace(trace, probes=tuple(kept))
 

@@ -55,7 +55,9 @@ def test_record_stores_every_probe_and_the_final_answer(recorded):
         positions = [p["position"] for p in t["probes"]]
         assert positions == sorted(positions)
         assert t["config"]["policy"] == {"method": "vanilla"} and t["config"]["generation"]["probe_interval"] == 1
-    assert sum(p.probe_tokens for p in load_traces(out)[0].probes) == lines[0]["tokens"]["probe"]
+        ref = t["reference"]  # the same probe at the end of the full reasoning, its cost counted as a probe's
+        assert set(ref) == set(t["probes"][0]) and ref["position"] == t["reasoning_tokens"] and ref["probe_tokens"] >= 1
+    assert sum(p.probe_tokens for p in load_traces(out)[0].probes) + lines[0]["reference"]["probe_tokens"] == lines[0]["tokens"]["probe"]
 
 
 @pytest.mark.parametrize("make", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from codestop.cli.options import (
@@ -12,10 +13,12 @@ from codestop.cli.options import (
     add_policy_options,
     config_from_args,
     engine_options_from_args,
+    policy_file_from_args,
     policy_options_from_args,
 )
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError
+from codestop.policy_file import PolicyFile
 from codestop.serve.defaults import DEFAULT_ANSWER, DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -66,6 +69,17 @@ def add_parser(sub: Any) -> None:
                    help="the model name(s) /v1/models lists and requests may name, as vLLM's; responses carry the "
                         "one asked for, else the first (default: the model's own name: the upstream's, or --model's)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
+    g = p.add_argument_group("shadow mode")
+    g.add_argument("--shadow", default=None, metavar="FILE",
+                   help="answer requests as the upstream alone would (no stop, nothing appended) while probing beside "
+                        "the stream, and append one trace per request to FILE (the format `codestop record` writes, "
+                        "unlabelled) for `codestop calibrate`; /metrics says where the policy would have stopped")
+    g.add_argument("--shadow-fraction", type=float, default=1.0, metavar="F",
+                   help="the share of requests shadowed, drawn at random (seeded) per request; the rest run the policy "
+                        "(default 1: all)")
+    g.add_argument("--shadow-text", action="store_true",
+                   help="also write the prompt, the reasoning, the answer and the probes' texts (default: none, only "
+                        "ids, positions, confidences, probe answers, token counts)")
     add_model_options(p)
     add_policy_options(p)
     add_generation_options(p, answer=DEFAULT_ANSWER)
@@ -93,8 +107,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
 
     # the default policy is validated here, once, before the model loads
-    app = create_app(engine, config=config, policy=policy_options_from_args(args), proxy_api_key=proxy_api_key,
-                     max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name)
+    policy = policy_file_from_args(args) or PolicyFile(policy_options_from_args(args))  # from flags: uncalibrated
+    app = create_app(engine, config=config, policy=policy, proxy_api_key=proxy_api_key,
+                     max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name,
+                     shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text)
+    served = app.state.served
+    print(f"codestop serve: policy {served.policy_file.describe()}", file=sys.stderr)
+    if served.shadow is not None:
+        print(f"codestop serve: {served.shadow.describe()}", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     server.run()
     if app.state.served.load_error is not None:

@@ -50,7 +50,7 @@ from codestop.eval.prompts import PromptStyle, resolve_prompt
 from codestop.eval.summary import record_reasoning, summarize
 from codestop.families import Family, get_family
 from codestop.jsonl import read_jsonl
-from codestop.policies import CodeStop, Policy, Vanilla, policy_options
+from codestop.policies import CodeStop, Policy, Probe, Vanilla, policy_options
 from codestop.traces import TRACE_SCHEMA
 
 RUN_SCHEMA = 1
@@ -257,31 +257,35 @@ def eval_record(example: Example, result: Any, wall_time: float) -> dict[str, An
     }
 
 
+def probe_record(probe: Probe, correct: bool | None, text: bool = True) -> dict[str, Any]:
+    """One probe of a trace line (docs/traces.md); ``text``: with the raw probe continuation."""
+    line = {"position": probe.position, "confidence": probe.confidence, "answer": probe.answer, "correct": correct,
+            "probe_tokens": probe.probe_tokens, "token_logprobs": list(probe.token_logprobs or ())}
+    return {**line, "text": probe.text} if text else line
+
+
+def final_answer(result: Any) -> str | None:
+    """What the full reasoning answered: the controller's answer, else the one read from the answer text."""
+    return result.answer if result.answer is not None else extract_answer(result.answer_text)
+
+
 def trace_record(example: Example, result: Any, wall_time: float) -> dict[str, Any]:
-    """One trace line (schema 1) from a Vanilla run with a probe at every boundary."""
+    """One trace line (schema 1) from a Vanilla run with a probe at every boundary, and its
+    ``reference`` probe at the end of the full reasoning."""
     base = {"schema": TRACE_SCHEMA, "id": example.id, "dataset": example.dataset, "gold": example.gold, "grading": example.kind}
     if isinstance(result, Exception):
         return {**base, "probes": [], "reasoning_tokens": 0, "finish_reason": "error", "error": str(result),
                 "final_answer": None, "final_correct": False, "tokens": {}, "wall_time": round(wall_time, 3)}
-    final = result.answer if result.answer is not None else extract_answer(result.answer_text)
+    final = final_answer(result)
+    reference = result.reference
     return {
         **base,
-        "probes": [
-            {
-                "position": p.position,
-                "confidence": p.confidence,
-                "answer": p.answer,
-                "correct": grade(p.answer, example.gold, example.kind),
-                "probe_tokens": p.probe_tokens,
-                "token_logprobs": list(p.token_logprobs or ()),
-                "text": p.text,
-            }
-            for p in result.probes
-        ],
+        "probes": [probe_record(p, grade(p.answer, example.gold, example.kind)) for p in result.probes],
         "reasoning_tokens": result.tokens["reasoning"],
         "finish_reason": result.stop_reason,
         "final_answer": final,
         "final_correct": grade(final, example.gold, example.kind),
+        **({"reference": probe_record(reference, grade(reference.answer, example.gold, example.kind))} if reference else {}),
         "tokens": dict(result.tokens),
         "wall_time": round(wall_time, 3),
     }

@@ -9,6 +9,7 @@ reasoning parsers put it) and the answer in ``content``.
 * :mod:`codestop.serve.serving`: a request made into a policy, config and prompt, run, and shaped
   as a response or a stream;
 * :mod:`codestop.serve.app`: the app (:func:`create_app`), its routes, key check and middlewares;
+* :mod:`codestop.serve.shadow`: shadow mode (answered without stopping, one trace per request);
 * :mod:`codestop.serve.metrics`: the Prometheus metrics;
 * :mod:`codestop.serve.defaults`: the server-wide defaults.
 

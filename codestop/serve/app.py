@@ -15,18 +15,20 @@ import functools
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from pydantic import ValidationError
 
 from codestop.config import GenerationConfig
-from codestop.controller import Event, Result, agenerate, astream
+from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError, is_integer, redact, require
+from codestop.policy_file import PolicyFile
 from codestop.serve import agents
 from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
 from codestop.serve.metrics import CountRequests, Metrics
@@ -40,6 +42,7 @@ from codestop.serve.serving import (
     server_defaults,
     sse_events,
 )
+from codestop.serve.shadow import SHADOW_POLICY, Shadow
 
 T = TypeVar("T")
 log = logging.getLogger("codestop.serve")
@@ -56,11 +59,14 @@ def create_app(
     engine: Engine | Callable[[], Engine],
     *,
     config: GenerationConfig = DEFAULT_CONFIG,
-    policy: Mapping[str, Any] = DEFAULT_POLICY,
+    policy: Mapping[str, Any] | PolicyFile = DEFAULT_POLICY,
     proxy_api_key: str | None = None,
     close_engine: bool = True,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     served_model_name: str | Sequence[str] | None = None,
+    shadow: str | os.PathLike[str] | None = None,
+    shadow_fraction: float = 1.0,
+    shadow_text: bool = False,
 ) -> Any:
     """The FastAPI app answering OpenAI-style requests with ``engine``, or with the engine a
     blocking ``engine()`` builds at startup in a worker thread (a model loading: ``/health`` and
@@ -73,14 +79,25 @@ def create_app(
     status is public: its details, ``/metrics`` and ``/v1`` ask for the key, and the API docs are
     off. ``served_model_name`` (one name or several, as vLLM's ``--served-model-name``) is what
     ``/v1/models`` lists and requests may name, responses carrying the one asked for (the first
-    when none is); default: the engine's model name (a server engine's upstream's)."""
+    when none is); default: the engine's model name (a server engine's upstream's). ``policy`` may
+    be a :class:`~codestop.policy_file.PolicyFile`, whose guarantee ``/health`` states (a policy
+    given as options is uncalibrated).
+
+    ``shadow`` (a file): shadow mode (:mod:`codestop.serve.shadow`): a share ``shadow_fraction`` of
+    the requests is answered as the upstream alone would (no stop, nothing appended) while
+    codestop probes beside the stream, appends one trace per request to the file (no prompt or
+    reasoning text unless ``shadow_text``) and counts in ``/metrics`` where the request's policy
+    would have stopped and what it would have saved."""
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException
 
-    defaults = server_defaults(config, policy, served_model_name)  # a bad default fails at start, not per request
+    # options (the method defaults to the proxy's) make an uncalibrated policy
+    policy_file = policy if isinstance(policy, PolicyFile) else PolicyFile({"method": DEFAULT_POLICY["method"], **policy})
+    defaults = server_defaults(config, policy_file.policy, served_model_name)  # a bad default fails at start, not per request
     require(is_integer(max_request_bytes) and max_request_bytes >= 1, "max_request_bytes", max_request_bytes, "must be an integer >= 1")
     make = None if isinstance(engine, Engine) else engine
-    served = Served(engine if isinstance(engine, Engine) else None, defaults, proxy_api_key)
+    shadowing = Shadow(shadow, shadow_fraction, shadow_text) if shadow is not None else None
+    served = Served(engine if isinstance(engine, Engine) else None, defaults, proxy_api_key, policy_file, shadowing)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -116,12 +133,22 @@ class Served:
     engine: Engine | None
     defaults: Defaults
     proxy_api_key: str | None
+    policy_file: PolicyFile | None = None  # the default policy and the guarantee it was calibrated with, if any
+    shadow: Shadow | None = None
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None  # why building the engine failed
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine)
+
+    def describe(self) -> dict[str, Any]:
+        """The policy applied (with its guarantee, or uncalibrated) and the shadow mode, for /health."""
+        pf = self.policy_file or PolicyFile(dict(self.defaults.policy_options))
+        out: dict[str, Any] = {"policy": pf.describe(), "guarantee": pf.guarantee}
+        if self.shadow is not None:
+            out["shadow"] = {"file": str(self.shadow.path), "fraction": self.shadow.fraction, "text": self.shadow.text}
+        return out
 
     async def build(self, make: Callable[[], Engine]) -> None:
         try:
@@ -170,9 +197,10 @@ def _routes(s: Served) -> tuple[Any, Any]:
             return JSONResponse({"status": status, **({"error": s.load_error} if s.load_error and holder else {})}, status_code=503)
         state = await s.engine.health()
         ok = bool(state.get("ok"))
-        body = {"status": "ok" if ok else "degraded"}
+        body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
         if holder or not s.proxy_api_key:
             body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
+            body.update(s.describe())
             if "base_url" in body:
                 body["base_url"] = redact(str(body["base_url"]))
         return JSONResponse(body if holder else without_errors(body), status_code=200 if ok else 503)
@@ -224,18 +252,30 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
         opening = await unless_disconnected(request, agents.first(chunks))
         request.state.outcome = 499  # until the body is sent to its end
         return event_stream(agents.chain(opening, chunks), chunks)
-    run = (engine, prep.question, prep.policy, prep.config)
+    shadowed = s.shadow is not None and s.shadow.chosen()
+    run = (engine, prep.question, *((SHADOW_POLICY, Shadow.config(prep.config)) if shadowed else (prep.policy, prep.config)))
     raw = not prep.chat  # a raw completion's text is all visible, a thinking family's reasoning too: its stops end it
-    if not prep.stream:
-        result = await unless_disconnected(request, agenerate(*run, family=prep.family, prompt=prep.prompt,
-                                                              stop_in_reasoning=raw))
-        s.metrics.count_result(result)
-        return JSONResponse(full_response(result, prep))
     stream = cast(AsyncGenerator[Event | Result, None],
                   astream(*run, family=prep.family, prompt=prep.prompt, stop_in_reasoning=raw))
+    if shadowed:
+        assert s.shadow is not None
+        stream = s.shadow.watch(stream, prep, prep.policy, s.metrics)
+    if not prep.stream:
+        result = await unless_disconnected(request, run_to_result(stream))
+        s.metrics.count_result(result)
+        return JSONResponse(full_response(result, prep))
     head = await unless_disconnected(request, pull_head(stream))
     request.state.outcome = 499  # until the body is sent to its end
     return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)
+
+
+async def run_to_result(stream: AsyncGenerator[Event | Result, None]) -> Result:
+    """``stream`` consumed to its Result (and closed)."""
+    async with aclosing(stream):
+        async for item in stream:
+            if isinstance(item, Result):
+                return item
+    raise RuntimeError("the answer's stream ended without a Result")  # pragma: no cover - astream always ends with one
 
 
 def json_depth(value: Any) -> int:

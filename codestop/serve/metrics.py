@@ -12,6 +12,7 @@ from codestop.controller import Result
 from codestop.engines.base import Engine
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # what /metrics counts
+SAVED_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
 
 
@@ -66,6 +67,18 @@ class Metrics:
         self.stops = Counter("codestop_stops", "Answers by stop reason.", ["reason"], registry=r)
         self.tokens = Counter("codestop_tokens", "Tokens by kind.", ["kind"], registry=r)
         self.steps = Counter("codestop_reasoning_steps", "Reasoning steps (boundary to boundary) scanned.", registry=r)
+        # shadow mode (codestop.serve.shadow): what the request's policy would have done, replayed on its probes
+        self.shadow_requests = Counter("codestop_shadow_requests", "Requests answered in shadow (without stopping).", registry=r)
+        self.shadow_would_stop = Counter("codestop_shadow_would_stop", "Shadowed requests by the stop reason the policy "
+                                         "would have given (none: it would not have stopped).", ["reason"], registry=r)
+        self.shadow_reasoning_tokens = Counter("codestop_shadow_reasoning_tokens", "Reasoning tokens of shadowed requests.",
+                                               registry=r)
+        self.shadow_saved_tokens = Counter("codestop_shadow_saved_reasoning_tokens", "Reasoning tokens the policy would have "
+                                           "saved on shadowed requests.", registry=r)
+        self.shadow_saved = Histogram("codestop_shadow_saved_fraction", "Share of a shadowed request's reasoning the policy "
+                                      "would have saved.", buckets=SAVED_BUCKETS, registry=r)
+        self.shadow_write_errors = Counter("codestop_shadow_write_errors", "Shadow traces that could not be recorded.",
+                                           registry=r)
 
     def count_result(self, result: Result) -> None:
         self.stops.labels(result.stop_reason).inc()
