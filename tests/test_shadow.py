@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 from llama_servers import free_port
-from scipy.stats import binom
 from scripted import ScriptedEngine
 from test_serve import InProcessProxy
 
+from codestop.analysis.calibrate import calibrate
 from codestop.config import GenerationConfig
 from codestop.controller import agenerate
 from codestop.engines.server import ServerEngine
@@ -141,26 +141,6 @@ CONFIG = DEFAULT_CONFIG.replace(probe_interval=4, boundaries=("\n",))
 CANDIDATES = [{"method": "codestop", "r_min": c, "r_max": c, "tau": 1000.0} for c in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3)]
 
 
-def certify_changed(traces, candidates, max_risk: float, alpha: float):
-    """A minimal Learn-then-Test for the risk ``changed`` (a stand-in for ``codestop.calibrate``,
-    which is another branch's work): fixed-sequence testing of the candidates in their given order,
-    the exact binomial p-value P(Binomial(n, max_risk) <= losses), stopping at the first not
-    certified; the last certified one (None: none)."""
-    chosen, p_values = None, []
-    for options in candidates:
-        policy = make_policy(**options)
-        losses = 0
-        for t in traces:
-            r = replay_trace(t, policy)
-            losses += r.stop_index is not None and t.probes[r.stop_index].answer != t.reference_answer
-        p = float(binom.cdf(losses, len(traces), max_risk))
-        p_values.append(p)
-        if p > alpha:
-            break
-        chosen = options
-    return chosen, p_values
-
-
 def direct(url: str, question: str) -> dict:
     body = {"model": "smollm2", "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": MAX_TOKENS}
     return httpx.post(url + "/chat/completions", json=body, timeout=300).json()
@@ -228,14 +208,13 @@ def test_shadow_calibrate_serve_the_policy_file_and_see_it_stop(vllm_serial_url,
     finally:
         proxy.stop()
 
-    # calibrate on the shadow file (label-free: answers changed against the full reasoning's)
-    max_risk, alpha = 0.5, 0.05  # five traces certify no less: (1 - 0.5)^5 = 0.031 <= alpha with no change
-    chosen, p_values = certify_changed(traces, CANDIDATES, max_risk, alpha)
-    assert chosen is not None, p_values
-    guarantee = {"risk": "changed", "max_risk": max_risk, "alpha": alpha, "n_ordering": 0, "n_testing": len(traces),
-                 "traces": str(shadow_file), "statement": "with probability >= 0.95 over the calibration sample, at most "
-                 "half of the answers on traffic like it change", "p_values": p_values}
-    policy_file = write_policy_file(tmp_path / "policy.json", chosen, guarantee)
+    # calibrate on the shadow file (label-free: answers changed against the full reasoning's), as a user would
+    max_risk, alpha = 0.5, 0.1  # one trace orders, four test: with no change the p-value is 0.5^4 = 0.0625 <= alpha
+    result = calibrate(shadow_file, risk="changed", max_risk=max_risk, alpha=alpha, candidates=CANDIDATES, ordering_fraction=0.2)
+    assert (result["n_ordering"], result["n_testing"]) == (1, len(QUESTIONS) - 1)
+    assert result["policy"]["method"] == "codestop", result["statement"]
+    chosen = result["policy"]
+    policy_file = write_policy_file(tmp_path / "policy.json", chosen, result["guarantee"])
     stops = [(t, r) for t in traces if (r := replay_trace(t, policy_file.build())).stop_index is not None]
     assert stops, "the certified policy stops on no shadow trace"
 
@@ -252,7 +231,7 @@ def test_shadow_calibrate_serve_the_policy_file_and_see_it_stop(vllm_serial_url,
         cs = r.usage.model_extra["codestop"]
         assert cs["stop_reason"] == stop.stop_reason == "confident" and cs["stopped_early"]
         assert cs["stop_position"] == cs["reasoning_tokens"] == stop.reasoning_tokens < trace.reasoning_tokens
-        print(f"certified {chosen} (p-values {[round(p, 4) for p in p_values]}); served, it stopped at "
+        print(f"certified {chosen} ({result['statement']}); served, it stopped at "
               f"{cs['reasoning_tokens']} of {trace.reasoning_tokens} reasoning tokens")
     finally:
         proxy.stop()
