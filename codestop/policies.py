@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
-from codestop.errors import is_number, require
+from codestop.errors import ParameterError, is_number, require
 
 STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_reasoning_tokens", "finished")
 
@@ -475,16 +475,14 @@ def knob_help() -> dict[str, str]:
 def make_policy(method: str, **options: object) -> Policy:
     """Build a policy by method name; options that are None are left at their defaults.
 
-    Options that do not belong to ``method`` raise a ValueError naming them.
+    An unknown method, or an option that does not belong to ``method``, is a ParameterError naming it.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    require(isinstance(method, str) and method in METHODS, "method", method, f"is not a method; choose one of {', '.join(METHODS)}")
     given = {k: v for k, v in options.items() if v is not None}
     foreign = sorted(set(given) - set(METHOD_OPTIONS[method]))
     if foreign:
-        raise ValueError(
-            f"{foreign[0]}: not an option of method {method!r} (its options: {', '.join(METHOD_OPTIONS[method]) or 'none'})"
-        )
+        raise ParameterError(foreign[0], given[foreign[0]],
+                             f"is not an option of method {method!r} (its options: {', '.join(METHOD_OPTIONS[method]) or 'none'})")
     return METHODS[method](**given)  # type: ignore[arg-type]
 
 

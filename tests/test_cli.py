@@ -60,8 +60,8 @@ def test_run_streams_and_summarises(tiny_dir):
     [
         (["--model", "/no/such/model"], "does not exist"),
         (["--model", "{tiny}", "--tau", "-1"], "tau: -1.0 must be a number >= 0"),
-        (["--model", "{tiny}", "--method", "deer", "--tau", "3"], "tau: not an option of method 'deer'"),
-        (["--model", "{tiny}", "--method", "fastest"], "method: unknown method 'fastest'"),
+        (["--model", "{tiny}", "--method", "deer", "--tau", "3"], "tau: 3.0 is not an option of method 'deer'"),
+        (["--model", "{tiny}", "--method", "fastest"], "method: 'fastest' is not a method"),
         (["--model", "{tiny}", "--ramp-steps", "0"], "ramp_steps: 0 must be an integer >= 1"),
         (["--model", "{tiny}", "--file", "/no/such/file"], "file: cannot read"),
     ],
