@@ -175,7 +175,7 @@ def record(args: argparse.Namespace) -> None:
     """Run the workload once (each prompt in each mode, concurrency 1) through the recorder."""
     rec_port, port = args.port + 10, args.port
     with process([sys.executable, str(REPO / "bench" / "upstream_replay.py"), "record", "--upstream", args.upstream,
-                  "--out", str(RECORDING), "--port", str(rec_port)]) as recorder:
+                  "--out", str(args.recording), "--port", str(rec_port)]) as recorder:
         wait_up(f"http://127.0.0.1:{rec_port}/v1/models", recorder, "the recorder")
         cmd, env = proxy_command(args.repo, f"http://127.0.0.1:{rec_port}/v1", port, 1)
         with process(cmd, env, cwd=args.repo) as proxy:
@@ -186,7 +186,7 @@ def record(args: argparse.Namespace) -> None:
                     args.plain = not stream
                     tokens = asyncio.run(load(url, [body(p, mode, args) for p in PROMPTS[: args.prompts]], 1))
                     say(f"recorded {mode} stream={stream}: {tokens} reasoning tokens")
-    say(f"wrote {RECORDING} ({RECORDING.stat().st_size} bytes)")
+    say(f"wrote {args.recording} ({args.recording.stat().st_size} bytes)")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -233,6 +233,8 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8720)
     ap.add_argument("--record", action="store_true", help="record the workload from --upstream instead")
     ap.add_argument("--upstream", default="http://127.0.0.1:8311")
+    ap.add_argument("--recording", type=Path, default=RECORDING,
+                    help="the recording replayed (or made, with --record); default bench/recordings/vllm.jsonl")
     ap.add_argument("--prompts", type=int, default=1, help="how many of the prompts (recorded ones only)")
     ap.add_argument("--record-streams", type=lambda s: [x == "stream" for x in s.split(",")], default=[True, False],
                     help="record streamed and/or plain requests (stream,plain)")
@@ -248,7 +250,7 @@ def main() -> int:
     replay_port = args.port + 20
     with ExitStack() as stack:
         replay = stack.enter_context(process([sys.executable, str(REPO / "bench" / "upstream_replay.py"), "serve",
-                                              "--recording", str(RECORDING), "--port", str(replay_port),
+                                              "--recording", str(args.recording), "--port", str(replay_port),
                                               "--pace-ms", str(args.pace_ms), "--events-per-write", str(args.events_per_write)]))
         wait_up(f"http://127.0.0.1:{replay_port}/v1/models", replay, "the replay upstream")
         for workers in args.workers:

@@ -113,6 +113,7 @@ class Recording:
                     self._turns[shape(path, req)] = itertools.cycle(turns)
                 return next(self._turns[shape(path, req)])
         self.misses += 1
+        print(f"not recorded: {method} {path} {body[:300]!r}", file=sys.stderr, flush=True)
         return Answer(404, "application/json", json.dumps({"error": {"message": f"not recorded: {method} {path}"}}).encode())
 
 

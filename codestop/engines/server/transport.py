@@ -136,12 +136,13 @@ def merge(chunks: list[Chunk]) -> Chunk:
     pieces: dict[int, bytes] = {}
     finish, stop = None, None
     for c in chunks:
-        if ids is not None:
+        tokenless = not c.ids and not c.text  # e.g. the finish event: nothing to read
+        if ids is not None and not tokenless:
             ids = None if c.ids is None else ids + c.ids
-        if lps is not None:
+        if lps is not None and not tokenless:
             if c.logprobs is not None:
                 lps += c.logprobs
-            elif c.ids is None or c.ids:  # tokens without logprobs: the merged chunk has none
+            else:  # tokens without logprobs: the merged chunk has none
                 lps = None
         pieces.update(c.pieces)
         if c.finish:
