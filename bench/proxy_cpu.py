@@ -74,7 +74,8 @@ def wait_up(url: str, proc: subprocess.Popen[bytes], what: str, seconds: float =
 
 @contextmanager
 def process(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(os.environ["PROXY_CPU_LOG"], "ab") if os.environ.get("PROXY_CPU_LOG") else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=log, stderr=log, start_new_session=True)
     try:
         yield proc
     finally:

@@ -31,7 +31,6 @@ from codestop.errors import ContextTooLong, ServerError, ServerTimeout, ServerUn
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 COMPLETIONS = "/v1/completions"
-DRAIN_TIMEOUT_S = 1.0  # most time spent reading the end of a stream the server has finished
 
 
 @dataclass
@@ -368,8 +367,7 @@ class Transport:
             body = response.aiter_bytes()
             text = codecs.getincrementaldecoder("utf-8")()
             rest = ""
-            received, cap = 0, fields.get("max_tokens")
-            finished = False  # the server generated all it will: what is left of the body is its end
+            finished = False  # the server said it is done (a finish reason): what is left of the body is its end
             try:
                 async for raw in body:
                     rest += text.decode(raw)
@@ -394,8 +392,7 @@ class Transport:
                         failed = err
                     if chunks:  # what came before the end (or an error event) is read first
                         merged = merge(chunks)
-                        received += len(merged.ids or ())
-                        finished = finished or merged.finish is not None or (cap is not None and received >= cap)
+                        finished = finished or merged.finish is not None
                         yield merged
                     if failed is not None:
                         raise failed
@@ -404,12 +401,11 @@ class Transport:
                         return
             finally:
                 if finished:
-                    # closed where the server is done anyway (its last token, its finish): read the
-                    # body's end, so the connection is kept for the next request instead of closed
-                    with suppress(TimeoutError, httpx.HTTPError):
-                        async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                            async for _ in body:
-                                pass
+                    # closed after the server said it is done: read the body's end ([DONE], which
+                    # follows at once), so the connection is kept for the next request, not closed
+                    with suppress(httpx.HTTPError):
+                        async for _ in body:
+                            pass
 
     def _event(self, payload: str) -> Chunk:
         try:
