@@ -199,6 +199,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def summary(runs: dict[str, Any]) -> str:
+    """Before against after for every setting measured both ways ("before: X" and "after: X"), and
+    one worker against two where the after run has both."""
+    out = []
+    for label, run in runs.items():
+        if not label.startswith("after: ") or (before := runs.get("before: " + label[7:])) is None:
+            continue
+        old = {(r["mode"], r["concurrency"]): r for r in before["rows"] if r["workers"] == 1}
+        out += [f"**{label[7:]}**\n", "| mode | concurrency | µs per token, before | after | tokens/s (wall), before | after |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for r in run["rows"]:
+            if r["workers"] == 1 and (b := old.get((r["mode"], r["concurrency"]))) is not None:
+                out.append(f"| {r['mode']} | {r['concurrency']} | {b['us_per_token']:.0f} | {r['us_per_token']:.0f} | "
+                           f"{b['tokens_per_s']} | {r['tokens_per_s']} |")
+        out.append("")
+        two = {(r["mode"], r["concurrency"]): r for r in run["rows"] if r["workers"] == 2}
+        if two:
+            out += [f"**{label[7:]}, one worker against two (after)**\n",
+                    "| mode | concurrency | tokens/s (wall), 1 worker | 2 workers | µs per token, 1 worker | 2 workers |",
+                    "|---|---:|---:|---:|---:|---:|"]
+            for r in run["rows"]:
+                if r["workers"] == 1 and (w := two.get((r["mode"], r["concurrency"]))) is not None:
+                    out.append(f"| {r['mode']} | {r['concurrency']} | {r['tokens_per_s']} | {w['tokens_per_s']} | "
+                               f"{r['us_per_token']:.0f} | {w['us_per_token']:.0f} |")
+            out.append("")
+    return "\n".join(out)
+
+
 def pace(ms: float, per_write: int) -> str:
     return f"{per_write} per write, writes {ms:g} ms apart" if ms > 0 else "as fast as read"
 
@@ -207,16 +235,19 @@ def write(label: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> N
     path = RESULTS / "proxy_cpu.json"
     runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
     runs[label] = {"rows": rows, "streamed": not args.plain, "pace_ms": args.pace_ms, "events_per_write": args.events_per_write,
-                   "probe_interval": args.probe_interval,
-                   "max_reasoning_tokens": args.max_reasoning_tokens, "cpus": os.cpu_count(),
-                   "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                   "probe_interval": args.probe_interval, "max_reasoning_tokens": args.max_reasoning_tokens,
+                   "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     path.write_text(json.dumps({"caveat": CAVEAT, "runs": runs}, indent=1) + "\n")
-    md = [f"# Proxy CPU per reasoning token (bench/proxy_cpu.py)\n\n{CAVEAT}\n"]
+    write_md(runs)
+
+
+def write_md(runs: dict[str, Any]) -> None:
+    md = [f"# Proxy CPU per reasoning token (bench/proxy_cpu.py)\n\n{CAVEAT}\n", summary(runs)]
     for name, run in runs.items():
+        upstream = pace(run.get("pace_ms", 0.0), run.get("events_per_write", 1))
         md.append(f"## {name} ({run['when']}; {'streamed' if run['streamed'] else 'plain'} chat requests, "
                   f"probe every {run['probe_interval']} tokens at line boundaries, {run['max_reasoning_tokens']} "
-                  f"reasoning tokens at most, upstream events {pace(run.get('pace_ms', 0.0), run.get('events_per_write', 1))}, {run['cpus']} CPUs)\n\n"
-                  f"{table(run['rows'])}\n")
+                  f"reasoning tokens at most, upstream events {upstream}, {run['cpus']} CPUs)\n\n{table(run['rows'])}\n")
     (RESULTS / "proxy_cpu.md").write_text("\n".join(md))
 
 
@@ -240,12 +271,18 @@ def main() -> int:
     ap.add_argument("--record-streams", type=lambda s: [x == "stream" for x in s.split(",")], default=[True, False],
                     help="record streamed and/or plain requests (stream,plain)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--summary", action="store_true", help="print before against after from the results file (and rewrite its .md), and exit")
     ap.add_argument("--events-per-write", type=int, default=1, help="with --pace-ms: events the replay sends together")
     ap.add_argument("--pace-ms", type=float, default=0.0,
                     help="the replay sends a stream's events this far apart (one token each; default 0: as fast as read)")
     args = ap.parse_args()
     if args.record:
         record(args)
+        return 0
+    if args.summary:
+        runs = json.loads((RESULTS / "proxy_cpu.json").read_text())["runs"]
+        print(summary(runs))
+        write_md(runs)
         return 0
     rows: list[dict[str, Any]] = []
     replay_port = args.port + 20
