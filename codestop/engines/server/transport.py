@@ -374,22 +374,7 @@ class Transport:
                     if "\r" in rest:
                         rest = rest.replace("\r\n", "\n")  # SSE's other line end
                     *events, rest = rest.split("\n\n")
-                    chunks: list[Chunk] = []
-                    done = False
-                    failed: ServerError | ContextTooLong | None = None
-                    try:
-                        for event in events:
-                            for line in event.split("\n") if "\n" in event else (event,):
-                                if line.startswith("data:"):
-                                    payload = line[5:].strip()
-                                    if payload == "[DONE]":
-                                        done = True
-                                        break
-                                    chunks.append(self._event(payload))
-                            if done:
-                                break
-                    except (ServerError, ContextTooLong) as err:
-                        failed = err
+                    chunks, done, failed = self._read_events(events)
                     if chunks:  # what came before the end (or an error event) is read first
                         merged = merge(chunks)
                         finished = finished or merged.finish is not None
@@ -399,6 +384,12 @@ class Transport:
                     if done:
                         finished = True
                         return
+                # the body ended without the blank line after its last event
+                chunks, _, failed = self._read_events([rest + text.decode(b"", final=True)])
+                if chunks:
+                    yield merge(chunks)
+                if failed is not None:
+                    raise failed
             finally:
                 if finished:
                     # closed after the server said it is done: read the body's end ([DONE], which
@@ -406,6 +397,22 @@ class Transport:
                     with suppress(httpx.HTTPError):
                         async for _ in body:
                             pass
+
+    def _read_events(self, events: list[str]) -> tuple[list[Chunk], bool, ServerError | ContextTooLong | None]:
+        """The chunks of server-sent ``events`` up to ``[DONE]``; whether it came; the error an
+        error event raised (the chunks before it are still read)."""
+        chunks: list[Chunk] = []
+        try:
+            for event in events:
+                for line in event.split("\n") if "\n" in event else (event,):
+                    if line.startswith("data:"):
+                        payload = line[5:].strip()
+                        if payload == "[DONE]":
+                            return chunks, True, None
+                        chunks.append(self._event(payload))
+        except (ServerError, ContextTooLong) as err:
+            return chunks, False, err
+        return chunks, False, None
 
     def _event(self, payload: str) -> Chunk:
         try:
