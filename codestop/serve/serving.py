@@ -421,28 +421,31 @@ async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGe
     its own. A failure after the first byte ends the stream with an error event."""
     splitter = Splitter(prep.family, prep.chat)
     delta = _Deltas(prep)
+    # the role chunk goes out with the first text (already pulled: no wait), and what one event
+    # gives in one write: each write to the client is a system call
+    opening = _sse(_chunk(prep, {"role": "assistant", "content": ""})) if prep.chat else ""
     async with aclosing(stream):
-        if prep.chat:
-            yield _sse(_chunk(prep, {"role": "assistant", "content": ""}))
         try:
             async for item in _chain(head, stream):
                 if isinstance(item, Result):
-                    for where, piece in splitter.flush():
-                        yield delta(where, piece)
-                    tail = _sse(_chunk(prep, {}, finish_reason_of(item, prep.config)))
+                    out = opening + "".join(delta(where, piece) for where, piece in splitter.flush())
+                    out += _sse(_chunk(prep, {}, finish_reason_of(item, prep.config)))
                     if prep.include_usage:
-                        tail += _sse({**_chunk(prep, None), "usage": usage_of(item, prep.family)})
+                        out += _sse({**_chunk(prep, None), "usage": usage_of(item, prep.family)})
                     metrics.count_result(item)
-                    yield tail + "data: [DONE]\n\n"
+                    opening = ""
+                    yield out + "data: [DONE]\n\n"
                     state.outcome = 200
                 elif item.kind in ("reasoning", "answer"):
-                    for where, piece in splitter.feed(item.kind, item.text):
-                        yield delta(where, piece)
+                    if out := "".join(delta(where, piece) for where, piece in splitter.feed(item.kind, item.text)):
+                        out, opening = opening + out, ""
+                        yield out
         except Exception as exc:  # the status line is sent: the error goes in the stream
             state.outcome, payload = error_for(exc, "messages" if prep.chat else "prompt")
             if state.outcome == 500:
                 log.exception("answer failed mid-stream")
-            yield _sse(payload)
+            out, opening = opening + _sse(payload), ""
+            yield out
 
 
 async def _chain(head: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
