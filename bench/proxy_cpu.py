@@ -11,9 +11,14 @@ probe at each line boundary ``--probe-interval`` tokens apart, probe_mode overla
 sequential; each at ``--concurrency`` 1, 16 and 64, chat requests streamed (``--plain``: not).
 Throughput (reasoning tokens per wall second) is the ceiling the proxy reaches on this machine.
 
-The recordings (bench/recordings/vllm.jsonl) were made by running this workload once through the
-recorder in front of the real vLLM (``--record``): SmolLM2-135M-Instruct, which is not a reasoning
-model, asked for numbered lists, so every reply is long and has a boundary at each line.
+The recordings were made by running this workload once through the recorder (``--record``), in
+front of the real servers serving SmolLM2-135M-Instruct, which is not a reasoning model, asked for
+a numbered list (a long reply with a boundary at each line): bench/recordings/vllm.jsonl from the
+tests' vLLM (``--record --modes vanilla --record-streams stream``, then ``--modes
+overlapped,sequential --record-streams plain`` at ``--max-reasoning-tokens`` 96 and 384: streamed
+requests that were not recorded are answered from the recorded stream they continue);
+bench/recordings/llamacpp.jsonl from a llama-server through xllamacpp (tests/llama_servers.py;
+``--record --upstream URL --recording bench/recordings/llamacpp.jsonl --max-reasoning-tokens 256``).
 
 Usage:
   python bench/proxy_cpu.py [--label after] [--workers 1,2] [--concurrency 1,16,64] [--modes vanilla,overlapped,sequential]
