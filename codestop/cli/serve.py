@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from codestop.cli.options import (
@@ -69,6 +72,10 @@ def add_parser(sub: Any) -> None:
                    help="the model name(s) /v1/models lists and requests may name, as vLLM's; responses carry the "
                         "one asked for, else the first (default: the model's own name: the upstream's, or --model's)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes behind the one port (uvicorn's workers), each with its own upstream "
+                        "clients; a request (its session) stays on the worker that took it, /metrics sums them "
+                        "(default 1)")
     g = p.add_argument_group("shadow mode")
     g.add_argument("--shadow", default=None, metavar="FILE",
                    help="answer requests as the upstream alone would (no stop, nothing appended) while probing beside "
@@ -86,37 +93,85 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+WORKER_ARGS = "CODESTOP_SERVE_ARGS"  # the serve options, as JSON, for each worker's app factory
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from codestop.serve import create_app
 
     if not args.base_url and not args.model:
         raise CodestopError("serve: give --base-url URL (an upstream completions server) or --model M (an in-process engine)")
     if not 0 < args.port < 65536:
         raise CodestopError(f"port: {args.port} must be in 1..65535")
-    config = config_from_args(args)
-    proxy_api_key = args.proxy_api_key or os.environ.get("CODESTOP_PROXY_API_KEY") or None
+    if args.workers < 1:
+        raise CodestopError(f"workers: {args.workers} must be an integer >= 1")
+    if args.workers > 1:
+        return serve_workers(args)
     server: Any = None
 
-    def engine() -> Engine:  # built once the server listens: /health is 503 until it is there
-        try:
-            return build_engine(args)
-        except BaseException:
-            server.should_exit = True  # an engine that cannot be built (a bad model, key, URL) ends the server
-            raise
+    def stop_server() -> None:  # an engine that cannot be built (a bad model, key, URL) ends the server
+        server.should_exit = True
 
-    # the default policy is validated here, once, before the model loads
-    policy = policy_file_from_args(args) or PolicyFile(policy_options_from_args(args))  # from flags: uncalibrated
-    app = create_app(engine, config=config, policy=policy, proxy_api_key=proxy_api_key,
-                     max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name,
-                     shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text)
-    served = app.state.served
-    print(f"codestop serve: policy {served.policy_file.describe()}", file=sys.stderr)
-    if served.shadow is not None:
-        print(f"codestop serve: {served.shadow.describe()}", file=sys.stderr)
+    app = make_app(args, stop_server)
+    say_what_it_serves(app)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     server.run()
     if app.state.served.load_error is not None:
         raise CodestopError(app.state.served.load_error)
     return 0
+
+
+def make_app(args: argparse.Namespace, on_engine_error: Any = None) -> Any:
+    """The proxy's app for the serve options ``args``; the engine is built once the server listens
+    (/health is 503 until it is there)."""
+    from codestop.serve import create_app
+
+    config = config_from_args(args)
+    proxy_api_key = args.proxy_api_key or os.environ.get("CODESTOP_PROXY_API_KEY") or None
+
+    def engine() -> Engine:
+        try:
+            return build_engine(args)
+        except BaseException:
+            if on_engine_error is not None:
+                on_engine_error()
+            raise
+
+    # the default policy is validated here, once, before the model loads
+    policy = policy_file_from_args(args) or PolicyFile(policy_options_from_args(args))  # from flags: uncalibrated
+    return create_app(engine, config=config, policy=policy, proxy_api_key=proxy_api_key,
+                      max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name,
+                      shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text)
+
+
+def say_what_it_serves(app: Any) -> None:
+    """The start-up lines: the policy and its guarantee (or that it has none), and the shadow file."""
+    served = app.state.served
+    print(f"codestop serve: policy {served.policy_file.describe()}", file=sys.stderr)
+    if served.shadow is not None:
+        print(f"codestop serve: {served.shadow.describe()}", file=sys.stderr)
+
+
+def serve_workers(args: argparse.Namespace) -> int:
+    """``--workers N``: uvicorn starts N processes on the one socket, each building its app (and
+    its engine, with its own upstream clients) from the options passed in the environment; their
+    metrics are shared through ``$PROMETHEUS_MULTIPROC_DIR`` (a temporary directory unless set)."""
+    import uvicorn
+
+    say_what_it_serves(make_app(args))  # a bad option fails here, once, not in every worker
+    own_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    shared = tempfile.mkdtemp(prefix="codestop-metrics-") if own_dir else os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    os.environ.update({WORKER_ARGS: json.dumps(options), "PROMETHEUS_MULTIPROC_DIR": shared})
+    try:
+        uvicorn.run("codestop.cli.serve:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+                    log_level=args.log_level)
+    finally:
+        if own_dir:
+            shutil.rmtree(shared, ignore_errors=True)
+    return 0
+
+
+def worker_app() -> Any:
+    """One worker's app (uvicorn's factory), from the options ``serve_workers`` passed."""
+    return make_app(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])))

@@ -1,9 +1,16 @@
 """The proxy's Prometheus metrics (prometheus_client, one registry per app): requests by endpoint
 and status, latency to the last byte, requests in flight, stops by reason, tokens by kind, the
-process's own series, and the engine's counters read at each scrape."""
+process's own series, and the engine's counters read at each scrape.
+
+Several workers (``codestop serve --workers N``, ``$PROMETHEUS_MULTIPROC_DIR`` set): prometheus_client's
+multiprocess mode. Every worker writes its series to files in that directory and a scrape, whichever
+worker answers it, sums them (a ``MultiProcessCollector``); each worker's engine counters are added
+to counters of the same names after each request and at each scrape. The per-process series
+(process_*, python_*) are left out then, as prometheus_client's multiprocess mode does."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,6 +55,11 @@ class EngineCounters:
             yield family
 
 
+def multiprocess_dir() -> str | None:
+    """The directory the workers share their series in (multiprocess mode), None with one process."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class Metrics:
     """The proxy's series: requests by endpoint and status, latency to the last byte, requests in
     flight, stops by reason, tokens by kind; the process's; the engine's counters."""
@@ -55,15 +67,21 @@ class Metrics:
     def __init__(self, engine: Callable[[], Engine | None]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
+        self.engine = engine
+        self.shared = multiprocess_dir()
         self.registry = r = CollectorRegistry()
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        r.register(EngineCounters(engine))
+        if self.shared is None:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            r.register(EngineCounters(engine))
+        self._engine_series: dict[str, Any] = {}  # multiprocess mode: the engine's counters, by name
+        self._synced: dict[tuple[str, tuple[str, ...]], float] = {}  # and what was added to them so far
         self.requests = Counter("codestop_requests", "Requests answered, by endpoint and HTTP status (499: the client left).",
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("codestop_request_duration_seconds", "Request latency, to the last byte.", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("codestop_requests_in_flight", "Requests being answered now.", registry=r)
+        self.in_flight = Gauge("codestop_requests_in_flight", "Requests being answered now.", registry=r,
+                               multiprocess_mode="livesum")
         self.stops = Counter("codestop_stops", "Answers by stop reason.", ["reason"], registry=r)
         self.tokens = Counter("codestop_tokens", "Tokens by kind.", ["kind"], registry=r)
         self.steps = Counter("codestop_reasoning_steps", "Reasoning steps (boundary to boundary) scanned.", registry=r)
@@ -86,10 +104,41 @@ class Metrics:
         for kind, n in result.tokens.items():
             self.tokens.labels(kind).inc(n)
 
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
+    def sync_engine(self) -> None:
+        """Multiprocess mode: add what this worker's engine counted since the last call to the
+        shared counters of the same names (the scrape sums the workers')."""
+        from prometheus_client import CollectorRegistry, Counter
 
-        return generate_latest(self.registry)
+        engine = self.engine() if self.shared is not None else None
+        if engine is None:
+            return
+        for name, by_key in engine.counters().items():
+            for key, n in by_key.items():
+                labels = counter_labels(key)
+                series = self._engine_series.get(name)
+                if series is None:
+                    series = self._engine_series[name] = Counter(
+                        f"codestop_{name}", f"{engine.name} engine: {name.replace('_', ' ')}", list(labels),
+                        registry=CollectorRegistry())  # never rendered itself: the files are
+                if set(labels) != set(series._labelnames):
+                    continue  # a key with other labels than the first: not exported (no engine has one)
+                at = (name, tuple(labels[k] for k in series._labelnames))
+                if n > self._synced.get(at, 0.0):
+                    child = series.labels(*at[1]) if labels else series
+                    child.inc(n - self._synced.get(at, 0.0))
+                    self._synced[at] = n
+
+    def render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self.shared is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.sync_engine()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.shared)
+        return generate_latest(merged)
 
 
 class CountRequests:
@@ -121,3 +170,4 @@ class CountRequests:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(endpoint, str(state.get("outcome", status))).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.sync_engine()

@@ -367,6 +367,25 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+class _Deltas:
+    """A stream's text chunks as SSE, byte for byte ``_sse(_chunk(prep, {where: text}))``: the
+    chunk around the text is encoded once per section, only the text per chunk (the hot path)."""
+
+    MARK = "\u0000"  # JSON writes it as an escape, which no other part of the chunk holds
+
+    def __init__(self, prep: Prepared) -> None:
+        self.prep = prep
+        self.around: dict[str, list[str]] = {}
+
+    def __call__(self, where: str, text: str) -> str:
+        around = self.around.get(where)
+        if around is None:
+            around = self.around[where] = _sse(_chunk(self.prep, {where: self.MARK})).split(json.dumps(self.MARK))
+        if len(around) != 2:  # the mark elsewhere too (a model name holding it): the whole chunk
+            return _sse(_chunk(self.prep, {where: text}))
+        return around[0] + json.dumps(text, ensure_ascii=False) + around[1]
+
+
 def _chunk(prep: Prepared, delta: dict[str, str] | None, finish: str | None = None) -> dict[str, Any]:
     """A stream chunk: a delta (with its finish reason), or with ``delta`` None a chunk with no
     choice (the usage chunk)."""
@@ -400,28 +419,32 @@ async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGe
     ``stream``; the usage, when asked for (``stream_options.include_usage``), in a last chunk of
     its own. A failure after the first byte ends the stream with an error event."""
     splitter = Splitter(prep.family, prep.chat)
+    delta = _Deltas(prep)
+    # the role chunk goes out with the first text (already pulled: no wait), and what one event
+    # gives in one write: each write to the client is a system call
+    opening = _sse(_chunk(prep, {"role": "assistant", "content": ""})) if prep.chat else ""
     async with aclosing(stream):
-        if prep.chat:
-            yield _sse(_chunk(prep, {"role": "assistant", "content": ""}))
         try:
             async for item in _chain(head, stream):
                 if isinstance(item, Result):
-                    for where, piece in splitter.flush():
-                        yield _sse(_chunk(prep, {where: piece}))
-                    tail = _sse(_chunk(prep, {}, finish_reason_of(item, prep.config)))
+                    out = opening + "".join(delta(where, piece) for where, piece in splitter.flush())
+                    out += _sse(_chunk(prep, {}, finish_reason_of(item, prep.config)))
                     if prep.include_usage:
-                        tail += _sse({**_chunk(prep, None), "usage": usage_of(item, prep.family)})
+                        out += _sse({**_chunk(prep, None), "usage": usage_of(item, prep.family)})
                     metrics.count_result(item)
-                    yield tail + "data: [DONE]\n\n"
+                    opening = ""
+                    yield out + "data: [DONE]\n\n"
                     state.outcome = 200
                 elif item.kind in ("reasoning", "answer"):
-                    for where, piece in splitter.feed(item.kind, item.text):
-                        yield _sse(_chunk(prep, {where: piece}))
+                    if out := "".join(delta(where, piece) for where, piece in splitter.feed(item.kind, item.text)):
+                        out, opening = opening + out, ""
+                        yield out
         except Exception as exc:  # the status line is sent: the error goes in the stream
             state.outcome, payload = error_for(exc, "messages" if prep.chat else "prompt")
             if state.outcome == 500:
                 log.exception("answer failed mid-stream")
-            yield _sse(payload)
+            out, opening = opening + _sse(payload), ""
+            yield out
 
 
 async def _chain(head: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -43,7 +43,7 @@ from codestop.engines.server.dialects import GENERIC, Request
 from codestop.engines.server.discovery import Upstream, api_key_from_env, discover, load_tokenizer
 from codestop.engines.server.options import ServerOptions
 from codestop.engines.server.session import ServerSession
-from codestop.engines.server.tokenizer import NotConnected, RemoteTokens
+from codestop.engines.server.tokenizer import NO_BLOCKING, NotConnected, RemoteTokens, WouldBlock, check_blocking
 from codestop.engines.server.transport import Chunk, Transport, client_for, error_message
 from codestop.engines.tokens import HFTokens, Tokens
 from codestop.errors import CodestopError, ServerError, ServerTimeout, ServerUnreachable
@@ -187,12 +187,19 @@ class ServerEngine(Engine):
         thread so the event loop (and every other session on it) never waits on them."""
         await self.ready()
         if isinstance(self.tokens, RemoteTokens):
+            blocking = NO_BLOCKING.set(True)
+            try:
+                return fn(*args)  # tried here first: an answer already cached needs no thread
+            except WouldBlock:
+                pass
+            finally:
+                NO_BLOCKING.reset(blocking)
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
     async def ensure_decodable(self, ids: Sequence[int]) -> None:
         """Make ``ids`` decodable without a blocking call (unknown pieces fetched asynchronously)."""
-        if isinstance(self.tokens, RemoteTokens) and self.tokens.missing(ids):
+        if isinstance(self.tokens, RemoteTokens) and not self.tokens.knows(ids):
             await self.tokens.fetch(self.transport.state().client, ids)
 
     async def _prompt_text(self, ids: Sequence[int]) -> str:
@@ -234,6 +241,7 @@ class ServerEngine(Engine):
         if isinstance(self.tokens, HFTokens):
             rendered = self.tokens.render(messages, **template_kwargs)
         else:
+            check_blocking()
             try:
                 rendered = self.dialect.render(self.transport.sync, self.base_url, self.model_name, messages,
                                                template_kwargs, self.detokenize)

@@ -50,10 +50,13 @@ class RunAhead:
         needed, until the step ends. ``eos``: the EOS ids now (an EOS the stream learnt ends this
         step too)."""
         while scanner.end is None:
-            token = self.token(committed + len(scanner.ids))
-            if token is not None:
+            at = committed + len(scanner.ids)
+            if self.token(at) is not None:
+                # every token that has arrived, then the text once: one piece per batch read
                 scanner.eos_ids = eos()
-                scanner.feed(token)
+                while scanner.end is None and (token := self.token(at)) is not None:
+                    scanner.feed(token)
+                    at += 1
                 if piece := scanner.take_text():
                     yield piece
             elif self.task.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import httpx
@@ -12,6 +13,18 @@ from codestop.engines.server.transport import timeout_error
 from codestop.errors import CodestopError, ServerError, ServerUnreachable
 
 _MISSING = object()
+# set while the engine tries a tokenizer call on the event loop: an answer not cached raises WouldBlock
+NO_BLOCKING: ContextVar[bool] = ContextVar("codestop_no_blocking", default=False)
+
+
+class WouldBlock(Exception):
+    """A tokenizer or template call would block on HTTP where it may not (the engine then makes it
+    in a worker thread)."""
+
+
+def check_blocking() -> None:
+    if NO_BLOCKING.get():
+        raise WouldBlock()
 
 
 class RemoteTokens:
@@ -58,6 +71,7 @@ class RemoteTokens:
         )
 
     def _call(self, kind: str, arg: Any) -> Any:
+        check_blocking()
         for route in self._candidates(kind):
             self.requests += 1
             try:
@@ -106,13 +120,24 @@ class RemoteTokens:
         for i, piece in pieces.items():
             self.pieces.setdefault(i, piece)
 
+    def knows(self, ids: Sequence[int]) -> bool:
+        """Whether every piece of ``ids`` is known (decoding them makes no request)."""
+        pieces = self.pieces
+        return all(i in pieces for i in ids)
+
     def missing(self, ids: Sequence[int]) -> list[int]:
-        return list(dict.fromkeys(i for i in ids if i not in self.pieces))
+        pieces = self.pieces
+        return list(dict.fromkeys(i for i in ids if i not in pieces))
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        pieces = self.pieces
+        try:  # the hot path: every piece known (the step loop fetches unknown ones first)
+            return b"".join([pieces[i] for i in ids]).decode("utf-8", errors="replace")
+        except KeyError:
+            pass
         for i in self.missing(ids):  # once per token id (special tokens carry no bytes in logprobs)
-            self.pieces[i] = str(self._call("detokenize", [i])).encode()
-        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+            pieces[i] = str(self._call("detokenize", [i])).encode()
+        return b"".join([pieces[i] for i in ids]).decode("utf-8", errors="replace")
 
     async def fetch(self, client: httpx.AsyncClient, ids: Sequence[int]) -> None:
         """Fetch the pieces of ``ids`` not known yet, so that decoding them makes no request."""

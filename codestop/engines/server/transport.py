@@ -16,10 +16,11 @@ vLLM skip its prefix cache.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,22 +85,68 @@ def parse_logprobs(logprobs: Any) -> list[Token] | None:
     return None
 
 
+def _token_id(token: Any) -> int | None:
+    """vLLM's ``token_id:N`` (``return_tokens_as_token_ids``); None for a token given as text."""
+    if isinstance(token, str) and token.startswith("token_id:"):
+        try:
+            return int(token[9:])
+        except ValueError:
+            return None
+    return None
+
+
 def parse_choice(data: dict[str, Any]) -> Chunk:
     """A ``/v1/completions`` answer or stream event (vLLM, SGLang and llama.cpp dialects)."""
     choices = data.get("choices") or []
     if not choices:
         return Chunk([], None)  # e.g. a usage-only stream event
     choice = choices[0]
-    tokens = parse_logprobs(choice.get("logprobs"))
+    logprobs = choice.get("logprobs")
     ids = choice.get("token_ids")  # SGLang's (and newer vLLM's) return_token_ids
-    if not isinstance(ids, list):
-        ids = [t.id for t in tokens] if tokens is not None and all(t.id is not None for t in tokens) else None
+    pieces: dict[int, bytes] = {}
+    lps: list[float | None] | None = None
+    if isinstance(logprobs, dict) and isinstance(tokens := logprobs.get("tokens"), list):
+        # the legacy completions format (vLLM, SGLang), read without a Token per token: the hot path
+        lps = logprobs.get("token_logprobs") or [None] * len(tokens)
+        if len(lps) != len(tokens):
+            lps = lps[: len(tokens)] + [None] * (len(tokens) - len(lps))
+        if not isinstance(ids, list):
+            listed = [_token_id(t) for t in tokens]
+            ids = None if None in listed else listed
+    else:
+        parsed = parse_logprobs(logprobs)
+        if not isinstance(ids, list):
+            ids = [t.id for t in parsed] if parsed is not None and all(t.id is not None for t in parsed) else None
+        if parsed is not None:
+            lps = [t.logprob for t in parsed]
+            pieces = {t.id: t.piece for t in parsed if t.id is not None and t.piece is not None}
     stop = choice.get("stop_reason")  # vLLM
     if stop is None:
         stop = choice.get("matched_stop")  # SGLang
-    pieces = {t.id: t.piece for t in tokens or [] if t.id is not None and t.piece is not None}
-    lps = [t.logprob for t in tokens] if tokens is not None else None
     return Chunk(ids, lps, choice.get("text") or "", choice.get("finish_reason"), stop, pieces)
+
+
+def merge(chunks: list[Chunk]) -> Chunk:
+    """Stream events read together as one chunk: their tokens in order, the last one's finish."""
+    if len(chunks) == 1:
+        return chunks[0]
+    ids: list[int] | None = []
+    lps: list[float | None] | None = []
+    pieces: dict[int, bytes] = {}
+    finish, stop = None, None
+    for c in chunks:
+        tokenless = not c.ids and not c.text  # e.g. the finish event: nothing to read
+        if ids is not None and not tokenless:
+            ids = None if c.ids is None else ids + c.ids
+        if lps is not None and not tokenless:
+            if c.logprobs is not None:
+                lps += c.logprobs
+            else:  # tokens without logprobs: the merged chunk has none
+                lps = None
+        pieces.update(c.pieces)
+        if c.finish:
+            finish, stop = c.finish, c.stop
+    return Chunk(ids, lps, "".join(c.text for c in chunks), finish, stop, pieces)
 
 
 def parse_native(data: dict[str, Any]) -> Chunk:
@@ -311,24 +358,75 @@ class Transport:
             return parse(parse_json(response.content, self.base_url))
 
     async def stream(self, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], slot: bool = True) -> AsyncGenerator[Chunk, None]:
-        """One streaming completion, event by event. Closing the generator closes the connection,
-        which aborts the request on the server; a connection broken mid-stream raises (the session
-        resumes from what it kept)."""
+        """One streaming completion, one chunk per read from the connection: the events that read
+        brought, merged (the server's own batching, vLLM's ``--stream-interval``, and whatever
+        queued up while the proxy was busy, so a loaded proxy handles fewer, bigger chunks).
+        Closing the generator closes the connection, which aborts the request on the server; a
+        connection broken mid-stream raises (the session resumes from what it kept)."""
         async with self._post(COMPLETIONS, prompt_ids, kind, {**fields, "stream": True}, stream=True, slot=slot) as response:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    return
-                data = parse_json(payload.encode(), self.base_url)
-                if isinstance(data, dict) and data.get("error"):
-                    err = data["error"]
-                    msg = redact(str(err.get("message") if isinstance(err, dict) else err))
-                    if mentions_context(msg):
-                        raise ContextTooLong(f"the completions server says: {msg}")
-                    raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
-                yield parse_choice(data)
+            body = response.aiter_bytes()
+            text = codecs.getincrementaldecoder("utf-8")()
+            rest = ""
+            finished = False  # the server said it is done (a finish reason): what is left of the body is its end
+            try:
+                async for raw in body:
+                    rest += text.decode(raw)
+                    if "\r" in rest:
+                        rest = rest.replace("\r\n", "\n")  # SSE's other line end
+                    *events, rest = rest.split("\n\n")
+                    chunks, done, failed = self._read_events(events)
+                    if chunks:  # what came before the end (or an error event) is read first
+                        merged = merge(chunks)
+                        finished = finished or merged.finish is not None
+                        yield merged
+                    if failed is not None:
+                        raise failed
+                    if done:
+                        finished = True
+                        return
+                # the body ended without the blank line after its last event
+                chunks, _, failed = self._read_events([rest + text.decode(b"", final=True)])
+                if chunks:
+                    yield merge(chunks)
+                if failed is not None:
+                    raise failed
+            finally:
+                if finished:
+                    # closed after the server said it is done: read the body's end ([DONE], which
+                    # follows at once), so the connection is kept for the next request, not closed
+                    with suppress(httpx.HTTPError):
+                        async for _ in body:
+                            pass
+
+    def _read_events(self, events: list[str]) -> tuple[list[Chunk], bool, ServerError | ContextTooLong | None]:
+        """The chunks of server-sent ``events`` up to ``[DONE]``; whether it came; the error an
+        error event raised (the chunks before it are still read)."""
+        chunks: list[Chunk] = []
+        try:
+            for event in events:
+                for line in event.split("\n") if "\n" in event else (event,):
+                    if line.startswith("data:"):
+                        payload = line[5:].strip()
+                        if payload == "[DONE]":
+                            return chunks, True, None
+                        chunks.append(self._event(payload))
+        except (ServerError, ContextTooLong) as err:
+            return chunks, False, err
+        return chunks, False, None
+
+    def _event(self, payload: str) -> Chunk:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            raise ServerError(f"the completions server at {self.base_url} answered with invalid JSON: "
+                              f"{redact(repr(payload[:200]))}") from None
+        if isinstance(data, dict) and data.get("error"):
+            err = data["error"]
+            msg = redact(str(err.get("message") if isinstance(err, dict) else err))
+            if mentions_context(msg):
+                raise ContextTooLong(f"the completions server says: {msg}")
+            raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
+        return parse_choice(data)
 
     async def aclose(self) -> None:
         """Close every client: each event loop's (the current loop's here, one of a loop running in
