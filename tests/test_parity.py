@@ -346,13 +346,17 @@ async def _probe(eng: ServerEngine, tok: ToyTokenizer):
     return await session.probe(tok.ids("\\boxed{"), 20)
 
 
-def test_remote_tokenizer_calls_run_in_a_worker_thread():
+def test_remote_tokenizer_calls_run_in_a_worker_thread_unless_cached():
     model, _, _ = build(CASES[0])
-    remote, _ = server_engine(model, "llamacpp", True)
+    remote, server = server_engine(model, "llamacpp", True)
     local, _ = server_engine(model, "llamacpp", False)
 
-    def where() -> bool:
-        return threading.current_thread() is threading.main_thread()
+    def tokenize(engine: ServerEngine, text: str) -> tuple[list[int], bool]:
+        """The ids, and whether they were computed on the event loop's thread."""
+        return engine.tokens.tokenize(text), threading.current_thread() is threading.main_thread()
 
-    assert asyncio.run(remote.run_tokenizer(where)) is False
-    assert asyncio.run(local.run_tokenizer(where)) is True
+    ids, on_loop = asyncio.run(remote.run_tokenizer(tokenize, remote, "hi there"))
+    assert not on_loop and len(server.sync_requests) == 1  # not cached: a blocking HTTP call, in a worker thread
+    again, on_loop = asyncio.run(remote.run_tokenizer(tokenize, remote, "hi there"))
+    assert again == ids and on_loop and len(server.sync_requests) == 1  # cached: answered on the loop, no call, no thread
+    assert asyncio.run(local.run_tokenizer(tokenize, local, "hi there")) == (ids, True)  # a local tokenizer never blocks
