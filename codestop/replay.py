@@ -84,8 +84,8 @@ def replay_trace(trace: Trace, policy: Policy, probes: Sequence[Probe] | None = 
             answered = best_probe(probes[: i + 1]) if policy.answer_from == "best" else p
             return Replayed(trace.id, i, decision.reason, answered.correct, p.position, _cost(p.position, spent, policy),
                             answered.answer, changed_from_reference(trace, answered.answer))
-    if trace.final_correct is not None or trace.final_answer is not None or trace.reasoning_tokens is not None:
-        correct, answer = trace.final_correct, trace.final_answer  # it ran to its end (labelled or not)
+    if trace.ended:  # labelled or not
+        correct, answer = trace.final_correct, trace.final_answer
         tokens = trace.reasoning_tokens if trace.reasoning_tokens is not None else (probes[-1].position if probes else 0)
     else:
         correct, answer = probes[-1].correct, probes[-1].answer

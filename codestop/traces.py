@@ -41,9 +41,16 @@ class Trace:
     grading: str | None = None
 
     @property
+    def ended(self) -> bool:
+        """Whether the trace ran to the end of its reasoning: it has a final answer (graded or not)
+        or a reference probe, which is taken there (``reference_answer`` is either's)."""
+        return self.final_correct is not None or self.reference_answer is not None
+
+    @property
     def labelled(self) -> bool:
-        """Whether every probe and the final answer carry ``correct`` (the risk ``lost`` needs it)."""
-        return self.final_correct is not None and all(p.correct is not None for p in self.probes)
+        """Whether every probe, and the final answer when there is one, carries ``correct`` (a sweep
+        and the risk ``lost`` need it; a minimal trace of probes alone has no final answer)."""
+        return all(p.correct is not None for p in self.probes) and not (self.final_correct is None and self.final_answer is not None)
 
 
 def _probe_from_json(obj: Any, where: str, i: int) -> Probe:
@@ -94,8 +101,7 @@ def trace_from_json(obj: dict[str, Any], where: str) -> Trace:
         reference_answer: str | None = reference_probe.answer
     else:
         reference_answer = None if final_answer is None else str(final_answer)
-    # the trace ran to the end of its reasoning (a reference probe is taken there)
-    ended = final is not None or final_answer is not None or reference_probe is not None
+    ended = final is not None or reference_answer is not None  # as Trace.ended: it ran to the end of its reasoning
     return Trace(
         id=str(obj["id"]),
         probes=probes,
@@ -118,7 +124,7 @@ def thinned(trace: Trace, probe_interval: int) -> Trace:
         if p.position > 0 and p.position - last >= max(1, probe_interval):
             kept.append(p)
             last = p.position
-    if trace.final_correct is None and trace.reference_answer is None and trace.probes and (not kept or kept[-1] is not trace.probes[-1]):
+    if not trace.ended and trace.probes and (not kept or kept[-1] is not trace.probes[-1]):
         kept.append(trace.probes[-1])
     return replace(trace, probes=tuple(kept))
 

@@ -107,24 +107,21 @@ def _report(out: Outcomes, ltt: LttResult, risk: str, max_risk: float, alpha: fl
     n = n_ordering + n_testing
     loss = out.loss(risk)
     vanilla_mean = float(out.vanilla_cost.mean())
-    tested = []
-    for rank, i in enumerate(ltt.order):
+
+    def row(i: int, rank: int | None) -> dict[str, Any]:
+        """Candidate ``i``'s test; ``rank`` its place in the order, None: it saved nothing on the
+        ordering part and was never tested."""
         mean_cost = float(out.cost[i].mean())
-        tested.append({
+        return {
             "rank": rank, "label": candidate_label(out.candidates[i]), "policy": out.candidates[i],
             "ordering_risk": float(ltt.ordering_risk[i]), "testing_losses": int(ltt.testing_losses[i]),
-            "testing_risk": float(ltt.testing_losses[i] / n_testing), "p_value": float(ltt.p_values[i]),
-            "tested": rank < ltt.n_tested, "certified": rank < ltt.n_certified,
+            "testing_risk": float(ltt.testing_losses[i] / n_testing),
+            "p_value": None if rank is None else float(ltt.p_values[i]),
+            "tested": rank is not None and rank < ltt.n_tested, "certified": rank is not None and rank < ltt.n_certified,
             "mean_cost_tokens": mean_cost, "saving": 1 - mean_cost / vanilla_mean if vanilla_mean else 0.0,
-        })
-    for i in ltt.skipped:  # saved nothing on the ordering part: never tested
-        mean_cost = float(out.cost[i].mean())
-        tested.append({
-            "rank": None, "label": candidate_label(out.candidates[i]), "policy": out.candidates[i],
-            "ordering_risk": float(ltt.ordering_risk[i]), "testing_losses": int(ltt.testing_losses[i]),
-            "testing_risk": float(ltt.testing_losses[i] / n_testing), "p_value": None, "tested": False, "certified": False,
-            "mean_cost_tokens": mean_cost, "saving": 1 - mean_cost / vanilla_mean if vanilla_mean else 0.0,
-        })
+        }
+
+    tested = [row(i, rank) for rank, i in enumerate(ltt.order)] + [row(i, None) for i in ltt.skipped]
     n_min = min_certifiable_n(max_risk, alpha)
     chosen_i = ltt.chosen
     policy = out.candidates[chosen_i] if chosen_i is not None else {"method": "vanilla"}

@@ -90,8 +90,7 @@ def run_policy(traces: Sequence[Trace], policy: Policy, cache: dict[str, list[li
 
 def first_unlabelled(traces: Sequence[Trace]) -> Trace | None:
     """The first trace with a probe or a final answer but no ``correct`` for it (no gold), or None."""
-    return next((t for t in traces if any(p.correct is None for p in t.probes)
-                 or (t.final_correct is None and t.final_answer is not None)), None)
+    return next((t for t in traces if not t.labelled), None)
 
 
 def require_labels(traces: Sequence[Trace], what: str) -> None:

@@ -11,7 +11,7 @@ from codestop.config import OLD_NAMES, PROBE_MODES, GenerationConfig, cli_fields
 from codestop.errors import CodestopError
 from codestop.eval.datasets import DATASETS
 from codestop.eval.prompts import DEFAULT_STYLE, PROMPT_STYLES, QUESTION_SLOT
-from codestop.policies import METHOD_OPTIONS, METHODS, Policy, knob_help, knob_type, make_policy
+from codestop.policies import METHOD_OPTIONS, METHODS, Policy, knob_help, knob_type
 from codestop.policy_file import PolicyFile, read_policy_file
 
 if TYPE_CHECKING:
@@ -33,6 +33,10 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = False) -
     g.add_argument("--tokenizer", default=None, help="the server model's tokenizer (token-id prompts)")
 
 
+# every policy knob, of any method (one flag each)
+POLICY_KNOBS = tuple(sorted({k for opts in METHOD_OPTIONS.values() for k in opts}))
+
+
 def add_policy_options(parser: argparse.ArgumentParser, default_method: str = "codestop") -> None:
     """``--method`` and one flag per policy knob, from the policies' own fields, or ``--policy-file``."""
     g = parser.add_argument_group("stopping policy")
@@ -44,32 +48,21 @@ def add_policy_options(parser: argparse.ArgumentParser, default_method: str = "c
     parser.set_defaults(default_method=default_method)
 
 
-def policy_file_from_args(args: argparse.Namespace) -> PolicyFile | None:
-    """The ``--policy-file`` read, or None; given with --method or a knob flag, an error (which would win is unclear)."""
+def policy_file_from_args(args: argparse.Namespace) -> PolicyFile:
+    """The policy the flags ask for: ``--policy-file``'s, with its guarantee, or the method and knob
+    flags' (uncalibrated; a knob that is not the method's own is an error where the policy is
+    built). Both given is an error: which would win is unclear."""
+    given = {k: getattr(args, k) for k in POLICY_KNOBS if getattr(args, k, None) is not None}
     if getattr(args, "policy_file", None) is None:
-        return None
-    knobs = {k for opts in METHOD_OPTIONS.values() for k in opts}
-    given = (["--method"] if args.method is not None else []) + [
-        "--" + k.replace("_", "-") for k in sorted(knobs) if getattr(args, k, None) is not None]
-    if given:
-        raise CodestopError(f"--policy-file: give either a policy file or {', '.join(given)}, not both")
+        return PolicyFile({"method": args.method or getattr(args, "default_method", "codestop"), **given})
+    flags = (["--method"] if args.method is not None else []) + ["--" + k.replace("_", "-") for k in given]
+    if flags:
+        raise CodestopError(f"--policy-file: give either a policy file or {', '.join(flags)}, not both")
     return read_policy_file(args.policy_file)
 
 
-def policy_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``{"method": ..., knob: value}``: the policy file's, or every knob flag set (one that is not
-    the method's own is an error where the policy is built)."""
-    from_file = policy_file_from_args(args)
-    if from_file is not None:
-        return dict(from_file.policy)
-    knobs = {k for opts in METHOD_OPTIONS.values() for k in opts}
-    method = args.method or getattr(args, "default_method", "codestop")
-    return {"method": method, **{k: getattr(args, k) for k in sorted(knobs) if getattr(args, k, None) is not None}}
-
-
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    options = policy_options_from_args(args)
-    return make_policy(options.pop("method"), **options)
+    return policy_file_from_args(args).build()
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:

@@ -17,11 +17,9 @@ from codestop.cli.options import (
     config_from_args,
     engine_options_from_args,
     policy_file_from_args,
-    policy_options_from_args,
 )
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError
-from codestop.policy_file import PolicyFile
 from codestop.serve.defaults import DEFAULT_ANSWER, DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -138,8 +136,7 @@ def make_app(args: argparse.Namespace, on_engine_error: Any = None) -> Any:
             raise
 
     # the default policy is validated here, once, before the model loads
-    policy = policy_file_from_args(args) or PolicyFile(policy_options_from_args(args))  # from flags: uncalibrated
-    return create_app(engine, config=config, policy=policy, proxy_api_key=proxy_api_key,
+    return create_app(engine, config=config, policy=policy_file_from_args(args), proxy_api_key=proxy_api_key,
                       max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name,
                       shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text)
 

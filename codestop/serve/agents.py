@@ -36,7 +36,7 @@ from codestop.families import Family
 from codestop.policies import policy_options
 from codestop.serve.metrics import Metrics
 from codestop.serve.protocol import ChatRequest, RequestError, Unsupported, error_for
-from codestop.serve.serving import Prepared, Splitter, _chunk, _sse, split_result, usage_of
+from codestop.serve.serving import Prepared, Splitter, _chunk, _sse, result_of, split_result, usage_of
 
 
 def chat_upstream(engine: Engine, request: ChatRequest, prep: Prepared) -> ServerEngine:
@@ -76,7 +76,7 @@ def _first(request: ChatRequest) -> str:
 async def complete(engine: Engine, request: ChatRequest, prep: Prepared, metrics: Metrics) -> dict[str, Any]:
     """A plain (not streamed) agent's answer, as OpenAI's chat completion."""
     server = chat_upstream(engine, request, prep)
-    reasoning = await _reasoning(engine, prep) if prep.family.thinks else None
+    reasoning = await result_of(_reason(engine, prep)) if prep.family.thinks else None
     body = _chat_body(server, request, prep, reasoning, stream=False)
     data: dict[str, Any] = {}
     if body is not None:
@@ -165,24 +165,10 @@ async def first(chunks: AsyncGenerator[str, None]) -> str:
         raise
 
 
-async def chain(head: str, rest: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
-    yield head
-    async for item in rest:
-        yield item
-
-
 def _reason(engine: Engine, prep: Prepared) -> AsyncGenerator[Event | Result, None]:
     """The reasoning phase: the controller's run without its answer."""
     return astream(engine, prep.question, prep.policy, prep.config, family=prep.family, prompt=prep.prompt,
                    reasoning_only=True)
-
-
-async def _reasoning(engine: Engine, prep: Prepared) -> Result:
-    async with aclosing(_reason(engine, prep)) as events:
-        async for item in events:
-            if isinstance(item, Result):
-                return item
-    raise RuntimeError("astream ended without a Result")  # pragma: no cover - astream always ends with one
 
 
 def continuation(family: Family, reasoning_text: str) -> str:
@@ -191,8 +177,7 @@ def continuation(family: Family, reasoning_text: str) -> str:
     reasoning); "" for a model without thinking."""
     if not family.thinks:
         return ""
-    opened = family.think_start + "\n" if family.think_start else ""
-    return opened + reasoning_text + ("" if family.think_end in reasoning_text else family.close_thinking)
+    return family.open_thinking + reasoning_text + ("" if family.think_end in reasoning_text else family.close_thinking)
 
 
 def _chat_body(server: ServerEngine, request: ChatRequest, prep: Prepared, reasoning: Result | None,

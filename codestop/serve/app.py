@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -35,9 +35,11 @@ from codestop.serve.metrics import CountRequests, Metrics
 from codestop.serve.protocol import ChatRequest, RequestError, error_body, error_for, parse_request
 from codestop.serve.serving import (
     Defaults,
+    chain,
     full_response,
     prepare,
     pull_head,
+    result_of,
     served_models,
     server_defaults,
     sse_events,
@@ -133,7 +135,7 @@ class Served:
     engine: Engine | None
     defaults: Defaults
     proxy_api_key: str | None
-    policy_file: PolicyFile | None = None  # the default policy and the guarantee it was calibrated with, if any
+    policy_file: PolicyFile  # the default policy and the guarantee it was calibrated with, if any
     shadow: Shadow | None = None
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -144,8 +146,7 @@ class Served:
 
     def describe(self) -> dict[str, Any]:
         """The policy applied (with its guarantee, or uncalibrated) and the shadow mode, for /health."""
-        pf = self.policy_file or PolicyFile(dict(self.defaults.policy_options))
-        out: dict[str, Any] = {"policy": pf.describe(), "guarantee": pf.guarantee}
+        out: dict[str, Any] = {"policy": self.policy_file.describe(), "guarantee": self.policy_file.guarantee}
         if self.shadow is not None:
             out["shadow"] = {"file": str(self.shadow.path), "fraction": self.shadow.fraction, "text": self.shadow.text}
         return out
@@ -251,7 +252,7 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
         chunks = agents.stream(engine, body, prep, s.metrics, request.state)
         opening = await unless_disconnected(request, agents.first(chunks))
         request.state.outcome = 499  # until the body is sent to its end
-        return event_stream(agents.chain(opening, chunks), chunks)
+        return event_stream(chain([opening], chunks), chunks)
     shadowed = s.shadow is not None and s.shadow.chosen()
     run = (engine, prep.question, *((SHADOW_POLICY, Shadow.config(prep.config)) if shadowed else (prep.policy, prep.config)))
     raw = not prep.chat  # a raw completion's text is all visible, a thinking family's reasoning too: its stops end it
@@ -261,21 +262,12 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
         assert s.shadow is not None
         stream = s.shadow.watch(stream, prep, prep.policy, s.metrics)
     if not prep.stream:
-        result = await unless_disconnected(request, run_to_result(stream))
+        result = await unless_disconnected(request, result_of(stream))
         s.metrics.count_result(result)
         return JSONResponse(full_response(result, prep))
     head = await unless_disconnected(request, pull_head(stream))
     request.state.outcome = 499  # until the body is sent to its end
     return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)
-
-
-async def run_to_result(stream: AsyncGenerator[Event | Result, None]) -> Result:
-    """``stream`` consumed to its Result (and closed)."""
-    async with aclosing(stream):
-        async for item in stream:
-            if isinstance(item, Result):
-                return item
-    raise RuntimeError("the answer's stream ended without a Result")  # pragma: no cover - astream always ends with one
 
 
 def json_depth(value: Any) -> int:

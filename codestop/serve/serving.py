@@ -425,7 +425,7 @@ async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGe
     opening = _sse(_chunk(prep, {"role": "assistant", "content": ""})) if prep.chat else ""
     async with aclosing(stream):
         try:
-            async for item in _chain(head, stream):
+            async for item in chain(head, stream):
                 if isinstance(item, Result):
                     out = opening + "".join(delta(where, piece) for where, piece in splitter.flush())
                     out += _sse(_chunk(prep, {}, finish_reason_of(item, prep.config)))
@@ -447,11 +447,21 @@ async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGe
             yield out
 
 
-async def _chain(head: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
+async def chain(head: list[T], rest: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    """The items of ``head``, then those of ``rest``."""
     for item in head:
         yield item
     async for item in rest:
         yield item
+
+
+async def result_of(stream: AsyncGenerator[Event | Result, None]) -> Result:
+    """``stream`` consumed to its Result (and closed)."""
+    async with aclosing(stream):
+        async for item in stream:
+            if isinstance(item, Result):
+                return item
+    raise RuntimeError("the answer's stream ended without a Result")  # pragma: no cover - astream always ends with one
 
 
 async def pull_head(stream: AsyncGenerator[Event | Result, None]) -> list[Event | Result]:

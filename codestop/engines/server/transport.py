@@ -204,7 +204,7 @@ def mentions_context(message: str) -> bool:
     return "context" in low and ("exceed" in low or "length" in low or "too long" in low or "maximum" in low)
 
 
-def parse_json(content: bytes, where: str) -> Any:
+def parse_json(content: str | bytes, where: str) -> Any:
     try:
         return json.loads(content)
     except ValueError:
@@ -415,11 +415,7 @@ class Transport:
         return chunks, False, None
 
     def _event(self, payload: str) -> Chunk:
-        try:
-            data = json.loads(payload)
-        except ValueError:
-            raise ServerError(f"the completions server at {self.base_url} answered with invalid JSON: "
-                              f"{redact(repr(payload[:200]))}") from None
+        data = parse_json(payload, self.base_url)
         if isinstance(data, dict) and data.get("error"):
             err = data["error"]
             msg = redact(str(err.get("message") if isinstance(err, dict) else err))
