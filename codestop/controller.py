@@ -20,7 +20,7 @@ from codestop.confidence import score_probe
 from codestop.config import GenerationConfig
 from codestop.errors import CodestopError, ContextTooLong
 from codestop.families import Family, get_family
-from codestop.policies import Policy, Probe, Vanilla, best_probe, policy_options
+from codestop.policies import MODEL_ENDED, NOT_EARLY, Policy, Probe, Vanilla, best_probe, policy_options
 from codestop.steps import (
     IncrementalDecoder,
     StepRules,
@@ -237,7 +237,11 @@ async def astream(
             reasoning_text += step.text
             position = len(reasoning_ids)
             if step.end in ("eos", "stop_text", "stop"):
-                stop_reason = "finished"
+                # a thinking model that ends its turn inside its thinking (an EOS before its
+                # think_end, never kept in the context) is answered as after a stop: _answer
+                # closes the thinking. A raw completion's text is the reasoning: it just ends.
+                unclosed = step.end == "eos" and family.thinks and not stop_in_reasoning
+                stop_reason = "unclosed_thinking" if unclosed else "finished"
                 break
             if step.end == "length" or position >= plan.cap:
                 capped_by_policy = policy.max_reasoning_tokens is not None and position >= policy.max_reasoning_tokens
@@ -260,7 +264,7 @@ async def astream(
 
         await clock.timed("reasoning", session.halt())  # a stream still running ahead is cancelled now
         reference = None
-        if config.always_probe and stop_reason in ("finished", "max_reasoning_tokens", "budget") and position > 0:
+        if config.always_probe and stop_reason in NOT_EARLY and position > 0:
             out = await clock.timed("probe", _reference_probe(engine, session, plan, family, step))
             spent["probe"] += len(out.token_ids)
             spent["probe_prompt"] += out.prompt_tokens
@@ -268,7 +272,7 @@ async def astream(
         yield Event("stop", reason=stop_reason, position=position)
         answer_position, answered_text = position, reasoning_text
         answering = not reasoning_only and config.answer != "none"
-        if policy.answer_from == "best" and stop_reason != "finished" and probes and answering:
+        if policy.answer_from == "best" and stop_reason not in MODEL_ENDED and probes and answering:
             # the reference code's rollback: answer from the most confident checkpoint
             answer_position = best_probe(probes).position
             answered_text = reasoning_text[: text_at[answer_position]]
@@ -339,7 +343,9 @@ async def _answer(
     step: StepOutput, stop_reason: str, reasoning_text: str, left: int | None, answer: _Answer,
 ) -> AsyncIterator[Event]:
     """The answer after the reasoning, by ``config.answer`` (see GenerationConfig), into ``answer``.
-    ``left``: completion tokens still allowed (max_tokens), None for no cap."""
+    ``left``: completion tokens still allowed (max_tokens), None for no cap. A thinking left
+    unclosed (``unclosed_thinking``) is answered as after a stop: closed, then the box forced
+    ("boxed") or the model's own answer ("free")."""
 
     async def write(prefix: str, max_tokens: int, rules: StepRules) -> AsyncIterator[Event]:
         if left is not None:

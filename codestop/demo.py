@@ -29,6 +29,7 @@ from codestop.engines.base import Engine
 from codestop.eval.datasets import Example
 from codestop.eval.prompts import SOLVE_THEN_CHECK
 from codestop.eval.runner import eval_record, run_questions
+from codestop.policies import MODEL_ENDED
 
 DEFAULT_METHODS = ("vanilla", "deer", "codestop")
 DEFAULT_PROBLEMS = 6  # 6 x 3 runs: 4.2 min on 2 idle cores (8 took 5.2 min, 12 took 7.9 min)
@@ -136,7 +137,8 @@ class DemoReport:
             "Per problem: mean reasoning tokens; saving = 1 - cost tokens (reasoning + probe + answer) / "
             "vanilla's; probe overhead = probe tokens, share of wall time. The presets are instruct models, "
             "not reasoning models: the demo prompt asks them to solve, then check the answer. Stops: "
-            "confident / degenerate (CoDE-Stop), threshold (DEER), finished (the model ended itself), "
+            "confident / degenerate (CoDE-Stop), threshold (DEER), finished (the model ended itself; "
+            "unclosed_thinking: it ended its turn inside its thinking), "
             "max_reasoning_tokens (the cap)."
             + self.same_stops_note()
         )
@@ -145,7 +147,7 @@ class DemoReport:
     def same_stops_note(self) -> str:
         """Say so when DEER and CoDE-Stop stopped at the same place on every problem: then the
         degeneration score added nothing on these problems, and the two rows cannot differ."""
-        stops = {m: [(r["stop_reason"] != "finished", r["tokens"]["reasoning"]) for r in rows] for m, rows in self.results.items()}
+        stops = {m: [(r["stop_reason"] not in MODEL_ENDED, r["tokens"]["reasoning"]) for r in rows] for m, rows in self.results.items()}
         if "deer" in stops and "codestop" in stops and stops["deer"] == stops["codestop"]:
             return (" Here DEER and CoDE-Stop stopped at the same probe on every problem: on these short "
                     "answers the confidence threshold fires before the degeneration score can.")

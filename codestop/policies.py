@@ -14,8 +14,10 @@ policy; :class:`Policy` is the protocol.
 
 Stop reasons are one fixed vocabulary: ``confident`` and ``degenerate`` (CodeStop), ``threshold``
 (Deer), ``consistent`` (Consistency), ``budget`` (TokenBudget), ``max_reasoning_tokens`` (the generation
-cap, set by the controller) and ``finished``
-(the model ended its thinking itself; set by the controller, never by a policy).
+cap, set by the controller), ``finished`` (the model ended its thinking itself) and
+``unclosed_thinking`` (a thinking model ended its turn, an end-of-sequence token, without closing
+its thinking: the controller closes it and answers, as after a stop); the last three are set by the
+controller, never by a policy.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 from codestop.errors import ParameterError, is_number, require
 
-STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_reasoning_tokens", "finished")
+STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_reasoning_tokens", "finished",
+                "unclosed_thinking")
+MODEL_ENDED = ("finished", "unclosed_thinking")  # the model ended its reasoning itself: nothing was cut
+NOT_EARLY = (*MODEL_ENDED, "max_reasoning_tokens", "budget")  # the full reasoning, or a token cap: no early stop
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from codestop.steps import StepRules, decode_text
 
 SCRIPT = "Step one.\n\nStep two, 3 apples. Wait, maybe 4.\n\nSo 4 plus 1. But wait, it is 5.\n\nThe answer is \\boxed{5}."
 PLAIN = FAMILIES["plain"]
+THINK = FAMILIES["think"]
 
 
 def ntok(tok, text, script=SCRIPT):
@@ -320,3 +321,85 @@ def test_answer_from_best_rolls_back_to_the_most_confident_probe(toy_tokenizer):
     assert best.answer_position == best.probes[0].position < best.stop_position
     assert best.tokens["reasoning"] == stop.tokens["reasoning"] == best.stop_position
     assert best.answer == "5" and best.answer_text.startswith("**Final Answer**")
+
+
+UNCLOSED = "Think a bit.\n\nMore."  # a thinking model's turn that ends (EOS) without </think>
+
+
+def unclosed_engine(tok, seen: list[list[int]]) -> ScriptedEngine:
+    """Writes UNCLOSED then EOS, and probes' boxes "5}"; once its thinking is closed for it, answers
+    "It is 7." (free) or, after the forced box, "7}". ``seen`` collects the context of every
+    answer token (what the model was given after its turn ended)."""
+    script = tok.encode(UNCLOSED)
+    close, forced = tok.encode(THINK.close_thinking), tok.encode(THINK.forced_answer_text())
+    own, boxed = tok.encode("It is 7."), tok.encode("7}")
+
+    def model(ids: list[int], prompt_len: int) -> int:
+        gen = ids[prompt_len:]
+        if "</think>" not in tok.decode(gen):  # the script, then EOS; a probe inside the thinking
+            return engine._next(ids, prompt_len)
+        seen.append(list(gen))
+        after, written = (forced, boxed) if gen[len(script) :][: len(forced)] == forced else (close, own)
+        n = len(gen) - len(script) - len(after)
+        return written[n] if n < len(written) else tok.eos_token_id
+
+    engine = ScriptedEngine(tok, UNCLOSED, answer="5}", next_token=model)
+    return engine
+
+
+@pytest.mark.parametrize("mode", ["boxed", "free"])
+def test_a_thinking_model_that_ends_its_turn_inside_its_thinking_still_answers(toy_tokenizer, mode):
+    seen: list[list[int]] = []
+    engine = unclosed_engine(toy_tokenizer, seen)
+    for policy in (Vanilla(), CodeStop()):  # CoDE-Stop probes but, at confidence 0.75, never stops here
+        seen.clear()
+        result = generate(engine, "Q?", policy, family="think", probe_interval=1, answer=mode)
+        assert result.stop_reason == "unclosed_thinking", policy
+        assert result.reasoning_text == UNCLOSED and result.tokens["reasoning"] == len(toy_tokenizer.encode(UNCLOSED))
+        assert result.answer_text.startswith("\n</think>\n\n")  # closed for it, as after a stop
+        # the EOS that ended the turn is not in the context the answer follows
+        closed = toy_tokenizer.encode(UNCLOSED + "\n</think>\n\n")
+        assert seen and all(ctx[: len(closed)] == closed and toy_tokenizer.eos_token_id not in ctx for ctx in seen)
+        if mode == "boxed":
+            assert result.answer == "7" and result.answer_text == "\n</think>\n\n**Final Answer**\n\nThe final answer is \\boxed{7}"
+            assert result.tokens["answer"] == 2  # "7", "}"
+        else:
+            assert result.answer_text == "\n</think>\n\nIt is 7." and result.answer is None
+            assert result.tokens["answer"] == len(toy_tokenizer.encode("It is 7."))
+
+
+def test_an_unclosed_thinking_gets_no_answer_when_max_tokens_is_used_up(toy_tokenizer):
+    engine = unclosed_engine(toy_tokenizer, [])
+    n = len(toy_tokenizer.encode(UNCLOSED))
+    for mode in ("boxed", "free"):
+        # the cap ends the reasoning before the EOS: nothing is left for an answer
+        capped = generate(engine, "Q?", Vanilla(), family="think", max_tokens=n, answer=mode)
+        assert (capped.stop_reason, capped.tokens["reasoning"], capped.tokens["answer"], capped.answer_text) == (
+            "max_reasoning_tokens", n, 0, "")
+        # one token left after the EOS: the thinking is closed and the answer gets that one token
+        one = generate(engine, "Q?", Vanilla(), family="think", max_tokens=n + 1, answer=mode)
+        assert (one.stop_reason, one.tokens["reasoning"], one.tokens["answer"]) == ("unclosed_thinking", n, 1)
+    none = generate(engine, "Q?", Vanilla(), family="think", answer="none")  # asked for no answer: none
+    assert (none.stop_reason, none.answer_text, none.tokens["answer"]) == ("unclosed_thinking", "", 0)
+
+
+def test_a_raw_completion_or_a_plain_model_that_ends_is_finished(toy_tokenizer):
+    engine = unclosed_engine(toy_tokenizer, [])
+
+    async def raw() -> Result:
+        async with aclosing(astream(engine, "Q?", Vanilla(), GenerationConfig(family="think", answer="none"),
+                                    stop_in_reasoning=True)) as stream:
+            return [item async for item in stream if isinstance(item, Result)][0]
+
+    assert asyncio.run(raw()).stop_reason == "finished"  # its text is the reasoning: it just ends
+    assert generate(engine, "Q?", Vanilla(), family="plain", answer="free").stop_reason == "finished"
+
+
+def test_an_unclosed_thinking_is_the_full_reasoning_for_the_reference_probe_and_best(toy_tokenizer):
+    engine = unclosed_engine(toy_tokenizer, [])
+    recorded = generate(engine, "Q?", Vanilla(), family="think", probe_interval=1, always_probe=True)
+    assert recorded.stop_reason == "unclosed_thinking" and recorded.answer == "7"
+    assert recorded.reference is not None and recorded.reference.position == recorded.stop_position
+    best = generate(engine, "Q?", CodeStop(answer_from="best"), family="think", probe_interval=1)
+    assert best.stop_reason == "unclosed_thinking" and best.probes
+    assert best.answer_position == best.stop_position  # the model ended it: no rollback to a probe

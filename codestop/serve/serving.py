@@ -33,7 +33,7 @@ from codestop.controller import Event, Result
 from codestop.engines.base import Engine
 from codestop.errors import ParameterError, require
 from codestop.families import Family, get_family
-from codestop.policies import METHOD_OPTIONS, Policy, make_policy
+from codestop.policies import METHOD_OPTIONS, NOT_EARLY, Policy, make_policy
 from codestop.serve.protocol import OPENAI_FIELDS, ChatRequest, CompletionRequest, RequestError, error_for
 
 if TYPE_CHECKING:
@@ -337,7 +337,7 @@ def usage_of(result: Result, family: Family) -> dict[str, Any]:
         "codestop": {
             "policy": result.policy,
             "stop_reason": result.stop_reason,
-            "stopped_early": result.stop_reason not in ("finished", "budget", "max_reasoning_tokens"),
+            "stopped_early": result.stop_reason not in NOT_EARLY,
             "stop_position": result.stop_position,
             "reasoning_tokens": t["reasoning"],
             "answer_tokens": t["answer"],
