@@ -4,8 +4,12 @@ an engine."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
+import threading
+from urllib.parse import quote
 
 
 class CodestopError(Exception):
@@ -83,8 +87,63 @@ _SECRETS = tuple((re.compile(pattern), replacement) for pattern, replacement in 
 ))
 
 
+# The keys codestop was given (an upstream's api_key, the proxy's own key): removed literally,
+# whatever their shape, from every text redact() sees. A key shorter than this is not one anyone
+# could mean (removing "x" would garble every message); it is left alone.
+MIN_SECRET_CHARS = 4
+_registered: set[str] = set()
+_registered_re: re.Pattern[str] | None = None
+_lock = threading.Lock()
+
+
+def register_secret(key: str | None) -> None:
+    """Remove ``key`` from every text :func:`redact` sees from now on in this process, as written
+    and as JSON or a URL would quote it (an upstream's error may echo it either way)."""
+    global _registered_re
+    if not isinstance(key, str) or len(key.strip()) < MIN_SECRET_CHARS:
+        return
+    forms = {key, key.strip(), json.dumps(key)[1:-1], quote(key, safe="")}
+    with _lock:
+        if forms <= _registered:
+            return
+        _registered.update(f for f in forms if len(f) >= MIN_SECRET_CHARS)
+        # longest first: a key that contains another is removed whole
+        _registered_re = re.compile("|".join(re.escape(f) for f in sorted(_registered, key=len, reverse=True)))
+
+
 def redact(text: str) -> str:
-    """``text`` with anything that looks like a credential replaced by ``[redacted]``."""
+    """``text`` with every registered key (:func:`register_secret`) and anything else that looks
+    like a credential replaced by ``[redacted]``."""
+    if _registered_re is not None:
+        text = _registered_re.sub("[redacted]", text)
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
     return text
+
+
+class RedactingFilter(logging.Filter):
+    """A log filter that passes every record with its message, traceback and stack redacted, so no
+    log line carries a key, whoever formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        if record.exc_info:
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = redact(text), None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+def redact_logs(*names: str) -> None:
+    """Put a :class:`RedactingFilter` on the named loggers (once each). A logger's filters see only
+    the records logged through it, so every logger that may carry an upstream's text is named."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import threading
 
 import httpx
 import pytest
-from llama_servers import free_port
+from llama_servers import free_port, serve_in_thread
 from scripted import ScriptedEngine
 from test_serve import InProcessProxy, wait_for
 
@@ -469,3 +470,127 @@ def test_the_default_policy_is_validated_once_at_start_up(scripted, monkeypatch)
     args = sub.choices["serve"].parse_args(["--model", "/nowhere/x.gguf", "--method", "deer", "--tau", "3"])
     with pytest.raises(CodestopError, match=r"^tau: 3.0 is not an option of method 'deer'"):
         args.func(args)
+
+
+# 8 ------------------------------------------------------------------------------------------------
+
+UPSTREAM_KEY = "UpstreamPlainKey0123456789abcdef"  # no key shape redact() knew before: only its literal value
+PROXY_KEY = "ProxyPlainKey0123456789abcdef"
+ENV_KEY = "EnvPlainKey0123456789abcdef"
+
+
+class EchoingUpstream:
+    """A real HTTP server (uvicorn on loopback) that answers like vLLM where told to, and otherwise
+    with ``status`` and a body (and a header) quoting every key it was ever given, as OpenAI's
+    "Incorrect API key provided: ..." does."""
+
+    def __init__(self) -> None:
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse
+
+        self.status = {"models": 200, "completions": 200}
+        app = FastAPI()
+
+        def echo(status: int) -> JSONResponse:
+            quoted = f"Incorrect API key provided: {UPSTREAM_KEY}; also {PROXY_KEY} and {ENV_KEY}"
+            return JSONResponse({"error": {"message": quoted, "type": "invalid_request_error", "code": "invalid_api_key"}},
+                                status_code=status, headers={"x-echo": UPSTREAM_KEY})
+
+        @app.get("/v1/models")
+        async def models() -> JSONResponse:
+            if self.status["models"] != 200:
+                return echo(self.status["models"])
+            return JSONResponse({"object": "list", "data": [{"id": "toy", "object": "model", "owned_by": "vllm"}]})
+
+        @app.post("/v1/completions")
+        async def completions() -> JSONResponse:
+            return echo(self.status["completions"])
+
+        self.port = free_port()
+        self.server, self.thread = serve_in_thread(app, self.port)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def keyless(r: httpx.Response, keys: tuple[str, ...] = (UPSTREAM_KEY, PROXY_KEY)) -> str:
+    """The whole response (status line, headers, body) as text, checked to hold none of ``keys``."""
+    whole = f"{r.status_code}\n" + "\n".join(f"{k}: {v}" for k, v in r.headers.items()) + "\n" + r.text
+    for key in keys:
+        assert key not in whole, whole
+    return whole
+
+
+@pytest.fixture
+def echoing():
+    upstream = EchoingUpstream()
+    yield upstream
+    upstream.stop()
+
+
+def test_no_configured_key_is_relayed_in_an_upstreams_error(echoing, toy_tokenizer, caplog):
+    """Issue 26: the upstream's key (and the proxy's) never reaches a client or a log line, whatever
+    shape it has: the 401, 400 and 500 that quote it come back with "[redacted]" in its place."""
+    caplog.set_level("DEBUG")
+    engine = ServerEngine.connect(echoing.url, api_key=UPSTREAM_KEY, tokenizer=toy_tokenizer, retries=0, backoff=0.01)
+    p = InProcessProxy(engine, proxy_api_key=PROXY_KEY)
+    sent = {"authorization": f"Bearer {PROXY_KEY}"}
+    try:
+        for status in (401, 400, 500):
+            echoing.status["completions"] = status
+            for stream in (False, True):
+                r = httpx.post(p.url + "/v1/chat/completions", json={**CHAT, "stream": stream}, headers=sent, timeout=30)
+                whole = keyless(r)
+                assert r.status_code == 502, whole  # whatever the upstream's status: its words, relayed
+                assert "Incorrect API key provided: [redacted]" in whole, whole
+            r = httpx.post(p.url + "/v1/completions", json={"prompt": "Go.", "max_tokens": 3}, headers=sent, timeout=30)
+            assert "Incorrect API key provided: [redacted]" in keyless(r)
+        echoing.status["models"] = 500  # /health asks the upstream's /v1/models: the key holder reads its error
+        health = httpx.get(p.url + "/health", headers=sent)
+        assert health.status_code == 503 and "Incorrect API key provided: [redacted]" in keyless(health)
+        # a log line that carries a key (a failure's message, its traceback) is redacted too
+        try:
+            raise ServerTimeout(f"upstream said {UPSTREAM_KEY}")
+        except ServerTimeout:
+            logging.getLogger("codestop.serve").exception("answer failed: %s", PROXY_KEY)
+    finally:
+        p.stop()
+        engine.close()
+    logged = "\n".join(f"{r.getMessage()}\n{r.exc_text or ''}" for r in caplog.records)
+    assert "answer failed: [redacted]" in logged and "upstream said [redacted]" in logged
+    assert all(key not in logged for key in (UPSTREAM_KEY, PROXY_KEY)), logged
+
+
+def test_the_serve_commands_keys_and_the_environments_are_never_relayed(echoing, monkeypatch):
+    """``codestop serve --api-key K --proxy-api-key P`` (and a key from $OPENAI_API_KEY) in front of an
+    upstream whose every answer quotes them: the proxy's 503s, /health and the CLI's error line say
+    why without them."""
+    from codestop.cli.serve import make_app
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    echoing.status.update(models=500, completions=500)
+    for flags, env in ((["--api-key", UPSTREAM_KEY, "--proxy-api-key", PROXY_KEY], None), ([], ENV_KEY)):
+        if env:
+            monkeypatch.setenv("OPENAI_API_KEY", env)
+            monkeypatch.delenv("CODESTOP_UPSTREAM_API_KEY", raising=False)
+        args = parser.parse_args(["serve", "--base-url", echoing.url, "--retries", "0", *flags])
+        p = InProcessProxy.__new__(InProcessProxy)  # the CLI's app, served as the other proxies here
+        p.app, p.port = make_app(args), free_port()
+        p.server, p.thread = serve_in_thread(p.app, p.port)
+        sent = {"authorization": f"Bearer {PROXY_KEY}"} if "--proxy-api-key" in flags else {}
+        try:
+            served = p.app.state.served
+            wait_for(lambda s=served: s.engine is not None or s.load_error is not None)
+            assert served.load_error is None, served.load_error
+            r = httpx.post(p.url + "/v1/chat/completions", json=CHAT, headers=sent, timeout=30)
+            keys = (ENV_KEY,) if env else (UPSTREAM_KEY, PROXY_KEY)
+            assert r.status_code == 503 and "Incorrect API key provided: [redacted]" in keyless(r, keys)
+            health = keyless(httpx.get(p.url + "/health", headers=sent), keys)
+            assert ("Incorrect API key provided: [redacted]" in health) == bool(sent), health  # the error: the key's holder's
+        finally:
+            p.stop()
+    # every key configured in this process, the environment's included, is redacted from any text
+    assert redact(f"x {ENV_KEY} y") == "x [redacted] y" and redact(f"x {UPSTREAM_KEY}") == "x [redacted]"

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from codestop.cli import calibrate, demo, eval, plot, replay, run, serve, sweep
-from codestop.errors import CodestopError
+from codestop.errors import CodestopError, redact
 
 # in the order `codestop --help` lists them
 VERBS = (run, demo, eval, replay, sweep, calibrate, plot, serve)
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CodestopError, ValueError) as err:
         if os.environ.get("CODESTOP_DEBUG"):
             raise
-        print(f"codestop: error: {err}", file=sys.stderr)
+        print(f"codestop: error: {redact(str(err))}", file=sys.stderr)  # a configured key is never echoed
         return 2
     except KeyboardInterrupt:
         print("codestop: interrupted", file=sys.stderr)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from codestop.config import GenerationConfig
 from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
-from codestop.errors import CodestopError, is_integer, redact, require
+from codestop.errors import CodestopError, is_integer, redact, redact_logs, register_secret, require
 from codestop.policy_file import PolicyFile
 from codestop.serve import agents
 from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
@@ -98,6 +98,9 @@ def create_app(
     defaults = server_defaults(config, policy_file.policy, served_model_name)  # a bad default fails at start, not per request
     require(is_integer(max_request_bytes) and max_request_bytes >= 1, "max_request_bytes", max_request_bytes, "must be an integer >= 1")
     make = None if isinstance(engine, Engine) else engine
+    register_secret(proxy_api_key)  # the upstream's key is registered by its ServerOptions
+    # what the proxy, its server and its HTTP client log (httpcore's debug lines show an upstream's headers)
+    redact_logs(log.name, "uvicorn.error", "uvicorn.access", "httpx", *(f"httpcore.{m}" for m in ("connection", "http11", "http2", "proxy")))
     shadowing = Shadow(shadow, shadow_fraction, shadow_text) if shadow is not None else None
     served = Served(engine if isinstance(engine, Engine) else None, defaults, proxy_api_key, policy_file, shadowing)
 
@@ -202,8 +205,7 @@ def _routes(s: Served) -> tuple[Any, Any]:
         if holder or not s.proxy_api_key:
             body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
             body.update(s.describe())
-            if "base_url" in body:
-                body["base_url"] = redact(str(body["base_url"]))
+        body = redacted(body)  # the upstream's URL and error texts
         return JSONResponse(body if holder else without_errors(body), status_code=200 if ok else 503)
 
     @opened.get("/metrics", dependencies=[Depends(require_key)])
@@ -228,6 +230,17 @@ def _routes(s: Served) -> tuple[Any, Any]:
         return await answer(s, request, chat=False)
 
     return opened, v1
+
+
+def redacted(value: Any) -> Any:
+    """``value`` (JSON-like) with every string :func:`~codestop.errors.redact`-ed."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
 
 
 def without_errors(value: Any) -> Any:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from codestop.engines.base import check_options
-from codestop.errors import is_integer, is_number, require
+from codestop.errors import is_integer, is_number, register_secret, require
 
 # what ServerEngine.connect takes besides the options: where, which model, whose tokenizer, wait or not
 CONNECT_ARGUMENTS = ("base_url", "model", "tokenizer", "wait")
@@ -39,7 +39,8 @@ class ServerOptions:
     transport: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        require(self.api_key is None or isinstance(self.api_key, str), "api_key", self.api_key, "must be a string")
+        require(self.api_key is None or isinstance(self.api_key, str), "api_key", "[redacted]", "must be a string")
+        register_secret(self.api_key)  # an upstream that echoes its key in an error never relays it
         require(is_integer(self.concurrency) and self.concurrency >= 1, "concurrency", self.concurrency, "must be an integer >= 1")
         require(is_number(self.timeout) and self.timeout > 0, "timeout", self.timeout, "must be > 0 seconds")
         require(is_number(self.connect_timeout) and self.connect_timeout > 0, "connect_timeout", self.connect_timeout,
