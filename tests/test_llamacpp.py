@@ -149,6 +149,27 @@ def test_a_thinking_model_that_never_closes_is_stopped_cleanly(engine):
     assert result.answer_text.startswith("\n</think>\n\n**Final Answer**")  # codestop closed the thinking itself
 
 
+def test_a_thinking_model_that_ends_its_turn_unclosed_is_answered(engine):
+    """Issue 26: SmolLM2 never writes </think>; under the think family its turn ends (EOS) inside the
+    thinking. The thinking is closed for it (no EOS left in the context) and the answer phase runs:
+    the forced box, or its own answer; none when max_tokens was used up."""
+    fruits = "List three fruits, one per line."
+    for policy in (Vanilla(), CodeStop()):  # CoDE-Stop's probes (confidence far under r_min) never stop it here
+        boxed = generate(engine, fruits, policy, family="think", answer="boxed", temperature=0.0)
+        assert boxed.stop_reason == "unclosed_thinking" and boxed.tokens["answer"] >= 1, boxed.stop_reason
+        assert boxed.answer_text.startswith("\n</think>\n\n**Final Answer**\n\nThe final answer is \\boxed{")
+        assert boxed.answer and "<|im_end|>" not in boxed.reasoning_text + boxed.answer_text
+        free = generate(engine, fruits, policy, family="think", answer="free", temperature=0.0)
+        assert (free.stop_reason, free.reasoning_text) == ("unclosed_thinking", boxed.reasoning_text)  # greedy: the same turn
+        assert free.answer_text.startswith("\n</think>\n\n") and free.answer_text[len("\n</think>\n\n"):].strip()
+        assert free.tokens["answer"] >= 1 and "Final Answer**" not in free.answer_text
+    n = boxed.tokens["reasoning"]
+    used_up = generate(engine, fruits, Vanilla(), family="think", answer="free", max_tokens=n, temperature=0.0)
+    assert (used_up.stop_reason, used_up.tokens["reasoning"], used_up.tokens["answer"], used_up.answer_text) == (
+        "max_reasoning_tokens", n, 0, "")
+    assert used_up.reasoning_text == boxed.reasoning_text  # the whole turn, to the token before its EOS
+
+
 def test_context_window_is_enforced(smollm2_path):
     from codestop.engines.llamacpp import LlamaCppEngine
 

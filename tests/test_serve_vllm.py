@@ -127,6 +127,43 @@ def test_a_raw_completion_with_a_thinking_family_honours_stop_as_vllm_does(proxy
         assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_a_thinking_that_never_closes_still_gets_an_answer(proxy):
+    """Issue 26: under the think family SmolLM2 ends its turn (EOS) inside the thinking, never writing
+    </think> (as Qwen-family models sometimes do, vLLM #55420). Under CoDE-Stop (probing, never
+    confident here) and vanilla the proxy closes the thinking and the model answers in ``content``,
+    with the stop reason ``unclosed_thinking``; when the reasoning used up max_tokens, no answer.
+    Exact: the stop reasons, the token accounting, the markers; greedy text may vary with the
+    server's batching (a shared server), so texts are compared only within one response."""
+    for codestop in ({"family": "think"}, {"family": "think", "method": "vanilla"}):
+        for stream in (False, True):
+            if stream:
+                chunks = list(chat(proxy, FRUITS, codestop=codestop, max_tokens=200, stream=True,
+                                   stream_options={"include_usage": True}))
+                usage, deltas = chunks[-1].usage, [c.choices[0].delta for c in chunks if c.choices]
+                reasoning = "".join(reasoning_of(d) or "" for d in deltas)
+                content = "".join(d.content or "" for d in deltas)
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            else:
+                r = chat(proxy, FRUITS, codestop=codestop, max_tokens=200)
+                usage, reasoning, content = r.usage, reasoning_of(r.choices[0].message), r.choices[0].message.content
+                finish = r.choices[0].finish_reason
+            cs = usage.codestop
+            assert cs["stop_reason"] == "unclosed_thinking" and not cs["stopped_early"], (codestop, stream, cs)
+            assert reasoning.strip() and content.strip(), (reasoning, content)
+            assert cs["answer_tokens"] >= 1 and usage.completion_tokens == cs["reasoning_tokens"] + cs["answer_tokens"] <= 200
+            assert usage.completion_tokens_details.reasoning_tokens == cs["reasoning_tokens"] >= 8
+            assert not any(m in reasoning + content for m in ("<think>", "</think>", *EOS)), (reasoning, content)
+            assert finish == ("length" if usage.completion_tokens == 200 else "stop")
+            assert (cs["probes"] >= 1) == ("method" not in codestop)  # CoDE-Stop probed and went on; vanilla never probes
+        # max_tokens used up by the reasoning (half the turn): no answer phase
+        half = cs["reasoning_tokens"] // 2
+        used_up = chat(proxy, FRUITS, codestop=codestop, max_tokens=half)
+        cs = used_up.usage.codestop
+        assert (cs["stop_reason"], cs["reasoning_tokens"], cs["answer_tokens"]) == ("max_reasoning_tokens", half, 0), cs
+        assert used_up.choices[0].message.content == "" and used_up.choices[0].finish_reason == "length"
+        assert reasoning_of(used_up.choices[0].message).strip()
+
+
 def test_a_wrong_model_is_404_and_models_lists_the_upstreams(proxy, vllm_url):
     upstream = [m["id"] for m in httpx.get(vllm_url.rstrip("/").removesuffix("/v1") + "/v1/models").json()["data"]]
     assert [m.id for m in proxy.client().models.list().data] == upstream
