@@ -24,6 +24,7 @@ THINK = {"family": "think", "probe_interval": 4, "boundaries": ["\n"]}
 FIRST_PROBE = {"method": "codestop", "r_min": 0.0, "r_max": 0.0}  # confident at its first probe: stops there
 POEM = [{"role": "user", "content": "Write a short poem about the sea, four lines."}]  # SmolLM2 writes many lines
 FRUITS = [{"role": "user", "content": "List three fruits, one per line."}]
+APPLES = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}]  # ~24 tokens, then EOS
 COUNTING = "1, 2, 3, 4, 5, 6, 7,"  # SmolLM2 counts on: 8, 9, 10, ...
 COLOURS = "Colours of the rainbow, one per line:\nRed\n"  # SmolLM2 goes on: Orange, Yellow, Green, ...
 EOS = ("<|im_end|>", "<|endoftext|>")  # SmolLM2's end-of-sequence tokens: never shown as text
@@ -134,17 +135,18 @@ def test_a_thinking_that_never_closes_still_gets_an_answer(proxy):
     with the stop reason ``unclosed_thinking``; when the reasoning used up max_tokens, no answer.
     Exact: the stop reasons, the token accounting, the markers; greedy text may vary with the
     server's batching (a shared server), so texts are compared only within one response."""
-    for codestop in ({"family": "think"}, {"family": "think", "method": "vanilla"}):
+    # CoDE-Stop with its own knobs, probing every 4 tokens at a space: about 5 probes, none confident
+    for codestop in ({"family": "think", "probe_interval": 4, "boundaries": [" "]}, {"family": "think", "method": "vanilla"}):
         for stream in (False, True):
             if stream:
-                chunks = list(chat(proxy, FRUITS, codestop=codestop, max_tokens=200, stream=True,
+                chunks = list(chat(proxy, APPLES, codestop=codestop, max_tokens=200, stream=True,
                                    stream_options={"include_usage": True}))
                 usage, deltas = chunks[-1].usage, [c.choices[0].delta for c in chunks if c.choices]
                 reasoning = "".join(reasoning_of(d) or "" for d in deltas)
                 content = "".join(d.content or "" for d in deltas)
                 finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
             else:
-                r = chat(proxy, FRUITS, codestop=codestop, max_tokens=200)
+                r = chat(proxy, APPLES, codestop=codestop, max_tokens=200)
                 usage, reasoning, content = r.usage, reasoning_of(r.choices[0].message), r.choices[0].message.content
                 finish = r.choices[0].finish_reason
             cs = usage.codestop
@@ -157,7 +159,7 @@ def test_a_thinking_that_never_closes_still_gets_an_answer(proxy):
             assert (cs["probes"] >= 1) == ("method" not in codestop)  # CoDE-Stop probed and went on; vanilla never probes
         # max_tokens used up by the reasoning (half the turn): no answer phase
         half = cs["reasoning_tokens"] // 2
-        used_up = chat(proxy, FRUITS, codestop=codestop, max_tokens=half)
+        used_up = chat(proxy, APPLES, codestop=codestop, max_tokens=half)
         cs = used_up.usage.codestop
         assert (cs["stop_reason"], cs["reasoning_tokens"], cs["answer_tokens"]) == ("max_reasoning_tokens", half, 0), cs
         assert used_up.choices[0].message.content == "" and used_up.choices[0].finish_reason == "length"
