@@ -342,9 +342,9 @@ class Heed:
         waited = now - self.last
         if t.options.queue_timeout is not None and waited >= t.options.queue_timeout:
             self.why = ServerBusy(
-                f"the completions server at {t.base_url} is busy: it answered other requests but sent this one nothing "
-                f"for {waited:.0f} s (queued behind its other requests; --queue-timeout {t.options.queue_timeout:g}); "
-                "retry later", 503, BUSY_RETRY_AFTER_S)
+                f"the completions server at {t.base_url} shows life (bytes on other requests, or an answer to a ping of "
+                f"{PING}) but sent this request nothing for {waited:.0f} s: queued behind others, or its generation is "
+                f"hung (--queue-timeout {t.options.queue_timeout:g}); retry later", 503, BUSY_RETRY_AFTER_S)
         elif quiet >= t.options.timeout:
             self.why = ServerTimeout(
                 f"the completions server at {t.base_url} stayed silent for {t.options.timeout:g} s (no byte on any "
