@@ -253,7 +253,8 @@ def toy_engine(transport, **kwargs) -> tuple[ServerEngine, ToyTokenizer]:
 
 async def one_step(eng: ServerEngine, prompt: list[int]):
     session = await eng.start(prompt, Sampling())
-    return [item async for item in session.extend(10, StepRules())][-1]
+    # a step with a boundary: one plain request (one without any runs to the end, streamed)
+    return [item async for item in session.extend(10, StepRules(separators=("\n\n",)))][-1]
 
 
 def test_a_400_for_token_ids_switches_to_text_only_when_text_works():
