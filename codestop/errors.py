@@ -72,6 +72,16 @@ class ServerTimeout(ServerError):
         super().__init__(message, status=504)
 
 
+class ServerBusy(ServerError):
+    """The proxy turns a request away for now, with a ``Retry-After`` of ``retry_after`` seconds:
+    429 or 503 as the upstream answered after every retry, or 503 when the request waited too long
+    for a place in the proxy's own limit or behind the upstream's queue (which is not silence)."""
+
+    def __init__(self, message: str, status: int = 503, retry_after: int = 10, upstream_status: int | None = None) -> None:
+        super().__init__(message, status, upstream_status)
+        self.retry_after = retry_after
+
+
 # What looks like a credential in a text codestop relays (an upstream's error message, a URL):
 # an Authorization header's value, a Bearer or Basic token, key=value secrets, provider-style keys,
 # a URL's password. Each match keeps its name and loses its value.

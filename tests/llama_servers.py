@@ -100,7 +100,7 @@ class FaultProxy:
     """An HTTP proxy in front of the real server that injects one kind of fault at a time.
 
     mode: "pass"; "reject_ids" (422 for token-id prompts, as llama-cpp-python's server answers);
-    "status_once" (one 503, then pass); "drop_once" (cut the next stream after a few events);
+    "status_once" (one 503, then pass); "busy" (every completion a 429 with ``Retry-After: 1``); "drop_once" (cut the next stream after a few events);
     "hang" (never answer a completion); "hang_all" (never answer anything: a stopped server);
     "no_logprobs" (strip log-probabilities from answers). ``seen``: every completion request's body."""
 
@@ -132,6 +132,8 @@ class FaultProxy:
                 if mode == "status_once":
                     self.mode = "pass"
                     return JSONResponse({"error": {"message": "busy"}}, 503)
+                if mode == "busy":
+                    return JSONResponse({"error": {"message": "too many requests"}}, 429, headers={"retry-after": "1"})
                 if mode == "hang":
                     await asyncio.sleep(3600)
             if not body.get("stream"):

@@ -285,11 +285,12 @@ def test_a_hanging_upstream_times_out_with_a_clear_error(llama):
     engine = ServerEngine.connect(fault.url + "/v1", timeout=3.0, backoff=0.05)
     p = InProcessProxy(engine)
     try:
-        fault.mode = "hang"
+        assert ask(p.client(), "Hi").choices[0].message.content  # the prompt's template and tokens, cached
+        fault.mode = "hang_all"  # silent: no answer to a completion or a ping (tests/test_timeouts.py: more)
         for stream in (False, True):
             with pytest.raises(openai.APIStatusError) as err:
                 ask(p.client(), "Hi", stream=stream)
-            assert err.value.status_code == 504 and "did not answer within 3 s" in err.value.message
+            assert err.value.status_code == 504 and "stayed silent for 3 s" in err.value.message
         fault.mode = "pass"
         assert ask(p.client(), "Hi").choices[0].message.content
     finally:

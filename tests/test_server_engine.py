@@ -28,7 +28,7 @@ from codestop.api import agenerate_question
 from codestop.cli import build_parser
 from codestop.cli.options import engine_from_args
 from codestop.engines.server import HFTokens, ServerEngine, ServerOptions, Upstream, dialect_for, parse_choice, parse_logprobs
-from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerError, ServerTimeout
+from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerBusy, ServerError, ServerTimeout
 from codestop.sampling import Sampling
 from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index
 
@@ -253,7 +253,8 @@ def toy_engine(transport, **kwargs) -> tuple[ServerEngine, ToyTokenizer]:
 
 async def one_step(eng: ServerEngine, prompt: list[int]):
     session = await eng.start(prompt, Sampling())
-    return [item async for item in session.extend(10, StepRules())][-1]
+    # a step with a boundary: one plain request (one without any runs to the end, streamed)
+    return [item async for item in session.extend(10, StepRules(separators=("\n\n",)))][-1]
 
 
 def test_a_400_for_token_ids_switches_to_text_only_when_text_works():
@@ -572,17 +573,32 @@ def test_503_is_retried_and_a_stream_cut_midway_resumes_where_it_broke(fault, en
     eng.close()
 
 
-@pytest.mark.parametrize("mode", ["hang", "hang_all"])
 @pytest.mark.parametrize("live", [False, True], ids=["plain", "live"])
-def test_a_hanging_server_times_out_once_after_the_timeout(fault, live, mode):
+def test_a_hanging_server_times_out_once_after_the_timeout(fault, live):
     """Plain or streamed, a silent server is one 504 after ``timeout``: not retried, not a 502
     "unreachable" after the template and the tokenizer each waited it out."""
     eng = ServerEngine.connect(fault.url, timeout=1.0, backoff=0.05)
-    fault.mode = mode
+    fault.mode = "hang_all"
     t0 = time.monotonic()
     with pytest.raises(ServerTimeout, match="did not answer within 1 s") as caught:
         run(agenerate_question(eng, "hi", Vanilla(), max_reasoning_tokens=8, live_text=live))
     assert time.monotonic() - t0 < 1.9 and caught.value.status == 504
+    eng.close()
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["plain", "live"])
+def test_a_server_that_answers_pings_but_never_a_completion_is_busy_after_the_queue_timeout(fault, live):
+    """Its completions hang while it answers everything else (a ping of /v1/models too): that is
+    life, not silence, so no 504 after ``timeout``; past ``queue_timeout`` one 503 with a
+    Retry-After, not retried."""
+    eng = ServerEngine.connect(fault.url, timeout=1.0, queue_timeout=2.0, backoff=0.05)
+    fault.mode = "hang"
+    fault.seen.clear()
+    t0 = time.monotonic()
+    with pytest.raises(ServerBusy, match="sent this request nothing for 2 s") as caught:
+        run(agenerate_question(eng, "hi", Vanilla(), max_reasoning_tokens=8, live_text=live))
+    assert 2.0 <= time.monotonic() - t0 < 2.9 and caught.value.status == 503 and caught.value.retry_after == 10
+    assert len(fault.seen) == 1
     eng.close()
 
 

@@ -31,7 +31,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
 
     options = engine_options_from_args(args)
     if args.base_url:
-        options.update({k: getattr(args, k) for k in ("concurrency", "timeout", "retries") if getattr(args, k) is not None})
+        options.update({k: getattr(args, k) for k in ("concurrency", "timeout", "queue_timeout", "retries")
+                        if getattr(args, k) is not None})
         return load_engine(args.model, engine="server", wait=False, **options)
     return load_engine(args.model, engine=args.engine, **options)
 
@@ -59,10 +60,16 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="a key clients must send (Authorization: Bearer KEY); default $CODESTOP_PROXY_API_KEY, else none",
     )
-    p.add_argument("--concurrency", type=int, default=None, help="most requests in flight to the upstream (default 64)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="most requests in flight to the upstream; a session already answering goes before new ones "
+                        "(default 64)")
     p.add_argument("--timeout", type=float, default=None,
-                   help="seconds the upstream may stay silent (between streamed tokens, or for a plain answer) "
-                        "before the request fails with 504 (default 60)")
+                   help="seconds the upstream may stay silent (nothing on any request, no answer to a ping) before "
+                        "a request fails with 504; queueing behind its busy slots, a long prefill and a long "
+                        "generation are not silence (default 60)")
+    p.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds one request may wait for a place in --concurrency or for a byte of its own while "
+                        "the upstream answers others, before it fails with 503 and Retry-After (default 600)")
     p.add_argument("--retries", type=int, default=None, help="retries on 429/5xx/connection resets (default 3)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"the largest request body accepted; a larger one is a 413 (default {DEFAULT_MAX_REQUEST_BYTES})")

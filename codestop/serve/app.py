@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from codestop.config import GenerationConfig
 from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
-from codestop.errors import CodestopError, is_integer, redact, redact_logs, register_secret, require
+from codestop.errors import CodestopError, ServerBusy, is_integer, redact, redact_logs, register_secret, require
 from codestop.policy_file import PolicyFile
 from codestop.serve import agents
 from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
@@ -366,7 +366,10 @@ async def on_error(request: Any, exc: Exception) -> Any:
     status, body = error_for(exc, prompt_param, f"{request.method} {request.url.path}")
     if status == 500:
         log.error("answer failed", exc_info=exc)
-    return JSONResponse(body, status_code=status, headers={"connection": "close"} if status == 413 else None)
+    headers = {"connection": "close"} if status == 413 else None
+    if isinstance(exc, ServerBusy):  # turned away for now: when to come back
+        headers = {"retry-after": str(exc.retry_after)}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def on_client_gone(request: Any, exc: Exception) -> Any:

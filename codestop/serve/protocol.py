@@ -19,7 +19,7 @@ from typing import Any, ClassVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerError, redact, require
+from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerBusy, ServerError, redact, require
 
 MAX_STOPS = 4  # as OpenAI's API
 ROLES = ("system", "user", "assistant", "developer", "tool")  # the message roles a request may use
@@ -92,6 +92,8 @@ def error_for(exc: BaseException, prompt_param: str = "messages", where: str = "
     if isinstance(exc, ContextTooLong):
         return 400, error_body(str(exc), "invalid_request_error", prompt_param, "context_length_exceeded")
     if isinstance(exc, ServerError):
+        if isinstance(exc, ServerBusy):
+            return exc.status, error_body(str(exc), "upstream_error", None, "busy")
         code = {503: "upstream_not_ready", 504: "upstream_timeout"}.get(exc.status, "upstream_unavailable")
         return exc.status, error_body(str(exc), "upstream_error", None, code)
     if isinstance(exc, CodestopError):

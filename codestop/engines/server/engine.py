@@ -276,22 +276,24 @@ class ServerEngine(Engine):
         return wanted[:cap], len(wanted) <= cap
 
     def step_chunks(self, prompt_ids: Sequence[int], max_tokens: int, rules: StepRules, sampling: Sampling,
-                    streamed: bool) -> AsyncGenerator[Chunk, None]:
-        """One step request, shaped by the dialect (see :meth:`Dialect.step_request`)."""
+                    streamed: bool, started: bool = False) -> AsyncGenerator[Chunk, None]:
+        """One step request, shaped by the dialect (see :meth:`Dialect.step_request`); ``started``:
+        the session has received tokens (its request goes first, see :class:`Limit`)."""
         request = self.dialect.step_request(max_tokens, self.stops_for(rules)[0], streamed)
         kind = "answer" if rules.greedy else "step"
-        return self._chunks(request, prompt_ids, kind, self.dialect.sampling_fields(sampling))
+        return self._chunks(request, prompt_ids, kind, self.dialect.sampling_fields(sampling), True, started)
 
-    def probe_chunks(self, prompt_ids: Sequence[int], max_tokens: int, slot: bool = True) -> AsyncGenerator[Chunk, None]:
+    def probe_chunks(self, prompt_ids: Sequence[int], max_tokens: int, slot: bool = True,
+                     started: bool = False) -> AsyncGenerator[Chunk, None]:
         """One probe request, greedy with logprobs (see :meth:`Dialect.probe_request`)."""
-        return self._chunks(self.dialect.probe_request(max_tokens), prompt_ids, "probe", {}, slot)
+        return self._chunks(self.dialect.probe_request(max_tokens), prompt_ids, "probe", {}, slot, started)
 
     def _chunks(self, request: Request, prompt_ids: Sequence[int], kind: str, sampling: dict[str, Any],
-                slot: bool = True) -> AsyncGenerator[Chunk, None]:
+                slot: bool = True, started: bool = False) -> AsyncGenerator[Chunk, None]:
         fields = {"model": self.model_name, **sampling, **request.fields}
         if request.stream:
-            return self.transport.stream(prompt_ids, kind, fields, slot)
-        return _once(self.transport.complete(request.path, prompt_ids, kind, fields, request.parse, slot))
+            return self.transport.stream(prompt_ids, kind, fields, slot, started)
+        return _once(self.transport.complete(request.path, prompt_ids, kind, fields, request.parse, slot, started))
 
     # -- sessions, health, counters, closing -------------------------------------------------------
     async def start(self, prompt_ids: Sequence[int], sampling: Sampling, *, live: bool = False) -> ServerSession:

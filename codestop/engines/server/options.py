@@ -17,9 +17,15 @@ CONNECT_ARGUMENTS = ("base_url", "model", "tokenizer", "wait")
 @dataclass(frozen=True)
 class ServerOptions:
     """``api_key``: the server's key (``connect`` defaults it to ``$CODESTOP_UPSTREAM_API_KEY``, else
-    ``$OPENAI_API_KEY``). ``concurrency``: most requests in flight per event loop. ``timeout``: the
-    longest the server may stay silent (between streamed events, or for a whole plain answer);
-    ``connect_timeout`` apart. ``retries``: how often a request that fails (429, 5xx, a dropped
+    ``$OPENAI_API_KEY``). ``concurrency``: most requests in flight per event loop; a request of a
+    session that has already received tokens takes a free place before new sessions' first requests.
+    ``timeout``: the longest the server may stay silent, that is, send this engine nothing on any
+    request and not answer a ping (``GET /v1/models``) either; past it a request fails with
+    :class:`~codestop.errors.ServerTimeout` (504). Time a request spends queued behind other requests,
+    in a long prefill or generating a plain answer is no silence while the server shows life; it is
+    bounded by ``queue_timeout`` (None: not at all), the longest one request may wait for a byte of
+    its own or for a place in the limit, past which it fails with :class:`~codestop.errors.ServerBusy`
+    (503 with ``Retry-After``). ``connect_timeout`` apart. ``retries``: how often a request that fails (429, 5xx, a dropped
     connection) or makes no progress is sent again, ``backoff`` seconds apart at first, doubling.
     ``stream_steps``: None streams a step when its text is shown live, when the server cannot end a
     plain request at a boundary, or when its stop strings exceed ``max_stops``; True or False forces
@@ -31,6 +37,7 @@ class ServerOptions:
     api_key: str | None = field(default=None, repr=False)
     concurrency: int = 64
     timeout: float = 60.0
+    queue_timeout: float | None = 600.0
     connect_timeout: float = 10.0
     retries: int = 3
     backoff: float = 0.5
@@ -43,6 +50,8 @@ class ServerOptions:
         register_secret(self.api_key)  # an upstream that echoes its key in an error never relays it
         require(is_integer(self.concurrency) and self.concurrency >= 1, "concurrency", self.concurrency, "must be an integer >= 1")
         require(is_number(self.timeout) and self.timeout > 0, "timeout", self.timeout, "must be > 0 seconds")
+        require(self.queue_timeout is None or is_number(self.queue_timeout) and self.queue_timeout > 0, "queue_timeout",
+                self.queue_timeout, "must be > 0 seconds, or None for no limit")
         require(is_number(self.connect_timeout) and self.connect_timeout > 0, "connect_timeout", self.connect_timeout,
                 "must be > 0 seconds")
         require(is_integer(self.retries) and self.retries >= 0, "retries", self.retries, "must be an integer >= 0")

@@ -57,9 +57,10 @@ class SessionEngine(Protocol):
     def stops_for(self, rules: StepRules) -> tuple[list[str], bool]: ...
 
     def step_chunks(self, prompt_ids: Sequence[int], max_tokens: int, rules: StepRules, sampling: Sampling,
-                    streamed: bool) -> AsyncGenerator[Chunk, None]: ...
+                    streamed: bool, started: bool = False) -> AsyncGenerator[Chunk, None]: ...
 
-    def probe_chunks(self, prompt_ids: Sequence[int], max_tokens: int, slot: bool = True) -> AsyncGenerator[Chunk, None]: ...
+    def probe_chunks(self, prompt_ids: Sequence[int], max_tokens: int, slot: bool = True,
+                     started: bool = False) -> AsyncGenerator[Chunk, None]: ...
 
 
 class ServerSession(Session):
@@ -78,6 +79,7 @@ class ServerSession(Session):
         self.sampling = sampling
         self.live = live
         self.overrun = 0
+        self.started = False  # tokens received: its next requests go before new sessions' (transport.Limit)
         self._ahead: RunAhead | None = None
 
     @property
@@ -86,12 +88,16 @@ class ServerSession(Session):
 
     def streamed(self, rules: StepRules) -> bool:
         """Whether a step by ``rules`` is streamed: when its text is shown live, when the server
-        cannot end a plain request at a boundary, or when its stop strings do not all fit in one
-        request (the scanner then finds the rest client-side)."""
+        cannot end a plain request at a boundary, when its stop strings do not all fit in one
+        request (the scanner then finds the rest client-side), or when it has no boundaries to end
+        it early (a policy that never probes, a free answer): such a request runs to the end of the
+        reasoning or answer, and a plain one would be silent for all of it, while a stream's
+        tokens show the server at work (``timeout`` is silence, not a generation's length)."""
         eng = self.engine
         if eng.options.stream_steps is not None:
             return eng.options.stream_steps
-        return self.live or not eng.dialect.plain_steps or not eng.stops_for(rules)[1]
+        long = not (rules.separators or rules.words or rules.close_box)
+        return self.live or long or not eng.dialect.plain_steps or not eng.stops_for(rules)[1]
 
     def _room(self, context: int) -> int:
         """Tokens a request may generate after ``context`` tokens of prompt (the server's limit)."""
@@ -128,6 +134,7 @@ class ServerSession(Session):
                         if (eos := eng.dialect.listed_eos(chunk, ids)) is not None:
                             eng.learn_eos(eos)  # before the scanner sees it, so its text is never kept
                             scanner.eos_ids = eng.eos_token_ids
+                        self.started = self.started or bool(ids)
                         for tok in ids:
                             if scanner.feed(tok) is not None:
                                 break  # what a plain answer holds after the end is not kept
@@ -180,7 +187,7 @@ class ServerSession(Session):
             streamed = self.streamed(rules)
 
             def request(ids: list[int], n: int) -> AsyncGenerator[Chunk, None]:
-                return eng.step_chunks(self.ids + ids, n, rules, sampling, streamed)
+                return eng.step_chunks(self.ids + ids, n, rules, sampling, streamed, self.started)
 
             pieces = self._scan(scanner, request)
         async with aclosing(pieces) as texts:
@@ -202,7 +209,7 @@ class ServerSession(Session):
         to_end = replace(rules, separators=(), words=())
 
         def request(ids: list[int], n: int) -> AsyncGenerator[Chunk, None]:
-            return eng.step_chunks(prompt + ids, n, to_end, sampling, streamed=True)
+            return eng.step_chunks(prompt + ids, n, to_end, sampling, streamed=True, started=self.started)
 
         scanner = StepScanner(eng.detokenize, to_end, eng.eos_token_ids, max(1, max_tokens))
         return RunAhead(rules, prompt, scanner, lambda sc, on_feed: self._scan(sc, request, on_feed=on_feed))
@@ -225,7 +232,7 @@ class ServerSession(Session):
         scanner = StepScanner(eng.detokenize, PROBE_RULES, eng.eos_token_ids, min(max_tokens, room))
         lps: list[float] = []
         slot = self._ahead is None  # beside its own running stream the session already holds a slot
-        async with aclosing(self._scan(scanner, lambda ids, n: eng.probe_chunks(base + ids, n, slot), lps)) as pieces:
+        async with aclosing(self._scan(scanner, lambda ids, n: eng.probe_chunks(base + ids, n, slot, self.started), lps)) as pieces:
             async for _ in pieces:
                 pass
         return ProbeOutput(list(scanner.ids), lps[: len(scanner.ids)], len(prompt_ids))

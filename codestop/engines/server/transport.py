@@ -2,9 +2,17 @@
 
 Every request is async on one ``httpx.AsyncClient`` per event loop (asyncio objects belong to one
 loop; the sync API runs each question in a fresh loop), under the concurrency limit, with retries:
-429, 5xx and connection errors are sent again after a backoff (``retries`` times at most). A server
-that stays silent for ``timeout`` is one :class:`~codestop.errors.ServerTimeout` (the proxy's 504),
-never retried. Prompts go as token ids; a server that refuses them while token ids never worked
+429, 5xx and connection errors are sent again after a backoff (``retries`` times at most); a 429 or
+503 that outlasts them is a :class:`~codestop.errors.ServerBusy` (429/503 with ``Retry-After``).
+
+Silence (``timeout``) is the server's, not one request's: every wait for a request's next byte
+(its answer's head, a plain answer, a streamed event) goes on while the server sends this
+transport anything on any request, or answers a ping (``GET /v1/models`` on a client of its own,
+sent once the server has been quiet for half the timeout). A request queued behind busy slots, in a
+long prefill or generating a long plain answer therefore waits, and only a server silent for
+``timeout`` is one :class:`~codestop.errors.ServerTimeout` (the proxy's 504), never retried. One
+request's wait for a byte of its own, and for a place in the limit, is bounded by ``queue_timeout``
+apart: past it a :class:`~codestop.errors.ServerBusy` (503, ``Retry-After``). Prompts go as token ids; a server that refuses them while token ids never worked
 there (llama-cpp-python) gets the same request once as text, and only if that works are later
 prompts sent as text.
 
@@ -18,19 +26,26 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import math
 import random
+import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from codestop.engines.server.options import ServerOptions
-from codestop.errors import ContextTooLong, ServerError, ServerTimeout, ServerUnreachable, redact
+from codestop.errors import ContextTooLong, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, redact
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+BUSY_STATUSES = frozenset({429, 503})  # the server's own "not now": relayed as such, with Retry-After
+BUSY_RETRY_AFTER_S = 10  # the Retry-After the proxy suggests when the server named none
 COMPLETIONS = "/v1/completions"
+PING = "/v1/models"  # every OpenAI-compatible server answers it, outside its generation queue
+T = TypeVar("T")
 
 
 @dataclass
@@ -216,12 +231,131 @@ def parse_json(content: str | bytes, where: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+class Limit:
+    """The most requests in flight on one event loop. A place that frees goes first to a request of
+    a session that has already received tokens (its client is reading a stream, and only an error
+    event could end it now), then to new sessions' first requests, which can still be turned away
+    with a status: a wait past ``patience`` seconds is a :class:`ServerBusy` (503)."""
+
+    def __init__(self, n: int, patience: float | None) -> None:
+        self.size = self.free = n
+        self.patience = patience
+        self.queues: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (deque(), deque())
+
+    @asynccontextmanager
+    async def hold(self, started: bool) -> AsyncIterator[None]:
+        await self.acquire(started)
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def acquire(self, started: bool) -> None:
+        if self.free > 0 and not self.queues[0] and not self.queues[1]:
+            self.free -= 1
+            return
+        queue = self.queues[0 if started else 1]
+        waiter = asyncio.get_running_loop().create_future()
+        queue.append(waiter)
+        try:
+            async with asyncio.timeout(self.patience):
+                await waiter
+        except BaseException as err:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a place as it gave up: pass it on
+            else:
+                with suppress(ValueError):
+                    queue.remove(waiter)
+            if isinstance(err, TimeoutError):
+                raise ServerBusy(f"the proxy is busy: all {self.size} of its places for upstream requests stayed taken "
+                                 f"for {self.patience:g} s (--concurrency, --queue-timeout); retry later", 503,
+                                 BUSY_RETRY_AFTER_S) from None
+            raise
+
+    def release(self) -> None:
+        for queue in self.queues:
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self.free += 1
+
+
 @dataclass
 class LoopState:
-    """What an event loop owns: its HTTP client and its concurrency limit."""
+    """What an event loop owns: its HTTP client, its concurrency limit, and the small client that
+    pings a quiet server (its own, so a ping never waits for a place in the busy pool)."""
 
     client: httpx.AsyncClient
-    limit: asyncio.Semaphore
+    limit: Limit
+    pinger: httpx.AsyncClient
+    ping: asyncio.Task[None] | None = None
+
+
+class Heed:
+    """One request's waits for its server's next byte (see the module docstring): ``await
+    heed(read)`` returns what ``read`` gives, or raises :class:`ServerTimeout` once the server has
+    been silent for ``timeout`` (nothing on any request, no answer to a ping), or
+    :class:`ServerBusy` once this request has had no byte of its own for ``queue_timeout``. The
+    clock watches the wait itself only: time the caller spends between reads is not the server's."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.last = time.monotonic()  # when the current wait began
+        self.why: ServerError | None = None
+        self._timer: asyncio.Timeout | None = None
+        self._check: asyncio.TimerHandle | None = None
+
+    async def __call__(self, read: Awaitable[T]) -> T:
+        loop = asyncio.get_running_loop()
+        self.last = time.monotonic()
+        try:
+            async with asyncio.timeout(None) as self._timer:
+                self._schedule(loop)
+                try:
+                    value = await read
+                finally:
+                    if self._check is not None:
+                        self._check.cancel()
+        except TimeoutError:
+            if self.why is None:
+                raise
+            raise self.why from None
+        self.last = self.transport.heard = time.monotonic()
+        return value
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Check again when the quiet reaches half the timeout (ping), the timeout, or the patience."""
+        t = self.transport
+        quiet = max(t.heard, self.last)
+        now = time.monotonic()
+        at = quiet + (t.options.timeout / 2 if now - quiet < t.options.timeout / 2 else t.options.timeout)
+        if t.options.queue_timeout is not None:
+            at = min(at, self.last + t.options.queue_timeout)
+        self._check = loop.call_later(max(0.0, at - now), self._on_check, loop)
+
+    def _on_check(self, loop: asyncio.AbstractEventLoop) -> None:
+        t = self.transport
+        now = time.monotonic()
+        quiet = now - max(t.heard, self.last)
+        waited = now - self.last
+        if t.options.queue_timeout is not None and waited >= t.options.queue_timeout:
+            self.why = ServerBusy(
+                f"the completions server at {t.base_url} shows life (bytes on other requests, or an answer to a ping of "
+                f"{PING}) but sent this request nothing for {waited:.0f} s: queued behind others, or its generation is "
+                f"hung (--queue-timeout {t.options.queue_timeout:g}); retry later", 503, BUSY_RETRY_AFTER_S)
+        elif quiet >= t.options.timeout:
+            self.why = ServerTimeout(
+                f"the completions server at {t.base_url} stayed silent for {t.options.timeout:g} s (no byte on any "
+                f"request, no answer to a ping of {PING}); it may be overloaded or hung")
+        else:
+            if quiet >= t.options.timeout / 2:
+                t.ping()
+            self._schedule(loop)
+            return
+        assert self._timer is not None
+        self._timer.reschedule(loop.time())
 
 
 @dataclass
@@ -243,10 +377,15 @@ class Transport:
         self.base_url = base_url
         self.options = options
         self.timeout = httpx.Timeout(options.timeout, connect=options.connect_timeout)
+        # a generation request's own timeouts: its reads are watched by Heed, which ends them first;
+        # httpx's read and pool timeouts only back it up
+        backstop = None if options.queue_timeout is None else options.queue_timeout + options.timeout
+        self.waiting = httpx.Timeout(options.timeout, connect=options.connect_timeout, read=backstop, pool=backstop)
         self.as_text = as_text
         self.text_prompts = False  # switched on when only text prompts work on this server
         self._ids_confirmed = False  # a token-id prompt has succeeded: never switch to text
         self.stats = RequestStats()
+        self.heard = -math.inf  # when the server last showed life: a byte on any request, or a ping answered
         self.loops: dict[asyncio.AbstractEventLoop, LoopState] = {}
         self.sync = sync or client_for(options, self.timeout)
         self._ssl: Any = None  # one SSL context for every client made here (building one costs ~90 ms)
@@ -260,14 +399,32 @@ class Transport:
                 del self.loops[dead]  # a finished asyncio.run: its client cannot be closed any more
             if self.options.transport is not None:
                 kwargs: dict[str, Any] = {"transport": self.options.transport}
+                few = kwargs
             else:
                 if self._ssl is None:
                     self._ssl = httpx.create_ssl_context()
                 n = self.options.concurrency
-                kwargs = {"limits": httpx.Limits(max_connections=n, max_keepalive_connections=n), "verify": self._ssl}
+                # a place in the limit may have a probe beside its stream (slot=False): room for both,
+                # so such a probe never waits for a connection
+                kwargs = {"limits": httpx.Limits(max_connections=2 * n, max_keepalive_connections=n), "verify": self._ssl}
+                few = {"limits": httpx.Limits(max_connections=2, max_keepalive_connections=1), "verify": self._ssl}
             client = httpx.AsyncClient(timeout=self.timeout, headers=headers(self.options.api_key), **kwargs)
-            state = self.loops[loop] = LoopState(client, asyncio.Semaphore(self.options.concurrency))
+            pinger = httpx.AsyncClient(timeout=httpx.Timeout(self.options.timeout / 2), headers=headers(self.options.api_key), **few)
+            state = self.loops[loop] = LoopState(client, Limit(self.options.concurrency, self.options.queue_timeout), pinger)
         return state
+
+    def ping(self) -> None:
+        """Ask a quiet server whether it is there (one ping at a time per loop); an answer counts as
+        life (:class:`Heed`)."""
+        state = self.state()
+        if state.ping is None or state.ping.done():
+            state.ping = asyncio.ensure_future(self._ping(state.pinger))
+
+    async def _ping(self, pinger: httpx.AsyncClient) -> None:
+        with suppress(httpx.HTTPError):
+            response = await pinger.get(self.base_url + PING)
+            if response.status_code == 200:
+                self.heard = time.monotonic()
 
     async def backoff(self, attempt: int, response: httpx.Response | None = None) -> None:
         """Wait before retry ``attempt`` (0-based): doubling, jittered, at least a ``Retry-After``."""
@@ -291,6 +448,11 @@ class Transport:
             raise ServerError(f"the completions server refused the API key ({response.status_code}): {message}", 502, response.status_code)
         if mentions_context(message):
             raise ContextTooLong(f"the completions server says: {message}")
+        if response.status_code in BUSY_STATUSES:
+            after = response.headers.get("retry-after", "")
+            raise ServerBusy(f"the completions server is busy: it answered {response.status_code} "
+                             f"{self.options.retries + 1} times: {message}; retry later", response.status_code,
+                             int(after) if after.isdigit() else BUSY_RETRY_AFTER_S, response.status_code)
         raise ServerError(f"the completions server answered {response.status_code}: {message}", 502, response.status_code)
 
     async def _send(self, client: httpx.AsyncClient, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any],
@@ -306,8 +468,9 @@ class Transport:
             prompt = await self.as_text(prompt_ids) if as_text else list(prompt_ids)
             body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
             self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+            request = client.build_request("POST", self.base_url + path, json=body, timeout=self.waiting)
             try:
-                response = await client.send(client.build_request("POST", self.base_url + path, json=body), stream=stream)
+                response = await Heed(self)(client.send(request, stream=stream))
             except httpx.TimeoutException as err:
                 raise self.unreachable(err) from None
             except httpx.TransportError as err:
@@ -339,12 +502,13 @@ class Transport:
 
     @asynccontextmanager
     async def _post(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], stream: bool,
-                    slot: bool = True) -> AsyncIterator[httpx.Response]:
+                    slot: bool = True, started: bool = False) -> AsyncIterator[httpx.Response]:
         """One request (see :meth:`_send`), holding a slot of the concurrency limit until closed;
         ``slot`` False: the session already holds one (a probe beside its own running stream, which
-        must not wait behind other sessions' streams)."""
+        must not wait behind other sessions' streams); ``started``: the session has received tokens,
+        so its request goes before new sessions' (:class:`Limit`)."""
         state = self.state()
-        async with state.limit if slot else nullcontext():
+        async with state.limit.hold(started) if slot else nullcontext():
             response = await self._send(state.client, path, prompt_ids, kind, fields, stream)
             try:
                 yield response
@@ -352,24 +516,28 @@ class Transport:
                 await response.aclose()
 
     async def complete(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any],
-                       parse: Callable[[dict[str, Any]], Chunk] = parse_choice, slot: bool = True) -> Chunk:
+                       parse: Callable[[dict[str, Any]], Chunk] = parse_choice, slot: bool = True,
+                       started: bool = False) -> Chunk:
         """One plain (non-streaming) completion."""
-        async with self._post(path, prompt_ids, kind, fields, stream=False, slot=slot) as response:
+        async with self._post(path, prompt_ids, kind, fields, stream=False, slot=slot, started=started) as response:
             return parse(parse_json(response.content, self.base_url))
 
-    async def stream(self, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], slot: bool = True) -> AsyncGenerator[Chunk, None]:
+    async def stream(self, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], slot: bool = True,
+                     started: bool = False) -> AsyncGenerator[Chunk, None]:
         """One streaming completion, one chunk per read from the connection: the events that read
         brought, merged (the server's own batching, vLLM's ``--stream-interval``, and whatever
         queued up while the proxy was busy, so a loaded proxy handles fewer, bigger chunks).
         Closing the generator closes the connection, which aborts the request on the server; a
         connection broken mid-stream raises (the session resumes from what it kept)."""
-        async with self._post(COMPLETIONS, prompt_ids, kind, {**fields, "stream": True}, stream=True, slot=slot) as response:
+        async with self._post(COMPLETIONS, prompt_ids, kind, {**fields, "stream": True}, stream=True, slot=slot,
+                              started=started) as response:
             body = response.aiter_bytes()
             text = codecs.getincrementaldecoder("utf-8")()
             rest = ""
             finished = False  # the server said it is done (a finish reason): what is left of the body is its end
+            heed = Heed(self)
             try:
-                async for raw in body:
+                while (raw := await heed(anext(body, None))) is not None:
                     rest += text.decode(raw)
                     if "\r" in rest:
                         rest = rest.replace("\r\n", "\n")  # SSE's other line end
@@ -432,10 +600,18 @@ class Transport:
         states, self.loops = self.loops, {}
         for loop, state in states.items():
             if loop is current:
-                await state.client.aclose()
+                await _close(state)
             elif loop.is_running() and not loop.is_closed():
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(state.client.aclose(), loop))
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_close(state), loop))
         self.sync.close()
+
+
+async def _close(state: LoopState) -> None:
+    if state.ping is not None:
+        state.ping.cancel()
+        await asyncio.gather(state.ping, return_exceptions=True)
+    await state.client.aclose()
+    await state.pinger.aclose()
 
 
 def headers(api_key: str | None) -> dict[str, str]:
