@@ -102,11 +102,14 @@ class FaultProxy:
     mode: "pass"; "reject_ids" (422 for token-id prompts, as llama-cpp-python's server answers);
     "status_once" (one 503, then pass); "busy" (every completion a 429 with ``Retry-After: 1``); "drop_once" (cut the next stream after a few events);
     "hang" (never answer a completion); "hang_all" (never answer anything: a stopped server);
-    "no_logprobs" (strip log-probabilities from answers). ``seen``: every completion request's body."""
+    "no_logprobs" (strip log-probabilities from answers); "slow" (a server making slow progress: each
+    streamed line, and each token of a plain answer, ``delay`` seconds late, so a generation outlasts
+    a short timeout on any host however fast or loaded). ``seen``: every completion request's body."""
 
     def __init__(self, upstream: str, port: int | None = None) -> None:
         self.upstream = upstream
         self.mode = "pass"
+        self.delay = 0.05
         self.seen: list[dict] = []
         self.port = port or free_port()
         app = FastAPI()
@@ -139,6 +142,8 @@ class FaultProxy:
             if not body.get("stream"):
                 r = await client.post(f"{upstream}/{path}", json=body)
                 data = r.json()
+                if mode == "slow":
+                    await asyncio.sleep(self.delay * (data.get("usage") or {}).get("completion_tokens", 1))
                 if mode == "no_logprobs":
                     for c in data.get("choices", []):
                         c["logprobs"] = None
@@ -151,6 +156,8 @@ class FaultProxy:
                 async with client.stream("POST", f"{upstream}/{path}", json=body) as r:
                     async for line in r.aiter_lines():
                         n += 1
+                        if mode == "slow" and line:
+                            await asyncio.sleep(self.delay)
                         if mode == "drop_once" and n > 6:
                             raise ConnectionResetError("fault injected: stream cut")
                         if mode == "no_logprobs" and line.startswith("data: {"):

@@ -20,7 +20,9 @@ from codestop.engines.server.transport import Limit
 from codestop.errors import ServerBusy
 
 COUNT = "Count from 1 to 500, separated by commas."  # SmolLM2 counts on past any max_tokens below
-TIMEOUT = 1.0  # far shorter than the generations below take on this host's shared cores
+# the generations below go through a FaultProxy in "slow" mode (a line or a token every 0.05 s), so
+# they outlast the timeout on any host, while a gap between tokens stays far below it even on busy cores
+TIMEOUT = 2.0
 
 
 def vanilla(client: openai.OpenAI, max_tokens: int, **kwargs):
@@ -29,7 +31,9 @@ def vanilla(client: openai.OpenAI, max_tokens: int, **kwargs):
 
 @pytest.mark.slow
 def test_a_vanilla_generation_longer_than_the_timeout_answers(llama):
-    engine = ServerEngine.connect(llama.url + "/v1", timeout=TIMEOUT, backoff=0.05)
+    fault = FaultProxy(llama.url)
+    fault.mode = "slow"
+    engine = ServerEngine.connect(fault.url + "/v1", timeout=TIMEOUT, backoff=0.05)
     p = InProcessProxy(engine)
     try:
         for stream in (False, True):
@@ -46,12 +50,15 @@ def test_a_vanilla_generation_longer_than_the_timeout_answers(llama):
             assert text and tokens > 0
     finally:
         p.stop()
+        fault.stop()
 
 
 @pytest.mark.slow
 def test_requests_queued_behind_one_busy_slot_get_no_504(smollm2_path):
     server = LlamaServer(smollm2_path, slots=1).start()
-    engine = ServerEngine.connect(server.url + "/v1", timeout=TIMEOUT, backoff=0.05)
+    fault = FaultProxy(server.url)
+    fault.mode = "slow"
+    engine = ServerEngine.connect(fault.url + "/v1", timeout=TIMEOUT, backoff=0.05)
     p = InProcessProxy(engine)
     try:
         results: list[object] = [None] * 4
@@ -79,6 +86,7 @@ def test_requests_queued_behind_one_busy_slot_get_no_504(smollm2_path):
         assert all(r.choices[0].message.content for r in results)  # type: ignore[union-attr]
     finally:
         p.stop()
+        fault.stop()
         server.kill()
 
 
