@@ -5,7 +5,10 @@ models with ``use_extra_bufts = False`` (:mod:`codestop.engines.native_check`). 
 that costs on this host, through the engine itself: prompt reading (one 256-token prompt into a
 fresh context) and generation (64 greedy tokens, one ``llama_decode`` each). The two settings are
 timed alternately, ``--repeats`` times each, and the median is printed; the load average is printed
-before and after, because other processes on the same cores skew every figure.
+before and after, because other processes on the same cores skew every figure. Besides tokens per
+second of wall time it prints tokens per CPU-second of this process (``time.process_time``: the
+work done, which other processes on the cores change much less; OMP_WAIT_POLICY=PASSIVE keeps
+threads that wait at a barrier from counting as work).
 
 Usage: python bench/llamacpp_bufts.py [--models qwen2.5-coder-0.5b,smollm2-135m] [--threads 2] [--repeats 3]
 """
@@ -35,20 +38,19 @@ def load(location: str, setting: str, threads: int) -> LlamaCppEngine:
     return engine
 
 
-def measure(engine: LlamaCppEngine) -> tuple[float, float]:
-    """Prompt tokens/s and generated tokens/s, one run."""
+def measure(engine: LlamaCppEngine) -> tuple[float, float, float, float]:
+    """Prompt and generated tokens per wall second, then per CPU-second, one run."""
     prompt = [(i * 7 + 11) % engine.n_vocab for i in range(PROMPT_TOKENS)]  # any tokens: cost is per token
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     backend = engine.new_backend(prompt)
-    prompt_s = time.perf_counter() - t0
+    t1, c1 = time.perf_counter(), time.process_time()
     try:
-        t0 = time.perf_counter()
         for _ in range(DECODE_TOKENS):
             backend.feed([int(np.argmax(backend.logits()))])
-        decode_s = time.perf_counter() - t0
+        t2, c2 = time.perf_counter(), time.process_time()
     finally:
         backend.close()
-    return PROMPT_TOKENS / prompt_s, DECODE_TOKENS / decode_s
+    return PROMPT_TOKENS / (t1 - t0), DECODE_TOKENS / (t2 - t1), PROMPT_TOKENS / (c1 - c0), DECODE_TOKENS / (c2 - c1)
 
 
 def main() -> None:
@@ -64,21 +66,22 @@ def main() -> None:
         engines = {s: load(location, s, args.threads) for s in SETTINGS}
         for engine in engines.values():
             measure(engine)  # warm-up: first-touch of the weights, the context pool
-        runs: dict[str, list[tuple[float, float]]] = {s: [] for s in SETTINGS}
+        runs: dict[str, list[tuple[float, float, float, float]]] = {s: [] for s in SETTINGS}
         for _ in range(args.repeats):
             for setting, engine in engines.items():  # alternate, so a load spike hits both
                 runs[setting].append(measure(engine))
         build = engines["fast"].build_info
         for setting, engine in engines.items():
-            prompt = statistics.median(r[0] for r in runs[setting])
-            decode = statistics.median(r[1] for r in runs[setting])
-            rows.append((name, setting, prompt, decode, [f"{r[0]:.0f}/{r[1]:.1f}" for r in runs[setting]]))
+            medians = [statistics.median(r[i] for r in runs[setting]) for i in range(4)]
+            rows.append((name, setting, medians, [f"{r[0]:.0f}/{r[1]:.1f}" for r in runs[setting]]))
             engine.close()
     print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{build}; {args.threads} threads, median of {args.repeats} (runs: prompt/decode tok/s)")
-    print(f"{'model':<20} {'path':<15} {f'prompt {PROMPT_TOKENS} tok/s':>18} {'decode tok/s':>13}  runs")
-    for name, setting, prompt, decode, each in rows:
-        print(f"{name:<20} {setting:<15} {prompt:>18.1f} {decode:>13.1f}  {' '.join(each)}")
+    print(f"{build}; {args.threads} threads, median of {args.repeats}; tokens per wall second and per CPU-second")
+    head = f"prompt {PROMPT_TOKENS}"
+    print(f"{'model':<20} {'path':<15} {head + ' tok/s':>17} {'decode tok/s':>13} {head + ' tok/CPU-s':>21} "
+          f"{'decode tok/CPU-s':>17}  runs (wall prompt/decode)")
+    for name, setting, m, each in rows:
+        print(f"{name:<20} {setting:<15} {m[0]:>17.1f} {m[1]:>13.1f} {m[2]:>21.1f} {m[3]:>17.1f}  {' '.join(each)}")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,8 @@ def test_a_fast_path_that_dies_falls_back_says_so_once_and_answers(smollm2_path,
         err = capfd.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("codestop:")]
         assert len(lines) == 1, err
-        assert "crashed a test decode of SmolLM2-135M-Instruct.Q4_1.gguf" in lines[0]
-        assert "fast: signal 4 (SIGILL)" in lines[0]
-        assert "running without it (no-extra-bufts" in lines[0]
+        assert "failed a test decode of SmolLM2-135M-Instruct.Q4_1.gguf (fast: signal 4 (SIGILL); checked" in lines[0]
+        assert "running without it: prompts are read slower" in lines[0]
         assert f"{native_check.ENV}=1 forces the fast path" in lines[0]
         assert engine.native.name == "no-extra-bufts" and engine.native.extra_bufts is False
         assert "without the fast path (no-extra-bufts)" in engine.build_info
@@ -116,6 +115,14 @@ def test_a_fast_path_that_dies_falls_back_says_so_once_and_answers(smollm2_path,
         assert np.max(np.abs(_first_probs(fast) - fallback)) < 1e-2
     finally:
         fast.close()
+
+
+def test_a_host_where_every_setting_dies_gets_a_message(smollm2_path, cache, monkeypatch):
+    monkeypatch.setenv(native_check.FAULT_ENV, "SIGSEGV:all")
+    with pytest.raises(CodestopError, match=r"llama.cpp dies on this host whatever codestop tries \(fast: signal 11 "
+                       r"\(SIGSEGV\); no-extra-bufts: signal 11 \(SIGSEGV\)\).*GGML_NATIVE=OFF"):
+        _load(smollm2_path)
+    assert not (cache / "llamacpp-native-check.json").exists()
 
 
 def test_the_override_decides_without_a_check(smollm2_path, cache, monkeypatch, capfd):

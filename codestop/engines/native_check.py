@@ -22,7 +22,8 @@ Settings (environment):
 - ``CODESTOP_LLAMACPP_EXTRA_BUFTS``: ``1`` uses the fast path without the check, ``0`` turns it off
   without the check, ``auto`` (or unset) checks as above.
 - ``CODESTOP_NATIVE_CHECK_FAULT=SIGILL`` (or another signal's name): for tests; the child kills
-  itself with that signal before a decode that uses extra buffer types, as an AMX host's fault would.
+  itself with that signal before a decode that uses extra buffer types, as an AMX host's fault would
+  (``SIGILL:all``: before every decode, whatever the setting).
 
 Where the installed llama-cpp-python is too old to have ``use_extra_bufts``, the fallback is the
 other setting known to avoid the tile kernels: micro-batches of one token (``n_ubatch = 1``), also
@@ -64,9 +65,10 @@ FAST = Setting("fast", True, None)
 NO_EXTRA = Setting("no-extra-bufts", False, None)
 DEFAULT_OLD = Setting("fast", None, None)  # llama-cpp-python without use_extra_bufts
 UBATCH_1 = Setting("ubatch-1", None, 1)
-COST = {
-    "no-extra-bufts": "prompt reading slower, generation about the same (see docs/native.md)",
-    "ubatch-1": "prompts are read one token at a time, several times slower",
+COST = {  # what the user is told each fallback costs (measured: docs/native.md)
+    "no-extra-bufts": "running without it: prompts are read slower, generation about as fast (docs/native.md)",
+    "ubatch-1": "running with one-token micro-batches (this llama-cpp-python cannot turn extra buffer types off): "
+    "prompts are read several times slower",
 }
 
 _announced: set[str] = set()  # one line per process and verdict
@@ -120,15 +122,16 @@ def _run_ladder(steps: list[Setting], model_path: str, threads: int) -> tuple[Se
         if outcome.startswith("error"):
             # a failure that is not a crash (an unreadable model, ...): the engine's own load
             # reports it properly, and nothing is remembered
-            return steps[0], "", False
+            return setting, "; ".join(failures), False
         failures.append(f"{setting.name}: {outcome}")
         if outcome.startswith("timeout"):
             nxt = steps.index(setting) + 1
             return (steps[nxt] if nxt < len(steps) else setting), "; ".join(failures), False
     raise CodestopError(
         f"llama.cpp dies on this host whatever codestop tries ({'; '.join(failures)}), checked in a child "
-        f"process on {Path(model_path).name}; this llama-cpp-python build does not run here: reinstall it "
-        "(pip install --force-reinstall --no-cache-dir llama-cpp-python) or report it with this line"
+        f"process on {Path(model_path).name}; this llama-cpp-python build does not run here: rebuild it for any "
+        "x86-64 CPU (CMAKE_ARGS=-DGGML_NATIVE=OFF pip install --force-reinstall --no-cache-dir llama-cpp-python), "
+        "or use --engine transformers, and report this line"
     )
 
 
@@ -137,8 +140,11 @@ def run_child(setting: Setting, model_path: str, threads: int) -> str:
     of ``model_path`` with ``setting``."""
     job = {"model": model_path, "threads": threads, "extra_bufts": setting.extra_bufts, "n_ubatch": setting.n_ubatch}
     cmd = [sys.executable, "-m", "codestop.engines.native_check", json.dumps(job)]
+    # the child imports this codestop, wherever the parent found it
+    here = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=CHILD_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=CHILD_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         return f"timeout (no answer in {CHILD_TIMEOUT_S:.0f} s)"
     if proc.returncode < 0:
@@ -153,11 +159,11 @@ def _announce(setting: Setting, failed: str, model_path: str, *, cached: bool) -
     if setting.name not in COST or setting.name + model_path in _announced:
         return
     _announced.add(setting.name + model_path)
-    when = "in an earlier check (remembered)" if cached else "in a child process just now"
+    when = "remembered from an earlier check in a child process" if cached else "checked in a child process just now"
     print(
-        f"codestop: llama.cpp's fast CPU path (extra buffer types: AMX or repacked weights) crashed a test "
-        f"decode of {Path(model_path).name} {when} ({failed or 'timeout'}); running without it "
-        f"({setting.name}: {COST[setting.name]}); {ENV}=1 forces the fast path, {ENV}=0 skips the check",
+        f"codestop: llama.cpp's fast CPU path (extra buffer types: AMX, repacked weights) failed a test decode "
+        f"of {Path(model_path).name} ({failed}; {when}); {COST[setting.name]}. {ENV}=1 forces the fast path, "
+        f"=0 skips the check",
         file=sys.stderr,
     )
 
@@ -251,9 +257,9 @@ def _child(job: dict[str, Any]) -> int:
         print("llama.cpp could not create a context", file=sys.stderr)
         return 2
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-    fault = os.environ.get(FAULT_ENV, "").strip().upper()
+    fault, _, scope = os.environ.get(FAULT_ENV, "").strip().upper().partition(":")
     fast = bool(mparams.use_extra_bufts) if has_extra_bufts_field(llama_cpp) else cparams.n_ubatch > 1
-    if fault and fast:
+    if fault and (fast or scope == "ALL"):
         # a test's stand-in for the AMX fault: the fast path's first batched decode dies
         os.kill(os.getpid(), signal.Signals[fault if fault.startswith("SIG") else f"SIG{fault}"])
     batch = llama_cpp.llama_batch_init(CHECK_TOKENS, 0, 1)
