@@ -159,3 +159,21 @@ def test_a_crashed_pytest_is_named(tmp_path):
     assert describe(log, 128 + 4) == "pytest died by signal 4 (SIGILL) in test_boom.py::test_dies (line 9)"
     assert describe("== 3 passed in 1.0s ==\n", 0) is None
     assert describe("== 1 failed in 1.0s ==\n", 1) is None
+
+
+def test_the_cli_says_where_native_code_died(tmp_path):
+    # what `codestop` does first, then a native fault; and a child interpreter (serve's workers) inherits it
+    script = (
+        "import os, signal, subprocess, sys\n"
+        "from codestop.cli.main import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os, signal; os.kill(os.getpid(), signal.SIGSEGV)'],"
+        " capture_output=True, text=True)\n"
+        "print(child.returncode, child.stderr.splitlines()[0], file=sys.stderr)\n"
+        "os.kill(os.getpid(), signal.SIGILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == -signal.SIGILL
+    assert "-11 Fatal Python error: Segmentation fault" in proc.stderr
+    assert "Fatal Python error: Illegal instruction" in proc.stderr
+    assert 'File "<string>", line 9 in <module>' in proc.stderr
