@@ -5,6 +5,7 @@ by a signal is named by tests/crash_report.py for .ci/run."""
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -54,21 +55,32 @@ def _stored(cache) -> list[dict]:
     return list(json.loads((cache / "llamacpp-native-check.json").read_text()).values())
 
 
+@functools.cache
+def _fast_path_runs_here(path) -> bool:
+    """What a check's child says of the fast path on this host, asked directly (on a host whose AMX
+    tiles fault, the fast path must not run in pytest's own process)."""
+    return native_check.run_child(native_check.FAST, str(path), 2) == "ok"
+
+
 def test_the_fast_path_is_kept_where_it_runs_and_remembered(smollm2_path, cache, monkeypatch, capfd):
+    runs = _fast_path_runs_here(smollm2_path)
+    capfd.readouterr()
     engine = _load(smollm2_path)
     try:
-        assert engine.native.name == "fast" and engine.native.extra_bufts is True
+        assert engine.native.name == ("fast" if runs else "no-extra-bufts")
+        assert engine.native.extra_bufts is runs
         assert engine.n_ubatch == 512
     finally:
         engine.close()
-    assert capfd.readouterr().err == ""  # nothing to say on a host where it runs
+    said = [line for line in capfd.readouterr().err.splitlines() if line.startswith("codestop:")]
+    assert len(said) == (0 if runs else 1)  # nothing to say on a host where it runs
     [entry] = _stored(cache)
-    assert entry["setting"] == "fast" and entry["failed"] == ""
-    # remembered: with a fault now injected, a check would fall back; the verdict keeps the fast path
-    monkeypatch.setenv(native_check.FAULT_ENV, "SIGILL")
+    assert entry["setting"] == engine.native.name and bool(entry["failed"]) is not runs
+    # remembered: with every decode now made to fail, a new check would raise; the verdict loads
+    monkeypatch.setenv(native_check.FAULT_ENV, "SIGILL:all")
     engine = _load(smollm2_path)
     try:
-        assert engine.native.name == "fast"
+        assert engine.native.name == ("fast" if runs else "no-extra-bufts")
     finally:
         engine.close()
 
@@ -108,6 +120,8 @@ def test_a_fast_path_that_dies_falls_back_says_so_once_and_answers(smollm2_path,
         engine.close()
     # the fallback computes the same model: the first token's distribution matches the fast path's
     # up to the kernels' rounding (repacked and plain weights sum in different orders)
+    if not _fast_path_runs_here(smollm2_path):
+        return  # a host whose fast path dies: nothing to compare with
     monkeypatch.setenv(native_check.ENV, "1")
     fast = _load(smollm2_path)
     try:
