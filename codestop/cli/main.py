@@ -8,6 +8,7 @@ cause print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def enable_crash_traces() -> None:
+    """A crash in native code (llama.cpp, torch: SIGILL, SIGSEGV) ends the process by a signal no
+    Python code can catch; faulthandler prints "Fatal Python error: <the signal>" and every thread's
+    Python stack (which names the engine call) on its way out, instead of nothing. A handler cannot
+    run Python, so what to do is in docs/native.md. Child interpreters (serve's workers, the
+    llama.cpp check) inherit it through PYTHONFAULTHANDLER."""
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    enable_crash_traces()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -14,6 +14,11 @@ costs no allocation after the first. The model's weights are shared by all conte
 serialised by the engine's lock (two cores run one decode at a time best anyway).
 
 Threads default to the cores this process may use (``os.sched_getaffinity``).
+
+Before a model is loaded, :mod:`codestop.engines.native_check` makes sure llama.cpp's fast CPU path
+(extra buffer types: AMX tiles, repacked weights) runs on this host, once per build, CPU and model
+file, in a child process: where it dies (SIGILL on some AMX virtual machines) the model is loaded
+without it and one line says so. ``CODESTOP_LLAMACPP_EXTRA_BUFTS=1`` / ``0`` decides without the check.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from codestop.engines import native_check
 from codestop.engines.local import LocalBackend, LocalEngine
 from codestop.errors import CodestopError, ContextTooLong
 from codestop.sampling import Sampling
@@ -193,8 +199,13 @@ class LlamaCppEngine(LocalEngine):
         self.model_name = model_name or Path(path).name
         self.threads = threads or default_threads()
         _check_gguf_file(Path(path))
+        # before the fast path can kill this process: does it run here? (a child finds out, once)
+        self.native = native_check.choose(lib, self.path, self.threads)
+        self.n_ubatch = self.native.n_ubatch or BATCH
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
+        if self.native.extra_bufts is not None:
+            params.use_extra_bufts = self.native.extra_bufts
         with _log_lock:
             _recent_errors.clear()
         self.model = lib.llama_model_load_from_file(self.path.encode("utf-8"), params)
@@ -225,7 +236,8 @@ class LlamaCppEngine(LocalEngine):
         AVX-512 kernels round differently), so a figure is only reproducible on the same build."""
         info = self.lib.llama_print_system_info().decode(errors="replace")
         features = [f.split(":")[-1].split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
-        return f"llama-cpp-python {getattr(self.lib, '__version__', '?')}, CPU kernels: {' '.join(features)}"
+        path = "" if self.native.name == "fast" else f", without the fast path ({self.native.name})"
+        return f"llama-cpp-python {getattr(self.lib, '__version__', '?')}, CPU kernels: {' '.join(features)}{path}"
 
     @classmethod
     def load(cls, path: str, *, model_name: str = "", threads: int | None = None, n_ctx: int | None = None) -> LlamaCppEngine:
@@ -237,7 +249,7 @@ class LlamaCppEngine(LocalEngine):
         params = lib.llama_context_default_params()
         params.n_ctx = self.context_window
         params.n_batch = BATCH
-        params.n_ubatch = BATCH
+        params.n_ubatch = self.n_ubatch
         params.n_seq_max = 1
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
