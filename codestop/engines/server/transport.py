@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from codestop.engines.server.options import ServerOptions
+from codestop.engines.server.stopping import close_response
 from codestop.errors import ContextTooLong, ServerError, ServerTimeout, ServerUnreachable, redact
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -324,7 +325,7 @@ class Transport:
                     self.stats.text_fallbacks += 1
                 return response
             await response.aread()
-            await response.aclose()
+            await close_response(response)
             if response.status_code in RETRY_STATUSES and attempt < self.options.retries:
                 await self.backoff(attempt, response)
                 attempt += 1
@@ -349,7 +350,7 @@ class Transport:
             try:
                 yield response
             finally:
-                await response.aclose()
+                await close_response(response)  # completes even if this task is being cancelled
 
     async def complete(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any],
                        parse: Callable[[dict[str, Any]], Chunk] = parse_choice, slot: bool = True) -> Chunk:
