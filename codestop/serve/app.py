@@ -202,6 +202,8 @@ def _routes(s: Served) -> tuple[Any, Any]:
         if holder or not s.proxy_api_key:
             body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
             body.update(s.describe())
+            if callable(connections := getattr(s.engine, "connections", None)):  # a server engine's pool: a leak shows here
+                body["upstream_connections"] = connections()
             if "base_url" in body:
                 body["base_url"] = redact(str(body["base_url"]))
         return JSONResponse(body if holder else without_errors(body), status_code=200 if ok else 503)

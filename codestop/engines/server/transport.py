@@ -425,6 +425,19 @@ class Transport:
             raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
         return parse_choice(data)
 
+    def connections(self) -> dict[str, int]:
+        """The upstream connections in every event loop's pool and the blocking client's (the
+        tokenizer's): ``in_use`` (checked out for a request, or connecting) and ``idle`` (kept for
+        the next one; one the server has hung up on sits in CLOSE-WAIT until the pool looks at it
+        again). ``in_use`` stays above zero with no request in flight only if a connection leaked.
+        A custom ``transport`` has no pool to count: nothing is counted there."""
+        out = {"in_use": 0, "idle": 0}
+        for client in [state.client for state in list(self.loops.values())] + [self.sync]:
+            pool = getattr(getattr(client, "_transport", None), "_pool", None)  # httpx's, to httpcore's pool
+            for conn in list(getattr(pool, "connections", ())):
+                out["idle" if conn.is_idle() else "in_use"] += 1
+        return out
+
     async def aclose(self) -> None:
         """Close every client: each event loop's (the current loop's here, one of a loop running in
         another thread there; a closed loop's client cannot be closed any more and is dropped) and
