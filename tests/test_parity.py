@@ -315,20 +315,41 @@ def test_a_plain_request_asks_for_a_bounded_number_of_tokens():
     assert [b["max_tokens"] for _, b in server.requests] == [16, 16, 16] and not any(b.get("stream") for _, b in server.requests)
 
 
-@pytest.mark.parametrize("answer", [
-    {"finish_reason": "length", "text": "", "logprobs": {"tokens": [], "token_logprobs": []}},
-    {"finish_reason": None, "text": "", "logprobs": {"tokens": [], "token_logprobs": []}},
-], ids=["length-without-tokens", "no-finish-reason"])
-def test_a_request_that_makes_no_progress_is_retried_a_few_times_then_an_error(answer):
-    calls = []
+def no_progress_engine(answer: dict) -> tuple[ServerEngine, ToyTokenizer, list[dict]]:
+    """A server engine whose (scripted) server answers every request with ``answer``, and the
+    requests it got."""
+    calls: list[dict] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(json.loads(request.content))
-        return httpx.Response(200, json={"choices": [{"index": 0, **answer}]})
+        data = {"choices": [{"index": 0, **answer}]}
+        if calls[-1].get("stream"):
+            return httpx.Response(200, text=f"data: {json.dumps(data)}\n\ndata: [DONE]\n\n", headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=data)
 
     tok = ToyTokenizer()
     eng = ServerEngine("http://toy", Upstream("toy", dialect_for("vllm"), HFTokens(tok, "toy"), eos=frozenset({EOS})),
                        ServerOptions(retries=2, backoff=0.0, transport=httpx.MockTransport(handler)))
+    return eng, tok, calls
+
+
+def test_a_length_finish_without_tokens_ends_the_step_as_length():
+    """The server's budget ended with no token to show (llama.cpp withholds an unfinished UTF-8
+    character's tokens): an answer, asked once, not a failure."""
+    eng, tok, calls = no_progress_engine({"finish_reason": "length", "text": "", "logprobs": {"tokens": [], "token_logprobs": []}})
+
+    async def go():
+        session = await eng.start(tok.ids("hi"), Sampling())
+        return [item async for item in session.extend(50, RULES)]
+
+    step = asyncio.run(asyncio.wait_for(go(), 10))[-1]
+    assert step.end == "length" and step.token_ids == [] and len(calls) == 1
+    probe = asyncio.run(asyncio.wait_for(_probe(eng, tok), 10))
+    assert probe.token_ids == [] and len(calls) == 2
+
+
+def test_a_request_that_makes_no_progress_is_retried_a_few_times_then_an_error():
+    eng, tok, calls = no_progress_engine({"finish_reason": None, "text": "", "logprobs": {"tokens": [], "token_logprobs": []}})
 
     async def go():
         session = await eng.start(tok.ids("hi"), Sampling())

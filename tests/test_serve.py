@@ -775,3 +775,28 @@ def test_clients_leaving_free_every_slot_and_concurrent_streams_never_mix(llama)
         (sockets1, rss1), _, (sockets3, rss3) = seen
         assert sockets3 <= sockets1 + 8 and rss3 <= 1.10 * rss1, seen
         assert not re.search(r'^codestop_requests_total\{endpoint="chat",status="5\d\d"\}', httpx.get(url + "/metrics").text, re.MULTILINE)
+
+
+# --------------------------------------------------------------------------------------------
+# A budget that ends inside a multi-byte character
+# --------------------------------------------------------------------------------------------
+
+
+EMOJIS = "Emojis: 🎉🎉🎉🎉 and"  # SmolLM2 goes on with an emoji of three tokens: 1 or 2 end inside it
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3])
+def test_a_budget_ending_inside_a_multibyte_character_is_an_answer(proxy, llama, max_tokens):
+    """llama-server withholds the tokens of an unfinished UTF-8 character: with the budget ending
+    inside one, its answer holds no token, finish ``length``. That is the answer (200, ``length``),
+    not a server making no progress (a 502 before); what text there is, is the upstream's own."""
+    whole = httpx.post(llama.url + "/v1/completions", json={"prompt": EMOJIS, "max_tokens": 3, "temperature": 0},
+                       timeout=60).json()["choices"][0]["text"]
+    assert whole.strip() and "\ufffd" not in whole  # the character the three tokens make
+    r = httpx.post(proxy.url + "/v1/completions", json={"prompt": EMOJIS, "max_tokens": max_tokens, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and whole.startswith(choice["text"]) and "\ufffd" not in choice["text"], choice
+    chat = httpx.post(proxy.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": EMOJIS}],
+                                                               "max_tokens": max_tokens, "temperature": 0}, timeout=60)
+    assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] == "length", chat.text

@@ -251,6 +251,14 @@ class ReplicaEngine(Engine):
                           "last_error": r.error or None} for r in self.replicas],
         }
 
+    def connections(self) -> dict[str, int]:
+        """The upstream connections in use and idle, every replica's together."""
+        out = {"in_use": 0, "idle": 0}
+        for r in self.replicas:
+            for state, n in r.engine.connections().items():
+                out[state] = out.get(state, 0) + n
+        return out
+
     def counters(self) -> dict[str, dict[CounterKey, float]]:
         """Every replica's counters with a ``replica`` label (the URL) beside ``kind``, plus the
         sessions started on each and the times each was taken out of rotation."""

@@ -205,6 +205,8 @@ def _routes(s: Served) -> tuple[Any, Any]:
         if holder or not s.proxy_api_key:
             body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
             body.update(s.describe())
+            if callable(connections := getattr(s.engine, "connections", None)):  # a server engine's pool: a leak shows here
+                body["upstream_connections"] = connections()
         body = redacted(body)  # the upstream's URL and error texts
         return JSONResponse(body if holder else without_errors(body), status_code=200 if ok else 503)
 
@@ -345,18 +347,20 @@ class LimitBody:
 async def unless_disconnected(request: Any, work: Awaitable[T]) -> T:
     """``work``'s value while the client stays; a client that leaves cancels it (which closes its
     stream and so frees its session) and raises ClientGone."""
-    task = asyncio.ensure_future(work)
+    from codestop.engines.server.stopping import Stoppable
+
+    running = Stoppable(work)  # stopped by a cancel scope: an upstream response it is closing stays closed cleanly
+    task = running.task
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
-                return task.result()
+                return cast(T, task.result())
             if await request.is_disconnected():
                 raise ClientGone()
     finally:
         if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await running.stopped()
 
 
 async def on_error(request: Any, exc: Exception) -> Any:
@@ -388,22 +392,25 @@ def event_stream(body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, No
 def _event_stream_type() -> type:
     from starlette.responses import StreamingResponse
 
+    from codestop.engines.server.stopping import Stoppable
+
     class EventStream(StreamingResponse):
         def __init__(self, body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> None:
             super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             self.events, self.stream = body, stream
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            # Starlette's streaming, but a client gone cancels the body once, the asyncio way:
-            # under an anyio cancel scope every await of the stream's cleanup would be cancelled
-            # again, and the session's close with it.
-            body = asyncio.ensure_future(self.stream_response(send))
+            # Starlette's streaming, but a client gone stops the body by a cancel scope of its own
+            # (codestop.engines.server.stopping: an upstream response being closed then is closed
+            # cleanly), and the stream's own cleanup runs after, in this task, uncancelled.
+            running = Stoppable(self.stream_response(send))
+            body = running.task
             gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
             try:
                 await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (body, gone):
-                    task.cancel()
+                gone.cancel()
+                running.stop()
                 await asyncio.gather(body, gone, return_exceptions=True)
                 await self.events.aclose()
                 await self.stream.aclose()

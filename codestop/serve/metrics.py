@@ -55,6 +55,30 @@ class EngineCounters:
             yield family
 
 
+class UpstreamConnections:
+    """``codestop_upstream_connections{state}``: the engine's upstream connections in use and idle,
+    read at each scrape (a server engine's; none for an in-process engine). In use with no request
+    in flight means a leaked connection."""
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        connections = getattr(self.engine(), "connections", None)
+        if not callable(connections):
+            return
+        family = GaugeMetricFamily("codestop_upstream_connections", "Upstream connections in the pool, by state "
+                                   "(in_use: checked out for a request; idle: kept for the next).", labels=["state"])
+        for state, n in sorted(connections().items()):
+            family.add_metric([state], n)
+        yield family
+
+
 def multiprocess_dir() -> str | None:
     """The directory the workers share their series in (multiprocess mode), None with one process."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -74,6 +98,7 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             r.register(EngineCounters(engine))
+            r.register(UpstreamConnections(engine))
         self._engine_series: dict[str, Any] = {}  # multiprocess mode: the engine's counters, by name
         self._synced: dict[tuple[str, tuple[str, ...]], float] = {}  # and what was added to them so far
         self.requests = Counter("codestop_requests", "Requests answered, by endpoint and HTTP status (499: the client left).",

@@ -339,6 +339,10 @@ class ServerEngine(Engine):
             "upstream_text_fallbacks": {"": stats.text_fallbacks},
         }
 
+    def connections(self) -> dict[str, int]:
+        """The upstream connections in use and idle (:meth:`Transport.connections`)."""
+        return self.transport.connections()
+
     async def aclose(self) -> None:
         """Close every HTTP client this engine made (every event loop's, and the sync one)."""
         await self.transport.aclose()

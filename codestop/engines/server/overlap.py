@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 
+from codestop.engines.server.stopping import Stoppable
 from codestop.steps import StepEnd, StepRules, StepScanner
 
 # reads the reasoning into a scanner until it ends, calling the hook after each chunk's tokens
@@ -24,7 +25,8 @@ class RunAhead:
         self.prompt = prompt
         self.scanner = scanner
         self.arrived = asyncio.Event()
-        self.task = asyncio.create_task(self._read(read))
+        self.reader = Stoppable(self._read(read))
+        self.task = self.reader.task
 
     async def _read(self, read: Reader) -> None:
         try:
@@ -69,9 +71,8 @@ class RunAhead:
                 await self.arrived.wait()
 
     async def cancel(self) -> None:
-        """Stop the stream (closing it aborts the request on the server); an error it ended with
-        after that matters to no one."""
-        self.task.cancel()
-        await asyncio.wait([self.task])
-        if not self.task.cancelled():
-            self.task.exception()
+        """Stop the stream (closing it aborts the request on the server) and wait until its
+        connection is back in the pool or closed; an error it ended with after that matters to no
+        one. Stopped by an anyio scope, never ``Task.cancel()``, which could cut short the close of
+        a stream that had just ended (see :mod:`~codestop.engines.server.stopping`)."""
+        await self.reader.stopped()

@@ -109,7 +109,8 @@ class ServerSession(Session):
         """Feed every token the server generates to ``scanner`` until it ends the step, yielding the
         text it hands out. Requests continue after the tokens received: past a stop string that is
         no boundary here ("Waiting"), the server's own length limit, or a connection broken
-        mid-stream; ``retries`` times at most without progress. ``logprobs`` collects the tokens';
+        mid-stream; ``retries`` times at most without progress. A ``length`` finish that brought no
+        token ends the step there (``length``). ``logprobs`` collects the tokens';
         ``on_feed`` is called after each chunk's tokens are fed."""
         eng = self.engine
         transport = eng.transport
@@ -158,6 +159,10 @@ class ServerSession(Session):
                 break
             if finish == "stop" and not isinstance(stop, str):
                 scanner.end = StepEnd("eos", len(scanner.ids))  # an EOS (or stop token) the server did not list
+            elif finish == "length" and len(scanner.ids) == fed:
+                # the server's budget ended with nothing to show: an answer, not a failure (llama.cpp
+                # withholds the tokens of an unfinished UTF-8 character, and the count ends inside one)
+                scanner.end = StepEnd("length", len(scanner.ids))
             elif len(scanner.ids) > fed:
                 idle = 0
             elif idle < eng.options.retries:

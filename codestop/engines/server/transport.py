@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import httpx
 
 from codestop.engines.server.options import ServerOptions
+from codestop.engines.server.stopping import close_response
 from codestop.errors import ContextTooLong, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, redact
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -487,7 +488,7 @@ class Transport:
                     self.stats.text_fallbacks += 1
                 return response
             await response.aread()
-            await response.aclose()
+            await close_response(response)
             if response.status_code in RETRY_STATUSES and attempt < self.options.retries:
                 await self.backoff(attempt, response)
                 attempt += 1
@@ -513,7 +514,7 @@ class Transport:
             try:
                 yield response
             finally:
-                await response.aclose()
+                await close_response(response)  # completes even if this task is being cancelled
 
     async def complete(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any],
                        parse: Callable[[dict[str, Any]], Chunk] = parse_choice, slot: bool = True,
@@ -591,6 +592,19 @@ class Transport:
                 raise ContextTooLong(f"the completions server says: {msg}")
             raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
         return parse_choice(data)
+
+    def connections(self) -> dict[str, int]:
+        """The upstream connections in every event loop's pool and the blocking client's (the
+        tokenizer's): ``in_use`` (checked out for a request, or connecting) and ``idle`` (kept for
+        the next one; one the server has hung up on sits in CLOSE-WAIT until the pool looks at it
+        again). ``in_use`` stays above zero with no request in flight only if a connection leaked.
+        A custom ``transport`` has no pool to count: nothing is counted there."""
+        out = {"in_use": 0, "idle": 0}
+        for client in [state.client for state in list(self.loops.values())] + [self.sync]:
+            pool = getattr(getattr(client, "_transport", None), "_pool", None)  # httpx's, to httpcore's pool
+            for conn in list(getattr(pool, "connections", ())):
+                out["idle" if conn.is_idle() else "in_use"] += 1
+        return out
 
     async def aclose(self) -> None:
         """Close every client: each event loop's (the current loop's here, one of a loop running in
