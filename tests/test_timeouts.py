@@ -114,6 +114,11 @@ def test_a_silent_upstream_is_a_504_within_about_the_timeout_and_a_wedged_one_a_
         took = time.monotonic() - t0
         assert err.value.status_code == 503 and err.value.response.headers["retry-after"] == "10", err.value.message
         assert 4.0 <= took < 4.0 + 2.0, took
+        # requests ended by a timeout give their connections back, as every other ending does
+        deadline = time.monotonic() + 10
+        while engine.connections()["in_use"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.connections()["in_use"] == 0, engine.connections()
         fault.mode = "pass"
         assert vanilla(p.client(), 8).choices[0].message.content
     finally:
