@@ -16,7 +16,7 @@ from llama_servers import FaultProxy, LlamaServer
 from test_serve import POEM, InProcessProxy, ask
 
 from codestop.engines.server import ServerEngine
-from codestop.engines.server.transport import Limit
+from codestop.engines.server.waiting import Limit
 from codestop.errors import ServerBusy
 
 COUNT = "Count from 1 to 500, separated by commas."  # SmolLM2 counts on past any max_tokens below
