@@ -49,8 +49,12 @@ class Upstreams:
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": self.models.get(host, "m"), "owned_by": "vllm"}]})
         self.completions[host] = self.completions.get(host, 0) + 1
-        return httpx.Response(200, json={"choices": [{"index": 0, "text": "", "finish_reason": "stop", "stop_reason": None,
-                                                      "logprobs": {"tokens": ["token_id:0"], "token_logprobs": [-0.1]}}]})
+        answer = {"choices": [{"index": 0, "text": "", "finish_reason": "stop", "stop_reason": None,
+                               "logprobs": {"tokens": ["token_id:0"], "token_logprobs": [-0.1]}}]}
+        if json.loads(request.content).get("stream"):  # a step with no boundary (to the end) is streamed
+            return httpx.Response(200, text=f"data: {json.dumps(answer)}\n\ndata: [DONE]\n\n",
+                                  headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=answer)
 
     def engine(self, host: str) -> ServerEngine:
         return ServerEngine(f"http://{host}", Upstream("m", dialect_for("vllm"), HFTokens(ToyTokenizer(), "toy"), eos=frozenset({0})),
