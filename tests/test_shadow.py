@@ -208,8 +208,17 @@ def test_shadow_calibrate_serve_the_policy_file_and_see_it_stop(vllm_serial_url,
     finally:
         proxy.stop()
 
+    # the file's lines come in the order the concurrent requests ended, which the scheduling decides, and
+    # calibrate's seeded split is by position: put them in the order asked, so the split is the same each run
+    by_id = {json.loads(x)["id"]: x for x in shadow_file.read_text().splitlines()}
+    shadow_file.write_text("".join(by_id[rid] + "\n" for rid, _, _ in answers))
     # calibrate on the shadow file (label-free: answers changed against the full reasoning's), as a user would
-    max_risk, alpha = 0.5, 0.1  # one trace orders, four test: with no change the p-value is 0.5^4 = 0.0625 <= alpha
+    # one trace orders, four test. One of the five answers changes at the first candidates that save tokens
+    # (r 0.6, 0.5; measured 2026-12-06 on the code before and after issue 26 alike): at 0.5 the test passed only
+    # when the race of the concurrent requests put that trace at the position the seeded split takes for
+    # ordering (P(X <= 1 | 4, 0.5) = 0.31 > alpha otherwise). In question order, the level tolerates one
+    # changed answer of four: P(X <= 1 | 4, 0.7) = 0.084 <= alpha
+    max_risk, alpha = 0.7, 0.1
     result = calibrate(shadow_file, risk="changed", max_risk=max_risk, alpha=alpha, candidates=CANDIDATES, ordering_fraction=0.2)
     assert (result["n_ordering"], result["n_testing"]) == (1, len(QUESTIONS) - 1)
     assert result["policy"]["method"] == "codestop", result["statement"]
@@ -222,7 +231,7 @@ def test_shadow_calibrate_serve_the_policy_file_and_see_it_stop(vllm_serial_url,
     proxy = InProcessProxy(engine, config=CONFIG, policy=read_policy_file(tmp_path / "policy.json"), close_engine=False)
     try:
         health = httpx.get(proxy.url + "/health").json()
-        assert health["policy"] == policy_file.describe() and "calibrated: changed risk <= 0.5" in health["policy"]
+        assert health["policy"] == policy_file.describe() and "calibrated: changed risk <= 0.7" in health["policy"]
         assert health["guarantee"]["max_risk"] == max_risk and "shadow" not in health
         trace, stop = stops[0]
         question = QUESTIONS[[rid for rid, _, _ in answers].index(trace.id)]
