@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -305,9 +305,22 @@ async def astream(
             reference=reference,
         )
     finally:
-        # shielded: a consumer cancelled again while closing (anyio cancels every await) must not
-        # leave the session open
-        await asyncio.shield(session.close())
+        # shielded both ways, so the session is closed before this returns: an anyio cancel scope
+        # (a stopped stream body) cancels every await inside it but not in a shielded scope, and
+        # asyncio's Task.cancel stops only the wait, never the close
+        closing = asyncio.ensure_future(session.close())
+        with _anyio_shield():
+            await asyncio.shield(closing)
+
+
+def _anyio_shield() -> Any:
+    """A shielded anyio cancel scope, or nothing where anyio is not installed (then no anyio scope
+    can be cancelling this task either)."""
+    try:
+        import anyio
+    except ImportError:
+        return nullcontext()
+    return anyio.CancelScope(shield=True)
 
 
 async def _reference_probe(engine: Engine, session: Session, plan: _Plan, family: Family, step: StepOutput) -> ProbeOutput:
