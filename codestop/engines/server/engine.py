@@ -278,7 +278,7 @@ class ServerEngine(Engine):
     def step_chunks(self, prompt_ids: Sequence[int], max_tokens: int, rules: StepRules, sampling: Sampling,
                     streamed: bool, started: bool = False) -> AsyncGenerator[Chunk, None]:
         """One step request, shaped by the dialect (see :meth:`Dialect.step_request`); ``started``:
-        the session has received tokens (its request goes first, see :class:`Limit`)."""
+        the session has received tokens (its request goes first, see :class:`~codestop.engines.server.waiting.Limit`)."""
         request = self.dialect.step_request(max_tokens, self.stops_for(rules)[0], streamed)
         kind = "answer" if rules.greedy else "step"
         return self._chunks(request, prompt_ids, kind, self.dialect.sampling_fields(sampling), True, started)

@@ -79,7 +79,7 @@ class ServerSession(Session):
         self.sampling = sampling
         self.live = live
         self.overrun = 0
-        self.started = False  # tokens received: its next requests go before new sessions' (transport.Limit)
+        self.started = False  # tokens received: its next requests go before new sessions' (waiting.Limit)
         self._ahead: RunAhead | None = None
 
     @property
