@@ -203,7 +203,7 @@ def percentile(xs: list[float], q: int) -> float:
 
 
 def correct(text: str | None, row: dict[str, Any]) -> bool:
-    from codestop.eval.grading import extract_answer, gold_from_gsm8k, grade
+    from codestop.grading import extract_answer, gold_from_gsm8k, grade
 
     return grade(extract_answer(text or ""), gold_from_gsm8k(row["answer"]), "integer")
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from codestop.lazy import lazy_exports
-
-__version__ = "0.1.0"
+from codestop.version import __version__ as __version__  # re-exported: the package face
 
 # name -> the module that defines it
 _EXPORTS = {

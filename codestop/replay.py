@@ -15,7 +15,7 @@ Replay rules (also in docs/traces.md):
   0-based index, ``answer`` and ``correct`` its ``answer`` and ``correct``, ``reasoning_tokens`` its
   ``position``; ``changed``: whether that answer differs from the trace's ``reference_answer`` (the
   full reasoning's), compared as the trace's ``grading`` compares answers
-  (:func:`codestop.eval.grading.same_answer`); null when the trace has no reference;
+  (:func:`codestop.grading.same_answer`); null when the trace has no reference;
 * a trace on which the policy never stops is scored by its final answer when the trace has one
   (``final_answer``, ``final_correct``; ``reasoning_tokens`` = the trace's ``reasoning_tokens``, the
   full reasoning), else by its last probe (``reasoning_tokens`` = the last probe's position);
@@ -97,7 +97,7 @@ def changed_from_reference(trace: Trace, answer: str | None) -> bool | None:
     """Whether ``answer`` differs from the trace's reference answer (None when it has none)."""
     if trace.reference_answer is None:
         return None
-    from codestop.eval.grading import same_answer  # math traces start a math-verify worker on first use
+    from codestop.grading import same_answer  # math traces start a math-verify worker on first use
 
     return not same_answer(answer, trace.reference_answer, trace.grading)
 

@@ -2,23 +2,30 @@
 
 One JSON line per question (schema 1, ``docs/traces.md``): every probe with its position,
 confidence, answer, correctness and answer-token log-probabilities, and the final answer's
-correctness and full reasoning length. ``codestop record`` (:mod:`codestop.eval.runner`) writes
-them; :func:`load_traces` reads and validates them (minimal traces, only ``id`` and ``probes``,
-too), optionally :func:`thinned` to a larger probe interval. Engine-free.
+correctness and full reasoning length. :func:`trace_line` writes them (for ``codestop record``,
+the proxy's shadow mode, and whatever else records a run); :func:`load_traces` reads and validates
+them (minimal traces, only ``id`` and ``probes``, too), optionally :func:`thinned` to a larger
+probe interval. Engine-free.
+
+The stop reason is ``stop_reason`` (as in results and eval lines); traces written before that name
+call it ``finish_reason``: both are read, and for one release both are written.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codestop.errors import CodestopError
+from codestop.grading import GradeKind, extract_answer, grade
 from codestop.jsonl import read_numbered
 from codestop.policies import Probe
 
-TRACE_SCHEMA = 1
+if TYPE_CHECKING:
+    from codestop.controller import Result
 
+TRACE_SCHEMA = 1
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,9 @@ class Trace:
     ``reference_answer`` is what the full reasoning answers, the reference of the label-free risk
     ``changed``: the answer of the trace's ``reference`` probe (the same probe as at every boundary,
     taken at the end of the full reasoning, so both answers are read alike) when it has one, else its
-    ``final_answer``. ``grading`` says how two answers are compared (``integer``, ``math``, ``choice``)."""
+    ``final_answer``. ``grading`` says how two answers are compared (``integer``, ``math``, ``choice``).
+    ``stop_reason``: why the full reasoning ended (``finished``, ``max_reasoning_tokens``, ...), when
+    the line says."""
 
     id: str
     probes: tuple[Probe, ...]
@@ -39,6 +48,7 @@ class Trace:
     final_answer: str | None = None
     reference_answer: str | None = None
     grading: str | None = None
+    stop_reason: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -110,7 +120,67 @@ def trace_from_json(obj: dict[str, Any], where: str) -> Trace:
         final_answer=None if final_answer is None else str(final_answer),
         reference_answer=reference_answer,
         grading=obj.get("grading") if isinstance(obj.get("grading"), str) else None,
+        stop_reason=stop_reason(obj),
     )
+
+
+def stop_reason(line: dict[str, Any]) -> str | None:
+    """A trace line's stop reason: ``stop_reason``, or ``finish_reason`` in lines written before that name."""
+    reason = line.get("stop_reason", line.get("finish_reason"))
+    return reason if isinstance(reason, str) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: the one writer of trace lines
+# --------------------------------------------------------------------------------------------
+
+
+def probe_line(probe: Probe, correct: bool | None, text: bool = True) -> dict[str, Any]:
+    """One probe of a trace line; ``text``: with the raw probe continuation."""
+    line = {"position": probe.position, "confidence": probe.confidence, "answer": probe.answer, "correct": correct,
+            "probe_tokens": probe.probe_tokens, "token_logprobs": list(probe.token_logprobs or ())}
+    return {**line, "text": probe.text} if text else line
+
+
+def final_answer(result: Result) -> str | None:
+    """What the full reasoning answered: the controller's answer, else the one read from the answer text."""
+    return result.answer if result.answer is not None else extract_answer(result.answer_text)
+
+
+def trace_line(result: Result | Exception, *, id: str, dataset: str, wall_time: float, gold: str | None = None,
+               grading: GradeKind | None = None, probe_text: bool = True, texts: dict[str, str] | None = None) -> dict[str, Any]:
+    """One trace line (schema 1, docs/traces.md) of a run with no stopping and a probe at every
+    boundary, and its ``reference`` probe at the end of the full reasoning. With a ``gold`` every
+    probe's and the final answer's ``correct`` is graded as ``grading`` grades; without one the line
+    is unlabelled (every ``correct`` null). ``result`` an exception (the question did not fit): an
+    error line, so a resumed run does not retry it. ``probe_text``: each probe's raw continuation;
+    ``texts``: more text fields (the proxy's prompt, reasoning and answer text), placed before the counts."""
+    def correct(answer: str | None) -> bool | None:
+        return None if gold is None else grade(answer, gold, grading or "math")
+
+    head = {"schema": TRACE_SCHEMA, "id": id, "dataset": dataset, "gold": gold, "grading": grading}
+    if isinstance(result, Exception):
+        return {**head, "probes": [], "reasoning_tokens": 0, **_stopped("error"), "error": str(result),
+                "final_answer": None, "final_correct": None if gold is None else False, "tokens": {}, "wall_time": round(wall_time, 3)}
+    final = final_answer(result)
+    reference = result.reference
+    return {
+        **head,
+        "probes": [probe_line(p, correct(p.answer), probe_text) for p in result.probes],
+        "reasoning_tokens": result.tokens["reasoning"],
+        **_stopped(result.stop_reason),
+        "final_answer": final,
+        "final_correct": correct(final),
+        **({"reference": probe_line(reference, correct(reference.answer), probe_text)} if reference is not None else {}),
+        **(texts or {}),
+        "tokens": dict(result.tokens),
+        "wall_time": round(wall_time, 3),
+    }
+
+
+def _stopped(reason: str) -> dict[str, str]:
+    """The stop reason under its name, and (for one release) under the name traces used before it."""
+    return {"stop_reason": reason, "finish_reason": reason}
 
 
 def thinned(trace: Trace, probe_interval: int) -> Trace:

@@ -16,7 +16,7 @@ from codestop.analysis.calibrate import calibrate, format_report
 from codestop.analysis.risk import candidate_grid, learn_then_test, min_certifiable_n, outcomes, split
 from codestop.cli import main
 from codestop.errors import CodestopError
-from codestop.eval.grading import same_answer
+from codestop.grading import same_answer
 from codestop.policy_file import read_policy_file
 from codestop.traces import trace_from_json
 

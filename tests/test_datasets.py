@@ -12,7 +12,7 @@ import pytest
 from codestop.cli import main
 from codestop.errors import CodestopError
 from codestop.eval.datasets import DATASETS, gpqa_order, load_examples
-from codestop.eval.grading import grade
+from codestop.grading import grade
 
 
 def test_local_copies_load_with_ids_and_golds(fixture_data):

@@ -8,7 +8,7 @@ import pytest
 
 from codestop.cli import main
 from codestop.demo import demo, load_problems, parse_methods
-from codestop.eval.grading import grade, normalize_integer
+from codestop.grading import grade, normalize_integer
 
 
 def test_builtin_problems_are_well_formed():

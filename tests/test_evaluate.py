@@ -127,7 +127,7 @@ def test_baseline_comparison_and_concurrency(tiny_engine, questions, tmp_path):
 def test_cli_eval_json_summary(tiny_engine, questions, tmp_path, capsys, monkeypatch):
     import codestop.eval.runner as ev
 
-    monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
+    monkeypatch.setattr(ev, "_load_engine", lambda spec: tiny_engine)
     out = tmp_path / "cli.jsonl"
     from codestop.cli import main
 
@@ -145,7 +145,7 @@ def test_cli_record_writes_traces_with_the_record_defaults(tiny_engine, question
     import codestop.eval.runner as ev
     from codestop.cli import main
 
-    monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
+    monkeypatch.setattr(ev, "_load_engine", lambda spec: tiny_engine)
     out = tmp_path / "t.traces.jsonl"
     code = main(["record", "--data", str(questions), "--model", "tiny", "--limit", "2", "--out", str(out),
                  "--family", "plain", "--max-reasoning-tokens", "12", "--boundaries", " ", "--temperature", "0",
@@ -233,7 +233,7 @@ def test_run_config_records_version_prompt_and_model_sha(tiny_engine, questions,
     from codestop.eval.prompts import CHAIN_OF_DRAFT
 
     monkeypatch.setenv("CODESTOP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ev, "_load_engine", lambda model, engine, options: tiny_engine)
+    monkeypatch.setattr(ev, "_load_engine", lambda spec: tiny_engine)
     weights = tmp_path / "model.gguf"
     weights.write_bytes(b"GGUF" + b"w" * 1000)
     hashed: list[object] = []

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from codestop.eval.datasets import load_examples
-from codestop.eval.grading import (
+from codestop.grading import (
     _WORKER,
     extract_answer,
     grade,

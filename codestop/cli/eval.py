@@ -18,9 +18,11 @@ from codestop.cli.options import (
     engine_options_from_args,
     policy_from_args,
 )
+from codestop.config import GenerationConfig
 from codestop.errors import CodestopError
 from codestop.eval.datasets import DATASETS
-from codestop.eval.runner import RECORD_GENERATION, evaluate, record, samples_path
+from codestop.eval.runfiles import samples_path
+from codestop.eval.runner import RECORD_GENERATION, RunSpec, evaluate, record
 from codestop.eval.summary import print_summary
 
 
@@ -60,6 +62,15 @@ def add_parser(sub: Any) -> None:
     r.set_defaults(func=cmd_record)
 
 
+def spec_from_args(args: argparse.Namespace, generation: GenerationConfig, progress: bool) -> RunSpec:
+    """The run the dataset, model and prompt flags describe."""
+    return RunSpec(
+        args.model, args.out, dataset=args.dataset, data=args.data, limit=args.limit, offset=args.offset, split=args.split,
+        engine=args.engine, engine_options=engine_options_from_args(args), generation=generation, prompt=args.prompt,
+        system_prompt=args.system_prompt, concurrency=args.concurrency, progress=progress, log_samples=args.log_samples,
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.dataset is None and args.data is None:
         raise CodestopError("dataset: give --dataset (" + ", ".join(DATASETS) + ") or --data PATH")
@@ -68,25 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         args.model = DEFAULT_MODEL
     policy = policy_from_args(args)
-    summary = evaluate(
-        args.model,
-        args.dataset,
-        out=args.out,
-        data=args.data,
-        policy=policy,
-        limit=args.limit,
-        baseline=args.baseline,
-        concurrency=args.concurrency,
-        engine=args.engine,
-        engine_options=engine_options_from_args(args),
-        generation=config_from_args(args),
-        progress=not args.json,
-        prompt=args.prompt,
-        system_prompt=args.system_prompt,
-        log_samples=args.log_samples,
-        offset=args.offset,
-        split=args.split,
-    )
+    summary = evaluate(spec_from_args(args, config_from_args(args), progress=not args.json), policy=policy, baseline=args.baseline)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -104,12 +97,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
         args.model = DEFAULT_MODEL
     t0 = time.perf_counter()
-    traces = record(
-        args.model, args.dataset, out=args.out, data=args.data, limit=args.limit, engine=args.engine,
-        engine_options=engine_options_from_args(args), generation=config_from_args(args),
-        concurrency=args.concurrency, progress=True, prompt=args.prompt, system_prompt=args.system_prompt,
-        log_samples=args.log_samples, offset=args.offset, split=args.split,
-    )
+    traces = record(spec_from_args(args, config_from_args(args), progress=True))
     n = len(traces)
     acc = sum(bool(t.get("final_correct")) for t in traces) / n if n else 0.0
     probes = sum(len(t.get("probes", ())) for t in traces) / n if n else 0.0

@@ -21,7 +21,7 @@ VERBS = (run, demo, eval, replay, sweep, calibrate, plot, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from codestop import __version__
+    from codestop.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="codestop",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from codestop.errors import CodestopError
-from codestop.eval.grading import GradeKind, gold_from_gsm8k
+from codestop.grading import GradeKind, gold_from_gsm8k
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, cast
 from codestop.controller import cost_tokens
 from codestop.errors import CodestopError
 from codestop.eval.datasets import DATASETS
-from codestop.eval.grading import GRADE_KINDS, GradeKind, grade
+from codestop.grading import GRADE_KINDS, GradeKind, grade
 from codestop.jsonl import read_jsonl
 
 

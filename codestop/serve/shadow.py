@@ -6,7 +6,7 @@ its config allows (``always_probe``; overlapped beside the reasoning stream by d
 client does not wait for the boundary probes), then one ``reference`` probe at the end of the full
 reasoning. The client gets the model's full reasoning and its own answer, nothing appended (answer
 mode "none": a reasoning cap ends the output, as the upstream's own limit would). One trace line
-per request, in the format ``codestop record`` writes (docs/traces.md; unlabelled: no gold, every
+per request, written by the writer ``codestop record`` uses (:func:`codestop.traces.trace_line`, docs/traces.md; unlabelled: no gold, every
 ``correct`` null), is appended to the shadow file, and the request's policy is replayed on its
 probes (:func:`codestop.replay.replay_trace`) for ``/metrics``: where it would have stopped and the
 reasoning tokens it would have saved.
@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 from codestop.config import GenerationConfig
 from codestop.controller import Event, Result
 from codestop.errors import CodestopError, require
-from codestop.eval.runner import final_answer, probe_record
 from codestop.jsonl import end_cleanly
 from codestop.policies import Policy, Vanilla, policy_options
 from codestop.replay import Replayed, replay_trace
-from codestop.traces import TRACE_SCHEMA, trace_from_json
+from codestop.traces import TRACE_SCHEMA, trace_from_json, trace_line
+from codestop.version import __version__
 
 if TYPE_CHECKING:
     from codestop.serve.metrics import Metrics
@@ -129,26 +129,12 @@ class Shadow:
 
     def line(self, result: Result, prep: Prepared, wall_time: float) -> dict[str, Any]:
         """The request's trace line (docs/traces.md), unlabelled."""
-        text = self.text
-        line: dict[str, Any] = {
-            "schema": TRACE_SCHEMA, "id": prep.rid, "dataset": "shadow", "gold": None, "grading": None,
-            "probes": [probe_record(p, None, text) for p in result.probes],
-            "reasoning_tokens": result.tokens["reasoning"],
-            "finish_reason": result.stop_reason,
-            "final_answer": final_answer(result),
-            "final_correct": None,
-        }
-        if result.reference is not None:
-            line["reference"] = probe_record(result.reference, None, text)
-        if text:
-            line.update(prompt=prep.prompt, reasoning=result.reasoning_text, answer_text=result.answer_text)
-        line.update(tokens=dict(result.tokens), wall_time=round(wall_time, 3), config=self.run_config(result, prep))
-        return line
+        texts = {"prompt": prep.prompt, "reasoning": result.reasoning_text, "answer_text": result.answer_text} if self.text else None
+        line = trace_line(result, id=prep.rid, dataset="shadow", wall_time=wall_time, probe_text=self.text, texts=texts)
+        return {**line, "config": self.run_config(result, prep)}
 
     @staticmethod
     def run_config(result: Result, prep: Prepared) -> dict[str, Any]:
-        from codestop import __version__
-
         return {"kind": "shadow", "schema": TRACE_SCHEMA, "model": result.model, "engine": result.engine,
                 "family": result.family, "policy": policy_options(SHADOW_POLICY), "would_apply": policy_options(prep.policy),
                 "generation": Shadow.config(prep.config).to_dict(), "probe_confidence": SHADOW_POLICY.confidence,

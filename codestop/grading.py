@@ -152,7 +152,7 @@ class _VerifyWorker:
     def _start(self) -> None:
         self._lines = queue.Queue()
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from codestop.eval.grading import _serve; _serve()"],
+            [sys.executable, "-c", "from codestop.grading import _serve; _serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
