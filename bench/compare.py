@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from codestop.analysis.calibrate import calibrate_by_drop as calibrate
-from codestop.analysis.sweep import KNOBS, Point, fixed_policy, mark_pareto, parse_range, run_policy, saving
+from codestop.analysis.sweep import KNOBS, Point, knob_setting, mark_pareto, parse_range, run_policy, saving
 from codestop.figures.tradeoff import STYLE, plot_tradeoff
 from codestop.policies import make_policy
 from codestop.traces import load_traces
@@ -73,7 +73,7 @@ def main(folder: str) -> None:
         rows_of: dict[tuple[str, object], list] = {}
         for label, (method, values, fixed) in VARIANTS.items():
             for value in values:
-                rows = run_policy(traces, fixed_policy(method, value, **fixed), cache)
+                rows = run_policy(traces, make_policy(knob_setting(method, value, **fixed)), cache)
                 acc = sum(r.correct for r in rows) / n
                 tok = sum(r.reasoning_tokens for r in rows) / n
                 cost = sum(r.cost_tokens for r in rows) / n

@@ -28,8 +28,15 @@ class ParameterError(CodestopError, ValueError):
         self.must = must
 
     def under(self, prefix: str) -> ParameterError:
-        """The same error with its parameter named under ``prefix`` (e.g. "codestop.")."""
-        return ParameterError(prefix + self.param, self.value, self.must)
+        """The same error (of the same kind) with its parameter named under ``prefix`` (e.g. "codestop.")."""
+        return type(self)(prefix + self.param, self.value, self.must)
+
+
+class UnknownParameter(ParameterError):
+    """A parameter that does not exist where it was given (a policy knob of another method, an unknown
+    ``codestop`` option): the proxy's 400 says ``unknown_parameter``, as for an unknown field."""
+
+    code = "unknown_parameter"
 
 
 def require(ok: bool, param: str, value: object, must: str) -> None:

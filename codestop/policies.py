@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
-from codestop.errors import ParameterError, is_number, require
+from codestop.errors import UnknownParameter, is_number, require
 
 STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_reasoning_tokens", "finished",
                 "unclosed_thinking")
@@ -477,22 +477,43 @@ def knob_help() -> dict[str, str]:
     return out
 
 
-def make_policy(method: str, **options: object) -> Policy:
-    """Build a policy by method name; options that are None are left at their defaults.
+def make_policy(spec: str | Mapping[str, object] | None = None, /, *, base: Mapping[str, object] | None = None,
+                **options: object) -> Policy:
+    """The one way to build a policy: from a method name and its knobs (``make_policy("codestop",
+    tau=7)``) or from a policy dict, as policy files, run configs, requests and candidate grids hold
+    it (``make_policy({"method": "codestop", "tau": 7})``, ``make_policy(**d)``). Knobs that are None
+    stay at their defaults.
 
-    An unknown method, or an option that does not belong to ``method``, is a ParameterError naming it.
-    """
+    ``base``: a policy dict the given one adjusts (the proxy's default policy under a request's
+    knobs): knobs given with no method, or with base's method, go over base's; another method starts
+    from its own defaults. Without a method here or in ``base``: CoDE-Stop.
+
+    An unknown method is a ParameterError naming ``method``; a knob the method does not take an
+    :class:`~codestop.errors.UnknownParameter` naming the knob; a bad value the policy's own error."""
+    given = {**(dict(spec) if isinstance(spec, Mapping) else {} if spec is None else {"method": spec}), **options}
+    base_knobs = dict(base or {})
+    base_method = base_knobs.pop("method", "codestop")
+    method = given.pop("method", base_method)
     require(isinstance(method, str) and method in METHODS, "method", method, f"is not a method; choose one of {', '.join(METHODS)}")
-    given = {k: v for k, v in options.items() if v is not None}
-    foreign = sorted(set(given) - set(METHOD_OPTIONS[method]))
+    assert isinstance(method, str)
+    knobs = {**(base_knobs if method == base_method else {}), **given}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    foreign = sorted(set(knobs) - set(METHOD_OPTIONS[method]))
     if foreign:
-        raise ParameterError(foreign[0], given[foreign[0]],
-                             f"is not an option of method {method!r} (its options: {', '.join(METHOD_OPTIONS[method]) or 'none'})")
-    return METHODS[method](**given)  # type: ignore[arg-type]
+        raise UnknownParameter(foreign[0], knobs[foreign[0]],
+                               f"is not an option of method {method!r} (its options: {', '.join(METHOD_OPTIONS[method]) or 'none'})")
+    return METHODS[method](**knobs)  # type: ignore[arg-type]
+
+
+def options_for(method: str, options: Mapping[str, object]) -> dict[str, object]:
+    """The ``options`` that ``method`` takes (set, not None): options shared by a sweep or a grid
+    go to the methods that have them."""
+    return {k: v for k, v in options.items() if k in METHOD_OPTIONS.get(method, ()) and v is not None}
 
 
 def policy_options(policy: object) -> dict[str, object]:
-    """The method name and knobs of a policy as a JSON-ready dict."""
+    """The method name and every knob of a policy as a JSON-ready dict, defaults written out (what
+    :func:`make_policy` builds the same policy from, under later defaults too)."""
     method = getattr(policy, "name", type(policy).__name__)
     out: dict[str, object] = {"method": method}
     for key in METHOD_OPTIONS.get(method, ()):

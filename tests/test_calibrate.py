@@ -17,7 +17,8 @@ from codestop.analysis.risk import candidate_grid, learn_then_test, min_certifia
 from codestop.cli import main
 from codestop.errors import CodestopError
 from codestop.grading import same_answer
-from codestop.policy_file import read_policy_file
+from codestop.policies import make_policy
+from codestop.policy_file import read_policy_file, write_policy_file
 from codestop.traces import trace_from_json
 
 TESTBED = Path(__file__).resolve().parents[1] / "bench" / "results" / "testbed-gsm8k-heldout-solve-then-check.traces.jsonl"
@@ -112,7 +113,9 @@ def test_calibrate_certifies_the_known_budget(tmp_path):
     assert tested["budget budget=500"]["certified"] and tested["budget budget=500"]["p_value"] == pytest.approx(0.95 ** 140)
     assert not tested["budget budget=300"]["certified"] and tested["budget budget=300"]["tested"]
     ch = result["chosen"]
-    assert ch["saving"]["estimate"] == pytest.approx(0.5) and ch["risk_observed"] == 0.0 and ch["changed"] == 0
+    # one shape: the saving a fraction, as every candidate's; its interval beside it
+    assert ch["saving"] == pytest.approx(0.5) == ch["saving_interval"]["estimate"] and isinstance(tested["budget budget=300"]["saving"], float)
+    assert ch["risk_observed"] == 0.0 and ch["changed"] == 0
     assert ch["net_accuracy_drop"] == 0.0 and ch["lost"] == 0
     assert result["statement"].startswith("With probability at least 0.95 over the draw of these 200 calibration traces, "
                                           "budget budget=500 changes the answer")
@@ -126,7 +129,7 @@ def test_calibrate_refuses_and_says_how_many_traces_it_would_take():
     traces = [trace_from_json(_ladder_trace(i, 500), f"x:{i}") for i in range(40)]
     result = calibrate(traces, risk="changed", max_risk=0.02, alpha=0.05, candidates=BUDGETS)
     assert result["policy"] == {"method": "vanilla"} and not result["chosen"]["certified"] and result["n_certified"] == 0
-    assert result["min_n_testing"] == 149 and result["chosen"]["saving"]["estimate"] == 0.0
+    assert result["min_n_testing"] == 149 and result["chosen"]["saving"] == 0.0
     st = result["statement"]
     assert st.startswith("No setting is certified") and "at least 149 testing traces" in st
     assert f"{math.ceil(149 / 0.7)} calibration traces" in st and "these 28 could not certify it whatever they showed" in st
@@ -174,14 +177,13 @@ def test_the_default_grid_spans_methods_and_the_ceiling():
         candidate_grid(["vanilla"])
     with pytest.raises(CodestopError, match="tau: a range for a knob none of the methods"):
         candidate_grid(["deer"], {"tau": [2.0]})
-    with pytest.raises(CodestopError, match="candidates"):
+    with pytest.raises(CodestopError, match=r"candidates\[0\]\.tau: 3 is not an option of method 'deer'"):
         calibrate([trace_from_json(_ladder_trace(i, 500), f"x:{i}") for i in range(4)], max_risk=0.1, alpha=0.1,
                   candidates=[{"method": "deer", "tau": 3}])
 
 
 def test_outcomes_on_the_committed_testbed_agree_with_replay():
     from codestop.analysis.sweep import run_policy
-    from codestop.policies import make_policy
     from codestop.traces import load_traces
 
     traces = load_traces(TESTBED)[:60]
@@ -206,7 +208,7 @@ def test_cli_writes_a_policy_file_that_replay_reads(tmp_path, capsys):
     printed = capsys.readouterr()
     assert printed.out.startswith("With probability at least 0.95") and "| budget budget=300 |" in printed.out
     pf = read_policy_file(out)
-    assert pf.policy == {"method": "budget", "budget": 500} and pf.build().budget == 500
+    assert pf.policy == {"method": "budget", "budget": 500} and make_policy(pf.policy).budget == 500
     g = pf.guarantee
     assert g is not None and (g["risk"], g["max_risk"], g["alpha"], g["n_ordering"], g["n_testing"]) == ("changed", 0.05, 0.05, 60, 140)
     assert g["traces"] == str(path) and g["certified"] and "calibrated: changed risk <= 0.05" in pf.describe()
@@ -223,3 +225,47 @@ def test_cli_writes_a_policy_file_that_replay_reads(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--max-risk: give the risk level" in err and "strictly between 0 and 1" in err
 
+
+
+GOOD_GUARANTEE = {"risk": "changed", "max_risk": 0.05, "alpha": 0.05, "n_ordering": 60, "n_testing": 140}
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"alpha": "0.05"}, "guarantee.alpha: '0.05' must be a number strictly between 0 and 1"),
+    ({"n_ordering": "many"}, "guarantee.n_ordering: 'many' must be an integer >= 0"),
+    ({"max_risk": "low"}, "guarantee.max_risk: 'low' must be a number strictly between 0 and 1"),
+    ({"max_risk": math.nan}, "guarantee.max_risk: nan must be a number strictly between 0 and 1"),
+    ({"alpha": 3}, "guarantee.alpha: 3 must be a number strictly between 0 and 1"),
+    ({"risk": "wrong"}, "guarantee.risk: 'wrong' must be one of changed, lost"),
+    ({"alpha": None}, "guarantee: no 'alpha'"),
+    ({"maxrisk": 0.05}, "guarantee.maxrisk: not a key of a guarantee"),
+    ({"certified": "yes"}, "guarantee.certified: 'yes' must be true or false"),
+    ({"policy": {"method": "deer", "threshold": 0.5}}, "the guarantee was certified for {'method': 'deer', 'threshold': 0.5}, not for"),
+    ({"policy": {"method": "budget", "tau": 3}}, "guarantee.policy: tau: 3 is not an option of method 'budget'"),
+])
+def test_a_policy_file_with_a_bad_guarantee_is_one_clear_error(tmp_path, capsys, change, said):
+    # each was accepted (announced as "calibrated") or a traceback at start-up before the block was checked
+    guarantee = {k: v for k, v in {**GOOD_GUARANTEE, **change}.items() if v is not None}
+    policy = {"method": "budget", "budget": 500}
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"schema": 1, "kind": "codestop-policy", "policy": policy, "guarantee": guarantee}))
+    with pytest.raises(CodestopError) as err:
+        read_policy_file(path)
+    assert said in str(err.value) and str(path) in str(err.value)
+    with pytest.raises(CodestopError, match="guarantee"):
+        write_policy_file(tmp_path / "other.json", policy, guarantee)
+    assert not (tmp_path / "other.json").exists()
+    traces = _write(tmp_path / "t.jsonl", [500] * 4)
+    assert main(["replay", str(traces), "--policy-file", str(path)]) == 2  # the message alone, no traceback
+    assert said in capsys.readouterr().err
+
+
+def test_a_guarantee_names_the_policy_it_was_certified_for(tmp_path):
+    path = _write(tmp_path / "t.jsonl", [500, 300] * 100)
+    result = calibrate(path, risk="changed", max_risk=0.05, alpha=0.05, candidates=BUDGETS)
+    assert result["guarantee"]["policy"] == result["policy"] == {"method": "budget", "budget": 500}
+    pf = write_policy_file(tmp_path / "p.json", result["policy"], result["guarantee"])
+    assert read_policy_file(tmp_path / "p.json") == pf and isinstance(pf.guarantee["saving"], float)
+    # a file written before the guarantee named its policy still reads
+    older = {k: v for k, v in result["guarantee"].items() if k != "policy"}
+    assert write_policy_file(tmp_path / "old.json", result["policy"], older).guarantee == older

@@ -45,7 +45,8 @@ def test_record_stores_every_probe_and_the_final_answer(recorded):
     assert len(lines) == 2
     for t in lines:
         assert t["schema"] == 1 and t["id"].startswith("q:")
-        assert t["finish_reason"] in ("finished", "max_reasoning_tokens")
+        # the stop reason under its name, and for one release under the name traces used before
+        assert t["stop_reason"] == t["finish_reason"] and t["stop_reason"] in ("finished", "max_reasoning_tokens")
         assert t["reasoning_tokens"] >= t["probes"][-1]["position"]
         assert t["tokens"]["reasoning"] == t["reasoning_tokens"]  # the run's tokens by kind
         assert len(t["probes"]) >= 3  # a space every few tokens: many boundaries
@@ -58,6 +59,7 @@ def test_record_stores_every_probe_and_the_final_answer(recorded):
         ref = t["reference"]  # the same probe at the end of the full reasoning, its cost counted as a probe's
         assert set(ref) == set(t["probes"][0]) and ref["position"] == t["reasoning_tokens"] and ref["probe_tokens"] >= 1
     assert sum(p.probe_tokens for p in load_traces(out)[0].probes) + lines[0]["reference"]["probe_tokens"] == lines[0]["tokens"]["probe"]
+    assert [t.stop_reason for t in load_traces(out)] == [t["stop_reason"] for t in lines]
 
 
 @pytest.mark.parametrize("make", [
@@ -226,6 +228,7 @@ def test_the_committed_traces_stay_readable():
     assert len(traces) == 157
     assert all(p.probe_tokens is not None and p.probe_tokens >= 1 for t in traces for p in t.probes)
     t = traces[0]
+    assert t.stop_reason == "finished"  # written as finish_reason, before the stop reason had its one name
     row = replay_trace(t, CodeStop())
     upto = len(t.probes) if row.stop_index is None else row.stop_index + 1
     assert row.cost_tokens == row.reasoning_tokens + sum(p.probe_tokens for p in t.probes[:upto])

@@ -224,7 +224,7 @@ def test_shadow_calibrate_serve_the_policy_file_and_see_it_stop(vllm_serial_url,
     assert result["policy"]["method"] == "codestop", result["statement"]
     chosen = result["policy"]
     policy_file = write_policy_file(tmp_path / "policy.json", chosen, result["guarantee"])
-    stops = [(t, r) for t in traces if (r := replay_trace(t, policy_file.build())).stop_index is not None]
+    stops = [(t, r) for t in traces if (r := replay_trace(t, make_policy(policy_file.policy))).stop_index is not None]
     assert stops, "the certified policy stops on no shadow trace"
 
     # serve the policy file: the proxy stops where replay says, with fewer reasoning tokens

@@ -41,9 +41,10 @@ from scipy.stats import mannwhitneyu  # type: ignore[import-untyped]
 from codestop.analysis.calibrate import calibrate_by_drop as calibrate
 from codestop.analysis.calibrate import compare_to_vanilla
 from codestop.analysis.statistics import clopper_pearson_upper, drop_bounds, paired_bootstrap, paired_counts
-from codestop.analysis.sweep import KNOBS, Point, fixed_policy, markdown_table, parse_range, run_policy, saving, sweep
+from codestop.analysis.sweep import KNOBS, Point, knob_setting, markdown_table, parse_range, run_policy, saving, sweep
 from codestop.figures.dynamics import auroc_table, dynamics, plot_dynamics
 from codestop.figures.tradeoff import method_frontier, plot_tradeoff
+from codestop.policies import make_policy
 from codestop.replay import Replayed
 from codestop.traces import Trace, load_traces
 
@@ -76,8 +77,8 @@ def mean_cost(rows: Sequence[Replayed]) -> float:
 
 def measure(traces: Sequence[Trace], method: str, value: Any, seed: int) -> dict[str, Any]:
     """``method`` at ``value`` against vanilla on ``traces``, in the shape of calibrate's ``held_out``."""
-    rows = run_policy(traces, fixed_policy(method, value))
-    vanilla = run_policy(traces, fixed_policy("vanilla"))
+    rows = run_policy(traces, make_policy(knob_setting(method, value)))
+    vanilla = run_policy(traces, make_policy("vanilla"))
     lost, gained = paired_counts(rows, vanilla)
     bounds = drop_bounds(lost, gained, len(traces))
     return {"n": len(traces), "accuracy": sum(correct(rows)) / len(rows), "vanilla_accuracy": sum(correct(vanilla)) / len(rows),
@@ -142,7 +143,7 @@ def section_targets(cal: dict[str, Any], measurement: Sequence[Trace], points: S
 
     def rows(method: str, value: Any) -> list[Replayed]:
         if (method, value) not in rows_cache:
-            rows_cache[(method, value)] = run_policy(measurement, fixed_policy(method, value))
+            rows_cache[(method, value)] = run_policy(measurement, make_policy(knob_setting(method, value)))
         return rows_cache[(method, value)]
 
     ours = [p for p in points if p.method == "codestop"]
@@ -195,8 +196,8 @@ def section_rollback(cal: dict[str, Any], measurement: Sequence[Trace], points: 
         if value is None:
             md.append(f"| {where} | {method}: none within the drop | - | - | - | - |")
             continue
-        stop = run_policy(measurement, fixed_policy(method, value, answer_from="stop"))
-        best = run_policy(measurement, fixed_policy(method, value, answer_from="best"))
+        stop = run_policy(measurement, make_policy(knob_setting(method, value, answer_from="stop")))
+        best = run_policy(measurement, make_policy(knob_setting(method, value, answer_from="best")))
         diff = paired_bootstrap(correct(best), correct(stop), seed=seed)
         entry = {"method": method, "value": value, "accuracy_stop": sum(correct(stop)) / len(stop),
                  "accuracy_best": sum(correct(best)) / len(best), "mean_cost_tokens": mean_cost(stop), "difference": diff}
@@ -237,7 +238,7 @@ def section_ceiling(traces: Sequence[Trace], measurement: Sequence[Trace], other
         ramp = {"r_max": r, "r_min": 1.0} if r == 1.0 else {"r_max": r}
         c = calibrate(traces, drop, method="codestop", seed=seed, **ramp)
         h = c.get("held_out")
-        loose = run_policy(measurement, fixed_policy("codestop", 16.0, **ramp))
+        loose = run_policy(measurement, make_policy(knob_setting("codestop", 16.0, **ramp)))
         reasons = {x: sum(row.stop_reason == x for row in loose) for x in ("confident", "degenerate", None)}
         label = "1 (and r_min = 1: D alone)" if r == 1.0 else f"{r:g}"
         data["rows"].append({**ramp, "label": label, "tau": c["chosen"], "calibration": c["calibration"], "measured": h,
@@ -390,11 +391,11 @@ def section_cod(main: Sequence[Trace], cod: Sequence[Trace], cal: dict[str, Any]
     md += [measured_row("codestop", tau, h) for tau, h in sweep_rows.items()]
     md += ["", "Chain-of-Draft against the main prompt (paired, same measurement-half questions, bootstrap 95%):", "",
            "| comparison | accuracy | mean cost | accuracy change [95% CI] | cost change [95% CI] |", "|---|---:|---:|---:|---:|"]
-    vanilla = {"main prompt": run_policy(main_meas, fixed_policy("vanilla")), "chain-of-draft": run_policy(cod_meas, fixed_policy("vanilla"))}
+    vanilla = {"main prompt": run_policy(main_meas, make_policy("vanilla")), "chain-of-draft": run_policy(cod_meas, make_policy("vanilla"))}
     comparisons = {"CoD vanilla minus main-prompt vanilla": (vanilla["chain-of-draft"], vanilla["main prompt"])}
     if c["chosen"] is not None:
         comparisons[f"CoD + CoDE-Stop tau={c['chosen']} minus main-prompt vanilla"] = (
-            run_policy(cod_meas, fixed_policy("codestop", c["chosen"])), vanilla["main prompt"])
+            run_policy(cod_meas, make_policy(knob_setting("codestop", c["chosen"]))), vanilla["main prompt"])
     data: dict[str, Any] = {"calibration": c, "sweep": {str(t): h for t, h in sweep_rows.items()}, "comparisons": {}}
     for label, (a, b) in comparisons.items():
         d = compare_to_vanilla(a, b, seed=seed)

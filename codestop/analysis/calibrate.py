@@ -27,7 +27,6 @@ from codestop.analysis.risk import (
     Outcomes,
     candidate_grid,
     candidate_label,
-    checked_policy,
     learn_then_test,
     min_certifiable_n,
     outcomes,
@@ -40,9 +39,9 @@ from codestop.analysis.statistics import (
     paired_counts,
     saving_interval,
 )
-from codestop.analysis.sweep import KNOBS, fixed_policy, mean_of, parse_range, require_labels, run_policy, saving
-from codestop.errors import CodestopError
-from codestop.policies import Probe, make_policy
+from codestop.analysis.sweep import KNOBS, knob_setting, mean_of, parse_range, require_labels, run_policy, saving
+from codestop.errors import CodestopError, ParameterError
+from codestop.policies import Probe, make_policy, policy_options
 from codestop.replay import Replayed
 from codestop.traces import Trace, load_traces
 
@@ -76,7 +75,8 @@ def calibrate(
     candidates, the rest test them. The result (JSON-ready) holds ``policy`` (the chosen method and
     all its knobs), ``guarantee`` (for :func:`codestop.policy_file.write_policy_file`), ``statement``
     (the guarantee in plain words), the sample sizes, every candidate's test (p-value, observed
-    risk, saving) and the chosen setting's saving with a bootstrap interval and its accuracy change."""
+    risk, saving) and the chosen setting's saving with its bootstrap interval (``saving_interval``)
+    and its accuracy change. Every ``saving`` is a fraction, 1 - cost tokens / vanilla's."""
     source = None
     if isinstance(traces, (str, os.PathLike)):
         source = str(traces)
@@ -89,7 +89,7 @@ def calibrate(
     if len(traces) < 2:
         raise CodestopError(f"traces: {len(traces)} trace(s): calibration needs at least 2 (one to order the "
                             "candidates, one to test them), and far more to certify anything")
-    cands = candidate_grid() if candidates is None else [checked_policy(c) for c in candidates]
+    cands = candidate_grid() if candidates is None else _full_policies(candidates)
     if not cands:
         raise CodestopError("candidates: no candidate to calibrate")
     out = outcomes(traces, cands)
@@ -100,6 +100,17 @@ def calibrate(
     report["ordering_ids"] = [out.ids[j] for j in ordering]
     report["testing_ids"] = [out.ids[j] for j in testing]
     return report
+
+
+def _full_policies(candidates: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each candidate with all its knobs written out; a bad one named by its place (``candidates[2].tau``)."""
+    out = []
+    for i, candidate in enumerate(candidates):
+        try:
+            out.append(policy_options(make_policy(candidate)))
+        except ParameterError as err:
+            raise err.under(f"candidates[{i}].") from None
+    return out
 
 
 def _report(out: Outcomes, ltt: LttResult, risk: str, max_risk: float, alpha: float, ordering_fraction: float,
@@ -118,7 +129,7 @@ def _report(out: Outcomes, ltt: LttResult, risk: str, max_risk: float, alpha: fl
             "testing_risk": float(ltt.testing_losses[i] / n_testing),
             "p_value": None if rank is None else float(ltt.p_values[i]),
             "tested": rank is not None and rank < ltt.n_tested, "certified": rank is not None and rank < ltt.n_certified,
-            "mean_cost_tokens": mean_cost, "saving": 1 - mean_cost / vanilla_mean if vanilla_mean else 0.0,
+            "mean_cost_tokens": mean_cost, "saving": saving(mean_cost, vanilla_mean),
         }
 
     tested = [row(i, rank) for rank, i in enumerate(ltt.order)] + [row(i, None) for i in ltt.skipped]
@@ -129,7 +140,8 @@ def _report(out: Outcomes, ltt: LttResult, risk: str, max_risk: float, alpha: fl
     chosen: dict[str, Any] = {
         "label": candidate_label(policy), "policy": policy, "certified": chosen_i is not None,
         "mean_cost_tokens": float(costs.mean()), "vanilla_mean_cost_tokens": vanilla_mean,
-        "saving": saving_interval(costs, out.vanilla_cost, seed=seed),
+        "saving": saving(float(costs.mean()), vanilla_mean),
+        "saving_interval": saving_interval(costs, out.vanilla_cost, seed=seed),
         "changed": None if out.changed is None else int(out.changed[chosen_i].sum()) if chosen_i is not None else 0,
         "risk_observed": float(loss[chosen_i].mean()) if chosen_i is not None else 0.0,
     }
@@ -143,7 +155,7 @@ def _report(out: Outcomes, ltt: LttResult, risk: str, max_risk: float, alpha: fl
     guarantee = {
         "risk": risk, "max_risk": max_risk, "alpha": alpha, "method": "learn-then-test", "certified": chosen_i is not None,
         "n_ordering": n_ordering, "n_testing": n_testing, "seed": seed, "traces": source,
-        "saving": chosen["saving"]["estimate"], "statement": statement,
+        "saving": chosen["saving"], "statement": statement, "policy": policy,
     }
     return {
         "risk": risk, "max_risk": max_risk, "alpha": alpha, "n": n, "n_ordering": n_ordering, "n_testing": n_testing,
@@ -161,7 +173,7 @@ def _statement(out: Outcomes, ltt: LttResult, tested: list[dict[str, Any]], chos
            f"{len(out.candidates)} candidate settings that saved tokens on them from cautious to aggressive, and exact "
            f"binomial tests on the other {n_testing} {certified} (p <= {alpha:g}; the walk stops at the first p above it).")
     vanilla = "Run without stopping (vanilla: it never cuts an answer, risk 0)."
-    s = chosen["saving"]
+    estimate, s = saving_of(chosen)
     if ltt.chosen is not None:
         interval = (f" (95% bootstrap interval {_pct(s['low'])} to {_pct(s['high'])})"
                     if s["low"] is not None and s["method"] != "degenerate" else "")
@@ -172,7 +184,7 @@ def _statement(out: Outcomes, ltt: LttResult, tested: list[dict[str, Any]], chos
             f"With probability at least {1 - alpha:g} over the draw of these {n} calibration traces, {chosen['label']} "
             f"{WHAT_RISK_MEANS[risk]} on at most {_pct(max_risk)} of questions like them (traffic exchangeable with "
             f"them: the same model, sampling, prompt, step boundaries and token cap). {how} The most saving certified "
-            f"setting is chosen: it saves {_pct(s['estimate'])} of vanilla's cost tokens on the calibration "
+            f"setting is chosen: it saves {_pct(estimate)} of vanilla's cost tokens on the calibration "
             f"traces{interval}, with {_pct(chosen['risk_observed'])} {risk} there.{observed}"
         )
     if ltt.n_certified:
@@ -192,6 +204,15 @@ def _statement(out: Outcomes, ltt: LttResult, tested: list[dict[str, Any]], chos
             f"{vanilla} {least} {how}")
 
 
+def saving_of(chosen: Mapping[str, Any]) -> tuple[float, Mapping[str, Any]]:
+    """The chosen setting's saving (a fraction, as every ``saving``) and its bootstrap interval
+    (``saving_interval``); reports written before the two were apart held the interval under ``saving``."""
+    s = chosen["saving"]
+    if isinstance(s, Mapping):
+        return float(s["estimate"]), s
+    return float(s), chosen.get("saving_interval") or {"estimate": s, "low": None, "high": None, "method": None}
+
+
 def format_report(result: Mapping[str, Any], top: int = 12) -> str:
     """The calibration as text: the statement, the sample sizes, the tested candidates with their
     p-values, observed risk and saving (at most ``top`` rows before the first failure's), the choice."""
@@ -209,10 +230,10 @@ def format_report(result: Mapping[str, Any], top: int = 12) -> str:
         lines.append(f"| {c['rank']} | {c['label']} | {_pct(c['ordering_risk'])} | {c['testing_losses']}/{result['n_testing']} | "
                      f"{c['p_value']:.3g} | {'yes' if c['certified'] else 'no'} | {_pct(c['saving'])} |")
     ch = result["chosen"]
-    s = ch["saving"]
+    estimate, s = saving_of(ch)
     knobs = ", ".join(f"{k}={v}" for k, v in ch["policy"].items() if k != "method")
     lines += ["", f"chosen: {ch['policy']['method']}" + (f" ({knobs})" if knobs else "") +
-              f"; saving {_pct(s['estimate'])}" + (f" [{_pct(s['low'])}, {_pct(s['high'])}]" if s["low"] is not None else "")]
+              f"; saving {_pct(estimate)}" + (f" [{_pct(s['low'])}, {_pct(s['high'])}]" if s["low"] is not None else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +302,7 @@ def calibrate_by_drop(
     _, _, v_cost = mean_of(vanilla_cal)
     candidates = []
     for value in values:
-        rows = run_policy(cal, fixed_policy(method, value, **options), cache)
+        rows = run_policy(cal, make_policy(knob_setting(method, value, **options)), cache)
         lost, gained = paired_counts(rows, vanilla_cal)
         _, tokens, cost = mean_of(rows)
         candidates.append({"value": value, "drop": (lost - gained) / len(cal), "mean_reasoning_tokens": tokens,
@@ -310,7 +331,7 @@ def calibrate_by_drop(
         )
         return out
     if held:
-        policy = fixed_policy(method, chosen["value"], **options)
+        policy = make_policy(knob_setting(method, chosen["value"], **options))
         rows = run_policy(held, policy)
         vanilla_held = run_policy(held, make_policy("vanilla"))
         lost, gained = paired_counts(rows, vanilla_held)

@@ -33,35 +33,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from codestop.analysis.sweep import KNOBS, first_unlabelled, run_policy
-from codestop.errors import CodestopError, ParameterError
-from codestop.policies import METHOD_OPTIONS, Policy, Probe, make_policy
+from codestop.errors import CodestopError
+from codestop.policies import Probe, make_policy, options_for, policy_options
+from codestop.policy_file import RISKS
 from codestop.traces import Trace
 
 if TYPE_CHECKING:
     import numpy as np
 
-RISKS = ("changed", "lost")
 DEFAULT_METHODS = ("codestop", "deer", "consistency")
 # the default grid: each method's swept knob over its sweep range, and CoDE-Stop's confidence ceiling
 # (r_min x r_max, pairs with r_min > r_max dropped): on the testbed the ceiling, not tau, decided everything
 GRID_RANGES: dict[str, str] = {"tau": "1:16:1", "r_min": "0.9,1", "r_max": "0.95,0.99,0.999,1"}
 GRID_KNOBS: dict[str, tuple[str, ...]] = {method: (knob,) for method, (knob, _, _) in KNOBS.items()}
 GRID_KNOBS["codestop"] = ("tau", "r_min", "r_max")
-
-
-def full_policy(policy: Policy) -> dict[str, Any]:
-    """``{"method": ..., every knob: its value}``: a policy as a policy file stores it, defaults
-    written out so the file means the same under later defaults."""
-    return {"method": policy.name, **{k: getattr(policy, k) for k in METHOD_OPTIONS[policy.name]}}
-
-
-def checked_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
-    """A candidate given as ``{"method": ..., knob: value}``, checked and with all its knobs written out."""
-    options = {k: v for k, v in policy.items() if k != "method"}
-    try:
-        return full_policy(make_policy(str(policy.get("method")), **options))
-    except (ParameterError, ValueError, TypeError) as err:
-        raise CodestopError(f"candidates: {dict(policy)!r}: {err}") from None
 
 
 def candidate_label(policy: Mapping[str, Any]) -> str:
@@ -101,12 +86,12 @@ def candidate_grid(
             else:
                 kind = KNOBS[method][1] if knob == KNOBS[method][0] else float
                 values.append(parse_range(GRID_RANGES.get(knob) or KNOBS[method][2], kind, knob))
-        extra = {k: v for k, v in fixed.items() if k in METHOD_OPTIONS[method] and k not in knobs and v is not None}
+        extra = {k: v for k, v in options_for(method, fixed).items() if k not in knobs}
         for combo in itertools.product(*values):
             given = dict(zip(knobs, combo))
             if method == "codestop" and given["r_min"] > given["r_max"]:
                 continue
-            policy = checked_policy({"method": method, **given, **extra})
+            policy = policy_options(make_policy({"method": method, **given, **extra}))
             key = tuple(sorted(policy.items()))
             if key not in seen:
                 seen.add(key)
@@ -169,8 +154,7 @@ def outcomes(traces: Sequence[Trace], candidates: Sequence[Mapping[str, Any]]) -
     reasoning = np.zeros((n_c, n_t))
     no_reference = next((t.id for t in traces if t.reference_answer is None), None)
     for i, cand in enumerate(candidates):
-        options = {k: v for k, v in cand.items() if k != "method"}
-        rows = run_policy(traces, make_policy(str(cand["method"]), **options), cache)
+        rows = run_policy(traces, make_policy(cand), cache)
         for j, (r, v) in enumerate(zip(rows, vanilla)):
             stopped = r.stop_index is not None
             changed[i, j] = stopped and bool(r.changed)

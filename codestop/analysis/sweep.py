@@ -18,14 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from codestop.errors import CodestopError
-from codestop.policies import (
-    METHOD_OPTIONS,
-    Policy,
-    Probe,
-    knob_help,
-    make_policy,
-    swept_knobs,
-)
+from codestop.policies import Policy, Probe, knob_help, make_policy, options_for, swept_knobs
 from codestop.replay import Replayed, replay_trace, rescored
 from codestop.traces import Trace
 
@@ -129,13 +122,11 @@ def mark_pareto(points: list[Point]) -> None:
         )
 
 
-def fixed_policy(method: str, value: Any = None, **options: Any) -> Policy:
-    """``method`` with its knob at ``value`` and the options it takes from ``options``."""
-    allowed = METHOD_OPTIONS[method]
-    given = {k: v for k, v in options.items() if k in allowed and v is not None}
-    if method in KNOBS and value is not None:
-        given[KNOBS[method][0]] = value
-    return make_policy(method, **given)
+def knob_setting(method: str, value: Any = None, **options: Any) -> dict[str, Any]:
+    """The policy dict (for :func:`~codestop.policies.make_policy`) of ``method`` with its swept knob
+    at ``value`` and, of ``options``, those it takes."""
+    swept = {KNOBS[method][0]: value} if method in KNOBS and value is not None else {}
+    return {"method": method, **options_for(method, options), **swept}
 
 
 def sweep(traces: Sequence[Trace], ranges: Mapping[str, Sequence[Any]], **options: Any) -> list[Point]:
@@ -154,7 +145,7 @@ def sweep(traces: Sequence[Trace], ranges: Mapping[str, Sequence[Any]], **option
             raise CodestopError(f"method: {method!r} has no knob to sweep; choose from {', '.join(KNOBS)}")
         knob = KNOBS[method][0]
         for value in values:
-            policy = fixed_policy(method, value, **options)
+            policy = make_policy(knob_setting(method, value, **options))
             points.append(_point(method, knob, value, run_policy(traces, policy, cache), vanilla))
     mark_pareto(points)
     return points

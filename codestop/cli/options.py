@@ -11,7 +11,7 @@ from codestop.config import OLD_NAMES, PROBE_MODES, GenerationConfig, cli_fields
 from codestop.errors import CodestopError
 from codestop.eval.datasets import DATASETS
 from codestop.eval.prompts import DEFAULT_STYLE, PROMPT_STYLES, QUESTION_SLOT
-from codestop.policies import METHOD_OPTIONS, METHODS, Policy, knob_help, knob_type
+from codestop.policies import METHOD_OPTIONS, METHODS, Policy, knob_help, knob_type, make_policy
 from codestop.policy_file import PolicyFile, read_policy_file
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def policy_file_from_args(args: argparse.Namespace) -> PolicyFile:
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    return policy_file_from_args(args).build()
+    return make_policy(policy_file_from_args(args).policy)
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:

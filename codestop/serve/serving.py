@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from codestop.config import OLD_NAMES, GenerationConfig, cli_fields
 from codestop.controller import Event, Result
 from codestop.engines.base import Engine
-from codestop.errors import ParameterError, require
+from codestop.errors import ParameterError, UnknownParameter, require
 from codestop.families import Family, get_family
 from codestop.policies import METHOD_OPTIONS, NOT_EARLY, Policy, make_policy
 from codestop.serve.protocol import OPENAI_FIELDS, ChatRequest, CompletionRequest, RequestError, error_for
@@ -67,7 +67,7 @@ def server_defaults(config: GenerationConfig, policy: Mapping[str, Any], served_
     names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name or ())
     require((served_model_name is None or bool(names)) and all(isinstance(n, str) and n for n in names),
             "served_model_name", served_model_name, "must be one or more non-empty names")
-    return Defaults(config, dict(policy), build_policy({}, policy, prefix=""), tuple(dict.fromkeys(names)))
+    return Defaults(config, dict(policy), make_policy(policy), tuple(dict.fromkeys(names)))
 
 
 @dataclass(frozen=True)
@@ -87,25 +87,13 @@ class Prepared:
     created: int
 
 
-def build_policy(default: Mapping[str, Any], asked: Mapping[str, Any], prefix: str = "codestop.") -> Policy:
-    """The asked method with its knobs; knobs given without a method adjust the default method,
-    a different method starts from its own defaults. Errors name the knob under ``prefix``."""
-    default_method = default.get("method", "codestop")
-    method = asked.get("method", default_method)
-    knobs = {k: v for k, v in default.items() if k != "method"} if method == default_method else {}
-    knobs.update((k, v) for k, v in asked.items() if k != "method")
-    try:
-        return make_policy(method, **knobs)
-    except ParameterError as err:
-        raise err.under(prefix) from None
-
-
 def split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """A request's ``codestop`` field as (policy knobs, generation fields)."""
     options = options or {}
     for name, value in options.items():
-        require(name in POLICY_FIELDS or name in GENERATION_FIELDS, f"codestop.{name}", value,
-                f"is not a codestop option; known options: {', '.join(sorted(POLICY_FIELDS | GENERATION_FIELDS - set(OLD_NAMES)))}")
+        if name not in POLICY_FIELDS and name not in GENERATION_FIELDS:
+            raise UnknownParameter(f"codestop.{name}", value, "is not a codestop option; known options: "
+                                   f"{', '.join(sorted(POLICY_FIELDS | GENERATION_FIELDS - set(OLD_NAMES)))}")
     return ({k: v for k, v in options.items() if k in POLICY_FIELDS},
             {k: v for k, v in options.items() if k in GENERATION_FIELDS})
 
@@ -157,7 +145,10 @@ async def prepare(request: ChatRequest | CompletionRequest, engine: Engine, defa
     chat = isinstance(request, ChatRequest)
     model = check_model(request.model, engine, defaults.served_model_name)
     knobs, generation = split_options(request.codestop)
-    policy = build_policy(defaults.policy_options, knobs) if knobs else defaults.policy
+    try:  # the asked knobs over the default policy's; errors named as the client named the knob
+        policy = make_policy(knobs, base=defaults.policy_options) if knobs else defaults.policy
+    except ParameterError as err:
+        raise err.under("codestop.") from None
     config = request_config(request, defaults.config, generation)
     check_max_tokens(request, config, engine)
     family = get_family(config.family, engine, config.enable_thinking)
