@@ -66,7 +66,7 @@ class PolicyFile:
         return {"schema": POLICY_FILE_SCHEMA, "kind": POLICY_FILE_KIND, "policy": dict(self.policy), "guarantee": self.guarantee}
 
 
-def _checked_policy(policy: Any, where: str) -> dict[str, Any]:
+def _check_policy(policy: Any, where: str) -> dict[str, Any]:
     """``policy`` if it builds (its method known, every knob the method's own and allowed)."""
     if not isinstance(policy, dict) or not isinstance(policy.get("method"), str):
         raise CodestopError(f"{where}: 'policy' must be an object with a 'method' (one of {', '.join(METHODS)})")
@@ -140,7 +140,7 @@ def read_policy_file(path: str | os.PathLike[str]) -> PolicyFile:
         raise CodestopError(f"{where}: not a codestop policy file (no \"kind\": \"{POLICY_FILE_KIND}\")")
     if data.get("schema") != POLICY_FILE_SCHEMA:
         raise CodestopError(f"{where}: schema {data.get('schema')!r} is not one this codestop reads ({POLICY_FILE_SCHEMA})")
-    policy = _checked_policy(data.get("policy"), where)
+    policy = _check_policy(data.get("policy"), where)
     return PolicyFile(policy, check_guarantee(data.get("guarantee"), policy, where), str(path))
 
 
@@ -148,7 +148,7 @@ def write_policy_file(path: str | os.PathLike[str], policy: dict[str, Any], guar
     """Write ``policy`` and its ``guarantee`` (both checked as a reader checks them) to ``path``
     (replaced whole, atomically)."""
     where = f"policy for {str(path)!r}"
-    checked = _checked_policy(policy, where)
+    checked = _check_policy(policy, where)
     pf = PolicyFile(checked, check_guarantee(guarantee, checked, where), str(path))
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")

@@ -48,6 +48,19 @@ def test_one_line_per_question_with_what_a_run_needs(tiny_engine, questions, tmp
     assert summary["mean_cost_tokens"] == sum(r["cost_tokens"] for r in lines) / 3 > summary["mean_reasoning_tokens"]
 
 
+def test_a_run_spec_is_the_same_run_as_its_fields(tiny_engine, questions, tmp_path):
+    from codestop.eval.runner import RunSpec
+
+    spec = RunSpec(tiny_engine, tmp_path / "spec.jsonl", data=questions, limit=2, generation=GEN)
+    by_spec = evaluate(spec, policy=Vanilla())
+    by_fields = evaluate(tiny_engine, data=questions, out=tmp_path / "fields.jsonl", limit=2, generation=GEN, policy=Vanilla())
+    assert {k: by_spec[k] for k in ("n", "accuracy", "mean_cost_tokens")} == {k: by_fields[k] for k in ("n", "accuracy", "mean_cost_tokens")}
+    strip = [{k: v for k, v in r.items() if k != "wall_time"} for r in _lines(tmp_path / "spec.jsonl")]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_time"} for r in _lines(tmp_path / "fields.jsonl")]
+    with pytest.raises(TypeError, match="give limit in it"):
+        evaluate(spec, limit=3)
+
+
 def test_resume_after_a_kill_redoes_only_the_cut_line(tiny_engine, questions, tmp_path, capsys):
     out = tmp_path / "run.jsonl"
     evaluate(tiny_engine, data=questions, out=out, policy=Vanilla(), limit=3, generation=GEN)

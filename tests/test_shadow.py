@@ -38,7 +38,7 @@ from codestop.policy_file import read_policy_file, write_policy_file
 from codestop.replay import replay_trace
 from codestop.serve.defaults import DEFAULT_CONFIG
 from codestop.serve.shadow import Shadow
-from codestop.traces import load_traces
+from codestop.traces import load_traces, trace_from_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,6 +185,7 @@ def test_shadow_calibrate_serve_the_policy_file_and_see_it_stop(vllm_serial_url,
         assert sorted(x["id"] for x in lines) == sorted(rid for rid, _, _ in answers)
         for x in lines:
             assert x["gold"] is None and x["final_correct"] is None and x["config"]["kind"] == "shadow"
+            assert x["stop_reason"] == x["finish_reason"] and x["dataset"] == "shadow"
             assert x["reference"]["position"] == x["reasoning_tokens"] and x["reference"]["correct"] is None
             assert all(p["correct"] is None and "text" not in p for p in x["probes"]) and "text" not in x["reference"]
             assert not {"prompt", "reasoning", "answer_text", "question"} & set(x)
@@ -326,5 +327,7 @@ def test_a_raw_completion_is_shadowed_too(toy_tokenizer, tmp_path):
         whole = len(toy_tokenizer.encode("Step one.\nStep two.\n", add_special_tokens=False))
         assert line["id"] == r.id and [p["position"] for p in line["probes"]] == [first, whole]  # at each line's end
         assert line["reference"]["position"] == line["reasoning_tokens"] == whole and line["reference"]["answer"] == "5"
+        # the trace writer record and eval use: the stop reason under its name, and for one release the old one
+        assert line["stop_reason"] == line["finish_reason"] == trace_from_json(line, "x").stop_reason == "finished"
     finally:
         proxy.stop()
