@@ -37,12 +37,16 @@ RISKS = ("changed", "lost")  # what a guarantee may bound (codestop.analysis.ris
 @dataclass(frozen=True)
 class PolicyFile:
     """A policy file's content: ``policy`` (``{"method": ..., knob: value}``; build it with
-    :func:`~codestop.policies.make_policy`), ``guarantee`` (None: uncalibrated) and ``path`` (where it
-    was read from, for messages)."""
+    :func:`~codestop.policies.make_policy`), ``guarantee`` (None: uncalibrated; checked here, however
+    the object is made: :func:`check_guarantee`) and ``path`` (where it was read from, for messages)."""
 
     policy: dict[str, Any]
     guarantee: dict[str, Any] | None = None
     path: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"policy file {self.path!r}" if self.path else "policy file"
+        object.__setattr__(self, "guarantee", check_guarantee(self.guarantee, self.policy, where))
 
     @property
     def method(self) -> str:
@@ -140,16 +144,13 @@ def read_policy_file(path: str | os.PathLike[str]) -> PolicyFile:
         raise CodestopError(f"{where}: not a codestop policy file (no \"kind\": \"{POLICY_FILE_KIND}\")")
     if data.get("schema") != POLICY_FILE_SCHEMA:
         raise CodestopError(f"{where}: schema {data.get('schema')!r} is not one this codestop reads ({POLICY_FILE_SCHEMA})")
-    policy = _check_policy(data.get("policy"), where)
-    return PolicyFile(policy, check_guarantee(data.get("guarantee"), policy, where), str(path))
+    return PolicyFile(_check_policy(data.get("policy"), where), data.get("guarantee"), str(path))
 
 
 def write_policy_file(path: str | os.PathLike[str], policy: dict[str, Any], guarantee: dict[str, Any] | None) -> PolicyFile:
     """Write ``policy`` and its ``guarantee`` (both checked as a reader checks them) to ``path``
     (replaced whole, atomically)."""
-    where = f"policy for {str(path)!r}"
-    checked = _check_policy(policy, where)
-    pf = PolicyFile(checked, check_guarantee(guarantee, checked, where), str(path))
+    pf = PolicyFile(_check_policy(policy, f"policy for {str(path)!r}"), guarantee, str(path))
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     try:

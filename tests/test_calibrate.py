@@ -18,7 +18,7 @@ from codestop.cli import main
 from codestop.errors import CodestopError
 from codestop.grading import same_answer
 from codestop.policies import make_policy
-from codestop.policy_file import read_policy_file, write_policy_file
+from codestop.policy_file import PolicyFile, read_policy_file, write_policy_file
 from codestop.traces import trace_from_json
 
 TESTBED = Path(__file__).resolve().parents[1] / "bench" / "results" / "testbed-gsm8k-heldout-solve-then-check.traces.jsonl"
@@ -269,3 +269,10 @@ def test_a_guarantee_names_the_policy_it_was_certified_for(tmp_path):
     # a file written before the guarantee named its policy still reads
     older = {k: v for k, v in result["guarantee"].items() if k != "policy"}
     assert write_policy_file(tmp_path / "old.json", result["policy"], older).guarantee == older
+
+
+def test_a_guarantee_made_in_python_is_checked_too():
+    # create_app(policy=PolicyFile(...)) took a NaN max_risk, and /health then answered 500 on every call
+    with pytest.raises(CodestopError, match="guarantee.max_risk: nan must be a number"):
+        PolicyFile({"method": "budget", "budget": 500}, {**GOOD_GUARANTEE, "max_risk": math.nan})
+    assert PolicyFile({"method": "budget", "budget": 500}, GOOD_GUARANTEE).describe().endswith("for traffic like its 200 calibration traces")

@@ -35,7 +35,6 @@ What a harness user expects besides (lm-evaluation-harness is the reference):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import sys
 import time
@@ -264,11 +263,11 @@ class RunOutcome:
     elapsed: float
 
 
-def _run_dataset(kind: str, spec: RunSpec, policy: Policy, make_record: Make) -> RunOutcome:
+def _run_dataset(kind: str, spec: RunSpec, policy: Policy, generation: GenerationConfig, make_record: Make) -> RunOutcome:
     """The one runner behind eval and record (which differ in the record they make): the questions
-    not yet in ``spec.out`` are answered under ``policy`` and appended."""
-    assert spec.generation is not None  # each verb fills in its default
-    generation, prompt = spec.generation, spec.prompt_style()
+    not yet in ``spec.out`` are answered under ``policy`` and ``generation`` (the spec's, or the
+    verb's default) and appended."""
+    prompt = spec.prompt_style()
     examples = load_examples(spec.dataset, spec.data, spec.limit, spec.offset)
     name = examples[0].dataset if examples else (spec.dataset or "")
     model = spec.model
@@ -330,10 +329,9 @@ def evaluate(
     arguments (``evaluate("qwen2.5-coder-0.5b", "gsm8k", out="run.jsonl", limit=50)``); ``generation``
     defaults to ``GenerationConfig()``."""
     spec = run_spec(model, dataset, options)
-    if spec.generation is None:
-        spec = dataclasses.replace(spec, generation=GenerationConfig())
     base_records = read_jsonl(baseline) if baseline is not None else None
-    outcome = _run_dataset("eval", spec, policy if policy is not None else CodeStop(), eval_record)
+    generation = spec.generation if spec.generation is not None else GenerationConfig()
+    outcome = _run_dataset("eval", spec, policy if policy is not None else CodeStop(), generation, eval_record)
     return summarize(outcome.records, base_records, session=outcome.session, elapsed=outcome.elapsed)
 
 
@@ -344,5 +342,4 @@ def record(model: Engine | str | RunSpec, dataset: str | None = None, **options:
     as :func:`evaluate` does. Returns the traces of the requested questions."""
     spec = run_spec(model, dataset, options)
     generation = spec.generation if spec.generation is not None else RECORD_GENERATION
-    spec = dataclasses.replace(spec, generation=generation.replace(always_probe=True))
-    return _run_dataset("trace", spec, Vanilla(), trace_record).records
+    return _run_dataset("trace", spec, Vanilla(), generation.replace(always_probe=True), trace_record).records
