@@ -27,7 +27,7 @@ from test_serve import InProcessProxy
 from codestop.engines.server import ServerEngine
 from codestop.engines.server.dialects import VLLM
 from codestop.families import FAMILIES
-from codestop.serve.agents import continuation
+from codestop.serve.upstream_chat import continuation
 
 pytestmark = pytest.mark.slow
 
