@@ -190,6 +190,25 @@ def test_fields_still_not_honoured_keep_their_400(proxy):
     assert r.status_code == 400 and r.json()["error"]["code"] == "upstream_rejected", r.text
 
 
+def test_an_upstreams_400_is_the_clients_error_on_every_path(proxy):
+    """vLLM takes a seed in int64 only, which the proxy does not check: its 400 comes back as the
+    client's, in vLLM's words, whichever path sent it (the reasoning's completions, streamed or
+    not; the agents' chat), never a 502 as if the upstream were down."""
+    seed = 2**63  # one past int64
+    cases = {
+        "chat": ("/v1/chat/completions", {"messages": ASK_WEATHER}),
+        "streamed chat": ("/v1/chat/completions", {"messages": ASK_WEATHER, "stream": True}),
+        "completion": ("/v1/completions", {"prompt": "Hello"}),
+        "agent's chat": ("/v1/chat/completions", {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": CALL_WEATHER}),
+        "agent's streamed chat": ("/v1/chat/completions", {"messages": ASK_WEATHER, "response_format": PERSON_FORMAT, "stream": True}),
+    }
+    for what, (path, body) in cases.items():
+        r = httpx.post(proxy.url + path, json={"model": proxy.model, "max_tokens": 4, "seed": seed, **body}, timeout=120)
+        error = r.json()["error"]
+        assert (r.status_code, error["type"], error["code"]) == (400, "invalid_request_error", "upstream_rejected"), (what, r.text)
+        assert "refused the request: it answered 400" in error["message"] and "seed" in error["message"], (what, r.text)
+
+
 def test_an_engine_without_a_chat_endpoint_refuses_agents_requests(toy_tokenizer):
     """In-process engines have no upstream chat endpoint to parse tool calls or enforce a format:
     a 400 naming the field, before anything runs."""

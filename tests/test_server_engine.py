@@ -28,7 +28,7 @@ from codestop.api import agenerate_question
 from codestop.cli import build_parser
 from codestop.cli.options import engine_from_args
 from codestop.engines.server import HFTokens, ServerEngine, ServerOptions, Upstream, dialect_for, parse_choice, parse_logprobs
-from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerBusy, ServerError, ServerTimeout
+from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerBusy, ServerError, ServerTimeout, UpstreamRejected
 from codestop.sampling import Sampling
 from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index
 
@@ -260,8 +260,9 @@ async def one_step(eng: ServerEngine, prompt: list[int]):
 def test_a_400_for_token_ids_switches_to_text_only_when_text_works():
     calls: list = []
     eng, tok = toy_engine(scripted_server(reject_ids=True, reject_text=True, calls=calls))
-    with pytest.raises(ServerError, match="answered 400: bad request: max_tokens too large"):
+    with pytest.raises(UpstreamRejected, match="refused the request: it answered 400: bad request: max_tokens too large") as refused:
         run(one_step(eng, tok.ids("hi")))
+    assert refused.value.status == 400  # the server's words, relayed as the client's error
     assert not eng.transport.text_prompts and eng.transport.stats.text_fallbacks == 0  # an ordinary 400 switches nothing
     assert [type(c["prompt"]) for c in calls] == [list, str]  # the same request, tried once as text
 

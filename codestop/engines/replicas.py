@@ -4,6 +4,8 @@ Each question stays on one replica: :meth:`ReplicaEngine.start` picks the health
 the fewest sessions in flight (ties: the first) and every request of that session (steps, probes,
 the answer) goes there, so its growing prefix is prefilled once and then read from that replica's
 prefix cache. Spreading a session's requests over replicas would prefill the prefix again on each.
+An agent's answer phase (:meth:`ReplicaEngine.chat`, one request to a chat endpoint) goes to the
+healthy replica with the fewest requests in flight.
 
 A replica that fails (unreachable, a timeout, a 5xx) is taken out of rotation for new sessions;
 the sessions it was running fail with their usual error. It is health-checked again at most every

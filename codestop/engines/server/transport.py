@@ -204,6 +204,26 @@ def _error_text(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+def upstream_error(response: httpx.Response, where: str, attempts: int = 1) -> ServerError | ContextTooLong:
+    """The one mapping of a server's error answer (after ``attempts`` tries) to the error the proxy
+    answers with: its key refused (the operator's: a 502 that says so), a prompt over the window,
+    busy after every retry (429/503 with ``Retry-After``), a request it calls malformed (the
+    client's: a 400 in its words), anything else a 502."""
+    status, message = response.status_code, error_message(response)
+    if status in (401, 403):
+        return UpstreamUnauthorized(f"the completions server at {where} refused the proxy's credentials ({status}: {message}); "
+                                    "the operator must fix its key (--api-key, $CODESTOP_UPSTREAM_API_KEY)", status)
+    if mentions_context(message):
+        return ContextTooLong(f"the completions server says: {message}")
+    if status in BUSY_STATUSES:
+        after = response.headers.get("retry-after", "")
+        return ServerBusy(f"the completions server is busy: it answered {status} {attempts} time{'s' * (attempts > 1)}: "
+                          f"{message}; retry later", status, int(after) if after.isdigit() else BUSY_RETRY_AFTER_S, status)
+    if status in MALFORMED_STATUSES:
+        return UpstreamRejected(f"the completions server refused the request: it answered {status}: {message}", status)
+    return ServerError(f"the completions server answered {status}: {message}", 502, status)
+
+
 def timeout_error(where: str, timeout: httpx.Timeout, err: httpx.TimeoutException) -> ServerTimeout:
     """The one error for a server that stays silent: 504, whichever call noticed it."""
     if isinstance(err, httpx.ConnectTimeout):
@@ -328,23 +348,7 @@ class Transport:
         )
 
     def _raise_for(self, response: httpx.Response) -> None:
-        """The one mapping of a server's error answer to the error the proxy answers with: its key
-        refused (the operator's), a prompt over the window, busy after every retry, a request it
-        calls malformed (the client's: a 400 in its words), anything else a 502."""
-        status, message = response.status_code, error_message(response)
-        if status in (401, 403):
-            raise UpstreamUnauthorized(f"the completions server at {self.base_url} refused the proxy's credentials ({status}: "
-                                       f"{message}); the operator must fix its key (--api-key, $CODESTOP_UPSTREAM_API_KEY)", status)
-        if mentions_context(message):
-            raise ContextTooLong(f"the completions server says: {message}")
-        if status in BUSY_STATUSES:
-            after = response.headers.get("retry-after", "")
-            raise ServerBusy(f"the completions server is busy: it answered {status} "
-                             f"{self.options.retries + 1} times: {message}; retry later", status,
-                             int(after) if after.isdigit() else BUSY_RETRY_AFTER_S, status)
-        if status in MALFORMED_STATUSES:
-            raise UpstreamRejected(f"the completions server refused the request ({status}): {message}", status)
-        raise ServerError(f"the completions server answered {status}: {message}", 502, status)
+        raise upstream_error(response, self.base_url, self.options.retries + 1)
 
     async def _send(self, client: httpx.AsyncClient, path: str, prompt_ids: Sequence[int] | None, kind: str,
                     fields: dict[str, Any], stream: bool) -> httpx.Response:
