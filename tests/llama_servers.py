@@ -109,7 +109,8 @@ class FaultProxy:
     "hang" (never answer a completion); "hang_all" (never answer anything: a stopped server);
     "no_logprobs" (strip log-probabilities from answers); "slow" (a server making slow progress: each
     streamed line, and each token of a plain answer, ``delay`` seconds late, so a generation outlasts
-    a short timeout on any host however fast or loaded). ``seen``: every completion request's body."""
+    a short timeout on any host however fast or loaded). ``seen``: every completion request's body
+(the chat endpoint's included: the faults hit it too)."""
 
     def __init__(self, upstream: str, port: int | None = None) -> None:
         self.upstream = upstream
@@ -133,7 +134,7 @@ class FaultProxy:
             mode = self.mode
             if mode == "hang_all":
                 await asyncio.sleep(3600)
-            if path in ("v1/completions", "completion"):  # OpenAI-style and llama.cpp's native endpoint
+            if path in ("v1/completions", "completion", "v1/chat/completions"):  # OpenAI-style, llama.cpp's native, agents' chat
                 self.seen.append(body)
                 if mode == "reject_ids" and isinstance(body.get("prompt"), list):
                     return JSONResponse({"detail": [{"loc": ["body", "prompt"], "msg": "str type expected"}]}, 422)

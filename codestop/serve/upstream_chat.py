@@ -182,7 +182,7 @@ def _chat(engine: ChatEngine, request: ChatRequest, prep: Prepared, reasoning: R
     """The answer phase's upstream chat request: the client's conversation, continued from the
     reasoning when there was one. The upstream's refusal of the client's fields (a named function
     not among the tools, a schema it cannot compile) is a 400 in its words, as every upstream
-    error is mapped (:meth:`~codestop.engines.server.transport.Transport._raise_for`)."""
+    error is mapped (:func:`~codestop.engines.server.transport.upstream_error`)."""
     prefix = continuation(prep.family, reasoning.reasoning_text) if reasoning is not None else ""
     return engine.chat([m.wire() for m in request.messages], prefix, fields, prep.config.sampling, stream=stream, started=started)
 
