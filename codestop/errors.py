@@ -68,6 +68,23 @@ class ServerError(CodestopError):
         self.upstream_status = upstream_status
 
 
+class UpstreamRejected(ServerError):
+    """The completions server refused a request as malformed (400, 413, 422): a value the client
+    sent that the server does not take (a tool_choice naming no tool, a schema it cannot compile,
+    a seed out of its range). The client's error: relayed as a 400 with the server's words."""
+
+    def __init__(self, message: str, upstream_status: int) -> None:
+        super().__init__(message, 400, upstream_status)
+
+
+class UpstreamUnauthorized(ServerError):
+    """The completions server refused the proxy's own credentials (401, 403): the operator's error,
+    which no client can fix, so a 502 (the gateway failed), never the client's 401."""
+
+    def __init__(self, message: str, upstream_status: int) -> None:
+        super().__init__(message, 502, upstream_status)
+
+
 class ServerUnreachable(ServerError):
     """The completions server cannot be reached, or dropped the connection for good."""
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 # llama.cpp's own HTTP server, started through xllamacpp (prebuilt wheels, no compiler needed)
 LAUNCH = """
 import sys, time, xllamacpp
-gguf, port, slots, n_ctx, ubatch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+gguf, port, slots, n_ctx, ubatch, api_key = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 p = xllamacpp.CommonParams()
 p.model.path = gguf
 p.port = port
@@ -37,6 +37,8 @@ p.cpuparams_batch.n_threads = 1
 p.endpoint_metrics = True
 if ubatch:
     p.n_ubatch = ubatch
+if api_key:
+    p.api_keys = [api_key]
 server = xllamacpp.Server(p)
 print("listening", server.listening_address, flush=True)
 while True:
@@ -63,10 +65,13 @@ def free_port() -> int:
 class LlamaServer:
     """A real llama.cpp server in a subprocess; ``kill`` and ``start`` again on the same port."""
 
-    def __init__(self, gguf: Path, slots: int = 4, n_ctx: int = 2048, port: int | None = None, ubatch: int = 0) -> None:
+    def __init__(self, gguf: Path, slots: int = 4, n_ctx: int = 2048, port: int | None = None, ubatch: int = 0,
+                 api_key: str = "") -> None:
         """``ubatch``: llama.cpp's n_ubatch (0: its default); 1 computes every token alone, so greedy
-        output no longer depends on what shares a batch or which slot's cache a request reuses."""
-        self.gguf, self.slots, self.n_ctx, self.ubatch = gguf, slots, n_ctx, ubatch
+        output no longer depends on what shares a batch or which slot's cache a request reuses.
+        ``api_key``: the key it demands (llama-server's ``--api-key``; its /health and /v1/models
+        stay open)."""
+        self.gguf, self.slots, self.n_ctx, self.ubatch, self.api_key = gguf, slots, n_ctx, ubatch, api_key
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -75,7 +80,7 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LlamaServer:
-        args = [sys.executable, "-c", LAUNCH, str(self.gguf), str(self.port), str(self.slots), str(self.n_ctx), str(self.ubatch)]
+        args = [sys.executable, "-c", LAUNCH, str(self.gguf), str(self.port), str(self.slots), str(self.n_ctx), str(self.ubatch), self.api_key]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -104,7 +109,8 @@ class FaultProxy:
     "hang" (never answer a completion); "hang_all" (never answer anything: a stopped server);
     "no_logprobs" (strip log-probabilities from answers); "slow" (a server making slow progress: each
     streamed line, and each token of a plain answer, ``delay`` seconds late, so a generation outlasts
-    a short timeout on any host however fast or loaded). ``seen``: every completion request's body."""
+    a short timeout on any host however fast or loaded). ``seen``: every completion request's body
+(the chat endpoint's included: the faults hit it too)."""
 
     def __init__(self, upstream: str, port: int | None = None) -> None:
         self.upstream = upstream
@@ -128,7 +134,7 @@ class FaultProxy:
             mode = self.mode
             if mode == "hang_all":
                 await asyncio.sleep(3600)
-            if path in ("v1/completions", "completion"):  # OpenAI-style and llama.cpp's native endpoint
+            if path in ("v1/completions", "completion", "v1/chat/completions"):  # OpenAI-style, llama.cpp's native, agents' chat
                 self.seen.append(body)
                 if mode == "reject_ids" and isinstance(body.get("prompt"), list):
                     return JSONResponse({"detail": [{"loc": ["body", "prompt"], "msg": "str type expected"}]}, 422)

@@ -304,11 +304,13 @@ def test_a_killed_replica_fails_only_its_sessions_and_rejoins_when_back(servers)
 
 def test_only_a_replica_at_fault_leaves_the_rotation():
     from codestop.engines.replicas import fails_replica
-    from codestop.errors import ServerTimeout
+    from codestop.errors import ServerTimeout, UpstreamRejected, UpstreamUnauthorized
 
     assert fails_replica(ServerUnreachable("refused"))
     assert fails_replica(ServerTimeout("silent"))  # 504: the server itself hangs
     assert fails_replica(ServerError("the completions server answered 503: busy", 502, 503))
     assert not fails_replica(ServerError("the completions server answered 400: bad request", 502, 400))
+    assert not fails_replica(UpstreamRejected("the completions server refused the request: it answered 400: bad request", 400))
+    assert not fails_replica(UpstreamUnauthorized("the completions server refused the proxy's credentials (401)", 401))
     assert not fails_replica(ServerError("too many", 429))
     assert not fails_replica(CodestopError("not a server error"))

@@ -27,7 +27,7 @@ from test_serve import InProcessProxy
 from codestop.engines.server import ServerEngine
 from codestop.engines.server.dialects import VLLM
 from codestop.families import FAMILIES
-from codestop.serve.agents import continuation
+from codestop.serve.upstream_chat import continuation
 
 pytestmark = pytest.mark.slow
 
@@ -190,6 +190,25 @@ def test_fields_still_not_honoured_keep_their_400(proxy):
     assert r.status_code == 400 and r.json()["error"]["code"] == "upstream_rejected", r.text
 
 
+def test_an_upstreams_400_is_the_clients_error_on_every_path(proxy):
+    """vLLM takes a seed in int64 only, which the proxy does not check: its 400 comes back as the
+    client's, in vLLM's words, whichever path sent it (the reasoning's completions, streamed or
+    not; the agents' chat), never a 502 as if the upstream were down."""
+    seed = 2**63  # one past int64
+    cases = {
+        "chat": ("/v1/chat/completions", {"messages": ASK_WEATHER}),
+        "streamed chat": ("/v1/chat/completions", {"messages": ASK_WEATHER, "stream": True}),
+        "completion": ("/v1/completions", {"prompt": "Hello"}),
+        "agent's chat": ("/v1/chat/completions", {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": CALL_WEATHER}),
+        "agent's streamed chat": ("/v1/chat/completions", {"messages": ASK_WEATHER, "response_format": PERSON_FORMAT, "stream": True}),
+    }
+    for what, (path, body) in cases.items():
+        r = httpx.post(proxy.url + path, json={"model": proxy.model, "max_tokens": 4, "seed": seed, **body}, timeout=120)
+        error = r.json()["error"]
+        assert (r.status_code, error["type"], error["code"]) == (400, "invalid_request_error", "upstream_rejected"), (what, r.text)
+        assert "refused the request: it answered 400" in error["message"] and "seed" in error["message"], (what, r.text)
+
+
 def test_an_engine_without_a_chat_endpoint_refuses_agents_requests(toy_tokenizer):
     """In-process engines have no upstream chat endpoint to parse tool calls or enforce a format:
     a 400 naming the field, before anything runs."""
@@ -226,21 +245,52 @@ def test_llama_cpp_answers_a_plain_models_agent_request_and_refuses_to_continue_
         p.stop()
 
 
+def test_the_answer_phase_is_sent_as_every_upstream_request_is(llama):
+    """The agents' chat request goes through the engine's request path: an upstream's 503 is
+    retried (counted in codestop_upstream_retries_total), as every request is (its place in the
+    proxy's limit: test_server_engine.py's test_a_chat_request_holds_a_place_in_the_limit...)."""
+    from llama_servers import FaultProxy
+
+    fault = FaultProxy(llama.url)
+    p = InProcessProxy(ServerEngine.connect(fault.url + "/v1", backoff=0.05))
+    p.model = p.client().models.list().data[0].id
+    try:
+        fault.mode = "status_once"  # one 503, then the real answer
+        r = chat(p, ASK_PERSON, response_format=PERSON_FORMAT, max_tokens=40)
+        assert set(json.loads(r.choices[0].message.content)) == {"name", "age"}
+        assert [b.get("response_format") for b in fault.seen] == [PERSON_FORMAT] * 2  # the chat request, sent again
+        assert "codestop_upstream_retries_total 1.0" in p.metrics().splitlines()
+    finally:
+        p.stop()
+        fault.stop()
+
+
 def test_replicas_answer_an_agents_request_through_one_replicas_chat_endpoint(llama, smollm2_path):
+    """One chat request, to one replica (the first of equals); a replica that fails before
+    answering leaves the rotation and the next one answers."""
     from llama_servers import LlamaServer
 
     from codestop.engines.replicas import ReplicaEngine
 
     other = LlamaServer(smollm2_path, slots=1).start()
-    p = InProcessProxy(ReplicaEngine.connect([llama.url + "/v1", other.url + "/v1"], backoff=0.05))
+    p = InProcessProxy(ReplicaEngine.connect([other.url + "/v1", llama.url + "/v1"], backoff=0.05))
     p.model = p.client().models.list().data[0].id
+
+    def chats() -> dict[str, str]:
+        return {line.split('replica="')[1].split('"')[0]: line.rsplit(" ", 1)[1] for line in p.metrics().splitlines()
+                if line.startswith("codestop_upstream_requests_total{") and 'kind="chat"' in line}
+
     try:
         r = chat(p, ASK_PERSON, response_format=PERSON_FORMAT, max_tokens=40)
         person = json.loads(r.choices[0].message.content)
         assert set(person) == {"name", "age"} and type(person["age"]) is int
-        chats = [line for line in p.metrics().splitlines()
-                 if line.startswith("codestop_upstream_requests_total{") and 'kind="chat"' in line]
-        assert len(chats) == 1 and chats[0].endswith(" 1.0") and "replica=" in chats[0], chats  # one request, to one replica
+        assert chats() == {other.url: "1.0"}  # one request, to one replica
+        other.kill()
+        r = chat(p, ASK_PERSON, response_format=PERSON_FORMAT, max_tokens=40)
+        assert set(json.loads(r.choices[0].message.content)) == {"name", "age"}
+        assert chats()[llama.url] == "1.0"  # the one still up answered
+        health = httpx.get(p.url + "/health").json()
+        assert [r["healthy"] for r in health["replicas"]] == [False, True], health
     finally:
         p.stop()
         other.kill()

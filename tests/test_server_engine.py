@@ -16,6 +16,7 @@ import itertools
 import json
 import threading
 import time
+from contextlib import aclosing
 
 import httpx
 import pytest
@@ -28,7 +29,7 @@ from codestop.api import agenerate_question
 from codestop.cli import build_parser
 from codestop.cli.options import engine_from_args
 from codestop.engines.server import HFTokens, ServerEngine, ServerOptions, Upstream, dialect_for, parse_choice, parse_logprobs
-from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerBusy, ServerError, ServerTimeout
+from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerBusy, ServerError, ServerTimeout, UpstreamRejected
 from codestop.sampling import Sampling
 from codestop.steps import IncrementalDecoder, StepRules, closing_brace_index
 
@@ -260,8 +261,9 @@ async def one_step(eng: ServerEngine, prompt: list[int]):
 def test_a_400_for_token_ids_switches_to_text_only_when_text_works():
     calls: list = []
     eng, tok = toy_engine(scripted_server(reject_ids=True, reject_text=True, calls=calls))
-    with pytest.raises(ServerError, match="answered 400: bad request: max_tokens too large"):
+    with pytest.raises(UpstreamRejected, match="refused the request: it answered 400: bad request: max_tokens too large") as refused:
         run(one_step(eng, tok.ids("hi")))
+    assert refused.value.status == 400  # the server's words, relayed as the client's error
     assert not eng.transport.text_prompts and eng.transport.stats.text_fallbacks == 0  # an ordinary 400 switches nothing
     assert [type(c["prompt"]) for c in calls] == [list, str]  # the same request, tried once as text
 
@@ -664,3 +666,31 @@ def test_the_command_line_names_an_option_the_engine_does_not_take():
     args = build_parser().parse_args(["run", "q", "--base-url", "http://up/v1", "--threads", "2"])
     with pytest.raises(CodestopError, match=r"^threads: unknown option of the server engine; it takes base_url, model"):
         engine_from_args(args)
+
+
+def test_a_chat_request_holds_a_place_in_the_limit_and_reads_the_servers_sse(llama):
+    """ServerEngine.chat (agents' answer phase) is sent as every request is: an open stream holds
+    one of the ``concurrency`` places, so a second request waits for it and, past
+    ``queue_timeout``, is turned away (503); the stream's events are the server's JSON payloads
+    up to its usage, a plain answer its JSON."""
+    eng = ServerEngine.connect(llama.url + "/v1", concurrency=1, queue_timeout=5)  # room for a plain answer on a busy host
+    messages = [{"role": "user", "content": "Count from one to fifty in words."}]
+
+    async def plain(max_tokens: int) -> dict:
+        async with aclosing(eng.chat(messages, "", {"max_tokens": max_tokens}, Sampling(temperature=0), stream=False)) as answers:
+            return await anext(answers)
+
+    async def go():
+        streamed = eng.chat(messages, "", {"max_tokens": 20}, Sampling(temperature=0), stream=True)
+        first = await anext(streamed)  # the stream is open: its place is taken
+        assert first["object"] == "chat.completion.chunk"
+        with pytest.raises(ServerBusy, match="all 1 of its places"):
+            await plain(4)
+        rest = [payload async for payload in streamed]
+        assert rest[-1]["usage"]["completion_tokens"] >= 1 and rest[-1]["choices"] == []  # include_usage, then [DONE]
+        answer = await plain(4)  # the place is free again
+        assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] == 4
+        await eng.aclose()
+
+    run(go())
+    assert eng.counters()["upstream_requests"]["chat"] == 2  # the one turned away never reached the server

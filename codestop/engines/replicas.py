@@ -4,6 +4,8 @@ Each question stays on one replica: :meth:`ReplicaEngine.start` picks the health
 the fewest sessions in flight (ties: the first) and every request of that session (steps, probes,
 the answer) goes there, so its growing prefix is prefilled once and then read from that replica's
 prefix cache. Spreading a session's requests over replicas would prefill the prefix again on each.
+An agent's answer phase (:meth:`ReplicaEngine.chat`, one request to a chat endpoint) goes to the
+healthy replica with the fewest requests in flight.
 
 A replica that fails (unreachable, a timeout, a 5xx) is taken out of rotation for new sessions;
 the sessions it was running fail with their usual error. It is health-checked again at most every
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from codestop.engines.base import CounterKey, Engine, ProbeOutput, Session, StepOutput
-from codestop.engines.server import HFTokens, RemoteTokens, ServerEngine
+from codestop.engines.server import Dialect, HFTokens, RemoteTokens, ServerEngine
 from codestop.errors import CodestopError, ServerError, ServerTimeout, ServerUnreachable
 from codestop.sampling import Sampling
 from codestop.steps import StepRules
@@ -213,10 +215,7 @@ class ReplicaEngine(Engine):
         await self.ready()
         self.check_prompt(prompt_ids)
         while True:
-            healthy = [r for r in self.replicas if r.healthy]
-            if not healthy:
-                raise self._unavailable()
-            r = min(healthy, key=lambda r: r.in_flight)  # min keeps the first of equals
+            r = self._least_busy()
             r.in_flight += 1  # before any await: concurrent starts see it
             try:
                 inner = await r.engine.start(prompt_ids, sampling, live=live)
@@ -231,6 +230,36 @@ class ReplicaEngine(Engine):
                 raise
             r.sessions += 1
             return ReplicaSession(inner, self, r)
+
+    def _least_busy(self) -> Replica:
+        """The healthy replica with the fewest requests in flight (ties: the first)."""
+        healthy = [r for r in self.replicas if r.healthy]
+        if not healthy:
+            raise self._unavailable()
+        return min(healthy, key=lambda r: r.in_flight)  # min keeps the first of equals
+
+    async def chat(self, messages: list[dict[str, Any]], prefix: str, fields: dict[str, Any], sampling: Sampling, *,
+                   stream: bool, started: bool = False) -> AsyncGenerator[dict[str, Any], None]:
+        """One chat request (:meth:`ServerEngine.chat`) on the healthy replica with the fewest
+        requests in flight; one that fails before its first payload is taken out of rotation and
+        the next one asked, as :meth:`start` does."""
+        await self.ready()
+        while True:
+            r = self._least_busy()
+            r.in_flight += 1
+            answered = False
+            try:
+                async with aclosing(r.engine.chat(messages, prefix, fields, sampling, stream=stream, started=started)) as payloads:
+                    async for payload in payloads:
+                        answered = True
+                        yield payload
+                return
+            except ServerError as err:
+                self._failed(r, err)
+                if answered or not fails_replica(err):
+                    raise
+            finally:
+                r.in_flight -= 1
 
     async def health(self) -> dict[str, Any]:
         """Every replica checked now: ``replicas`` lists url, healthy, in_flight, sessions and the
@@ -312,6 +341,11 @@ class ReplicaEngine(Engine):
 
     def model_info(self) -> dict[str, Any]:
         return self._order()[0].engine.model_info()
+
+    @property
+    def dialect(self) -> Dialect:
+        """The first healthy replica's server kind (the replicas serve one model, on one kind)."""
+        return self._order()[0].engine.dialect
 
     def default_sampling(self) -> Sampling:
         return self.replicas[0].engine.default_sampling()

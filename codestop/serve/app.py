@@ -29,7 +29,7 @@ from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError, ServerBusy, is_integer, redact, redact_logs, register_secret, require
 from codestop.policy_file import PolicyFile
-from codestop.serve import agents
+from codestop.serve import upstream_chat
 from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
 from codestop.serve.metrics import CountRequests, Metrics
 from codestop.serve.protocol import ChatRequest, RequestError, error_body, error_for, parse_request
@@ -263,9 +263,9 @@ async def answer(s: Served, request: Any, chat: bool) -> Any:
     prep = await prepare(body, engine, s.defaults)
     if isinstance(body, ChatRequest) and body.agent:  # tools, a response format: the upstream's chat answers
         if not prep.stream:
-            return JSONResponse(await unless_disconnected(request, agents.complete(engine, body, prep, s.metrics)))
-        chunks = agents.stream(engine, body, prep, s.metrics, request.state)
-        opening = await unless_disconnected(request, agents.first(chunks))
+            return JSONResponse(await unless_disconnected(request, upstream_chat.complete(engine, body, prep, s.metrics)))
+        chunks = upstream_chat.stream(engine, body, prep, s.metrics, request.state)
+        opening = await unless_disconnected(request, upstream_chat.first(chunks))
         request.state.outcome = 499  # until the body is sent to its end
         return event_stream(chain([opening], chunks), chunks)
     shadowed = s.shadow is not None and s.shadow.chosen()

@@ -11,7 +11,7 @@ Every field is honoured, harmless, or refused with a 400 naming it, never accept
 unknown field is ``unknown_parameter``; an OpenAI field the proxy cannot honour (``n > 1``,
 ``logprobs``, ...) is accepted at its neutral value (what the official clients send when nothing is
 asked) and else ``unsupported_parameter``. A chat request's agent fields (``AGENT_FIELDS``: tools,
-a response format) are honoured by :mod:`codestop.serve.agents`; a raw completion still refuses them.
+a response format) are honoured by :mod:`codestop.serve.upstream_chat`; a raw completion still refuses them.
 """
 
 # no "from __future__ import annotations": pydantic reads the fields' annotations at runtime
@@ -19,7 +19,7 @@ from typing import Any, ClassVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerBusy, ServerError, redact, require
+from codestop.errors import CodestopError, ContextTooLong, ParameterError, ServerBusy, ServerError, UpstreamRejected, UpstreamUnauthorized, redact, require
 
 MAX_STOPS = 4  # as OpenAI's API
 ROLES = ("system", "user", "assistant", "developer", "tool")  # the message roles a request may use
@@ -27,7 +27,7 @@ ROLES = ("system", "user", "assistant", "developer", "tool")  # the message role
 OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
                  "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "stop": "stop"}
 # A chat request's fields for agents, passed to the upstream's chat endpoint for the answer phase
-# (codestop/serve/agents.py); refused on /v1/completions like the fields below.
+# (codestop/serve/upstream_chat.py); refused on /v1/completions like the fields below.
 AGENT_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 TOOL_CHOICES = ("none", "auto", "required")
@@ -91,9 +91,13 @@ def error_for(exc: BaseException, prompt_param: str = "messages", where: str = "
         return 400, error_body(str(exc), "invalid_request_error", exc.param, getattr(exc, "code", None))
     if isinstance(exc, ContextTooLong):
         return 400, error_body(str(exc), "invalid_request_error", prompt_param, "context_length_exceeded")
+    if isinstance(exc, UpstreamRejected):  # the client's request, refused by the upstream in its words
+        return exc.status, error_body(str(exc), "invalid_request_error", None, "upstream_rejected")
     if isinstance(exc, ServerError):
         if isinstance(exc, ServerBusy):
             return exc.status, error_body(str(exc), "upstream_error", None, "busy")
+        if isinstance(exc, UpstreamUnauthorized):  # the proxy's own key: the operator's to fix
+            return exc.status, error_body(str(exc), "upstream_error", None, "upstream_unauthorized")
         code = {503: "upstream_not_ready", 504: "upstream_timeout"}.get(exc.status, "upstream_unavailable")
         return exc.status, error_body(str(exc), "upstream_error", None, code)
     if isinstance(exc, CodestopError):
@@ -266,7 +270,7 @@ class ChatRequest(OpenAIRequest):
     @property
     def agent(self) -> bool:
         """Whether the answer phase goes to the upstream's chat endpoint: tools to call, or a
-        response format other than text (codestop/serve/agents.py)."""
+        response format other than text (codestop/serve/upstream_chat.py)."""
         fmt = self.response_format
         return bool(self.tools) or (fmt is not None and fmt.get("type") != "text")
 

@@ -354,30 +354,12 @@ def finish_reason_of(result: Result, config: GenerationConfig) -> str:
     return "stop"
 
 
-def _sse(payload: dict[str, Any]) -> str:
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event."""
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-class _Deltas:
-    """A stream's text chunks as SSE, byte for byte ``_sse(_chunk(prep, {where: text}))``: the
-    chunk around the text is encoded once per section, only the text per chunk (the hot path)."""
-
-    MARK = "\u0000"  # JSON writes it as an escape, which no other part of the chunk holds
-
-    def __init__(self, prep: Prepared) -> None:
-        self.prep = prep
-        self.around: dict[str, list[str]] = {}
-
-    def __call__(self, where: str, text: str) -> str:
-        around = self.around.get(where)
-        if around is None:
-            around = self.around[where] = _sse(_chunk(self.prep, {where: self.MARK})).split(json.dumps(self.MARK))
-        if len(around) != 2:  # the mark elsewhere too (a model name holding it): the whole chunk
-            return _sse(_chunk(self.prep, {where: text}))
-        return around[0] + json.dumps(text, ensure_ascii=False) + around[1]
-
-
-def _chunk(prep: Prepared, delta: dict[str, str] | None, finish: str | None = None) -> dict[str, Any]:
+def chunk(prep: Prepared, delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
     """A stream chunk: a delta (with its finish reason), or with ``delta`` None a chunk with no
     choice (the usage chunk)."""
     head = {"id": prep.rid, "object": "chat.completion.chunk" if prep.chat else "text_completion",
@@ -388,6 +370,61 @@ def _chunk(prep: Prepared, delta: dict[str, str] | None, finish: str | None = No
         return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     text = delta.get("content", "") + delta.get("reasoning_content", "")
     return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+class SSEWriter:
+    """The one writer of a streamed answer's SSE, for every kind of answer: the chat role chunk
+    with the first output (or the end), the deltas, then the end (the finish chunk, the usage in a
+    chunk of its own when asked for with ``stream_options.include_usage``, ``[DONE]``) or an error
+    event. Each call returns the text to send; nothing is sent before the first output, so a
+    failure before it can still be an HTTP error (``started`` says whether it was)."""
+
+    MARK = "\u0000"  # JSON writes it as an escape, which no other part of a chunk holds
+
+    def __init__(self, prep: Prepared) -> None:
+        self.prep = prep
+        self.started = False
+        self.around: dict[str, list[str]] = {}  # a text delta's chunk, split where its text goes
+
+    def _opening(self) -> str:
+        if self.started:
+            return ""
+        self.started = True
+        return sse(chunk(self.prep, {"role": "assistant", "content": ""})) if self.prep.chat else ""
+
+    def texts(self, pieces: Sequence[tuple[str, str]]) -> str:
+        """Text deltas (``reasoning_content`` or ``content``, what a :class:`Splitter` routes), byte
+        for byte ``sse(chunk(prep, {where: text}))`` each: the chunk around the text is encoded once
+        per section, only the text per delta (the hot path); "" for none."""
+        out = "".join(self._text(where, text) for where, text in pieces)
+        return self._opening() + out if out else ""
+
+    def _text(self, where: str, text: str) -> str:
+        around = self.around.get(where)
+        if around is None:
+            around = self.around[where] = sse(chunk(self.prep, {where: self.MARK})).split(json.dumps(self.MARK))
+        if len(around) != 2:  # the mark elsewhere too (a model name holding it): the whole chunk
+            return sse(chunk(self.prep, {where: text}))
+        return around[0] + json.dumps(text, ensure_ascii=False) + around[1]
+
+    def delta(self, delta: dict[str, Any]) -> str:
+        """Any other delta (an upstream's ``tool_calls``)."""
+        return self._opening() + sse(chunk(self.prep, delta))
+
+    def end(self, finish: str, result: Result) -> str:
+        """The stream's end: the finish reason, the usage when asked for, ``[DONE]``."""
+        out = self._opening() + sse(chunk(self.prep, {}, finish))
+        if self.prep.include_usage:
+            out += sse({**chunk(self.prep, None), "usage": usage_of(result, self.prep.family)})
+        return out + "data: [DONE]\n\n"
+
+    def error(self, exc: Exception, state: Any) -> str:
+        """A failure after the status line was sent, as the stream's last event; ``state.outcome``
+        the status it would have had."""
+        state.outcome, payload = error_for(exc, "messages" if self.prep.chat else "prompt")
+        if state.outcome == 500:
+            log.exception("answer failed mid-stream")
+        return self._opening() + sse(payload)
 
 
 def full_response(result: Result, prep: Prepared) -> dict[str, Any]:
@@ -407,35 +444,23 @@ def full_response(result: Result, prep: Prepared) -> dict[str, Any]:
 async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGenerator[Event | Result, None],
                      metrics: Metrics, state: Any) -> AsyncGenerator[str, None]:
     """The SSE chunks of one streamed answer: ``head`` (already pulled), then the rest of
-    ``stream``; the usage, when asked for (``stream_options.include_usage``), in a last chunk of
-    its own. A failure after the first byte ends the stream with an error event."""
+    ``stream``. A failure after the first byte ends the stream with an error event. What one
+    event gives goes in one write: each write to the client is a system call."""
     splitter = Splitter(prep.family, prep.chat)
-    delta = _Deltas(prep)
-    # the role chunk goes out with the first text (already pulled: no wait), and what one event
-    # gives in one write: each write to the client is a system call
-    opening = _sse(_chunk(prep, {"role": "assistant", "content": ""})) if prep.chat else ""
+    writer = SSEWriter(prep)
     async with aclosing(stream):
         try:
             async for item in chain(head, stream):
                 if isinstance(item, Result):
-                    out = opening + "".join(delta(where, piece) for where, piece in splitter.flush())
-                    out += _sse(_chunk(prep, {}, finish_reason_of(item, prep.config)))
-                    if prep.include_usage:
-                        out += _sse({**_chunk(prep, None), "usage": usage_of(item, prep.family)})
+                    out = writer.texts(splitter.flush()) + writer.end(finish_reason_of(item, prep.config), item)
                     metrics.count_result(item)
-                    opening = ""
-                    yield out + "data: [DONE]\n\n"
+                    yield out
                     state.outcome = 200
                 elif item.kind in ("reasoning", "answer"):
-                    if out := "".join(delta(where, piece) for where, piece in splitter.feed(item.kind, item.text)):
-                        out, opening = opening + out, ""
+                    if out := writer.texts(splitter.feed(item.kind, item.text)):
                         yield out
         except Exception as exc:  # the status line is sent: the error goes in the stream
-            state.outcome, payload = error_for(exc, "messages" if prep.chat else "prompt")
-            if state.outcome == 500:
-                log.exception("answer failed mid-stream")
-            out, opening = opening + _sse(payload), ""
-            yield out
+            yield writer.error(exc, state)
 
 
 async def chain(head: list[T], rest: AsyncIterator[T]) -> AsyncGenerator[T, None]:

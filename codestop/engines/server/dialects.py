@@ -50,7 +50,7 @@ import httpx
 from codestop.engines.server.transport import COMPLETIONS, Chunk, parse_choice, parse_native
 from codestop.sampling import Sampling
 
-CHAT = "/v1/chat/completions"  # agents' answer phase (codestop/serve/agents.py)
+CHAT = "/v1/chat/completions"  # agents' answer phase (ServerEngine.chat, codestop/serve/upstream_chat.py)
 # most tokens one plain request asks for: a plain answer is silent until done, so this keeps it
 # well inside ``timeout`` on any working server (a longer step continues with another request)
 PLAIN_REQUEST_TOKENS = 256

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from codestop.engines.base import CounterKey, Engine
-from codestop.engines.server.dialects import GENERIC, Request
+from codestop.engines.server.dialects import CHAT, GENERIC, Request
 from codestop.engines.server.discovery import Upstream, api_key_from_env, discover, load_tokenizer
 from codestop.engines.server.options import ServerOptions
 from codestop.engines.server.session import ServerSession
@@ -295,6 +295,21 @@ class ServerEngine(Engine):
             return self.transport.stream(prompt_ids, kind, fields, slot, started)
         return _once(self.transport.complete(request.path, prompt_ids, kind, fields, request.parse, slot, started))
 
+    def chat(self, messages: list[dict[str, Any]], prefix: str, fields: dict[str, Any], sampling: Sampling, *,
+             stream: bool, started: bool = False) -> AsyncGenerator[dict[str, Any], None]:
+        """One request to the server's chat endpoint (the answer phase of agents' requests): the
+        dialect's body (:meth:`Dialect.chat_body`, continuing the assistant's ``prefix`` unless it
+        is empty) with ``fields`` and ``sampling``, sent as every request is (the limit, retries,
+        the server's silence, :meth:`Transport.payloads`): the answer's JSON, or with ``stream``
+        each event's payload. ``started``: the client has received tokens (its request goes first,
+        see :class:`~codestop.engines.server.waiting.Limit`)."""
+        self._require_connected()
+        body = self.dialect.chat_body(self.model_name, messages, prefix, {**self.dialect.sampling_fields(sampling), **fields})
+        if body is None:
+            raise CodestopError(f"the upstream ({self.dialect.name}) cannot continue a message in its chat endpoint "
+                                "(vLLM and SGLang can)")
+        return self.transport.payloads(CHAT, "chat", body, stream, started)
+
     # -- sessions, health, counters, closing -------------------------------------------------------
     async def start(self, prompt_ids: Sequence[int], sampling: Sampling, *, live: bool = False) -> ServerSession:
         await self.ready()
@@ -327,7 +342,7 @@ class ServerEngine(Engine):
         return {**out, "ok": True, "upstream": "ok", "models": list(self.served_models)}
 
     def counters(self) -> dict[str, dict[CounterKey, float]]:
-        """Requests sent upstream by kind ("step", "answer", "probe", "tokenizer"), retries, and
+        """Requests sent upstream by kind ("step", "answer", "probe", "chat", "tokenizer"), retries, and
         switches to text prompts."""
         stats = self.transport.stats
         kinds: dict[CounterKey, float] = {k: float(n) for k, n in stats.by_kind.items()}

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from codestop.engines.server.dialects import GENERIC, Dialect, Route
-from codestop.engines.server.transport import timeout_error
+from codestop.engines.server.transport import timeout_error, upstream_error
 from codestop.errors import CodestopError, ServerError, ServerUnreachable
 
 _MISSING = object()
@@ -50,6 +50,11 @@ class RemoteTokens:
         return [chosen] if chosen else self.dialect.tokenizer_routes(kind)
 
     def _answer(self, kind: str, route: Route, r: httpx.Response) -> Any:
+        """The answer's value; ``_MISSING`` where the route is not this server's (while the routes
+        are tried). An error from the route that answered before, or a refused key on any, is
+        the upstream's error (:func:`upstream_error`), not a missing route."""
+        if r.status_code != 200 and (r.status_code in (401, 403) or self._routes.get(kind) == route):
+            raise upstream_error(r, self.root)
         if r.status_code == 200:
             try:
                 data = r.json()

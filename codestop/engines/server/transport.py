@@ -30,7 +30,7 @@ import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, nullcontext, suppress
+from contextlib import aclosing, asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +39,11 @@ import httpx
 from codestop.engines.server.options import ServerOptions
 from codestop.engines.server.stopping import close_response
 from codestop.engines.server.waiting import BUSY_RETRY_AFTER_S, PING, Heed, Limit
-from codestop.errors import ContextTooLong, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, redact
+from codestop.errors import ContextTooLong, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, UpstreamRejected, UpstreamUnauthorized, redact
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BUSY_STATUSES = frozenset({429, 503})  # the server's own "not now": relayed as such, with Retry-After
+MALFORMED_STATUSES = frozenset({400, 413, 422})  # the server's "this request is wrong": the client's error
 COMPLETIONS = "/v1/completions"
 
 
@@ -203,6 +204,26 @@ def _error_text(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+def upstream_error(response: httpx.Response, where: str, attempts: int = 1) -> ServerError | ContextTooLong:
+    """The one mapping of a server's error answer (after ``attempts`` tries) to the error the proxy
+    answers with: its key refused (the operator's: a 502 that says so), a prompt over the window,
+    busy after every retry (429/503 with ``Retry-After``), a request it calls malformed (the
+    client's: a 400 in its words), anything else a 502."""
+    status, message = response.status_code, error_message(response)
+    if status in (401, 403):
+        return UpstreamUnauthorized(f"the completions server at {where} refused the proxy's credentials ({status}: {message}); "
+                                    "the operator must fix its key (--api-key, $CODESTOP_UPSTREAM_API_KEY)", status)
+    if mentions_context(message):
+        return ContextTooLong(f"the completions server says: {message}")
+    if status in BUSY_STATUSES:
+        after = response.headers.get("retry-after", "")
+        return ServerBusy(f"the completions server is busy: it answered {status} {attempts} time{'s' * (attempts > 1)}: "
+                          f"{message}; retry later", status, int(after) if after.isdigit() else BUSY_RETRY_AFTER_S, status)
+    if status in MALFORMED_STATUSES:
+        return UpstreamRejected(f"the completions server refused the request: it answered {status}: {message}", status)
+    return ServerError(f"the completions server answered {status}: {message}", 502, status)
+
+
 def timeout_error(where: str, timeout: httpx.Timeout, err: httpx.TimeoutException) -> ServerTimeout:
     """The one error for a server that stays silent: 504, whichever call noticed it."""
     if isinstance(err, httpx.ConnectTimeout):
@@ -327,30 +348,22 @@ class Transport:
         )
 
     def _raise_for(self, response: httpx.Response) -> None:
-        message = error_message(response)
-        if response.status_code in (401, 403):
-            raise ServerError(f"the completions server refused the API key ({response.status_code}): {message}", 502, response.status_code)
-        if mentions_context(message):
-            raise ContextTooLong(f"the completions server says: {message}")
-        if response.status_code in BUSY_STATUSES:
-            after = response.headers.get("retry-after", "")
-            raise ServerBusy(f"the completions server is busy: it answered {response.status_code} "
-                             f"{self.options.retries + 1} times: {message}; retry later", response.status_code,
-                             int(after) if after.isdigit() else BUSY_RETRY_AFTER_S, response.status_code)
-        raise ServerError(f"the completions server answered {response.status_code}: {message}", 502, response.status_code)
+        raise upstream_error(response, self.base_url, self.options.retries + 1)
 
-    async def _send(self, client: httpx.AsyncClient, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any],
-                    stream: bool) -> httpx.Response:
+    async def _send(self, client: httpx.AsyncClient, path: str, prompt_ids: Sequence[int] | None, kind: str,
+                    fields: dict[str, Any], stream: bool) -> httpx.Response:
         """Send one request until a 200 answer: 429/5xx and connection errors are retried with
         backoff. A 400/422 for a token-id prompt, while token ids never worked here, is re-sent
         once as text; only if that works does the engine switch to text prompts (llama-cpp-python
-        takes no token ids), else the server's first error is raised."""
+        takes no token ids), else the server's first error is raised. ``prompt_ids`` None: a
+        request whose ``fields`` are its whole body (a chat request)."""
         attempt = 0
-        as_text = self.text_prompts
+        as_text = self.text_prompts and prompt_ids is not None
         rejected: httpx.Response | None = None
         while True:
-            prompt = await self.as_text(prompt_ids) if as_text else list(prompt_ids)
-            body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
+            body = {k: v for k, v in fields.items() if v is not None}
+            if prompt_ids is not None:
+                body = {"prompt": await self.as_text(prompt_ids) if as_text else list(prompt_ids), **body}
             self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
             request = client.build_request("POST", self.base_url + path, json=body, timeout=self.waiting)
             try:
@@ -364,6 +377,8 @@ class Transport:
                 attempt += 1
                 continue
             if response.status_code == 200:
+                if prompt_ids is None:
+                    return response
                 if not as_text:
                     self._ids_confirmed = True
                 elif not self.text_prompts and not self._ids_confirmed:
@@ -377,15 +392,15 @@ class Transport:
                 attempt += 1
                 continue
             if (
-                rejected is None and not as_text and not self._ids_confirmed and response.status_code in (400, 422)
-                and not mentions_context(error_message(response))
+                prompt_ids is not None and rejected is None and not as_text and not self._ids_confirmed
+                and response.status_code in (400, 422) and not mentions_context(error_message(response))
             ):
                 rejected, as_text = response, True
                 continue
             self._raise_for(rejected or response)
 
     @asynccontextmanager
-    async def _post(self, path: str, prompt_ids: Sequence[int], kind: str, fields: dict[str, Any], stream: bool,
+    async def _post(self, path: str, prompt_ids: Sequence[int] | None, kind: str, fields: dict[str, Any], stream: bool,
                     slot: bool = True, started: bool = False) -> AsyncIterator[httpx.Response]:
         """One request (see :meth:`_send`), holding a slot of the concurrency limit until closed;
         ``slot`` False: the session already holds one (a probe beside its own running stream, which
@@ -414,59 +429,85 @@ class Transport:
         Closing the generator closes the connection, which aborts the request on the server; a
         connection broken mid-stream raises (the session resumes from what it kept)."""
         async with self._post(COMPLETIONS, prompt_ids, kind, {**fields, "stream": True}, stream=True, slot=slot,
-                              started=started) as response:
-            body = response.aiter_bytes()
-            text = codecs.getincrementaldecoder("utf-8")()
-            rest = ""
-            finished = False  # the server said it is done (a finish reason): what is left of the body is its end
-            heed = Heed(self)
-            try:
-                while (raw := await heed(anext(body, None))) is not None:
-                    rest += text.decode(raw)
-                    if "\r" in rest:
-                        rest = rest.replace("\r\n", "\n")  # SSE's other line end
-                    *events, rest = rest.split("\n\n")
-                    chunks, done, failed = self._read_events(events)
-                    if chunks:  # what came before the end (or an error event) is read first
-                        merged = merge(chunks)
-                        finished = finished or merged.finish is not None
-                        yield merged
-                    if failed is not None:
-                        raise failed
-                    if done:
-                        finished = True
-                        return
-                # the body ended without the blank line after its last event
-                chunks, _, failed = self._read_events([rest + text.decode(b"", final=True)])
-                if chunks:
-                    yield merge(chunks)
+                              started=started) as response, aclosing(self._events(response)) as reads:
+            async for payloads in reads:
+                yield merge([parse_choice(p) for p in payloads])
+
+    async def payloads(self, path: str, kind: str, body: dict[str, Any], stream: bool,
+                       started: bool = False) -> AsyncGenerator[dict[str, Any], None]:
+        """One request whose ``body`` is all of it (a chat request), on the path every request
+        takes (the limit, retries, the server's silence): its answer's JSON, or with ``stream``
+        each event's payload. Closing the generator closes the connection."""
+        if stream:
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with self._post(path, None, kind, body, stream=stream, started=started) as response:
+            if not stream:
+                data = parse_json(response.content, self.base_url)
+                if not isinstance(data, dict):
+                    raise ServerError(f"the completions server at {self.base_url} answered {redact(repr(data))[:200]}, not an object")
+                yield data
+                return
+            async with aclosing(self._events(response)) as reads:
+                async for read in reads:
+                    for payload in read:
+                        yield payload
+
+    async def _events(self, response: httpx.Response) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """The one reader of a server's SSE: the JSON payloads of the events each read from the
+        connection brought, up to ``[DONE]``; an error event raises once the payloads before it
+        are given. Each wait for a byte is heeded (:class:`Heed`)."""
+        body = response.aiter_bytes()
+        text = codecs.getincrementaldecoder("utf-8")()
+        rest = ""
+        finished = False  # the server said it is done (a finish reason): what is left of the body is its end
+        heed = Heed(self)
+        try:
+            while (raw := await heed(anext(body, None))) is not None:
+                rest += text.decode(raw)
+                if "\r" in rest:
+                    rest = rest.replace("\r\n", "\n")  # SSE's other line end
+                *events, rest = rest.split("\n\n")
+                payloads, done, failed = self._read_events(events)
+                if payloads:  # what came before the end (or an error event) is read first
+                    finished = finished or any(c.get("finish_reason") for p in payloads for c in p.get("choices") or ())
+                    yield payloads
                 if failed is not None:
                     raise failed
-            finally:
-                if finished:
-                    # closed after the server said it is done: read the body's end ([DONE], which
-                    # follows at once), so the connection is kept for the next request, not closed
-                    with suppress(httpx.HTTPError):
-                        async for _ in body:
-                            pass
+                if done:
+                    finished = True
+                    return
+            # the body ended without the blank line after its last event
+            payloads, _, failed = self._read_events([rest + text.decode(b"", final=True)])
+            if payloads:
+                yield payloads
+            if failed is not None:
+                raise failed
+        finally:
+            if finished:
+                # closed after the server said it is done: read the body's end ([DONE], which
+                # follows at once), so the connection is kept for the next request, not closed
+                with suppress(httpx.HTTPError):
+                    async for _ in body:
+                        pass
 
-    def _read_events(self, events: list[str]) -> tuple[list[Chunk], bool, ServerError | ContextTooLong | None]:
-        """The chunks of server-sent ``events`` up to ``[DONE]``; whether it came; the error an
-        error event raised (the chunks before it are still read)."""
-        chunks: list[Chunk] = []
+    def _read_events(self, events: list[str]) -> tuple[list[dict[str, Any]], bool, ServerError | ContextTooLong | None]:
+        """The payloads of server-sent ``events`` up to ``[DONE]``; whether it came; the error an
+        error event raised (the payloads before it are still read)."""
+        payloads: list[dict[str, Any]] = []
         try:
             for event in events:
                 for line in event.split("\n") if "\n" in event else (event,):
                     if line.startswith("data:"):
                         payload = line[5:].strip()
                         if payload == "[DONE]":
-                            return chunks, True, None
-                        chunks.append(self._event(payload))
+                            return payloads, True, None
+                        if isinstance(data := self._payload(payload), dict):
+                            payloads.append(data)
         except (ServerError, ContextTooLong) as err:
-            return chunks, False, err
-        return chunks, False, None
+            return payloads, False, err
+        return payloads, False, None
 
-    def _event(self, payload: str) -> Chunk:
+    def _payload(self, payload: str) -> Any:
         data = parse_json(payload, self.base_url)
         if isinstance(data, dict) and data.get("error"):
             err = data["error"]
@@ -474,7 +515,7 @@ class Transport:
             if mentions_context(msg):
                 raise ContextTooLong(f"the completions server says: {msg}")
             raise ServerError(f"the completions server failed mid-stream: {msg}", 502)
-        return parse_choice(data)
+        return data
 
     def connections(self) -> dict[str, int]:
         """The upstream connections in every event loop's pool and the blocking client's (the

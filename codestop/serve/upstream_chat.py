@@ -1,5 +1,5 @@
-"""Agents' requests: a chat request with ``tools`` (``tool_choice``, ``parallel_tool_calls``) or a
-``response_format`` (JSON mode, a JSON schema).
+"""Agents' requests answered through the upstream's chat endpoint: a chat request with ``tools``
+(``tool_choice``, ``parallel_tool_calls``) or a ``response_format`` (JSON mode, a JSON schema).
 
 The reasoning phase is codestop's as for any request: the conversation (tools included) rendered
 through the model's template, the policy watching the probes. The answer phase (after a stop, or
@@ -7,8 +7,11 @@ after the model closed its thinking) is the upstream's own chat endpoint: the cl
 with the reasoning so far as the final assistant message to continue, and the client's agent fields
 passed through, so the upstream parses tool calls and enforces the schema exactly as it does
 without codestop. For a model without thinking, all of its output is the answer phase: the request
-goes to the upstream's chat endpoint as the client sent it. How a server kind continues a message
-is its dialect's (:meth:`codestop.engines.server.dialects.Dialect.chat_body`).
+goes to the upstream's chat endpoint as the client sent it. The request is the engine's
+(:meth:`~codestop.engines.server.ServerEngine.chat`, a replica engine's picks its replica): sent
+as every upstream request is, under the proxy's limit, with its retries and its reading of SSE.
+How a server kind continues a message is its dialect's
+(:meth:`codestop.engines.server.dialects.Dialect.chat_body`).
 
 The response is the upstream's answer (``content``, ``tool_calls``, ``finish_reason``) under the
 proxy's id and model, with the reasoning as ``reasoning_content`` and ``usage`` counting both phases
@@ -17,35 +20,29 @@ proxy's id and model, with the reasoning as ``reasoning_content`` and ``usage`` 
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
-
-import httpx
 
 from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
 from codestop.engines.replicas import ReplicaEngine
-from codestop.engines.server.dialects import CHAT
 from codestop.engines.server.engine import ServerEngine
-from codestop.engines.server.transport import error_message
-from codestop.errors import ParameterError, ServerError
+from codestop.errors import ParameterError
 from codestop.families import Family
 from codestop.policies import policy_options
 from codestop.serve.metrics import Metrics
-from codestop.serve.protocol import ChatRequest, RequestError, Unsupported, error_for
-from codestop.serve.serving import Prepared, Splitter, _chunk, _sse, result_of, split_result, usage_of
+from codestop.serve.protocol import ChatRequest, RequestError, Unsupported
+from codestop.serve.serving import Prepared, Splitter, SSEWriter, result_of, split_result, usage_of
+
+ChatEngine = ServerEngine | ReplicaEngine  # the engines with an upstream chat endpoint
 
 
-def chat_upstream(engine: Engine, request: ChatRequest, prep: Prepared) -> ServerEngine:
-    """The completions server whose chat endpoint answers an agent's request (one of a replica
-    engine's: the healthy one with the fewest sessions in flight), or a 400 saying why there is none."""
-    if isinstance(engine, ReplicaEngine):
-        healthy = [r for r in engine.replicas if r.healthy] or engine.replicas
-        engine = min(healthy, key=lambda r: r.in_flight).engine
-    if not isinstance(engine, ServerEngine):
+def chat_upstream(engine: Engine, request: ChatRequest, prep: Prepared) -> ChatEngine:
+    """The engine as one whose upstream's chat endpoint answers an agent's request, or a 400
+    saying why it cannot."""
+    if not isinstance(engine, ServerEngine | ReplicaEngine):
         first = _first(request)
         value = request.agent_fields()[first]
         raise Unsupported(first, [t["function"]["name"] for t in value] if first == "tools" else value,
@@ -62,9 +59,9 @@ def chat_upstream(engine: Engine, request: ChatRequest, prep: Prepared) -> Serve
     return engine
 
 
-def _cannot_continue(server: ServerEngine, request: ChatRequest) -> RequestError:
+def _cannot_continue(engine: ChatEngine, request: ChatRequest) -> RequestError:
     first = _first(request)
-    return RequestError(f"{first}: the upstream ({server.dialect.name}) cannot continue a thinking model's reasoning "
+    return RequestError(f"{first}: the upstream ({engine.dialect.name}) cannot continue a thinking model's reasoning "
                         "in its chat endpoint (vLLM and SGLang can); ask without tools and response_format, or with "
                         "a model that does not think", first)
 
@@ -75,25 +72,24 @@ def _first(request: ChatRequest) -> str:
 
 async def complete(engine: Engine, request: ChatRequest, prep: Prepared, metrics: Metrics) -> dict[str, Any]:
     """A plain (not streamed) agent's answer, as OpenAI's chat completion."""
-    server = chat_upstream(engine, request, prep)
-    reasoning = await result_of(_reason(engine, prep)) if prep.family.thinks else None
-    body = _chat_body(server, request, prep, reasoning, stream=False)
+    upstream = chat_upstream(engine, request, prep)
+    reasoning = await result_of(_reason(upstream, prep)) if prep.family.thinks else None
     data: dict[str, Any] = {}
-    if body is not None:
-        async with _chat(server, body) as response:
-            data = json.loads(await response.aread())
+    if (fields := _chat_fields(request, prep, reasoning)) is not None:
+        async with aclosing(_chat(upstream, request, prep, reasoning, fields, stream=False)) as answers:
+            data = await anext(answers)
     choice = (data.get("choices") or [{}])[0]
-    upstream = choice.get("message") or {}
-    result = _answered(server, prep, reasoning, str(upstream.get("content") or ""), data.get("usage"))
+    answer = choice.get("message") or {}
+    result = _answered(upstream, prep, reasoning, str(answer.get("content") or ""), data.get("usage"))
     metrics.count_result(result)
-    message: dict[str, Any] = {"role": "assistant", "content": upstream.get("content")}
+    message: dict[str, Any] = {"role": "assistant", "content": answer.get("content")}
     if prep.family.thinks:  # the thinking; text after the model's own close, if any, leads the answer
         parts = split_result(replace(result, answer_text=""), prep.family, True)
         message["reasoning_content"] = parts["reasoning_content"]
         if parts["content"]:
             message["content"] = parts["content"] + (message["content"] or "")
-    if upstream.get("tool_calls"):
-        message["tool_calls"] = upstream["tool_calls"]
+    if answer.get("tool_calls"):
+        message["tool_calls"] = answer["tool_calls"]
     finish = choice.get("finish_reason") or "length"  # no answer phase: the reasoning took every token
     return {"id": prep.rid, "object": "chat.completion", "created": prep.created, "model": prep.model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage_of(result, prep.family)}
@@ -104,21 +100,13 @@ async def stream(engine: Engine, request: ChatRequest, prep: Prepared, metrics: 
     it runs, then the upstream's chat deltas (``content``, ``tool_calls``) relabelled as the proxy's.
     Nothing is yielded before the first delta, so a failure before it is still an HTTP error; one
     after it ends the stream with an error event."""
-    server = chat_upstream(engine, request, prep)
-    started = False
-
-    def opening() -> str:
-        nonlocal started
-        if started:
-            return ""
-        started = True
-        return _sse(_chunk(prep, {"role": "assistant", "content": ""}))
-
+    upstream = chat_upstream(engine, request, prep)
+    writer = SSEWriter(prep)
     try:
         reasoning: Result | None = None
         if prep.family.thinks:
             splitter = Splitter(prep.family, True)
-            async with aclosing(_reason(engine, prep)) as events:
+            async with aclosing(_reason(upstream, prep)) as events:
                 async for item in events:
                     if isinstance(item, Result):
                         reasoning = item
@@ -127,32 +115,27 @@ async def stream(engine: Engine, request: ChatRequest, prep: Prepared, metrics: 
                         pieces = splitter.feed(item.kind, item.text)
                     else:
                         continue
-                    for where, piece in pieces:
-                        yield opening() + _sse(_chunk(prep, {where: piece}))
-        body = _chat_body(server, request, prep, reasoning, stream=True)
+                    if out := writer.texts(pieces):
+                        yield out
         finish, usage, content = "length", None, ""
-        if body is not None:
-            async with _chat(server, body) as response:
-                async for data in _events(response):
+        if (fields := _chat_fields(request, prep, reasoning)) is not None:
+            async with aclosing(_chat(upstream, request, prep, reasoning, fields, stream=True, started=writer.started)) as events:
+                async for data in events:
                     usage = data.get("usage") or usage
                     for choice in data.get("choices") or []:
                         delta = {k: v for k, v in (choice.get("delta") or {}).items() if k != "role" and v is not None}
                         content += str(delta.get("content") or "")
                         finish = choice.get("finish_reason") or finish
                         if delta:
-                            yield opening() + _sse(_chunk(prep, delta))
-        result = _answered(server, prep, reasoning, content, usage)
-        tail = opening() + _sse(_chunk(prep, {}, finish))
-        if prep.include_usage:
-            tail += _sse({**_chunk(prep, None), "usage": usage_of(result, prep.family)})
+                            yield writer.delta(delta)
+        result = _answered(upstream, prep, reasoning, content, usage)
         metrics.count_result(result)
         state.outcome = 200
-        yield tail + "data: [DONE]\n\n"
+        yield writer.end(finish, result)
     except Exception as exc:
-        if not started:
+        if not writer.started:
             raise
-        state.outcome, payload = error_for(exc, "messages")
-        yield _sse(payload)
+        yield writer.error(exc, state)
 
 
 async def first(chunks: AsyncGenerator[str, None]) -> str:
@@ -180,11 +163,10 @@ def continuation(family: Family, reasoning_text: str) -> str:
     return family.open_thinking + reasoning_text + ("" if family.think_end in reasoning_text else family.close_thinking)
 
 
-def _chat_body(server: ServerEngine, request: ChatRequest, prep: Prepared, reasoning: Result | None,
-               stream: bool) -> dict[str, Any] | None:
-    """The upstream chat request of the answer phase; None when the reasoning used every token
-    ``max_tokens`` allowed. A server kind that cannot continue a message is a 400."""
-    fields: dict[str, Any] = {**server.dialect.sampling_fields(prep.config.sampling), **request.agent_fields()}
+def _chat_fields(request: ChatRequest, prep: Prepared, reasoning: Result | None) -> dict[str, Any] | None:
+    """The answer phase's fields beside the conversation: the client's agent fields, its stops and
+    what is left of its ``max_tokens``; None when the reasoning used every token it allowed."""
+    fields: dict[str, Any] = dict(request.agent_fields())
     if prep.config.stop:
         fields["stop"] = list(prep.config.stop)
     if prep.config.max_tokens is not None:
@@ -192,53 +174,20 @@ def _chat_body(server: ServerEngine, request: ChatRequest, prep: Prepared, reaso
         if left < 1:
             return None
         fields["max_tokens"] = left
-    if stream:
-        fields.update(stream=True, stream_options={"include_usage": True})
-    fields = {k: v for k, v in fields.items() if v is not None}
+    return fields
+
+
+def _chat(engine: ChatEngine, request: ChatRequest, prep: Prepared, reasoning: Result | None, fields: dict[str, Any],
+          stream: bool, started: bool = False) -> AsyncGenerator[dict[str, Any], None]:
+    """The answer phase's upstream chat request: the client's conversation, continued from the
+    reasoning when there was one. The upstream's refusal of the client's fields (a named function
+    not among the tools, a schema it cannot compile) is a 400 in its words, as every upstream
+    error is mapped (:func:`~codestop.engines.server.transport.upstream_error`)."""
     prefix = continuation(prep.family, reasoning.reasoning_text) if reasoning is not None else ""
-    body = server.dialect.chat_body(server.model_name, [m.wire() for m in request.messages], prefix, fields)
-    if body is None:
-        raise _cannot_continue(server, request)
-    return body
+    return engine.chat([m.wire() for m in request.messages], prefix, fields, prep.config.sampling, stream=stream, started=started)
 
 
-@asynccontextmanager
-async def _chat(server: ServerEngine, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
-    """The upstream chat request's 200 response, or the error it is: a 4xx for the client's fields
-    (a named function not among the tools, a schema the server cannot compile) a 400 in the
-    upstream's words; anything else a 502."""
-    transport = server.transport
-    transport.stats.by_kind["chat"] = transport.stats.by_kind.get("chat", 0) + 1
-    try:
-        async with transport.state().client.stream("POST", server.base_url + CHAT, json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                message = error_message(response)
-                if response.status_code in (400, 422):
-                    raise RequestError(f"the upstream's chat endpoint refused the request: {message}", None, 400, "upstream_rejected")
-                raise ServerError(f"the upstream's chat endpoint answered {response.status_code}: {message}", 502,
-                                  response.status_code)
-            yield response
-    except httpx.TransportError as err:
-        raise transport.unreachable(err) from None
-
-
-async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of an SSE response, up to ``[DONE]``."""
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            return
-        data = json.loads(payload)
-        if isinstance(data, dict) and data.get("error"):
-            raise ServerError(f"the upstream's chat endpoint failed mid-stream: {data['error']}", 502)
-        if isinstance(data, dict):
-            yield data
-
-
-def _answered(server: ServerEngine, prep: Prepared, reasoning: Result | None, content: str,
+def _answered(engine: ChatEngine, prep: Prepared, reasoning: Result | None, content: str,
               usage: dict[str, Any] | None) -> Result:
     """The run's Result with the upstream's answer: its text and completion tokens (the prompt's
     from the upstream when there was no reasoning phase)."""
@@ -250,4 +199,4 @@ def _answered(server: ServerEngine, prep: Prepared, reasoning: Result | None, co
               "answer": answer_tokens, "overrun": 0}
     return Result(question=prep.question, answer=None, answer_text=content, reasoning_text="", stop_reason="finished",
                   stop_position=0, answer_position=0, probes=[], steps=0, tokens=tokens, timings={"total": 0.0},
-                  policy=policy_options(prep.policy), model=server.model_name, engine=server.name, family=prep.family.name)
+                  policy=policy_options(prep.policy), model=engine.model_name, engine=engine.name, family=prep.family.name)
