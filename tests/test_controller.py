@@ -158,6 +158,17 @@ def test_a_prompt_longer_than_the_window_is_a_clear_error(toy_tokenizer):
         generate(engine, "a long question " * 50, Vanilla(), family="plain")
 
 
+def test_a_prompt_and_max_tokens_over_the_window_are_refused_not_cut(toy_tokenizer):
+    """Issue 27: as vLLM and OpenAI, a prompt plus max_tokens the window cannot hold is an error
+    (it ran and was cut at the window); what fits is honoured, and its cap names max_tokens."""
+    engine = ScriptedEngine(toy_tokenizer, "word " * 300, window=200)
+    prompt = len(engine.tokenize(FAMILIES["plain"].build_prompt(engine, "Q?")))
+    with pytest.raises(ContextTooLong, match=f"the prompt is {prompt} tokens and max_tokens asks for {200 - prompt + 1} more"):
+        generate(engine, "Q?", Vanilla(), family="plain", max_tokens=200 - prompt + 1)
+    fits = generate(engine, "Q?", Vanilla(), family="plain", max_tokens=20)
+    assert (fits.stop_reason, fits.tokens["reasoning"] + fits.tokens["answer"]) == ("max_tokens", 20)
+
+
 def test_the_window_bounds_the_reasoning(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT * 20, window=200)
     result = generate(engine, "Q?", Vanilla(), family="plain")
@@ -273,6 +284,18 @@ def test_free_answers_close_the_thinking_without_forcing_a_box(toy_tokenizer):
     assert "Final Answer" not in result.answer_text and "boxed" not in result.answer_text
 
 
+@pytest.mark.parametrize("mode", ["boxed", "free"])
+def test_the_answer_marker_after_a_stop_follows_one_blank_line(toy_tokenizer, mode):
+    """Issue 27: a step ends at a blank line, and the plain family's marker opens with one: the
+    answer came after four newlines. One blank line, whatever the reasoning ends with."""
+    for script in (SCRIPT, "Step one.\nStep two.\n\nMore.", "Step one. Wait, two.", "Step one.\nWait, two."):
+        engine = ScriptedEngine(toy_tokenizer, script, answer="5}")
+        result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, answer=mode)
+        assert result.stop_reason == "threshold", script
+        whole = result.reasoning_text + result.answer_text
+        assert "\n\n\n" not in whole and "\n\n**Final Answer**\n\n" in whole, whole
+
+
 def test_answer_none_ends_the_output_at_the_stop(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, answer="none")
@@ -294,7 +317,7 @@ def test_max_tokens_caps_reasoning_and_answer_together(toy_tokenizer, mode):
     for cap in (stop_at - 1, stop_at + 2):
         result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, max_tokens=cap, answer=mode)
         if cap < stop_at:  # the cap comes first: no probe, no answer
-            assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("max_reasoning_tokens", cap, 0)
+            assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("max_tokens", cap, 0)
         else:
             assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("threshold", stop_at, 2)
             assert result.answer_text.endswith("\\boxed{11" if mode == "boxed" else "**Final Answer**\n\n11")
@@ -375,7 +398,7 @@ def test_an_unclosed_thinking_gets_no_answer_when_max_tokens_is_used_up(toy_toke
         # the cap ends the reasoning before the EOS: nothing is left for an answer
         capped = generate(engine, "Q?", Vanilla(), family="think", max_tokens=n, answer=mode)
         assert (capped.stop_reason, capped.tokens["reasoning"], capped.tokens["answer"], capped.answer_text) == (
-            "max_reasoning_tokens", n, 0, "")
+            "max_tokens", n, 0, "")
         # one token left after the EOS: the thinking is closed and the answer gets that one token
         one = generate(engine, "Q?", Vanilla(), family="think", max_tokens=n + 1, answer=mode)
         assert (one.stop_reason, one.tokens["reasoning"], one.tokens["answer"]) == ("unclosed_thinking", n, 1)
