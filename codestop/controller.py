@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import aclosing, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -68,7 +69,7 @@ class Result:
     ``reasoning`` (thinking tokens the model generated), ``probe`` (tokens the probes generated),
     ``probe_prompt`` (probe-prompt tokens prefilled), ``answer`` (forced or free answer tokens),
     ``overrun`` (reasoning generated past the stop while its probe ran, then dropped: overlapped
-    probing). ``cost`` = :func:`cost_tokens`: reasoning + probe + answer + overrun, the paper's
+    probing). ``cost_tokens`` = :func:`cost_tokens`: reasoning + probe + answer + overrun, the paper's
     accounting plus the overrun. ``policy``: the policy's options (``policy_options``). Times are
     seconds by phase."""
 
@@ -92,12 +93,18 @@ class Result:
     reference: Probe | None = None
 
     @property
-    def cost(self) -> int:
+    def cost_tokens(self) -> int:
         return cost_tokens(self.tokens)
+
+    @property
+    def cost(self) -> int:
+        """Deprecated: ``cost_tokens`` (docs/vocabulary.md); removed in the next release."""
+        warnings.warn("Result.cost is Result.cost_tokens under its old name", DeprecationWarning, stacklevel=2)
+        return self.cost_tokens
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["cost_tokens"] = self.cost
+        d["cost_tokens"] = self.cost_tokens
         for p in [*d["probes"], *([d["reference"]] if d["reference"] else [])]:
             if p.get("token_logprobs") is not None:
                 p["token_logprobs"] = list(p["token_logprobs"])

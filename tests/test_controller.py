@@ -86,7 +86,7 @@ def test_a_stop_forces_the_answer(toy_tokenizer):
     assert result.answer == "42"
     assert result.answer_text.endswith("The final answer is \\boxed{42}")
     assert result.tokens["answer"] == 3 and result.tokens["probe"] == 3  # "4", "2", "}"
-    assert result.cost == result.tokens["reasoning"] + result.tokens["probe"] + result.tokens["answer"]
+    assert result.cost_tokens == result.tokens["reasoning"] + result.tokens["probe"] + result.tokens["answer"]
 
 
 def test_a_stop_before_a_word_drops_the_word(toy_tokenizer):
@@ -184,7 +184,7 @@ def test_result_serialises(toy_tokenizer):
     data = json.loads(json.dumps(result.to_dict()))
     assert data["policy"]["method"] == "codestop" and data["policy"]["tau"] == 3
     assert set(data["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer", "overrun"}
-    assert data["cost_tokens"] == result.cost and data["engine"] == "scripted"
+    assert data["cost_tokens"] == result.cost_tokens and data["engine"] == "scripted"
 
 
 class ClosingEngine(ScriptedEngine):
