@@ -78,7 +78,6 @@ class Result:
     answer_text: str
     reasoning_text: str
     stop_reason: str
-    stop_position: int
     answer_position: int  # reasoning tokens the answer followed: the stop, or the best probe (answer_from="best")
     probes: list[Probe]
     steps: int  # reasoning steps (boundary to boundary) the stream was cut into
@@ -102,9 +101,16 @@ class Result:
         warnings.warn("Result.cost is Result.cost_tokens under its old name", DeprecationWarning, stacklevel=2)
         return self.cost_tokens
 
+    @property
+    def stop_position(self) -> int:
+        """Deprecated: always ``tokens["reasoning"]`` (docs/vocabulary.md); removed in the next release."""
+        warnings.warn("Result.stop_position is Result.tokens['reasoning']", DeprecationWarning, stacklevel=2)
+        return self.tokens["reasoning"]
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cost_tokens"] = self.cost_tokens
+        d["stop_position"] = self.tokens["reasoning"]  # the old key, written until the next release
         for p in [*d["probes"], *([d["reference"]] if d["reference"] else [])]:
             if p.get("token_logprobs") is not None:
                 p["token_logprobs"] = list(p["token_logprobs"])
@@ -305,7 +311,6 @@ async def astream(
             answer_text=answer.text,
             reasoning_text=reasoning_text,
             stop_reason=stop_reason,
-            stop_position=position,
             answer_position=answer_position,
             probes=probes,
             steps=n_steps,

@@ -82,7 +82,7 @@ def test_a_stop_forces_the_answer(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT, answer="42}")
     result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1)
     assert result.stop_reason == "threshold"
-    assert result.stop_position == ntok(toy_tokenizer, "Step one.\n\n")
+    assert result.tokens["reasoning"] == ntok(toy_tokenizer, "Step one.\n\n")
     assert result.answer == "42"
     assert result.answer_text.endswith("The final answer is \\boxed{42}")
     assert result.tokens["answer"] == 3 and result.tokens["probe"] == 3  # "4", "2", "}"
@@ -185,6 +185,12 @@ def test_result_serialises(toy_tokenizer):
     assert data["policy"]["method"] == "codestop" and data["policy"]["tau"] == 3
     assert set(data["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer", "overrun"}
     assert data["cost_tokens"] == result.cost_tokens and data["engine"] == "scripted"
+    # one name per quantity; the old names still answer, for one release (docs/vocabulary.md)
+    assert "stop_position" not in result.__dataclass_fields__ and data["stop_position"] == data["tokens"]["reasoning"]
+    with pytest.deprecated_call():
+        assert result.stop_position == result.tokens["reasoning"]
+    with pytest.deprecated_call():
+        assert result.cost == result.cost_tokens
 
 
 class ClosingEngine(ScriptedEngine):
@@ -339,10 +345,10 @@ def test_answer_from_best_rolls_back_to_the_most_confident_probe(toy_tokenizer):
     stop = generate(engine, "Q?", Consistency(window=3), family="plain", probe_interval=1)
     best = generate(engine, "Q?", Consistency(window=3, answer_from="best"), family="plain", probe_interval=1)
     assert stop.stop_reason == best.stop_reason == "consistent"
-    assert stop.answer_position == stop.stop_position
+    assert stop.answer_position == stop.tokens["reasoning"]
     # equal confidences: the earliest probe is the best; the cost still counts to the stop
-    assert best.answer_position == best.probes[0].position < best.stop_position
-    assert best.tokens["reasoning"] == stop.tokens["reasoning"] == best.stop_position
+    assert best.answer_position == best.probes[0].position < best.tokens["reasoning"]
+    assert best.tokens["reasoning"] == stop.tokens["reasoning"]
     assert best.answer == "5" and best.answer_text.startswith("**Final Answer**")
 
 
@@ -422,7 +428,7 @@ def test_an_unclosed_thinking_is_the_full_reasoning_for_the_reference_probe_and_
     engine = unclosed_engine(toy_tokenizer, [])
     recorded = generate(engine, "Q?", Vanilla(), family="think", probe_interval=1, always_probe=True)
     assert recorded.stop_reason == "unclosed_thinking" and recorded.answer == "7"
-    assert recorded.reference is not None and recorded.reference.position == recorded.stop_position
+    assert recorded.reference is not None and recorded.reference.position == recorded.tokens["reasoning"]
     best = generate(engine, "Q?", CodeStop(answer_from="best"), family="think", probe_interval=1)
     assert best.stop_reason == "unclosed_thinking" and best.probes
-    assert best.answer_position == best.stop_position  # the model ended it: no rollback to a probe
+    assert best.answer_position == best.tokens["reasoning"]  # the model ended it: no rollback to a probe
