@@ -437,7 +437,8 @@ def test_a_request_a_field_of_which_is_wrong_is_refused_naming_it(scripted, requ
 
 def test_what_clients_send_is_honoured_and_neutral_fields_are_accepted(scripted):
     neutral = {"user": "u1", "safety_identifier": "s1", "prompt_cache_key": "k1", "prompt_cache_retention": "24h",
-               "audio": None, "modalities": None, "temperature": None, "stream_options": None, "codestop": None, "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1, "best_of": 1, "logprobs": False, "top_logprobs": 0,
+               "audio": None, "modalities": None, "temperature": None, "codestop": None,
+               "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1, "best_of": 1, "logprobs": False, "top_logprobs": 0,
                "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "response_format": {"type": "text"},
                "logit_bias": {}, "stream_options": {"include_usage": False, "include_obfuscation": True}, "metadata": {"k": "v"},
                "store": False, "service_tier": "auto", "parallel_tool_calls": True, "model": "scripted", "stream": False}

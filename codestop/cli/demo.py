@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, cast
 
-from codestop.demo import DEFAULT_METHODS, DemoReport, DEFAULT_PROBLEMS, DEMO_MAX_REASONING_TOKENS, DEMO_PROBE_INTERVAL, demo
+from codestop.demo import DEFAULT_METHODS, DEFAULT_PROBLEMS, DEMO_MAX_REASONING_TOKENS, DEMO_PROBE_INTERVAL, DemoReport, demo
 from codestop.errors import CodestopError
 
 
