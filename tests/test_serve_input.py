@@ -678,3 +678,18 @@ def test_the_clients_max_tokens_is_the_stop_reason_when_it_was_the_cap(proxy):
     assert before == 0 and 'codestop_stops_total{reason="max_tokens"}' in proxy.metrics()
     # probes: a count here, a list in results: the count is probe_count; the old keys stay for one release
     assert cs["probe_count"] == cs["probes"] == 0 and cs["stop_position"] == cs["reasoning_tokens"] == 3
+
+
+def test_a_plain_models_answer_marker_follows_one_blank_line(toy_tokenizer):
+    """The proxy's chat answer after a stop: a step ends at a blank line and the marker opened with
+    another, four newlines in the content."""
+    engine = ScriptedEngine(toy_tokenizer, "Step one.\n\nStep two.\n\nDone.", answer="5}")
+    p = InProcessProxy(engine, close_engine=False)
+    try:
+        body = {"messages": MESSAGES, "codestop": {"method": "deer", "threshold": 0.5, "probe_interval": 1}}
+        r = httpx.post(p.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        content, cs = r.json()["choices"][0]["message"]["content"], r.json()["usage"]["codestop"]
+        assert cs["stop_reason"] == "threshold" and content.startswith("Step one.\n\n**Final Answer**\n\n"), content
+    finally:
+        p.stop()
