@@ -246,7 +246,9 @@ def test_an_unknown_role_and_a_max_tokens_the_window_cannot_hold_are_400_through
     strict = StrictTemplateEngine(toy_tokenizer, "Step.", window=2048)
     status, body = refusal(strict, {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "Go."}]})
     assert (status, body["error"]["param"]) == (400, "messages") and "roles must be user or assistant" in body["error"]["message"]
-    assert prepared(scripted, dict(CHAT, max_tokens=2047)).config.max_tokens == 2047  # what fits beside a prompt is honoured
+    # under the window, max_tokens passes here: whether it fits beside the prompt is known once the prompt is
+    # tokenized, at the run (test_a_prompt_and_max_tokens_over_the_window_are_a_400_as_vllms)
+    assert prepared(scripted, dict(CHAT, max_tokens=2047)).config.max_tokens == 2047
 
 
 # 6 ------------------------------------------------------------------------------------------------
@@ -618,6 +620,11 @@ def test_fields_real_clients_send_are_accepted_and_a_null_is_unset(proxy):
     message = error_of(httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, messages=None)), 400, "messages")
     assert message.startswith("messages: None must be")  # what the request cannot go without: refused, as what it is
     assert httpx.post(proxy.url + "/v1/completions", json={"prompt": "Go.", "max_tokens": 3, "audio": None}).status_code == 200
+    # the openai client as a user calls it (an explicit None is sent as null)
+    r = proxy.client().chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=3, reasoning_effort="low",
+                                               safety_identifier="user-1", prompt_cache_key="k", prompt_cache_retention="24h",
+                                               audio=None, modalities=None)
+    assert r.usage.completion_tokens == 3
 
 
 GPT_OSS = (__import__("pathlib").Path(__file__).parent / "fixtures" / "chat_templates" / "gpt-oss.jinja").read_text()
