@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import aclosing, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -68,7 +69,7 @@ class Result:
     ``reasoning`` (thinking tokens the model generated), ``probe`` (tokens the probes generated),
     ``probe_prompt`` (probe-prompt tokens prefilled), ``answer`` (forced or free answer tokens),
     ``overrun`` (reasoning generated past the stop while its probe ran, then dropped: overlapped
-    probing). ``cost`` = :func:`cost_tokens`: reasoning + probe + answer + overrun, the paper's
+    probing). ``cost_tokens`` = :func:`cost_tokens`: reasoning + probe + answer + overrun, the paper's
     accounting plus the overrun. ``policy``: the policy's options (``policy_options``). Times are
     seconds by phase."""
 
@@ -77,7 +78,6 @@ class Result:
     answer_text: str
     reasoning_text: str
     stop_reason: str
-    stop_position: int
     answer_position: int  # reasoning tokens the answer followed: the stop, or the best probe (answer_from="best")
     probes: list[Probe]
     steps: int  # reasoning steps (boundary to boundary) the stream was cut into
@@ -92,12 +92,25 @@ class Result:
     reference: Probe | None = None
 
     @property
-    def cost(self) -> int:
+    def cost_tokens(self) -> int:
         return cost_tokens(self.tokens)
+
+    @property
+    def cost(self) -> int:
+        """Deprecated: ``cost_tokens`` (docs/vocabulary.md); removed in the next release."""
+        warnings.warn("Result.cost is Result.cost_tokens under its old name", DeprecationWarning, stacklevel=2)
+        return self.cost_tokens
+
+    @property
+    def stop_position(self) -> int:
+        """Deprecated: always ``tokens["reasoning"]`` (docs/vocabulary.md); removed in the next release."""
+        warnings.warn("Result.stop_position is Result.tokens['reasoning']", DeprecationWarning, stacklevel=2)
+        return self.tokens["reasoning"]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["cost_tokens"] = self.cost
+        d["cost_tokens"] = self.cost_tokens
+        d["stop_position"] = self.tokens["reasoning"]  # the old key, written until the next release
         for p in [*d["probes"], *([d["reference"]] if d["reference"] else [])]:
             if p.get("token_logprobs") is not None:
                 p["token_logprobs"] = list(p["token_logprobs"])
@@ -170,11 +183,19 @@ async def _plan(engine: Engine, question: str, prompt: str | None, family: Famil
         # leave room in the window for a probe, or for the forced answer, after the reasoning
         forced_ids = await engine.run_tokenizer(engine.tokenize, family.forced_answer_text())
         reserve = max(len(probe_ids) + PROBE_MAX_TOKENS, len(forced_ids) + ANSWER_MAX_TOKENS) + 1
-        room = engine.context_window - len(prompt_ids) - reserve
+        window = engine.context_window
+        room = window - len(prompt_ids) - reserve
         if room < 1:
             raise ContextTooLong(
                 f"the prompt is {len(prompt_ids)} tokens and leaves no room to reason in the model's "
-                f"{engine.context_window}-token window; shorten the question"
+                f"{window}-token window; shorten the question"
+            )
+        if config.max_tokens is not None and len(prompt_ids) + config.max_tokens > window:
+            # refused, as vLLM and OpenAI refuse it, rather than cut at the window
+            raise ContextTooLong(
+                f"the prompt is {len(prompt_ids)} tokens and max_tokens asks for {config.max_tokens} more: "
+                f"{len(prompt_ids) + config.max_tokens} tokens, more than the model's {window}-token context window "
+                f"holds; shorten the prompt or ask for at most {window - len(prompt_ids)} tokens"
             )
         cap = min(cap, room)
     return _Plan(prompt_ids, probe_ids, cap)
@@ -244,8 +265,7 @@ async def astream(
                 stop_reason = "unclosed_thinking" if unclosed else "finished"
                 break
             if step.end == "length" or position >= plan.cap:
-                capped_by_policy = policy.max_reasoning_tokens is not None and position >= policy.max_reasoning_tokens
-                stop_reason = "budget" if capped_by_policy else "max_reasoning_tokens"
+                stop_reason = _cap_reason(position, policy, config)
                 break
             if not probing or position == 0 or position - last_probe_at < max(1, config.probe_interval):
                 continue
@@ -291,7 +311,6 @@ async def astream(
             answer_text=answer.text,
             reasoning_text=reasoning_text,
             stop_reason=stop_reason,
-            stop_position=position,
             answer_position=answer_position,
             probes=probes,
             steps=n_steps,
@@ -311,6 +330,17 @@ async def astream(
         closing = asyncio.ensure_future(session.close())
         with _anyio_shield():
             await asyncio.shield(closing)
+
+
+def _cap_reason(position: int, policy: Policy, config: GenerationConfig) -> str:
+    """The stop reason of reasoning that reached a cap: the policy's budget (its own decision), the
+    client's ``max_tokens`` (reasoning + answer: nothing is left for an answer), else
+    ``max_reasoning_tokens`` (the reasoning's own cap, or the room the context window leaves)."""
+    if policy.max_reasoning_tokens is not None and position >= policy.max_reasoning_tokens:
+        return "budget"
+    if config.max_tokens is not None and position >= config.max_tokens:
+        return "max_tokens"
+    return "max_reasoning_tokens"
 
 
 def _anyio_shield() -> Any:
@@ -387,18 +417,30 @@ async def _answer(
         answer.value = extract_boxed(reasoning_text)  # a plain model's answer is in its output
     if config.answer == "boxed" and answer.value is None:
         # the paper's answer: close the thinking and force the box (a few tokens)
-        forced = "\n\n" + family.answer_prompt if closed_itself else family.forced_answer_text()
-        if not family.thinks and reasoning_text.endswith("\n\n"):
-            forced = forced.lstrip("\n")
+        if closed_itself:
+            forced = after(answer.text, "\n\n" + family.answer_prompt)
+        elif family.thinks:
+            forced = family.forced_answer_text()
+        else:
+            forced = after(reasoning_text, family.forced_answer_text())
         async for event in write(forced, ANSWER_MAX_TOKENS, StepRules(close_box=True, greedy=True)):
             yield event
         answer.value = _box_content(answer.text)
     elif config.answer == "free" and stop_reason != "finished":
         # codestop ended the thinking: close it and let the model answer in its own words
-        prefix = family.close_thinking if family.thinks else "\n\n" + family.answer_prefix
+        prefix = family.close_thinking if family.thinks else after(reasoning_text, "\n\n" + family.answer_prefix)
         async for event in write(prefix, FREE_ANSWER_MAX_TOKENS, free):
             yield event
         answer.value = extract_boxed(answer.text)
+
+
+def after(text: str, marker: str) -> str:
+    """``marker`` as appended after ``text``: the newlines it opens with that ``text`` already ends
+    with left out, so the two make one blank line at most, as the family's format has it (a step
+    ends at a blank line; the marker opens with one). A thinking family's ``close_thinking`` is
+    appended whole: the proxy hides it by its exact text."""
+    overlap = min(len(text) - len(text.rstrip("\n")), len(marker) - len(marker.lstrip("\n")))
+    return marker[overlap:]
 
 
 async def agenerate(

@@ -76,7 +76,7 @@ class MethodSummary:
     reasoning_tokens: float  # mean per problem
     cost_tokens: float  # mean reasoning + probe + answer tokens (the paper's accounting)
     probe_tokens: float  # mean probe tokens generated
-    probes: float  # mean probes per problem
+    probe_count: float  # mean probes per problem (``probes`` is the list of a result's probes)
     probe_seconds: float  # total time in probes
     wall_seconds: float  # total time for the method
     stop_reasons: dict[str, int] = field(default_factory=dict)
@@ -129,7 +129,7 @@ class DemoReport:
                 f"{s.accuracy * 100:.0f}%",
                 f"{s.reasoning_tokens:.0f}",
                 "-" if saved is None or s.method == "vanilla" else f"{saved * 100:.0f}%",
-                "-" if not s.probes else f"{s.probe_tokens:.0f} tok, {s.probe_overhead * 100:.0f}% time",
+                "-" if not s.probe_count else f"{s.probe_tokens:.0f} tok, {s.probe_overhead * 100:.0f}% time",
                 ", ".join(f"{reason} {n}" for reason, n in sorted(s.stop_reasons.items(), key=lambda kv: -kv[1])),
                 f"{s.wall_seconds:.0f} s",
             )
@@ -166,6 +166,7 @@ class DemoReport:
                     "accuracy": s.accuracy,
                     "probe_overhead": s.probe_overhead,
                     "saving": self.saving(s),
+                    "probes": s.probe_count,  # the old name of probe_count, until the next release
                 }
                 for s in self.summaries
             ],
@@ -277,7 +278,7 @@ def demo(
                     reasoning_tokens=sum(r["tokens"]["reasoning"] for r in rows) / n,
                     cost_tokens=sum(r["cost_tokens"] for r in rows) / n,
                     probe_tokens=sum(r["tokens"]["probe"] for r in rows) / n,
-                    probes=sum(len(r["probes"]) for r in rows) / n,
+                    probe_count=sum(len(r["probes"]) for r in rows) / n,
                     probe_seconds=sum(r["timings"]["probe"] for r in rows),
                     wall_seconds=wall,
                     stop_reasons=dict(Counter(r["stop_reason"] for r in rows)),

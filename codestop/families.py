@@ -57,6 +57,7 @@ class Family:
     answer_prompt: str = ANSWER_PROMPT
     answer_prefix: str = "**Final Answer**\n\n"  # a plain model's own answer after a stop ("free" answers)
     thinking_switch: str = ""  # how the template turns thinking off (see above); "" = it cannot
+    efforts: tuple[str, ...] = ()  # the reasoning efforts the template's ``reasoning_effort`` takes; () = no such notion
 
     @property
     def thinks(self) -> bool:
@@ -126,6 +127,18 @@ class Family:
         raise ParameterError("enable_thinking", enable_thinking, f"cannot be honoured: the {self.name} family's chat "
                              "template has no switch to turn thinking off (Qwen3 and Nemotron have one)")
 
+    def with_effort(self, effort: str | None) -> Family:
+        """The family with a client's ``reasoning_effort`` set as its template's variable (gpt-oss:
+        "Reasoning: high" in the system message). A family with no notion of effort is unchanged
+        (the effort means nothing to its template); one with a notion refuses an effort it does not
+        know (ParameterError), rather than render one its model was never trained on."""
+        if effort is None or not self.efforts:
+            return self
+        if effort not in self.efforts:
+            raise ParameterError("reasoning_effort", effort, f"is not an effort the {self.name} family's template knows; "
+                                 f"use one of {', '.join(self.efforts)}")
+        return replace(self, template_kwargs={**self.template_kwargs, "reasoning_effort": effort})
+
     def _thinking(self, **changes: Any) -> Family:
         """The family thinking again: its markers as the family it is named after has them."""
         base = FAMILIES.get(self.name, self)
@@ -186,6 +199,7 @@ FAMILIES: dict[str, Family] = {
         open_thinking="<|channel|>analysis<|message|>",
         think_end="<|end|>",
         close_thinking="<|end|><|start|>assistant<|channel|>final<|message|>",
+        efforts=("low", "medium", "high"),  # the template's "Reasoning: <effort>" (medium when unset)
     ),
     "plain": Family("plain"),
 }

@@ -31,10 +31,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 from codestop.errors import UnknownParameter, is_number, require
 
-STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_reasoning_tokens", "finished",
-                "unclosed_thinking")
+STOP_REASONS = ("confident", "degenerate", "threshold", "consistent", "budget", "max_reasoning_tokens", "max_tokens",
+                "finished", "unclosed_thinking")
 MODEL_ENDED = ("finished", "unclosed_thinking")  # the model ended its reasoning itself: nothing was cut
-NOT_EARLY = (*MODEL_ENDED, "max_reasoning_tokens", "budget")  # the full reasoning, or a token cap: no early stop
+NOT_EARLY = (*MODEL_ENDED, "max_reasoning_tokens", "max_tokens", "budget")  # the full reasoning, or a token cap: no early stop
 
 
 @dataclass(frozen=True)

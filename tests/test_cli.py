@@ -94,3 +94,30 @@ def test_run_end_to_end_on_smollm2(smollm2_path):
     assert 0 < result["probes"][-1]["position"] <= 120 and all(0.0 <= p["confidence"] <= 1.0 for p in result["probes"])
     assert result["answer_text"].startswith("\n\n**Final Answer**\n\nThe final answer is \\boxed{")  # forced at the cap
     assert result["answer"] and result["answer_text"].endswith(result["answer"] + "}")
+
+
+def test_python_dash_m_codestop_is_the_command_line():
+    """Issue 27: only ``python -m codestop.cli`` worked."""
+    proc = subprocess.run([sys.executable, "-m", "codestop", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: codestop ") and "serve" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "codestop", "run", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "codestop: error: question: the question is empty\n"  # one line, as the CLI's
+
+
+def test_evals_questions_in_flight_has_its_own_name_and_the_old_flag_still_works(capsys):
+    """Issue 27: ``--concurrency`` counted questions in eval and upstream requests in serve."""
+    from codestop.cli.main import build_parser
+
+    parser = build_parser()
+    for verb in ("eval", "record"):
+        base = [verb, "--dataset", "gsm8k", "--out", "x.jsonl"]
+        assert parser.parse_args(base).concurrency == 1
+        assert parser.parse_args([*base, "--questions-in-flight", "4"]).concurrency == 4
+        assert capsys.readouterr().err == ""
+        assert parser.parse_args([*base, "--concurrency", "3"]).concurrency == 3
+        assert capsys.readouterr().err == "codestop: --concurrency is deprecated; use --questions-in-flight (eval's --concurrency " \
+                                          "counted questions, serve's counts upstream requests)\n"
+        with pytest.raises(SystemExit):
+            parser.parse_args([verb, "--help"])
+        assert "--questions-in-flight N" in (shown := capsys.readouterr().out) and "--concurrency" not in shown

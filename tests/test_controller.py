@@ -82,11 +82,11 @@ def test_a_stop_forces_the_answer(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT, answer="42}")
     result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1)
     assert result.stop_reason == "threshold"
-    assert result.stop_position == ntok(toy_tokenizer, "Step one.\n\n")
+    assert result.tokens["reasoning"] == ntok(toy_tokenizer, "Step one.\n\n")
     assert result.answer == "42"
     assert result.answer_text.endswith("The final answer is \\boxed{42}")
     assert result.tokens["answer"] == 3 and result.tokens["probe"] == 3  # "4", "2", "}"
-    assert result.cost == result.tokens["reasoning"] + result.tokens["probe"] + result.tokens["answer"]
+    assert result.cost_tokens == result.tokens["reasoning"] + result.tokens["probe"] + result.tokens["answer"]
 
 
 def test_a_stop_before_a_word_drops_the_word(toy_tokenizer):
@@ -158,6 +158,17 @@ def test_a_prompt_longer_than_the_window_is_a_clear_error(toy_tokenizer):
         generate(engine, "a long question " * 50, Vanilla(), family="plain")
 
 
+def test_a_prompt_and_max_tokens_over_the_window_are_refused_not_cut(toy_tokenizer):
+    """Issue 27: as vLLM and OpenAI, a prompt plus max_tokens the window cannot hold is an error
+    (it ran and was cut at the window); what fits is honoured, and its cap names max_tokens."""
+    engine = ScriptedEngine(toy_tokenizer, "word " * 300, window=200)
+    prompt = len(engine.tokenize(FAMILIES["plain"].build_prompt(engine, "Q?")))
+    with pytest.raises(ContextTooLong, match=f"the prompt is {prompt} tokens and max_tokens asks for {200 - prompt + 1} more"):
+        generate(engine, "Q?", Vanilla(), family="plain", max_tokens=200 - prompt + 1)
+    fits = generate(engine, "Q?", Vanilla(), family="plain", max_tokens=20)
+    assert (fits.stop_reason, fits.tokens["reasoning"] + fits.tokens["answer"]) == ("max_tokens", 20)
+
+
 def test_the_window_bounds_the_reasoning(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT * 20, window=200)
     result = generate(engine, "Q?", Vanilla(), family="plain")
@@ -173,7 +184,13 @@ def test_result_serialises(toy_tokenizer):
     data = json.loads(json.dumps(result.to_dict()))
     assert data["policy"]["method"] == "codestop" and data["policy"]["tau"] == 3
     assert set(data["tokens"]) == {"prompt", "reasoning", "probe", "probe_prompt", "answer", "overrun"}
-    assert data["cost_tokens"] == result.cost and data["engine"] == "scripted"
+    assert data["cost_tokens"] == result.cost_tokens and data["engine"] == "scripted"
+    # one name per quantity; the old names still answer, for one release (docs/vocabulary.md)
+    assert "stop_position" not in result.__dataclass_fields__ and data["stop_position"] == data["tokens"]["reasoning"]
+    with pytest.deprecated_call():
+        assert result.stop_position == result.tokens["reasoning"]
+    with pytest.deprecated_call():
+        assert result.cost == result.cost_tokens
 
 
 class ClosingEngine(ScriptedEngine):
@@ -273,6 +290,18 @@ def test_free_answers_close_the_thinking_without_forcing_a_box(toy_tokenizer):
     assert "Final Answer" not in result.answer_text and "boxed" not in result.answer_text
 
 
+@pytest.mark.parametrize("mode", ["boxed", "free"])
+def test_the_answer_marker_after_a_stop_follows_one_blank_line(toy_tokenizer, mode):
+    """Issue 27: a step ends at a blank line, and the plain family's marker opens with one: the
+    answer came after four newlines. One blank line, whatever the reasoning ends with."""
+    for script in (SCRIPT, "Step one.\nStep two.\n\nMore.", "Step one. Wait, two.", "Step one.\nWait, two."):
+        engine = ScriptedEngine(toy_tokenizer, script, answer="5}")
+        result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, answer=mode)
+        assert result.stop_reason == "threshold", script
+        whole = result.reasoning_text + result.answer_text
+        assert "\n\n\n" not in whole and "\n\n**Final Answer**\n\n" in whole, whole
+
+
 def test_answer_none_ends_the_output_at_the_stop(toy_tokenizer):
     engine = ScriptedEngine(toy_tokenizer, SCRIPT)
     result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, answer="none")
@@ -294,7 +323,7 @@ def test_max_tokens_caps_reasoning_and_answer_together(toy_tokenizer, mode):
     for cap in (stop_at - 1, stop_at + 2):
         result = generate(engine, "Q?", Deer(threshold=0.5), family="plain", probe_interval=1, max_tokens=cap, answer=mode)
         if cap < stop_at:  # the cap comes first: no probe, no answer
-            assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("max_reasoning_tokens", cap, 0)
+            assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("max_tokens", cap, 0)
         else:
             assert (result.stop_reason, result.tokens["reasoning"], result.tokens["answer"]) == ("threshold", stop_at, 2)
             assert result.answer_text.endswith("\\boxed{11" if mode == "boxed" else "**Final Answer**\n\n11")
@@ -316,10 +345,10 @@ def test_answer_from_best_rolls_back_to_the_most_confident_probe(toy_tokenizer):
     stop = generate(engine, "Q?", Consistency(window=3), family="plain", probe_interval=1)
     best = generate(engine, "Q?", Consistency(window=3, answer_from="best"), family="plain", probe_interval=1)
     assert stop.stop_reason == best.stop_reason == "consistent"
-    assert stop.answer_position == stop.stop_position
+    assert stop.answer_position == stop.tokens["reasoning"]
     # equal confidences: the earliest probe is the best; the cost still counts to the stop
-    assert best.answer_position == best.probes[0].position < best.stop_position
-    assert best.tokens["reasoning"] == stop.tokens["reasoning"] == best.stop_position
+    assert best.answer_position == best.probes[0].position < best.tokens["reasoning"]
+    assert best.tokens["reasoning"] == stop.tokens["reasoning"]
     assert best.answer == "5" and best.answer_text.startswith("**Final Answer**")
 
 
@@ -375,7 +404,7 @@ def test_an_unclosed_thinking_gets_no_answer_when_max_tokens_is_used_up(toy_toke
         # the cap ends the reasoning before the EOS: nothing is left for an answer
         capped = generate(engine, "Q?", Vanilla(), family="think", max_tokens=n, answer=mode)
         assert (capped.stop_reason, capped.tokens["reasoning"], capped.tokens["answer"], capped.answer_text) == (
-            "max_reasoning_tokens", n, 0, "")
+            "max_tokens", n, 0, "")
         # one token left after the EOS: the thinking is closed and the answer gets that one token
         one = generate(engine, "Q?", Vanilla(), family="think", max_tokens=n + 1, answer=mode)
         assert (one.stop_reason, one.tokens["reasoning"], one.tokens["answer"]) == ("unclosed_thinking", n, 1)
@@ -399,7 +428,7 @@ def test_an_unclosed_thinking_is_the_full_reasoning_for_the_reference_probe_and_
     engine = unclosed_engine(toy_tokenizer, [])
     recorded = generate(engine, "Q?", Vanilla(), family="think", probe_interval=1, always_probe=True)
     assert recorded.stop_reason == "unclosed_thinking" and recorded.answer == "7"
-    assert recorded.reference is not None and recorded.reference.position == recorded.stop_position
+    assert recorded.reference is not None and recorded.reference.position == recorded.tokens["reasoning"]
     best = generate(engine, "Q?", CodeStop(answer_from="best"), family="think", probe_interval=1)
     assert best.stop_reason == "unclosed_thinking" and best.probes
-    assert best.answer_position == best.stop_position  # the model ended it: no rollback to a probe
+    assert best.answer_position == best.tokens["reasoning"]  # the model ended it: no rollback to a probe

@@ -67,7 +67,7 @@ def test_reduced_demo_runs_and_prints_its_table(tmp_path, capsys):
     """The demo as a user runs it (default model), on one problem: every method's row, the table and
     the JSON report (three methods on three problems took 160-200 s of the suite for no more checks)."""
     report_path = tmp_path / "demo.json"
-    assert main(["demo", "--problems", "1", "--json", str(report_path)]) == 0
+    assert main(["demo", "--problems", "1", "--out", str(report_path)]) == 0
     out = capsys.readouterr().out
     for heading in ("method", "accuracy", "reasoning", "saving", "overhead", "wall"):
         assert heading in out
@@ -79,7 +79,7 @@ def test_reduced_demo_runs_and_prints_its_table(tmp_path, capsys):
         assert m["problems"] == 1 and 0 <= m["accuracy"] <= 1
         assert m["reasoning_tokens"] > 0
     vanilla = report["methods"][0]
-    assert vanilla["probes"] == 0 and vanilla["probe_tokens"] == 0
+    assert vanilla["probe_count"] == vanilla["probes"] == 0 and vanilla["probe_tokens"] == 0
     assert all(r["stop_reason"] in ("finished", "max_reasoning_tokens") for r in report["results"]["vanilla"])
     # greedy decoding and probes that leave the session unchanged: an early stop cuts vanilla's
     # own reasoning short, it never changes it
@@ -116,3 +116,28 @@ def test_the_table_shows_stop_reasons_and_says_when_deer_and_codestop_stop_alike
     assert "same probe on every problem" in alike.table().caption
     assert "same probe" not in apart.table().caption
     assert alike.table().columns[5].header == "stops"
+
+
+def test_demo_json_prints_as_every_other_json_does_and_the_old_file_form_still_writes(tmp_path, capsys):
+    """Issue 27: ``demo --json FILE`` wrote a file where every other verb's ``--json`` prints. Now
+    ``--json`` prints, ``--out FILE`` writes, and ``--json FILE`` still writes, with one line saying so."""
+    from codestop.cli.demo import emit, report_file
+    from codestop.cli.main import build_parser
+    from codestop.demo import DemoReport, MethodSummary
+
+    report = DemoReport("m", "e", [MethodSummary("vanilla", 1, 1, 10, 10, 0, 0, 0.0, 1)], {"vanilla": []}, 0, 1)
+
+    def run(*flags: str) -> tuple[str, str]:
+        args = build_parser().parse_args(["demo", *flags])
+        emit(report, args.json is True, report_file(args))
+        out = capsys.readouterr()
+        return out.out, out.err
+
+    out, err = run("--json")
+    assert json.loads(out)["methods"][0]["method"] == "vanilla" and err == ""
+    out, err = run("--out", str(tmp_path / "new.json"))
+    assert out == err == "" and json.loads((tmp_path / "new.json").read_text())["model"] == "m"
+    out, err = run("--json", str(tmp_path / "old.json"))
+    assert out == "" and err == f"codestop: demo --json FILE is deprecated; use --out {tmp_path / 'old.json'} (--json alone prints the report)\n"
+    assert json.loads((tmp_path / "old.json").read_text()) == json.loads((tmp_path / "new.json").read_text())
+    assert main(["demo", "--json", str(tmp_path / "x.json"), "--out", str(tmp_path / "y.json")]) == 2  # which one: unclear

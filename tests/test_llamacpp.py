@@ -166,7 +166,7 @@ def test_a_thinking_model_that_ends_its_turn_unclosed_is_answered(engine):
     n = boxed.tokens["reasoning"]
     used_up = generate(engine, fruits, Vanilla(), family="think", answer="free", max_tokens=n, temperature=0.0)
     assert (used_up.stop_reason, used_up.tokens["reasoning"], used_up.tokens["answer"], used_up.answer_text) == (
-        "max_reasoning_tokens", n, 0, "")
+        "max_tokens", n, 0, "")
     assert used_up.reasoning_text == boxed.reasoning_text  # the whole turn, to the token before its EOS
 
 

@@ -63,7 +63,7 @@ PROBE_INTERVAL = 16
 
 
 def signature(r: Result) -> tuple:
-    return (r.reasoning_text, r.stop_reason, r.stop_position, r.answer, r.answer_text,
+    return (r.reasoning_text, r.stop_reason, r.tokens["reasoning"], r.answer, r.answer_text,
             [(p.position, p.answer, round(p.confidence, 6)) for p in r.probes], r.tokens["reasoning"], r.tokens["probe"])
 
 
@@ -90,7 +90,7 @@ def check_requests(runs: dict[str, tuple[Result, dict[str, int]]]) -> None:
         if result.stop_reason in ("finished", "max_reasoning_tokens"):
             assert not decisions, (mode, decisions)
         else:
-            assert decisions and decisions[0].reason == result.stop_reason and result.stop_position == result.probes[-1].position
+            assert decisions and decisions[0].reason == result.stop_reason and result.tokens["reasoning"] == result.probes[-1].position
     (seq, seq_sent), (ovl, ovl_sent) = runs["sequential"], runs["overlapped"]
     assert seq.tokens["overrun"] == 0
     assert ovl_sent["step"] == 1  # one reasoning request for the whole chain of thought
@@ -105,7 +105,7 @@ def check_same(runs: dict[str, tuple[Result, dict[str, int]]]) -> None:
     (seq, _), (ovl, _) = runs["sequential"], runs["overlapped"]
     assert signature(ovl) == signature(seq)
     if seq.stop_reason not in ("finished", "max_reasoning_tokens"):
-        assert ovl.cost == seq.cost + ovl.tokens["overrun"]
+        assert ovl.cost_tokens == seq.cost_tokens + ovl.tokens["overrun"]
 
 
 def wait_idle(read_running, seconds: float = 5.0) -> float:
@@ -147,7 +147,7 @@ def check_stop_cancels_the_stream(engine: ServerEngine, read_running) -> None:
     would for the rest of ~1500 tokens, over 10 s, if the request were left running)."""
     config = GenerationConfig(max_reasoning_tokens=1500, probe_interval=1, temperature=0)
     result = asyncio.run(agenerate(engine, STORY, make_policy(**STOP_AT_FIRST_PROBE), config))
-    assert result.stop_reason == "threshold" and result.stop_position < 500 and result.tokens["overrun"] > 0
+    assert result.stop_reason == "threshold" and result.tokens["reasoning"] < 500 and result.tokens["overrun"] > 0
     assert wait_idle(read_running) == 0
 
 

@@ -92,7 +92,7 @@ def test_replay_equals_live(tiny_engine, recorded, gen, make):
     else:
         assert len(live.probes) - 1 == replayed.stop_index
         assert live.stop_reason == replayed.stop_reason
-        assert live.stop_position == replayed.reasoning_tokens
+        assert live.tokens["reasoning"] == replayed.reasoning_tokens
     # live and replay score a probe with the same function: the same confidences, probe by probe
     seen = rescored(trace.probes, policy.confidence)[: len(live.probes)]
     assert [p.confidence for p in live.probes] == pytest.approx([p.confidence for p in seen])

@@ -242,7 +242,7 @@ def test_an_in_process_engine_serves_too(tiny_engine):
     try:
         r = ask(p.client(), "What is 2 + 2?", max_tokens=8, temperature=0)
         assert r.usage.codestop["reasoning_tokens"] == 8 and r.model == "tiny-qwen3"
-        assert r.usage.codestop["stop_reason"] == "max_reasoning_tokens" and r.choices[0].finish_reason == "length"
+        assert r.usage.codestop["stop_reason"] == "max_tokens" and r.choices[0].finish_reason == "length"  # the client's cap
     finally:
         p.stop()
 
@@ -436,7 +436,7 @@ def test_engine_counters_are_exported_and_the_app_closes_its_engine_at_shutdown(
     assert re.search(r'^codestop_sessions_total\{kind="opened"\} 1\.0$', text, re.MULTILINE)
     assert re.search(r'^codestop_sessions_total\{kind="closed"\} 1\.0$', text, re.MULTILINE)
     assert re.search(r"^codestop_tokens_fed_total [1-9]", text, re.MULTILINE)
-    assert re.search(r'^codestop_stops_total\{reason="max_reasoning_tokens"\} 1\.0$', text, re.MULTILINE)
+    assert re.search(r'^codestop_stops_total\{reason="max_tokens"\} 1\.0$', text, re.MULTILINE)  # the client's cap
     assert engine.aclosed == 0
     p.stop()
     assert engine.aclosed == 1
@@ -454,7 +454,7 @@ def test_the_default_config_and_policy_apply_and_requests_override_them(tokenize
         r = ask(client, "Hi", max_tokens=None, extra_body={"codestop": {"method": "vanilla"}})
         assert r.usage.codestop["reasoning_tokens"] == 7 and r.choices[0].finish_reason == "length"
         r = ask(client, "Hi", max_tokens=3, extra_body={"codestop": {"method": "vanilla"}})
-        assert r.usage.codestop["reasoning_tokens"] == 3 and r.usage.codestop["stop_reason"] == "max_reasoning_tokens"
+        assert r.usage.codestop["reasoning_tokens"] == 3 and r.usage.codestop["stop_reason"] == "max_tokens"
         r = ask(client, "Hi", max_tokens=3, extra_body={"codestop": {"method": "vanilla", "max_reasoning_tokens": 2}})
         assert r.usage.codestop["reasoning_tokens"] == 2  # codestop's own field over OpenAI's
     finally:

@@ -246,7 +246,9 @@ def test_an_unknown_role_and_a_max_tokens_the_window_cannot_hold_are_400_through
     strict = StrictTemplateEngine(toy_tokenizer, "Step.", window=2048)
     status, body = refusal(strict, {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "Go."}]})
     assert (status, body["error"]["param"]) == (400, "messages") and "roles must be user or assistant" in body["error"]["message"]
-    assert prepared(scripted, dict(CHAT, max_tokens=2047)).config.max_tokens == 2047  # what fits beside a prompt is honoured
+    # under the window, max_tokens passes here: whether it fits beside the prompt is known once the prompt is
+    # tokenized, at the run (test_a_prompt_and_max_tokens_over_the_window_are_a_400_as_vllms)
+    assert prepared(scripted, dict(CHAT, max_tokens=2047)).config.max_tokens == 2047
 
 
 # 6 ------------------------------------------------------------------------------------------------
@@ -379,6 +381,12 @@ REFUSED = [  # (endpoint and body, status, param, code)
     (chat(stream_options={"include_usage": "yes"}), 400, "stream_options.include_usage", None),
     (chat(stream_options=[]), 400, "stream_options", None),
     (chat(model=3), 400, "model", None),
+    (chat(reasoning_effort="extreme"), 400, "reasoning_effort", None),
+    (chat(reasoning_effort=3), 400, "reasoning_effort", None),
+    (completion(reasoning_effort="low"), 400, "reasoning_effort", "unknown_parameter"),  # a chat template's
+    # null means unset, but not where the request needs the field: refused as the wrong type
+    (chat(messages=None), 400, "messages", None),
+    (completion(prompt=None), 400, "prompt", None),
     (chat(model="gpt-4o"), 404, "model", "model_not_found"),
     (completion(model="gpt-4o"), 404, "model", "model_not_found"),
     # what the proxy cannot honour is refused, never ignored
@@ -431,7 +439,9 @@ def test_a_request_a_field_of_which_is_wrong_is_refused_naming_it(scripted, requ
 
 
 def test_what_clients_send_is_honoured_and_neutral_fields_are_accepted(scripted):
-    neutral = {"user": "u1", "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1, "best_of": 1, "logprobs": False, "top_logprobs": 0,
+    neutral = {"user": "u1", "safety_identifier": "s1", "prompt_cache_key": "k1", "prompt_cache_retention": "24h",
+               "audio": None, "modalities": None, "temperature": None, "codestop": None,
+               "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1, "best_of": 1, "logprobs": False, "top_logprobs": 0,
                "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "response_format": {"type": "text"},
                "logit_bias": {}, "stream_options": {"include_usage": False, "include_obfuscation": True}, "metadata": {"k": "v"},
                "store": False, "service_tier": "auto", "parallel_tool_calls": True, "model": "scripted", "stream": False}
@@ -596,3 +606,99 @@ def test_the_serve_commands_keys_and_the_environments_are_never_relayed(echoing,
             p.stop()
     # every key configured in this process, the environment's included, is redacted from any text
     assert redact(f"x {ENV_KEY} y") == "x [redacted] y" and redact(f"x {UPSTREAM_KEY}") == "x [redacted]"
+
+
+# 10 -----------------------------------------------------------------------------------------------
+# Issue 27: what a battery of real clients found
+
+
+def test_fields_real_clients_send_are_accepted_and_a_null_is_unset(proxy):
+    """The openai client, LangChain, LiteLLM and openai-agents send reasoning_effort, tags that change
+    nothing, and (some) every unset field as null: each got a 400 unknown_parameter."""
+    sent = dict(CHAT, reasoning_effort="high", safety_identifier="user-1", prompt_cache_key="k", prompt_cache_retention="24h",
+                audio=None, modalities=None, stream=None, stop=None)
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=sent)
+    assert r.status_code == 200, r.text
+    message = error_of(httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, messages=None)), 400, "messages")
+    assert message.startswith("messages: None must be")  # what the request cannot go without: refused, as what it is
+    assert httpx.post(proxy.url + "/v1/completions", json={"prompt": "Go.", "max_tokens": 3, "audio": None}).status_code == 200
+    # the openai client as a user calls it (an explicit None is sent as null)
+    r = proxy.client().chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=3, reasoning_effort="low",
+                                               safety_identifier="user-1", prompt_cache_key="k", prompt_cache_retention="24h",
+                                               audio=None, modalities=None)
+    assert r.usage.completion_tokens == 3
+
+
+GPT_OSS = (__import__("pathlib").Path(__file__).parent / "fixtures" / "chat_templates" / "gpt-oss.jinja").read_text()
+
+
+class HarmonyEngine(ScriptedEngine):
+    """gpt-oss's real chat template, rendered with the template variables the family sets."""
+
+    def chat_template(self, messages, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=GPT_OSS, tokenize=False, add_generation_prompt=True,
+                                                  strftime_now=lambda fmt: "2026-12-06", **kwargs)
+
+
+def test_reasoning_effort_is_gpt_oss_template_variable_and_changes_nothing_elsewhere(scripted, toy_tokenizer):
+    harmony = HarmonyEngine(toy_tokenizer, "Step.", window=2048)
+    body = {"messages": MESSAGES, "codestop": {"family": "gpt-oss"}}
+    assert "Reasoning: medium" in prepared(harmony, body).prompt  # the template's own default
+    for effort in ("low", "high"):
+        prep = prepared(harmony, dict(body, reasoning_effort=effort))
+        assert f"Reasoning: {effort}" in prep.prompt and prep.prompt.endswith("<|channel|>analysis<|message|>")
+    status, error = refusal(harmony, dict(body, reasoning_effort="minimal"))  # no effort gpt-oss was trained on
+    assert (status, error["error"]["param"]) == (400, "reasoning_effort") and "low, medium, high" in error["error"]["message"]
+    # a family with no notion of effort: accepted, the prompt as without it
+    assert prepared(scripted, {"messages": MESSAGES, "reasoning_effort": "minimal"}).prompt == prepared(scripted, {"messages": MESSAGES}).prompt
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field_not_a_500(proxy):
+    headers = {"content-type": "application/json"}
+    cases = [("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 3}', "messages[0].content"),
+             ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+              "messages[0].content[0].text"),
+             ("/v1/completions", b'{"prompt": "hi \\ud800", "max_tokens": 3}', "prompt"),
+             ("/v1/completions", b'{"prompt": "Go.", "stop": ["\\ud800"]}', "stop[0]")]
+    for path, raw, param in cases:
+        message = error_of(httpx.post(proxy.url + path, content=raw, headers=headers), 400, param)
+        assert message.startswith(f"{param}: ") and "lone UTF-16 surrogate" in message, message
+    pair = b'{"prompt": "hi \\ud83d\\ude00", "max_tokens": 3}'  # a pair is one character: fine
+    assert httpx.post(proxy.url + "/v1/completions", content=pair, headers=headers).status_code == 200
+
+
+def test_a_prompt_and_max_tokens_over_the_window_are_a_400_as_vllms(proxy):
+    """The battery's ``"word " * 1500`` (1,500 tokens to a real tokenizer; "Step" is one word of the
+    toy's) with max_tokens 1000 on a 2,048-token window: it ran, cut at the window."""
+    for stream in (False, True):
+        r = httpx.post(proxy.url + "/v1/completions", json={"prompt": "Step " * 1500, "max_tokens": 1000, "stream": stream})
+        message = error_of(r, 400, "prompt", "context_length_exceeded")
+        assert "2048-token context window" in message and "max_tokens asks for 1000" in message, message
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=dict(CHAT, messages=[{"role": "user", "content": "Step " * 1500}], max_tokens=1000))
+    error_of(r, 400, "messages", "context_length_exceeded")
+
+
+def test_the_clients_max_tokens_is_the_stop_reason_when_it_was_the_cap(proxy):
+    """It said max_reasoning_tokens, a cap the client never set."""
+    before = proxy.metrics().count('codestop_stops_total{reason="max_tokens"} 1.0')
+    usage = httpx.post(proxy.url + "/v1/chat/completions", json=CHAT).json()["usage"]
+    cs = usage["codestop"]
+    assert (cs["stop_reason"], cs["stopped_early"], usage["completion_tokens"]) == ("max_tokens", False, 3)
+    assert before == 0 and 'codestop_stops_total{reason="max_tokens"}' in proxy.metrics()
+    # probes: a count here, a list in results: the count is probe_count; the old keys stay for one release
+    assert cs["probe_count"] == cs["probes"] == 0 and cs["stop_position"] == cs["reasoning_tokens"] == 3
+
+
+def test_a_plain_models_answer_marker_follows_one_blank_line(toy_tokenizer):
+    """The proxy's chat answer after a stop: a step ends at a blank line and the marker opened with
+    another, four newlines in the content."""
+    engine = ScriptedEngine(toy_tokenizer, "Step one.\n\nStep two.\n\nDone.", answer="5}")
+    p = InProcessProxy(engine, close_engine=False)
+    try:
+        body = {"messages": MESSAGES, "codestop": {"method": "deer", "threshold": 0.5, "probe_interval": 1}}
+        r = httpx.post(p.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        content, cs = r.json()["choices"][0]["message"]["content"], r.json()["usage"]["codestop"]
+        assert cs["stop_reason"] == "threshold" and content.startswith("Step one.\n\n**Final Answer**\n\n"), content
+    finally:
+        p.stop()

@@ -161,7 +161,7 @@ def test_a_thinking_that_never_closes_still_gets_an_answer(proxy):
         half = cs["reasoning_tokens"] // 2
         used_up = chat(proxy, APPLES, codestop=codestop, max_tokens=half)
         cs = used_up.usage.codestop
-        assert (cs["stop_reason"], cs["reasoning_tokens"], cs["answer_tokens"]) == ("max_reasoning_tokens", half, 0), cs
+        assert (cs["stop_reason"], cs["reasoning_tokens"], cs["answer_tokens"]) == ("max_tokens", half, 0), cs
         assert used_up.choices[0].message.content == "" and used_up.choices[0].finish_reason == "length"
         assert reasoning_of(used_up.choices[0].message).strip()
 

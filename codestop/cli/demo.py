@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import sys
+from typing import Any, cast
 
-from codestop.demo import DEFAULT_METHODS, DEFAULT_PROBLEMS, DEMO_MAX_REASONING_TOKENS, DEMO_PROBE_INTERVAL, demo
+from codestop.demo import DEFAULT_METHODS, DEFAULT_PROBLEMS, DEMO_MAX_REASONING_TOKENS, DEMO_PROBE_INTERVAL, DemoReport, demo
 from codestop.errors import CodestopError
 
 
@@ -30,17 +31,34 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--probe-interval", type=int, default=DEMO_PROBE_INTERVAL, help="least reasoning tokens between probes")
     p.add_argument("--tau", type=float, default=None, help="CoDE-Stop degeneration threshold")
     p.add_argument("--threshold", type=float, default=None, help="DEER exit threshold")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the report (every answer and probe) to FILE")
+    p.add_argument("--json", nargs="?", const=True, default=None, metavar="FILE",
+                   help="print the report (every answer and probe) as one JSON object on stdout, the table on stderr; "
+                        "--json FILE, its old form, writes FILE as --out does (deprecated)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the report (every answer and probe) to FILE as JSON")
     p.set_defaults(func=cmd_demo)
 
 
+def report_file(args: argparse.Namespace) -> str | None:
+    """The file the report is written to: ``--out``, or the old ``--json FILE`` (one deprecation
+    line: every other verb's ``--json`` prints)."""
+    if isinstance(args.json, str):
+        print(f"codestop: demo --json FILE is deprecated; use --out {args.json} (--json alone prints the report)", file=sys.stderr)
+        if args.out is not None:
+            raise CodestopError("out: give --out FILE or the old --json FILE, not both")
+        return args.json
+    return cast(str | None, args.out)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.json:  # fail before the run, not after it
+    from rich.console import Console
+
+    path = report_file(args)
+    if path:  # fail before the run, not after it
         try:
-            with open(args.json, "a", encoding="utf-8"):
+            with open(path, "a", encoding="utf-8"):
                 pass
         except OSError as err:
-            raise CodestopError(f"json: cannot write {args.json!r} ({err.strerror})") from None
+            raise CodestopError(f"out: cannot write {path!r} ({err.strerror})") from None
     report = demo(
         args.model,
         problems=args.problems,
@@ -52,11 +70,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         probe_interval=args.probe_interval,
         tau=args.tau,
         threshold=args.threshold,
+        console=Console(stderr=True, highlight=False) if args.json is True else None,  # stdout holds the JSON alone
     )
-    if args.json:
+    emit(report, args.json is True, path)
+    return 0
+
+
+def emit(report: DemoReport, printed: bool, path: str | None) -> None:
+    """The report as JSON: printed on stdout, written to ``path``, both or neither."""
+    if printed:
+        print(json.dumps(report.to_dict(), indent=1))
+    if path:
         try:
-            with open(args.json, "w", encoding="utf-8") as fh:
+            with open(path, "w", encoding="utf-8") as fh:
                 json.dump(report.to_dict(), fh, indent=1)
         except OSError as err:
-            raise CodestopError(f"json: cannot write {args.json!r} ({err.strerror})") from None
-    return 0
+            raise CodestopError(f"out: cannot write {path!r} ({err.strerror})") from None

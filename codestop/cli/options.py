@@ -5,6 +5,7 @@ its name in kebab-case (``max_reasoning_tokens`` -> ``--max-reasoning-tokens``).
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
 from codestop.config import OLD_NAMES, PROBE_MODES, GenerationConfig, cli_fields
@@ -146,7 +147,28 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first N questions (after --offset)")
     g.add_argument("--offset", type=int, default=0, help="skip the first N questions (e.g. a dev split's)")
     g.add_argument("--split", default=None, help='a name for the questions chosen, written into every record (e.g. "held-out")')
-    g.add_argument("--concurrency", type=int, default=1, help="questions in flight at once (for server engines)")
+    g.add_argument("--questions-in-flight", dest="concurrency", type=int, default=1, metavar="N",
+                   help="questions answered at once (for server engines; each question is one session)")
+    add_old_flag(g, "--concurrency", "--questions-in-flight", dest="concurrency", type=int,
+                 why="eval's --concurrency counted questions, serve's counts upstream requests")
+
+
+class OldFlag(argparse.Action):
+    """A flag's old name, still taken for one release: sets the new flag's value and prints one
+    deprecation line to stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", why: str = "", **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new, self.why = new, why
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        print(f"codestop: {option_string} is deprecated; use {self.new} ({self.why})", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_old_flag(group: Any, old: str, new: str, dest: str, why: str, **kwargs: Any) -> None:
+    """``old`` as a deprecated spelling of the flag ``new`` (which sets ``dest``), hidden from the help."""
+    group.add_argument(old, dest=dest, action=OldFlag, new=new, why=why, help=argparse.SUPPRESS, **kwargs)
 
 
 def add_probe_interval_option(parser: argparse.ArgumentParser) -> None:

@@ -149,11 +149,11 @@ def eval_record(example: Example, result: Any, wall_time: float) -> dict[str, An
         "answer": answer,
         "correct": grade(answer, example.gold, example.kind),
         "tokens": dict(result.tokens),
-        "cost_tokens": result.cost,
+        "cost_tokens": result.cost_tokens,
         "probes": [{"position": p.position, "confidence": round(p.confidence, 6), "answer": p.answer, "probe_tokens": p.probe_tokens}
                    for p in result.probes],
         "stop_reason": result.stop_reason,
-        "stop_position": result.stop_position,
+        "stop_position": result.tokens["reasoning"],  # the old key, one release more
         "wall_time": round(wall_time, 3),
     }
 

@@ -10,11 +10,14 @@ error itself (a pydantic error's location, a ParameterError's ``param``), as vLL
 Every field is honoured, harmless, or refused with a 400 naming it, never accepted and ignored: an
 unknown field is ``unknown_parameter``; an OpenAI field the proxy cannot honour (``n > 1``,
 ``logprobs``, ...) is accepted at its neutral value (what the official clients send when nothing is
-asked) and else ``unsupported_parameter``. A chat request's agent fields (``AGENT_FIELDS``: tools,
+asked) and else ``unsupported_parameter``. A top-level ``null`` means the field is unset, as in
+OpenAI's API (some clients send every unset field as null), except for the prompt or messages, which
+a request cannot go without. A string holding a lone UTF-16 surrogate is no text: a 400 naming it. A chat request's agent fields (``AGENT_FIELDS``: tools,
 a response format) are honoured by :mod:`codestop.serve.upstream_chat`; a raw completion still refuses them.
 """
 
 # no "from __future__ import annotations": pydantic reads the fields' annotations at runtime
+import re
 from typing import Any, ClassVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
@@ -31,6 +34,8 @@ OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k
 AGENT_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 TOOL_CHOICES = ("none", "auto", "required")
+# OpenAI's reasoning efforts; a family with a notion of effort honours those it knows (Family.with_effort)
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 # Refused unless at their neutral value (None always is): (neutral values, why)
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "n": ((1,), "one choice per request"),
@@ -116,7 +121,7 @@ def validation_error(err: ValidationError) -> tuple[str, str, str | None]:
     param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".") or "body"
     if first["type"] == "extra_forbidden":
         prompt = "messages" if err.title == ChatRequest.__name__ else "prompt"
-        agents = f"{', '.join(AGENT_FIELDS)}, " if prompt == "messages" else ""
+        agents = f"{', '.join(AGENT_FIELDS)}, reasoning_effort, " if prompt == "messages" else ""
         return param, f"{param}: unrecognized request argument (the codestop proxy honours {prompt}, " \
                       f"{', '.join(OPENAI_FIELDS)}, {agents}and codestop)", "unknown_parameter"
     if first["type"] == "missing":
@@ -199,12 +204,15 @@ class OpenAIRequest(BaseModel):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stop: tuple[str, ...] | None = None
-    # harmless: they change nothing in the answer
+    # harmless: they change nothing in the answer (tags, caching and storage hints)
     user: Any = None
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
     parallel_tool_calls: Any = None
+    safety_identifier: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
     # refused unless neutral (UNSUPPORTED_FIELDS)
     n: Any = None
     best_of: Any = None
@@ -254,6 +262,15 @@ class ChatRequest(OpenAIRequest):
     honoured = frozenset({"tools", "tool_choice", "response_format"})
 
     messages: list[Message]
+    # a chat template's effort (gpt-oss's "Reasoning: high"); elsewhere it changes nothing (docs/serving.md)
+    reasoning_effort: str | None = None
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _effort(cls, effort: str | None) -> str | None:
+        require(effort is None or effort in REASONING_EFFORTS, "reasoning_effort", effort,
+                f"must be one of {', '.join(REASONING_EFFORTS)}")
+        return effort
 
     @field_validator("messages")
     @classmethod
@@ -317,7 +334,31 @@ def check_agent_field(name: str, value: Any, earlier: dict[str, Any]) -> Any:
 
 def parse_request(body: Any, chat: bool) -> ChatRequest | CompletionRequest:
     """A request body as its endpoint's model; a ValidationError (a 400 naming the field) if it is
-    not one."""
+    not one. A field set to null is unset, unless the request needs it (its prompt or messages: a
+    null there is refused as the wrong type it is)."""
     if not isinstance(body, dict):
         raise RequestError("body: must be a JSON object", "body")
-    return (ChatRequest if chat else CompletionRequest).model_validate(body)
+    model = ChatRequest if chat else CompletionRequest
+    check_text(body)
+    needed = {name for name, f in model.model_fields.items() if f.is_required()}
+    return model.model_validate({k: v for k, v in body.items() if v is not None or k in needed})
+
+
+def check_text(value: Any, param: str = "") -> None:
+    """A ParameterError naming the first string (or object key) in ``value`` that holds a lone UTF-16
+    surrogate (JSON's ``"\\ud800"``): no UTF-8 encodes it, so no tokenizer or upstream can take it.
+    ``value`` is a parsed body, nested at most MAX_JSON_DEPTH levels (the app checked)."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise ParameterError(param or "body", value if len(value) <= 60 else value[:57] + "...", "holds a lone UTF-16 surrogate, which is no Unicode text "
+                                 "(a surrogate must be half of a pair)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, param or "body")
+            check_text(item, f"{param}.{key}" if param else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, f"{param}[{i}]")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")

@@ -153,9 +153,10 @@ async def prepare(request: ChatRequest | CompletionRequest, engine: Engine, defa
     check_max_tokens(request, config, engine)
     family = get_family(config.family, engine, config.enable_thinking)
     if isinstance(request, ChatRequest):
+        family = family.with_effort(request.reasoning_effort)
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        if request.agent:  # the conversation as sent (tool calls, tool results) and the tools: codestop/serve/agents.py
+        if request.agent:  # the conversation as sent (tool calls, tool results) and the tools: codestop/serve/upstream_chat.py
             messages = [m.wire() for m in request.messages]
             family = replace(family, template_kwargs={**family.template_kwargs, "tools": request.tools}) if request.tools else family
         family, prompt = await render_messages(engine, family, messages)
@@ -317,7 +318,9 @@ def split_result(result: Result, family: Family, split: bool) -> dict[str, str]:
 def usage_of(result: Result, family: Family) -> dict[str, Any]:
     """OpenAI's usage: the completion is the reasoning plus the answer (what ``max_tokens`` caps);
     ``reasoning_tokens`` the thinking block's (0 for a plain family); codestop's own figures, probes
-    included, under ``codestop``."""
+    included, under ``codestop``. ``probes`` (the count, where everywhere else it is the list) and
+    ``stop_position`` (always ``reasoning_tokens``) are written for one more release beside
+    ``probe_count`` and ``reasoning_tokens`` (docs/vocabulary.md)."""
     t = result.tokens
     completion = t["reasoning"] + t["answer"]
     return {
@@ -329,16 +332,17 @@ def usage_of(result: Result, family: Family) -> dict[str, Any]:
             "policy": result.policy,
             "stop_reason": result.stop_reason,
             "stopped_early": result.stop_reason not in NOT_EARLY,
-            "stop_position": result.stop_position,
             "reasoning_tokens": t["reasoning"],
             "answer_tokens": t["answer"],
             "probe_tokens": t["probe"],
             "probe_prompt_tokens": t["probe_prompt"],
             "overrun_tokens": t.get("overrun", 0),
-            "probes": len(result.probes),
+            "probe_count": len(result.probes),
             "steps": result.steps,
             "answer": result.answer,
-            "cost_tokens": result.cost,
+            "cost_tokens": result.cost_tokens,
+            "probes": len(result.probes),  # old name (a count), until the next release
+            "stop_position": t["reasoning"],  # old name, until the next release
         },
     }
 

@@ -198,5 +198,5 @@ def _answered(engine: ChatEngine, prep: Prepared, reasoning: Result | None, cont
     tokens = {"prompt": int(usage.get("prompt_tokens") or 0), "reasoning": 0, "probe": 0, "probe_prompt": 0,
               "answer": answer_tokens, "overrun": 0}
     return Result(question=prep.question, answer=None, answer_text=content, reasoning_text="", stop_reason="finished",
-                  stop_position=0, answer_position=0, probes=[], steps=0, tokens=tokens, timings={"total": 0.0},
+                  answer_position=0, probes=[], steps=0, tokens=tokens, timings={"total": 0.0},
                   policy=policy_options(prep.policy), model=engine.model_name, engine=engine.name, family=prep.family.name)
