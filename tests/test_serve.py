@@ -29,7 +29,7 @@ from codestop.config import GenerationConfig
 from codestop.engines.server import ServerEngine
 from codestop.errors import CodestopError
 from codestop.families import FAMILIES
-from codestop.serve import create_app
+from codestop.serve import ServeOptions, create_app
 from codestop.serve.defaults import DEFAULT_CONFIG
 from codestop.serve.protocol import parse_request
 from codestop.serve.serving import Splitter, prepare, server_defaults
@@ -44,7 +44,7 @@ class InProcessProxy:
     """``create_app`` served by uvicorn in a thread of the test process."""
 
     def __init__(self, engine, **kwargs) -> None:
-        self.app = create_app(engine, **kwargs)
+        self.app = create_app(engine, ServeOptions(**kwargs))
         self.port = free_port()
         self.server, self.thread = serve_in_thread(self.app, self.port)
 
@@ -392,7 +392,7 @@ def test_a_stream_whose_body_never_starts_still_closes_its_session(tokenizer, fa
     """Driven at the ASGI level: the status line cannot be sent (so the body never runs), or the
     client is gone as soon as the response starts."""
     engine = SlowEngine(tokenizer)
-    app = create_app(engine, policy={"method": "vanilla"})
+    app = create_app(engine, ServeOptions(policy={"method": "vanilla"}))
     request = json.dumps({"messages": [{"role": "user", "content": "Go."}], "stream": True}).encode()
     sent: list[dict] = []
     pending = [{"type": "http.request", "body": request, "more_body": False}]
@@ -460,7 +460,7 @@ def test_the_default_config_and_policy_apply_and_requests_override_them(tokenize
     finally:
         p.stop()
     with pytest.raises(CodestopError, match="tau"):
-        create_app(engine, policy={"method": "codestop", "tau": -1})
+        ServeOptions(policy={"method": "codestop", "tau": -1})
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from codestop.policies import Vanilla, make_policy
 from codestop.policy_file import read_policy_file, write_policy_file
 from codestop.replay import replay_trace
 from codestop.serve.defaults import DEFAULT_CONFIG
+from codestop.serve.options import ServeOptions
 from codestop.serve.shadow import Shadow
 from codestop.traces import load_traces
 
@@ -97,7 +98,7 @@ def test_a_line_cut_by_a_killed_proxy_is_dropped_by_readers_and_cut_off_before_a
 def test_a_shadow_fraction_outside_0_to_1_is_refused(tmp_path):
     for bad in (0, -0.5, 1.5, True):
         with pytest.raises(ParameterError, match="shadow_fraction"):
-            Shadow(tmp_path / "s.jsonl", fraction=bad)
+            ServeOptions(shadow=tmp_path / "s.jsonl", shadow_fraction=bad)
 
 
 def test_the_reference_probe_reads_the_full_reasoning_before_the_model_closed_it(toy_tokenizer):
