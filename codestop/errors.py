@@ -88,7 +88,7 @@ class ServerBusy(ServerError):
 # a URL's password. Each match keeps its name and loses its value (the group named "value"); a value
 # of dots or stars is a placeholder, not a credential (the proxy's own "Bearer ..."), and stays.
 _SECRETS = tuple((re.compile(pattern), replacement) for pattern, replacement in (
-    (r"(?i)(\bauthorization\b[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?(?P<value>[^\s\"',;]+)", r"\1[redacted]"),
+    (r"(?i)(\bauthorization\b[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?(?P<value>[^\s\"',;)}]+)", r"\1[redacted]"),
     (r"(?i)\b(bearer|basic)(\s+)(?P<value>[A-Za-z0-9._~+/=-]{4,})", r"\1\2[redacted]"),
     (r"(?i)(\b(?:x-)?(?:api[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|client[_-]?secret|secret|password|passwd)"
      r"\b[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"'&,;})\]]+)", r"\1[redacted]"),

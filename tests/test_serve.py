@@ -27,7 +27,7 @@ from scripted import ScriptedBackend, ScriptedEngine
 
 from codestop.config import GenerationConfig
 from codestop.engines.server import ServerEngine
-from codestop.errors import CodestopError
+from codestop.errors import CodestopError, redact
 from codestop.families import FAMILIES
 from codestop.serve import ServeOptions, create_app
 from codestop.serve.defaults import DEFAULT_CONFIG
@@ -235,6 +235,23 @@ def test_the_proxy_key_is_required_when_set_and_health_and_metrics_answer(llama)
                 assert f"codestop_{name.removesuffix('_total')}_total{label} " in text, (name, kind)
     finally:
         p.stop()
+
+
+def test_the_401_says_whole_how_to_send_the_key_and_keys_are_still_redacted(toy_tokenizer):
+    """The key check's message is not taken for a credential by the proxy's own redaction (it read
+    "invalid or missing API key (Authorization: [redacted]"); a key in the same shape still is."""
+    from starlette.testclient import TestClient
+
+    app = create_app(ScriptedEngine(toy_tokenizer, "Step. "), ServeOptions(proxy_api_key="s3cret-key"))
+    with TestClient(app) as client:
+        for headers in ({}, {"authorization": "Bearer wrong-key"}):
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=headers)
+            assert r.status_code == 401
+            assert r.json()["error"]["message"] == "invalid or missing API key (Authorization: Bearer ...)"
+    for text, clean in (("(Authorization: Bearer s3cret-key)", "(Authorization: [redacted])"),
+                        ("(Authorization: Bearer sk-abcdef0123456789)", "(Authorization: [redacted])"),
+                        ("sent Bearer abcd.efgh ...", "sent Bearer [redacted] ..."), ("api_key=... or api_key=hunter2", "api_key=... or api_key=[redacted]")):
+        assert redact(text) == clean, text
 
 
 def test_an_in_process_engine_serves_too(tiny_engine):

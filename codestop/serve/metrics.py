@@ -23,7 +23,6 @@ from codestop.engines.base import Engine
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # what /metrics counts
 SAVED_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-SAVING_BUCKETS = (-1.0, -0.5, -0.2, -0.1, *SAVED_BUCKETS)  # a saving is negative where probing cost more than the stop saved
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
 
 
@@ -173,8 +172,8 @@ class Metrics:
         self.shadow_vanilla_cost_tokens = Counter("codestop_shadow_vanilla_cost_tokens", "Cost tokens of shadowed requests "
                                                   "without stopping (replayed: the full reasoning).", registry=r)
         self.shadow_saving = Histogram("codestop_shadow_saving", "Each shadowed request's saving had the policy run: "
-                                       "1 - its cost tokens / vanilla's (negative: its probes cost more than its stop "
-                                       "saved).", buckets=SAVING_BUCKETS, registry=r)
+                                       "1 - its cost tokens / vanilla's (le 0: none, or its probes cost more than its "
+                                       "stop saved).", buckets=SAVED_BUCKETS, registry=r)
         # the reasoning-token figures these replace, written for one release more (docs/vocabulary.md)
         self.shadow_saved_tokens = Counter("codestop_shadow_saved_reasoning_tokens", "Deprecated (codestop_shadow_cost_tokens): "
                                            "reasoning tokens the policy would have saved on shadowed requests.", registry=r)
