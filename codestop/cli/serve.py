@@ -174,7 +174,7 @@ def app_for(spec: Mapping[str, Any], options: ServeOptions, on_engine_error: Cal
 def say_what_it_serves(app: Any) -> None:
     """The start-up lines: the policy and its guarantee (or that it has none), and the shadow file."""
     served = app.state.served
-    print(f"codestop serve: policy {served.policy_file.describe()}", file=sys.stderr)
+    print(f"codestop serve: policy {served.options.policy_file.describe()}", file=sys.stderr)
     if served.shadow is not None:
         print(f"codestop serve: {served.shadow.describe()}", file=sys.stderr)
 

@@ -37,13 +37,11 @@ from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
 from codestop.engines.server.stopping import Stoppable
 from codestop.errors import CodestopError, ServerBusy, redact, redact_logs, register_secret
-from codestop.policy_file import PolicyFile
 from codestop.serve import agents
 from codestop.serve.metrics import CountRequests, Metrics
 from codestop.serve.options import ServeOptions
 from codestop.serve.protocol import ChatRequest, RequestError, error_body, error_for, parse_request
 from codestop.serve.serving import (
-    Defaults,
     chain,
     full_response,
     prepare,
@@ -76,8 +74,7 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
     # what the proxy, its server and its HTTP client log (httpcore's debug lines show an upstream's headers)
     redact_logs(log.name, "uvicorn.error", "uvicorn.access", "httpx", *(f"httpcore.{m}" for m in ("connection", "http11", "http2", "proxy")))
     shadowing = None if options.shadow is None else Shadow(options.shadow, options.shadow_fraction, options.shadow_text)
-    served = Served(engine if isinstance(engine, Engine) else None, options.defaults, options.proxy_api_key,
-                    options.policy_file, shadowing)
+    served = Served(engine if isinstance(engine, Engine) else None, options, shadowing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,12 +105,11 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
 
 @dataclass
 class Served:
-    """What the handlers answer with. ``engine`` is None until it is built (``build``)."""
+    """What the handlers answer with (an app's ``state.served``). ``engine`` is None until it is
+    built (``build``)."""
 
     engine: Engine | None
-    defaults: Defaults
-    proxy_api_key: str | None
-    policy_file: PolicyFile  # the default policy and the guarantee it was calibrated with, if any
+    options: ServeOptions
     shadow: Shadow | None = None
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -124,7 +120,8 @@ class Served:
 
     def describe(self) -> dict[str, Any]:
         """The policy applied (with its guarantee, or uncalibrated) and the shadow mode, for /health."""
-        out: dict[str, Any] = {"policy": self.policy_file.describe(), "guarantee": self.policy_file.guarantee}
+        policy = self.options.policy_file  # the default policy and the guarantee it was calibrated with, if any
+        out: dict[str, Any] = {"policy": policy.describe(), "guarantee": policy.guarantee}
         if self.shadow is not None:
             out["shadow"] = {"file": str(self.shadow.path), "fraction": self.shadow.fraction, "text": self.shadow.text}
         return out
@@ -164,12 +161,12 @@ def has_key(request: Request) -> bool:
     """The request carries the proxy's key (the scheme in any case, RFC 7235; the key compared in
     constant time)."""
     scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-    right = hmac.compare_digest(token.strip().encode(), (served_by(request).proxy_api_key or "").encode())
+    right = hmac.compare_digest(token.strip().encode(), (served_by(request).options.proxy_api_key or "").encode())
     return right and scheme.lower() == "bearer"
 
 
 async def require_key(request: Request) -> None:
-    if served_by(request).proxy_api_key and not has_key(request):
+    if served_by(request).options.proxy_api_key and not has_key(request):
         raise RequestError(KEY_MISSING, None, 401, "invalid_api_key", "authentication_error")
 
 
@@ -182,14 +179,14 @@ async def health(request: Request) -> JSONResponse:
     """The engine's state. With a key set, its details (engine, model, upstream URL) are for the
     key's holders; the upstream's error text is never public."""
     s = served_by(request)
-    holder = bool(s.proxy_api_key) and has_key(request)  # may read details and the upstream's errors
+    holder = bool(s.options.proxy_api_key) and has_key(request)  # may read details and the upstream's errors
     if s.engine is None:
         status = "failed" if s.load_error is not None else "loading"
         return JSONResponse({"status": status, **({"error": s.load_error} if s.load_error and holder else {})}, status_code=503)
     state = await s.engine.health()
     ok = bool(state.get("ok"))
     body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
-    if holder or not s.proxy_api_key:
+    if holder or not s.options.proxy_api_key:
         body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
         body.update(s.describe())
         if callable(connections := getattr(s.engine, "connections", None)):  # a server engine's pool: a leak shows here
@@ -210,7 +207,7 @@ async def models(request: Request) -> JSONResponse:
     s = served_by(request)
     engine = await s.ready_engine()
     cards = [{"id": name, "object": "model", "created": s.created, "owned_by": "codestop"}
-             for name in served_models(engine, s.defaults.served_model_name)]
+             for name in served_models(engine, s.options.defaults.served_model_name)]
     return JSONResponse({"object": "list", "data": cards})
 
 
@@ -248,7 +245,7 @@ async def answer(s: Served, request: Request, chat: bool) -> Response:
     """One answer: consumed to its Result, or streamed as SSE from its first text on."""
     body = parse_request(await read_json(request), chat)
     engine = await s.ready_engine()
-    prep = await prepare(body, engine, s.defaults)
+    prep = await prepare(body, engine, s.options.defaults)
     if isinstance(body, ChatRequest) and body.agent:  # tools, a response format: the upstream's chat answers
         if not prep.stream:
             return JSONResponse(await unless_disconnected(request, agents.complete(engine, body, prep, s.metrics)))
