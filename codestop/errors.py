@@ -4,6 +4,7 @@ an engine."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -108,17 +109,24 @@ class ServerBusy(ServerError):
 
 # What looks like a credential in a text codestop relays (an upstream's error message, a URL):
 # an Authorization header's value, a Bearer or Basic token, key=value secrets, provider-style keys,
-# a URL's password. Each match keeps its name and loses its value.
+# a URL's password. Each match keeps its name and loses its value (the group named "value"); a value
+# of dots or stars is a placeholder, not a credential (the proxy's own "Bearer ..."), and stays.
 _SECRETS = tuple((re.compile(pattern), replacement) for pattern, replacement in (
-    (r"(?i)(\bauthorization\b[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s\"',;]+", r"\1[redacted]"),
-    (r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{4,}", r"\1\2[redacted]"),
+    (r"(?i)(\bauthorization\b[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?(?P<value>[^\s\"',;)}]+)", r"\1[redacted]"),
+    (r"(?i)\b(bearer|basic)(\s+)(?P<value>[A-Za-z0-9._~+/=-]{4,})", r"\1\2[redacted]"),
     (r"(?i)(\b(?:x-)?(?:api[_-]?key|access[_-]?token|auth[_-]?token|refresh[_-]?token|client[_-]?secret|secret|password|passwd)"
-     r"\b[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,;})\]]+", r"\1[redacted]"),
+     r"\b[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"'&,;})\]]+)", r"\1[redacted]"),
     (r"\b(?:sk|rk|pk)-[A-Za-z0-9_-]{8,}", "[redacted]"),
     (r"\b(?:hf|gh[pousr]|glpat|xox[abprs])[_-][A-Za-z0-9_-]{16,}", "[redacted]"),
     (r"\bAKIA[0-9A-Z]{16}\b", "[redacted]"),
-    (r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@", r"\1[redacted]@"),
+    (r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)(?P<value>[^@\s/]+)@", r"\1[redacted]@"),
 ))
+_PLACEHOLDER = re.compile(r"[.*\u2026]+[)\]}]*")  # dots or stars, and a bracket that closes the text around them
+
+
+def _redacted(match: re.Match[str], replacement: str) -> str:
+    value = match.groupdict().get("value")
+    return match.group(0) if value is not None and _PLACEHOLDER.fullmatch(value) else match.expand(replacement)
 
 
 # The keys codestop was given (an upstream's api_key, the proxy's own key): removed literally,
@@ -151,7 +159,7 @@ def redact(text: str) -> str:
     if _registered_re is not None:
         text = _registered_re.sub("[redacted]", text)
     for pattern, replacement in _SECRETS:
-        text = pattern.sub(replacement, text)
+        text = pattern.sub(functools.partial(_redacted, replacement=replacement), text)
     return text
 
 

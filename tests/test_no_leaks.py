@@ -72,7 +72,7 @@ def run_mixed(proxy: InProcessProxy, n: int) -> Counter[str]:
 def check_no_leak(proxy: InProcessProxy, engine: ServerEngine, upstream_port: int) -> None:
     """Every connection back in a pool (or closed) once the proxy is idle, no socket outside the
     pools, and /metrics and /health say so; the proxy still answers."""
-    deadline = time.monotonic() + 30  # a client that left: its request ends at the proxy's next disconnect poll
+    deadline = time.monotonic() + 30  # a client that left: its request ends once the proxy reads its disconnect
     while True:
         in_use, sockets = engine.connections()["in_use"], upstream_sockets(upstream_port)
         if in_use == 0 or time.monotonic() > deadline:

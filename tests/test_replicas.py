@@ -25,7 +25,7 @@ from codestop.errors import CodestopError, ServerError, ServerUnreachable
 from codestop.models import load_engine
 from codestop.policies import make_policy
 from codestop.sampling import Sampling
-from codestop.serve import Metrics, create_app
+from codestop.serve import Metrics, ServeOptions, create_app
 from codestop.steps import StepRules
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_a_killed_replica_fails_only_its_sessions_and_rejoins_when_back(servers)
         # new questions go to the live replica, and the proxy's /health names the dead one
         done = await asyncio.gather(*(agenerate(eng, POEM, NEVER_STOPS, CONFIG) for _ in range(2)))
         assert all(r.answer_text is not None for r in done) and (a.sessions, b.sessions) == (2, 4)
-        app = create_app(eng, close_engine=False, proxy_api_key="k")
+        app = create_app(eng, ServeOptions(close_engine=False, proxy_api_key="k"))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy",
                                      headers={"authorization": "Bearer k"}) as proxy:
             health = (await proxy.get("/health")).json()  # the details, errors included: for the key's holders

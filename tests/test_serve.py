@@ -27,9 +27,9 @@ from scripted import ScriptedBackend, ScriptedEngine
 
 from codestop.config import GenerationConfig
 from codestop.engines.server import ServerEngine
-from codestop.errors import CodestopError
+from codestop.errors import CodestopError, redact
 from codestop.families import FAMILIES
-from codestop.serve import create_app
+from codestop.serve import ServeOptions, create_app
 from codestop.serve.defaults import DEFAULT_CONFIG
 from codestop.serve.protocol import parse_request
 from codestop.serve.serving import Splitter, prepare, server_defaults
@@ -44,7 +44,7 @@ class InProcessProxy:
     """``create_app`` served by uvicorn in a thread of the test process."""
 
     def __init__(self, engine, **kwargs) -> None:
-        self.app = create_app(engine, **kwargs)
+        self.app = create_app(engine, ServeOptions(**kwargs))
         self.port = free_port()
         self.server, self.thread = serve_in_thread(self.app, self.port)
 
@@ -237,6 +237,23 @@ def test_the_proxy_key_is_required_when_set_and_health_and_metrics_answer(llama)
         p.stop()
 
 
+def test_the_401_says_whole_how_to_send_the_key_and_keys_are_still_redacted(toy_tokenizer):
+    """The key check's message is not taken for a credential by the proxy's own redaction (it read
+    "invalid or missing API key (Authorization: [redacted]"); a key in the same shape still is."""
+    from starlette.testclient import TestClient
+
+    app = create_app(ScriptedEngine(toy_tokenizer, "Step. "), ServeOptions(proxy_api_key="s3cret-key"))
+    with TestClient(app) as client:
+        for headers in ({}, {"authorization": "Bearer wrong-key"}):
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=headers)
+            assert r.status_code == 401
+            assert r.json()["error"]["message"] == "invalid or missing API key (Authorization: Bearer ...)"
+    for text, clean in (("(Authorization: Bearer s3cret-key)", "(Authorization: [redacted])"),
+                        ("(Authorization: Bearer sk-abcdef0123456789)", "(Authorization: [redacted])"),
+                        ("sent Bearer abcd.efgh ...", "sent Bearer [redacted] ..."), ("api_key=... or api_key=hunter2", "api_key=... or api_key=[redacted]")):
+        assert redact(text) == clean, text
+
+
 def test_an_in_process_engine_serves_too(tiny_engine):
     p = InProcessProxy(tiny_engine, policy={"method": "vanilla"}, close_engine=False)  # the engine is shared
     try:
@@ -392,7 +409,7 @@ def test_a_stream_whose_body_never_starts_still_closes_its_session(tokenizer, fa
     """Driven at the ASGI level: the status line cannot be sent (so the body never runs), or the
     client is gone as soon as the response starts."""
     engine = SlowEngine(tokenizer)
-    app = create_app(engine, policy={"method": "vanilla"})
+    app = create_app(engine, ServeOptions(policy={"method": "vanilla"}))
     request = json.dumps({"messages": [{"role": "user", "content": "Go."}], "stream": True}).encode()
     sent: list[dict] = []
     pending = [{"type": "http.request", "body": request, "more_body": False}]
@@ -460,7 +477,7 @@ def test_the_default_config_and_policy_apply_and_requests_override_them(tokenize
     finally:
         p.stop()
     with pytest.raises(CodestopError, match="tau"):
-        create_app(engine, policy={"method": "codestop", "tau": -1})
+        ServeOptions(policy={"method": "codestop", "tau": -1})
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ from scripted import ScriptedEngine
 from test_serve import InProcessProxy, wait_for
 
 import codestop
-from codestop.cli.serve import add_parser, build_engine
+from codestop.cli.serve import add_parser, build_engine, engine_spec
 from codestop.engines.server import ServerEngine, error_message
 from codestop.errors import CodestopError, ServerTimeout, redact
 from codestop.policies import make_policy
-from codestop.serve import create_app
+from codestop.serve import ServeOptions, create_app
 from codestop.serve.app import json_depth
 from codestop.serve.defaults import DEFAULT_CONFIG
 from codestop.serve.protocol import ROLES, error_for, parse_request
@@ -137,7 +137,7 @@ def test_a_body_over_max_request_bytes_is_413_before_it_is_read(proxy):
     assert 'status="413"' in proxy.metrics()
     # the parameter and its flag
     with pytest.raises(CodestopError, match="max_request_bytes"):
-        create_app(proxy.app.state.served.engine, max_request_bytes=0)
+        ServeOptions(max_request_bytes=0)
     sub = argparse.ArgumentParser().add_subparsers()
     add_parser(sub)
     parser = sub.choices["serve"]
@@ -322,7 +322,7 @@ def test_an_unknown_server_engine_option_is_an_error_naming_it():
     add_parser(sub)
     args = sub.choices["serve"].parse_args(["--base-url", f"http://127.0.0.1:{free_port()}/v1", "--timeout", "5", "--retries", "1",
                                             "--concurrency", "2", "--api-key", "k"])
-    engine = build_engine(args)
+    engine = build_engine(engine_spec(args))
     assert isinstance(engine, ServerEngine) and not engine.connected and engine.options.retries == 1
     engine.close()
 
@@ -467,7 +467,7 @@ def test_the_default_policy_is_validated_once_at_start_up(scripted, monkeypatch)
 
     built = []
     monkeypatch.setattr(serving, "make_policy", lambda *spec, **knobs: built.append(spec) or make_policy(*spec, **knobs))
-    app = create_app(scripted, policy={"method": "budget", "budget": 3}, close_engine=False)
+    app = create_app(scripted, ServeOptions(policy={"method": "budget", "budget": 3}, close_engine=False))
     assert len(built) == 1
     with TestClient(app) as client:
         for _ in range(2):

@@ -1,4 +1,4 @@
-"""``--served-model-name`` / ``create_app(served_model_name=...)``: the names the proxy serves its model
+"""``--served-model-name`` / ``ServeOptions(served_model_name=...)``: the names the proxy serves its model
 under, as vLLM's flag (a scripted in-process engine: nothing depends on what a model writes)."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_the_served_names_are_listed_accepted_and_answered_with(scripted):
         plain.stop()
     for bad in ([], [""], ["ok", 3]):
         with pytest.raises(CodestopError, match="served_model_name"):
-            serve.create_app(scripted, served_model_name=bad)
+            serve.ServeOptions(served_model_name=bad)
 
 
 def test_the_cli_flag_reaches_the_app(toy_tokenizer, monkeypatch):
@@ -75,7 +75,7 @@ def test_the_cli_flag_reaches_the_app(toy_tokenizer, monkeypatch):
                 seen["model"] = client.post("/v1/chat/completions", json=CHAT).json()["model"]
 
     monkeypatch.setattr(uvicorn, "Server", Server)
-    monkeypatch.setattr(cli_serve, "build_engine", lambda args: ScriptedEngine(toy_tokenizer, "Step. " * 20))  # closed at shutdown
+    monkeypatch.setattr(cli_serve, "build_engine", lambda spec: ScriptedEngine(toy_tokenizer, "Step. " * 20))  # closed at shutdown
     parser = build_parser()
     assert parser.parse_args(["serve", "--model", "/models/x.gguf"]).served_model_name is None  # default: the model's
     args = parser.parse_args(["serve", "--model", "/models/x.gguf", "--served-model-name", "x", "x-latest", "--method", "vanilla"])

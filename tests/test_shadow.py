@@ -37,6 +37,7 @@ from codestop.policies import Vanilla, make_policy
 from codestop.policy_file import read_policy_file, write_policy_file
 from codestop.replay import replay_trace
 from codestop.serve.defaults import DEFAULT_CONFIG
+from codestop.serve.options import ServeOptions
 from codestop.serve.shadow import Shadow
 from codestop.traces import load_traces, trace_from_json
 
@@ -97,7 +98,7 @@ def test_a_line_cut_by_a_killed_proxy_is_dropped_by_readers_and_cut_off_before_a
 def test_a_shadow_fraction_outside_0_to_1_is_refused(tmp_path):
     for bad in (0, -0.5, 1.5, True):
         with pytest.raises(ParameterError, match="shadow_fraction"):
-            Shadow(tmp_path / "s.jsonl", fraction=bad)
+            ServeOptions(shadow=tmp_path / "s.jsonl", shadow_fraction=bad)
 
 
 def test_the_reference_probe_reads_the_full_reasoning_before_the_model_closed_it(toy_tokenizer):
@@ -313,6 +314,36 @@ def test_a_trace_that_cannot_be_written_is_counted_and_the_answer_still_served(t
         assert metric(m, "codestop_shadow_saved_reasoning_tokens_total") > 0
     finally:
         proxy.stop()
+
+
+def test_the_shadow_saving_is_on_the_cost_basis_and_the_old_reasoning_figures_are_still_written(toy_tokenizer, tmp_path):
+    """What a shadowed request would have saved is counted in cost tokens (the reasoning to the stop
+    and the probes spent up to it) against the same trace replayed without stopping, as `saving` is
+    everywhere else (docs/vocabulary.md); the reasoning-token series stay for one release."""
+    path = tmp_path / "shadow.jsonl"
+    first_probe = {"method": "codestop", "r_min": 0.0, "r_max": 0.0}  # would stop at its first probe
+    proxy = InProcessProxy(ScriptedEngine(toy_tokenizer, "Step one.\nStep two.\nStep three.\n"), shadow=path,
+                           config=CONFIG.replace(probe_interval=1), policy=first_probe)
+    try:
+        for _ in range(2):
+            proxy.client().chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Q?"}], max_tokens=64)
+        m = proxy.metrics()
+    finally:
+        proxy.stop()
+    traces = load_traces(path)
+    stopped = [replay_trace(t, make_policy(**first_probe)) for t in traces]
+    vanilla = [replay_trace(t, Vanilla()) for t in traces]
+    assert len(traces) == 2 and all(r.stop_index == 0 for r in stopped)
+    cost, full = sum(r.cost_tokens for r in stopped), sum(v.cost_tokens for v in vanilla)
+    assert cost > sum(r.reasoning_tokens for r in stopped)  # the probe's tokens are in the cost
+    assert metric(m, "codestop_shadow_cost_tokens_total") == cost
+    assert metric(m, "codestop_shadow_vanilla_cost_tokens_total") == full == sum(t.reasoning_tokens for t in traces)
+    assert metric(m, "codestop_shadow_saving_count") == 2
+    assert metric(m, "codestop_shadow_saving_sum") == pytest.approx(sum(1 - r.cost_tokens / v.cost_tokens
+                                                                        for r, v in zip(stopped, vanilla, strict=True)))
+    # the reasoning-token figures, written beside them for one release
+    assert metric(m, "codestop_shadow_saved_reasoning_tokens_total") == full - sum(r.reasoning_tokens for r in stopped)
+    assert metric(m, "codestop_shadow_saved_fraction_count") == 2
 
 
 def test_a_raw_completion_is_shadowed_too(toy_tokenizer, tmp_path):

@@ -1,12 +1,15 @@
 """``codestop serve --workers 2`` as the real verb in its own process, in front of a REAL vLLM server
 (SmolLM2-135M-Instruct; the ``vllm_url`` fixture): both workers answer requests, each on its own
-upstream connections, and ``/metrics`` sums the workers' series whichever worker is scraped."""
+upstream connections, and ``/metrics`` sums the workers' series whichever worker is scraped; a
+worker killed mid-request leaves no request in flight behind it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,3 +94,40 @@ def test_two_workers_both_answer_and_metrics_sum_them(two_workers):
         assert scrape(url, 'codestop_requests_total{endpoint="chat",status="200"}') == sent
         assert scrape(url, 'codestop_upstream_requests_total{kind="step"}') >= sent  # the engines' own counters, summed
         assert scrape(url, "codestop_requests_in_flight") == 0
+
+
+def workers_of(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())]
+
+
+def test_a_worker_killed_mid_request_leaves_no_request_in_flight(two_workers):
+    """kill -9 the worker answering a stream: uvicorn starts another, and the dead worker's request
+    stops counting in ``codestop_requests_in_flight`` (its live gauge removed, prometheus_client's
+    ``mark_process_dead``). Before, the gauge read 1.0 for good."""
+    proc, url, _ = two_workers
+    port = int(url.rsplit(":", 1)[1])
+    long = {**CHAT, "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
+            "max_tokens": 1500, "stream": True}
+    body = json.dumps(long).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as client:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert client.recv(12) == b"HTTP/1.1 200"  # the stream has started: the request is in flight
+        mine = client.getsockname()[1]
+
+        def holds_it(p: psutil.Process) -> bool:
+            return any(c.laddr and c.laddr.port == port and c.raddr and c.raddr.port == mine for c in p.net_connections("tcp"))
+
+        (answering,) = [p for p in workers_of(proc) if holds_it(p)]
+        assert scrape(url, "codestop_requests_in_flight") == 1
+        answering.kill()
+        answering.wait(30)
+    deadline, left = time.monotonic() + 30, 1.0
+    while time.monotonic() < deadline and (left := scrape(url, "codestop_requests_in_flight")) != 0:
+        time.sleep(0.2)
+    assert left == 0, "the dead worker's request still counts as in flight"
+    deadline = time.monotonic() + 120
+    while len(workers_of(proc)) != 2 or httpx.get(url + "/health", timeout=10).status_code != 200:  # uvicorn replaced it
+        assert time.monotonic() < deadline, [p.cmdline() for p in workers_of(proc)]
+        time.sleep(0.5)
+    assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=120).status_code == 200

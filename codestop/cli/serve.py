@@ -8,7 +8,8 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from codestop.cli.options import (
     add_generation_options,
@@ -22,19 +23,29 @@ from codestop.engines.base import Engine
 from codestop.errors import CodestopError
 from codestop.serve.defaults import DEFAULT_ANSWER, DEFAULT_MAX_REQUEST_BYTES
 
+if TYPE_CHECKING:
+    from codestop.serve.options import ServeOptions
 
-def build_engine(args: argparse.Namespace) -> Engine:
-    """An upstream completions server (``--base-url``, repeated for replicas of one model;
-    ``--model`` picks one of its models) or an in-process engine (``--model`` alone). The server engine does not wait for its upstream: one
-    still starting is connected to on first use (``/health`` says 503 until then)."""
-    from codestop.models import load_engine
 
+def engine_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine the flags ask for, as :func:`codestop.models.load_engine`'s arguments (JSON: each
+    worker builds its own from it): an upstream completions server (``--base-url``, repeated for
+    replicas of one model; ``--model`` picks one of its models) or an in-process engine
+    (``--model`` alone). The server engine does not wait for its upstream: one still starting is
+    connected to on first use (``/health`` says 503 until then)."""
     options = engine_options_from_args(args)
     if args.base_url:
         options.update({k: getattr(args, k) for k in ("concurrency", "timeout", "queue_timeout", "retries")
                         if getattr(args, k) is not None})
-        return load_engine(args.model, engine="server", wait=False, **options)
-    return load_engine(args.model, engine=args.engine, **options)
+        return {"model": args.model, "engine": "server", "options": {**options, "wait": False}}
+    return {"model": args.model, "engine": args.engine, "options": options}
+
+
+def build_engine(spec: Mapping[str, Any]) -> Engine:
+    """The engine :func:`engine_spec` describes."""
+    from codestop.models import load_engine
+
+    return load_engine(spec["model"], engine=spec["engine"], **spec["options"])
 
 
 def add_parser(sub: Any) -> None:
@@ -98,7 +109,7 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-WORKER_ARGS = "CODESTOP_SERVE_ARGS"  # the serve options, as JSON, for each worker's app factory
+WORKER_SPEC = "CODESTOP_SERVE_WORKER"  # what each worker's app factory builds: {"engine": spec, "options": ServeOptions.to_dict()}, as JSON
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -126,50 +137,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_app(args: argparse.Namespace, on_engine_error: Any = None) -> Any:
-    """The proxy's app for the serve options ``args``; the engine is built once the server listens
-    (/health is 503 until it is there)."""
-    from codestop.serve import create_app
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """The serve flags as :class:`~codestop.serve.options.ServeOptions`, checked (the default
+    policy is built here, once, before any model loads)."""
+    from codestop.serve.options import ServeOptions
 
-    config = config_from_args(args)
-    proxy_api_key = args.proxy_api_key or os.environ.get("CODESTOP_PROXY_API_KEY") or None
+    return ServeOptions(
+        config=config_from_args(args), policy=policy_file_from_args(args),
+        proxy_api_key=args.proxy_api_key or os.environ.get("CODESTOP_PROXY_API_KEY") or None,
+        max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name,
+        shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text)
+
+
+def make_app(args: argparse.Namespace, on_engine_error: Callable[[], None] | None = None) -> Any:
+    """The proxy's app for the serve flags ``args``."""
+    return app_for(engine_spec(args), serve_options(args), on_engine_error)
+
+
+def app_for(spec: Mapping[str, Any], options: ServeOptions, on_engine_error: Callable[[], None] | None = None) -> Any:
+    """The proxy's app for the engine ``spec`` (:func:`engine_spec`) and ``options``; the engine is
+    built once the server listens (/health is 503 until it is there), ``on_engine_error`` called
+    if it cannot be."""
+    from codestop.serve import create_app
 
     def engine() -> Engine:
         try:
-            return build_engine(args)
+            return build_engine(spec)
         except BaseException:
             if on_engine_error is not None:
                 on_engine_error()
             raise
 
-    # the default policy is validated here, once, before the model loads
-    return create_app(engine, config=config, policy=policy_file_from_args(args), proxy_api_key=proxy_api_key,
-                      max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name,
-                      shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text)
+    return create_app(engine, options)
 
 
 def say_what_it_serves(app: Any) -> None:
     """The start-up lines: the policy and its guarantee (or that it has none), and the shadow file."""
     served = app.state.served
-    print(f"codestop serve: policy {served.policy_file.describe()}", file=sys.stderr)
+    print(f"codestop serve: policy {served.options.policy_file.describe()}", file=sys.stderr)
     if served.shadow is not None:
         print(f"codestop serve: {served.shadow.describe()}", file=sys.stderr)
 
 
 def serve_workers(args: argparse.Namespace) -> int:
     """``--workers N``: uvicorn starts N processes on the one socket, each building its app (and
-    its engine, with its own upstream clients) from the options passed in the environment; their
-    metrics are shared through ``$PROMETHEUS_MULTIPROC_DIR`` (a temporary directory unless set)."""
+    its engine, with its own upstream clients) from the engine spec and the ServeOptions passed in
+    the environment as JSON; their metrics are shared through ``$PROMETHEUS_MULTIPROC_DIR`` (a
+    temporary directory unless set), where a worker that dies has its live gauges (requests in
+    flight) removed."""
     import uvicorn
 
-    say_what_it_serves(make_app(args))  # a bad option fails here, once, not in every worker
+    from codestop.serve.metrics import ForgetDeadWorkers
+
+    spec, options = engine_spec(args), serve_options(args)
+    say_what_it_serves(app_for(spec, options))  # a bad option fails here, once, not in every worker
     own_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     shared = tempfile.mkdtemp(prefix="codestop-metrics-") if own_dir else os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    options = {k: v for k, v in vars(args).items() if k != "func"}
-    os.environ.update({WORKER_ARGS: json.dumps(options), "PROMETHEUS_MULTIPROC_DIR": shared})
+    os.environ.update({WORKER_SPEC: json.dumps({"engine": spec, "options": options.to_dict()}),
+                       "PROMETHEUS_MULTIPROC_DIR": shared})
     try:
-        uvicorn.run("codestop.cli.serve:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
-                    log_level=args.log_level)
+        with ForgetDeadWorkers(shared):
+            uvicorn.run("codestop.cli.serve:worker_app", factory=True, workers=args.workers, host=args.host,
+                        port=args.port, log_level=args.log_level)
     finally:
         if own_dir:
             shutil.rmtree(shared, ignore_errors=True)
@@ -177,5 +206,8 @@ def serve_workers(args: argparse.Namespace) -> int:
 
 
 def worker_app() -> Any:
-    """One worker's app (uvicorn's factory), from the options ``serve_workers`` passed."""
-    return make_app(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])))
+    """One worker's app (uvicorn's factory), from what ``serve_workers`` passed."""
+    from codestop.serve.options import ServeOptions
+
+    given = json.loads(os.environ[WORKER_SPEC])
+    return app_for(given["engine"], ServeOptions.from_dict(given["options"]))

@@ -118,8 +118,34 @@ class LocalEngine(Engine):
 
     async def start(self, prompt_ids: Sequence[int], sampling: Sampling, *, live: bool = False) -> LocalSession:
         self.check_prompt(prompt_ids)
-        backend = await self.run_blocking(self.new_backend, list(prompt_ids))
+        # A start stopped while its thread feeds the prompt (a client gone) cannot stop the thread:
+        # the context it makes is released once made, by the thread itself or here, never leaked.
+        handoff = threading.Lock()
+        made: list[LocalBackend] = []
+        abandoned = False
+
+        def open_backend() -> LocalBackend | None:
+            backend = self.new_backend(list(prompt_ids))
+            with handoff:
+                if abandoned:
+                    backend.close()  # under the engine's lock, as run_blocking holds it
+                    return None
+                made.append(backend)
+            return backend
+
+        try:
+            backend = await self.run_blocking(open_backend)
+        except BaseException:
+            with handoff:
+                abandoned = True
+            if made:  # made as the stop came: released in a thread, without waiting (nothing may be awaited now)
+                asyncio.get_running_loop().run_in_executor(None, self._locked, made[0].close)
+            raise
         return LocalSession(self, backend, sampling.merged(self.default_sampling()))
+
+    def _locked(self, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            return fn()
 
 
 @dataclass

@@ -1,6 +1,13 @@
-"""The proxy's FastAPI app: routes, the key check, the engine built at start-up, the ASGI
-middlewares (the body's size limit, the request counter) and the two ways an answer goes out
-(consumed to its Result, or streamed as SSE).
+"""The proxy's FastAPI app (:func:`create_app`, under :class:`~codestop.serve.options.ServeOptions`):
+the routes, the key check, the engine built at start-up, the ASGI middlewares (the body's size
+limit, the request counter) and the two ways an answer goes out (consumed to its Result, or
+streamed as SSE).
+
+The routes are module-level functions on two routers (``opened``: /health and /metrics; ``v1``);
+each reads what it answers with from its app's state (``request.app.state.served``: a
+:class:`Served`), so several apps in one process share the routes and not their state. A client
+that leaves is noticed by awaiting ASGI's ``http.disconnect`` (:func:`disconnected`), never by
+polling.
 
 Without ``proxy_api_key`` everything is open; with one, only ``/health``'s bare status is: its
 details, ``/metrics`` and everything under ``/v1`` ask for the key, and the API docs are off. The
@@ -11,37 +18,36 @@ is a 400 and leaves the connection usable.
 
 # no "from __future__ import annotations": FastAPI reads the handlers' annotations at runtime
 import asyncio
-import functools
 import hmac
 import json
 import logging
-import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import StreamingResponse
 
-from codestop.config import GenerationConfig
 from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
-from codestop.errors import CodestopError, ServerBusy, is_integer, redact, redact_logs, register_secret, require
-from codestop.policy_file import PolicyFile
+from codestop.engines.server.stopping import Stoppable
+from codestop.errors import CodestopError, ServerBusy, redact, redact_logs, register_secret
 from codestop.serve import upstream_chat
-from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
 from codestop.serve.metrics import CountRequests, Metrics
+from codestop.serve.options import ServeOptions
 from codestop.serve.protocol import ChatRequest, RequestError, error_body, error_for, parse_request
 from codestop.serve.serving import (
-    Defaults,
     chain,
     full_response,
     prepare,
     pull_head,
     result_of,
     served_models,
-    server_defaults,
     sse_events,
 )
 from codestop.serve.shadow import SHADOW_POLICY, Shadow
@@ -50,95 +56,60 @@ T = TypeVar("T")
 log = logging.getLogger("codestop.serve")
 
 MAX_JSON_DEPTH = 64  # the deepest nesting of a request body (OpenAI's bodies nest a few levels)
-DISCONNECT_POLL_S = 0.25  # how often a plain request checks that its client is still there
 
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready: nobody reads the response (499)."""
 
 
-def create_app(
-    engine: Engine | Callable[[], Engine],
-    *,
-    config: GenerationConfig = DEFAULT_CONFIG,
-    policy: Mapping[str, Any] | PolicyFile = DEFAULT_POLICY,
-    proxy_api_key: str | None = None,
-    close_engine: bool = True,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    served_model_name: str | Sequence[str] | None = None,
-    shadow: str | os.PathLike[str] | None = None,
-    shadow_fraction: float = 1.0,
-    shadow_text: bool = False,
-) -> Any:
+def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | None = None) -> FastAPI:
     """The FastAPI app answering OpenAI-style requests with ``engine``, or with the engine a
     blocking ``engine()`` builds at startup in a worker thread (a model loading: ``/health`` and
-    requests are 503 until it is there). ``config`` and ``policy`` (a method and its knobs, as in a
-    request's ``codestop`` field) are the server-wide defaults, validated here once; a chat answer
-    after a stop follows ``config.answer`` (the proxy's default config: "free", the model's own
-    words), a raw completion just ends there, a request's ``codestop.answer`` overrides both. The
-    app closes the engine at shutdown unless ``close_engine`` is False (a shared engine). A request
-    body over ``max_request_bytes`` is a 413. With ``proxy_api_key`` set, only ``/health``'s bare
-    status is public: its details, ``/metrics`` and ``/v1`` ask for the key, and the API docs are
-    off. ``served_model_name`` (one name or several, as vLLM's ``--served-model-name``) is what
-    ``/v1/models`` lists and requests may name, responses carrying the one asked for (the first
-    when none is); default: the engine's model name (a server engine's upstream's). ``policy`` may
-    be a :class:`~codestop.policy_file.PolicyFile`, whose guarantee ``/health`` states (a policy
-    given as options is uncalibrated).
-
-    ``shadow`` (a file): shadow mode (:mod:`codestop.serve.shadow`): a share ``shadow_fraction`` of
-    the requests is answered as the upstream alone would (no stop, nothing appended) while
-    codestop probes beside the stream, appends one trace per request to the file (no prompt or
-    reasoning text unless ``shadow_text``) and counts in ``/metrics`` where the request's policy
-    would have stopped and what it would have saved."""
-    from fastapi import FastAPI
-    from starlette.exceptions import HTTPException
-
-    # options (the method defaults to the proxy's) make an uncalibrated policy
-    policy_file = policy if isinstance(policy, PolicyFile) else PolicyFile({"method": DEFAULT_POLICY["method"], **policy})
-    defaults = server_defaults(config, policy_file.policy, served_model_name)  # a bad default fails at start, not per request
-    require(is_integer(max_request_bytes) and max_request_bytes >= 1, "max_request_bytes", max_request_bytes, "must be an integer >= 1")
+    requests are 503 until it is there), under ``options`` (:class:`ServeOptions`: the default
+    config and policy, the key, the body limit, the served names, shadow mode; default: all
+    defaults)."""
+    options = ServeOptions() if options is None else options
     make = None if isinstance(engine, Engine) else engine
-    register_secret(proxy_api_key)  # the upstream's key is registered by its ServerOptions
+    register_secret(options.proxy_api_key)  # the upstream's key is registered by its ServerOptions
     # what the proxy, its server and its HTTP client log (httpcore's debug lines show an upstream's headers)
     redact_logs(log.name, "uvicorn.error", "uvicorn.access", "httpx", *(f"httpcore.{m}" for m in ("connection", "http11", "http2", "proxy")))
-    shadowing = Shadow(shadow, shadow_fraction, shadow_text) if shadow is not None else None
-    served = Served(engine if isinstance(engine, Engine) else None, defaults, proxy_api_key, policy_file, shadowing)
+    shadowing = None if options.shadow is None else Shadow(options.shadow, options.shadow_fraction, options.shadow_text)
+    served = Served(engine if isinstance(engine, Engine) else None, options, shadowing)
 
     @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         building = None if make is None else asyncio.create_task(served.build(make))
         try:
             yield
         finally:
             if building is not None:
                 await asyncio.gather(building, return_exceptions=True)  # a thread cannot be cancelled
-            if close_engine and served.engine is not None:
+            if options.close_engine and served.engine is not None:
                 await served.engine.aclose()
 
-    keyed = bool(proxy_api_key)  # the API docs would be public: off then
+    keyed = bool(options.proxy_api_key)  # the API docs would be public: off then
     app = FastAPI(title="codestop", version=_version(), lifespan=lifespan, docs_url=None if keyed else "/docs",
                   redoc_url=None if keyed else "/redoc", openapi_url=None if keyed else "/openapi.json")
     app.state.served = served
-    app.add_middleware(LimitBody, max_bytes=max_request_bytes)  # inside CountRequests: a 413 is counted
+    app.add_middleware(LimitBody, max_bytes=options.max_request_bytes)  # inside CountRequests: a 413 is counted
     app.add_middleware(CountRequests, metrics=served.metrics)
     # each kind a handler of its own: one registered only as an Exception would be answered, then
     # raised again (Starlette's server-error middleware)
     for kind in (CodestopError, ValidationError, HTTPException, Exception):
         app.add_exception_handler(kind, on_error)
     app.add_exception_handler(ClientGone, on_client_gone)
-    for router in _routes(served):
-        app.include_router(router)
+    app.include_router(opened)
+    app.include_router(v1)
     return app
 
 
 @dataclass
 class Served:
-    """What the handlers answer with. ``engine`` is None until it is built (``build``)."""
+    """What the handlers answer with (an app's ``state.served``). ``engine`` is None until it is
+    built (``build``)."""
 
     engine: Engine | None
-    defaults: Defaults
-    proxy_api_key: str | None
-    policy_file: PolicyFile  # the default policy and the guarantee it was calibrated with, if any
+    options: ServeOptions
     shadow: Shadow | None = None
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -149,7 +120,8 @@ class Served:
 
     def describe(self) -> dict[str, Any]:
         """The policy applied (with its guarantee, or uncalibrated) and the shadow mode, for /health."""
-        out: dict[str, Any] = {"policy": self.policy_file.describe(), "guarantee": self.policy_file.guarantee}
+        policy = self.options.policy_file  # the default policy and the guarantee it was calibrated with, if any
+        out: dict[str, Any] = {"policy": policy.describe(), "guarantee": policy.guarantee}
         if self.shadow is not None:
             out["shadow"] = {"file": str(self.shadow.path), "fraction": self.shadow.fraction, "text": self.shadow.text}
         return out
@@ -172,66 +144,81 @@ class Served:
         return self.engine
 
 
-def _routes(s: Served) -> tuple[Any, Any]:
-    """The open route (/health) and the others (/metrics, /v1), behind the key check when a key is
-    set. /health's details (engine, model, upstream URL) are for the key's holders then; the
-    upstream's error text is never public."""
-    from fastapi import APIRouter, Depends, Request
-    from fastapi.responses import JSONResponse, Response
+# --------------------------------------------------------------------------------------------
+# The routes: /health is open; /metrics and /v1 ask for the key when one is set. Each reads what it
+# answers with from its app's state (``app.state.served``).
+# --------------------------------------------------------------------------------------------
 
-    def has_key(request: Request) -> bool:
-        """The request carries the proxy's key (the scheme in any case, RFC 7235; the key compared
-        in constant time)."""
-        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-        right = hmac.compare_digest(token.strip().encode(), (s.proxy_api_key or "").encode())
-        return right and scheme.lower() == "bearer"
+KEY_MISSING = "invalid or missing API key (Authorization: Bearer ...)"
 
-    async def require_key(request: Request) -> None:
-        if s.proxy_api_key and not has_key(request):
-            raise RequestError("invalid or missing API key (Authorization: Bearer ...)", None, 401,
-                               "invalid_api_key", "authentication_error")
 
-    opened, v1 = APIRouter(), APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+def served_by(request: Request) -> Served:
+    """What the request's app answers with."""
+    return cast(Served, request.app.state.served)
 
-    @opened.get("/health")
-    async def health(request: Request) -> JSONResponse:
-        holder = bool(s.proxy_api_key) and has_key(request)  # may read details and the upstream's errors
-        if s.engine is None:
-            status = "failed" if s.load_error is not None else "loading"
-            return JSONResponse({"status": status, **({"error": s.load_error} if s.load_error and holder else {})}, status_code=503)
-        state = await s.engine.health()
-        ok = bool(state.get("ok"))
-        body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
-        if holder or not s.proxy_api_key:
-            body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
-            body.update(s.describe())
-            if callable(connections := getattr(s.engine, "connections", None)):  # a server engine's pool: a leak shows here
-                body["upstream_connections"] = connections()
-        body = redacted(body)  # the upstream's URL and error texts
-        return JSONResponse(body if holder else without_errors(body), status_code=200 if ok else 503)
 
-    @opened.get("/metrics", dependencies=[Depends(require_key)])
-    async def prometheus() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
+def has_key(request: Request) -> bool:
+    """The request carries the proxy's key (the scheme in any case, RFC 7235; the key compared in
+    constant time)."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    right = hmac.compare_digest(token.strip().encode(), (served_by(request).options.proxy_api_key or "").encode())
+    return right and scheme.lower() == "bearer"
 
-        return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @v1.get("/models")
-    async def models() -> JSONResponse:
-        engine = await s.ready_engine()
-        cards = [{"id": name, "object": "model", "created": s.created, "owned_by": "codestop"}
-                 for name in served_models(engine, s.defaults.served_model_name)]
-        return JSONResponse({"object": "list", "data": cards})
+async def require_key(request: Request) -> None:
+    if served_by(request).options.proxy_api_key and not has_key(request):
+        raise RequestError(KEY_MISSING, None, 401, "invalid_api_key", "authentication_error")
 
-    @v1.post("/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await answer(s, request, chat=True)
 
-    @v1.post("/completions")
-    async def completions(request: Request) -> Response:
-        return await answer(s, request, chat=False)
+opened = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
-    return opened, v1
+
+@opened.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """The engine's state. With a key set, its details (engine, model, upstream URL) are for the
+    key's holders; the upstream's error text is never public."""
+    s = served_by(request)
+    holder = bool(s.options.proxy_api_key) and has_key(request)  # may read details and the upstream's errors
+    if s.engine is None:
+        status = "failed" if s.load_error is not None else "loading"
+        return JSONResponse({"status": status, **({"error": s.load_error} if s.load_error and holder else {})}, status_code=503)
+    state = await s.engine.health()
+    ok = bool(state.get("ok"))
+    body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
+    if holder or not s.options.proxy_api_key:
+        body.update({"engine": s.engine.name, "model": s.engine.model_name, **{k: v for k, v in state.items() if k != "ok"}})
+        body.update(s.describe())
+        if callable(connections := getattr(s.engine, "connections", None)):  # a server engine's pool: a leak shows here
+            body["upstream_connections"] = connections()
+    body = redacted(body)  # the upstream's URL and error texts
+    return JSONResponse(body if holder else without_errors(body), status_code=200 if ok else 503)
+
+
+@opened.get("/metrics", dependencies=[Depends(require_key)])
+async def prometheus(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(served_by(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@v1.get("/models")
+async def models(request: Request) -> JSONResponse:
+    s = served_by(request)
+    engine = await s.ready_engine()
+    cards = [{"id": name, "object": "model", "created": s.created, "owned_by": "codestop"}
+             for name in served_models(engine, s.options.defaults.served_model_name)]
+    return JSONResponse({"object": "list", "data": cards})
+
+
+@v1.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await answer(served_by(request), request, chat=True)
+
+
+@v1.post("/completions")
+async def completions(request: Request) -> Response:
+    return await answer(served_by(request), request, chat=False)
 
 
 def redacted(value: Any) -> Any:
@@ -254,13 +241,11 @@ def without_errors(value: Any) -> Any:
     return value
 
 
-async def answer(s: Served, request: Any, chat: bool) -> Any:
+async def answer(s: Served, request: Request, chat: bool) -> Response:
     """One answer: consumed to its Result, or streamed as SSE from its first text on."""
-    from fastapi.responses import JSONResponse
-
     body = parse_request(await read_json(request), chat)
     engine = await s.ready_engine()
-    prep = await prepare(body, engine, s.defaults)
+    prep = await prepare(body, engine, s.options.defaults)
     if isinstance(body, ChatRequest) and body.agent:  # tools, a response format: the upstream's chat answers
         if not prep.stream:
             return JSONResponse(await unless_disconnected(request, upstream_chat.complete(engine, body, prep, s.metrics)))
@@ -296,7 +281,7 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-async def read_json(request: Any) -> Any:
+async def read_json(request: Request) -> Any:
     too_deep = RequestError(f"body: nested more than {MAX_JSON_DEPTH} levels deep", "body")
     try:
         body = await request.json()
@@ -344,28 +329,34 @@ class LimitBody:
         await self.app(scope, counted, send)
 
 
-async def unless_disconnected(request: Any, work: Awaitable[T]) -> T:
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """``work``'s value while the client stays; a client that leaves cancels it (which closes its
-    stream and so frees its session) and raises ClientGone."""
-    from codestop.engines.server.stopping import Stoppable
-
+    stream and so frees its session) and raises ClientGone. Called once the body is read: what the
+    client sends next is its disconnect."""
     running = Stoppable(work)  # stopped by a cancel scope: an upstream response it is closing stays closed cleanly
     task = running.task
+    gone = asyncio.ensure_future(disconnected(request.receive))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return cast(T, task.result())
-            if await request.is_disconnected():
-                raise ClientGone()
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():  # an answer ready as the client left is still the answer
+            return cast(T, task.result())
+        raise ClientGone()
     finally:
+        gone.cancel()
         if not task.done():
             await running.stopped()
+        await asyncio.gather(gone, return_exceptions=True)
+
+
+async def disconnected(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> None:
+    """Returns when the client has gone: ASGI's ``http.disconnect`` message, awaited as vLLM's
+    routes and Starlette's streaming responses await it. (Polling ``request.is_disconnected()``
+    answers late, and reads the raw ``receive`` past any middleware that wraps it.)"""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def on_error(request: Any, exc: Exception) -> Any:
-    from fastapi.responses import JSONResponse
-
     prompt_param = "prompt" if request.url.path == "/v1/completions" else "messages"
     status, body = error_for(exc, prompt_param, f"{request.method} {request.url.path}")
     if status == 500:
@@ -377,50 +368,40 @@ async def on_error(request: Any, exc: Exception) -> Any:
 
 
 async def on_client_gone(request: Any, exc: Exception) -> Any:
-    from fastapi.responses import Response
-
     return Response(status_code=499)
 
 
-def event_stream(body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> Any:
+def event_stream(body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> StreamingResponse:
     """An SSE response whose generation is closed however the response ends: finished, failed, the
     client gone, or its body never started (a generator that never ran has no ``finally`` to run)."""
-    return _event_stream_type()(body, stream)
+    return EventStream(body, stream)
 
 
-@functools.cache
-def _event_stream_type() -> type:
-    from starlette.responses import StreamingResponse
+class EventStream(StreamingResponse):
+    def __init__(self, body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.events, self.stream = body, stream
 
-    from codestop.engines.server.stopping import Stoppable
-
-    class EventStream(StreamingResponse):
-        def __init__(self, body: AsyncGenerator[str, None], stream: AsyncGenerator[Any, None]) -> None:
-            super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            self.events, self.stream = body, stream
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            # Starlette's streaming, but a client gone stops the body by a cancel scope of its own
-            # (codestop.engines.server.stopping: an upstream response being closed then is closed
-            # cleanly), and the stream's own cleanup runs after, in this task, uncancelled.
-            running = Stoppable(self.stream_response(send))
-            body = running.task
-            gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
-            try:
-                await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gone.cancel()
-                running.stop()
-                await asyncio.gather(body, gone, return_exceptions=True)
-                await self.events.aclose()
-                await self.stream.aclose()
-            if not body.cancelled() and body.exception() is not None:
-                raise body.exception()  # type: ignore[misc]
-
-    return EventStream
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Starlette's streaming, but a client gone stops the body by a cancel scope of its own
+        # (codestop.engines.server.stopping: an upstream response being closed then is closed
+        # cleanly), and the stream's own cleanup runs after, in this task, uncancelled.
+        running = Stoppable(self.stream_response(send))
+        body = running.task
+        gone = asyncio.ensure_future(disconnected(receive))
+        try:
+            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            running.stop()
+            await asyncio.gather(body, gone, return_exceptions=True)
+            await self.events.aclose()
+            await self.stream.aclose()
+        if not body.cancelled() and body.exception() is not None:
+            raise body.exception()  # type: ignore[misc]
 
 
 def _version() -> str:
-    from codestop import __version__
+    from codestop.version import __version__
 
     return __version__

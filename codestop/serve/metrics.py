@@ -10,7 +10,10 @@ to counters of the same names after each request and at each scrape. The per-pro
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -84,6 +87,52 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class ForgetDeadWorkers:
+    """Multiprocess mode, in the process that starts the workers: while it runs (a context), a
+    worker that has exited (killed, crashed, restarted by uvicorn) has its live gauges
+    (``codestop_requests_in_flight``, ``multiprocess_mode="livesum"``) removed with
+    prometheus_client's ``mark_process_dead``, checked every ``every`` seconds; else the requests
+    it had in flight would count for good. The directory is this server's alone: a gauge file of a
+    process that is not a live child of this one is a dead worker's."""
+
+    def __init__(self, shared: str, every: float = 0.5) -> None:
+        self.shared, self.every = shared, every
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="codestop-dead-workers", daemon=True)
+
+    def __enter__(self) -> ForgetDeadWorkers:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.forget()
+
+    def forget(self) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        pids = {int(m.group(1)) for path in glob.glob(os.path.join(self.shared, "gauge_live*_*.db"))
+                if (m := re.search(r"_(\d+)\.db$", path))}
+        for pid in sorted(pids - {os.getpid()}):
+            if not running_child(pid):
+                mark_process_dead(pid, self.shared)
+
+
+def running_child(pid: int) -> bool:
+    """Whether ``pid`` is a child of this process that has not exited. It is asked without reaping
+    it (``WNOWAIT``): the child stays for its supervisor (uvicorn's) to wait for."""
+    if not hasattr(os, "waitid"):  # not on Windows: no worker is forgotten
+        return True
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:  # reaped already, or never a child of this one
+        return False
+
+
 class Metrics:
     """The proxy's series: requests by endpoint and status, latency to the last byte, requests in
     flight, stops by reason, tokens by kind; the process's; the engine's counters."""
@@ -116,10 +165,21 @@ class Metrics:
                                          "would have given (none: it would not have stopped).", ["reason"], registry=r)
         self.shadow_reasoning_tokens = Counter("codestop_shadow_reasoning_tokens", "Reasoning tokens of shadowed requests.",
                                                registry=r)
-        self.shadow_saved_tokens = Counter("codestop_shadow_saved_reasoning_tokens", "Reasoning tokens the policy would have "
-                                           "saved on shadowed requests.", registry=r)
-        self.shadow_saved = Histogram("codestop_shadow_saved_fraction", "Share of a shadowed request's reasoning the policy "
-                                      "would have saved.", buckets=SAVED_BUCKETS, registry=r)
+        # saving on the cost basis (docs/vocabulary.md): 1 - cost / vanilla's cost, both replayed on the request's probes
+        self.shadow_cost_tokens = Counter("codestop_shadow_cost_tokens", "Cost tokens the policy would have spent on "
+                                          "shadowed requests (replayed: the reasoning to its stop and the probes up to it).",
+                                          registry=r)
+        self.shadow_vanilla_cost_tokens = Counter("codestop_shadow_vanilla_cost_tokens", "Cost tokens of shadowed requests "
+                                                  "without stopping (replayed: the full reasoning).", registry=r)
+        self.shadow_saving = Histogram("codestop_shadow_saving", "Each shadowed request's saving had the policy run: "
+                                       "1 - its cost tokens / vanilla's (le 0: none, or its probes cost more than its "
+                                       "stop saved).", buckets=SAVED_BUCKETS, registry=r)
+        # the reasoning-token figures these replace, written for one release more (docs/vocabulary.md)
+        self.shadow_saved_tokens = Counter("codestop_shadow_saved_reasoning_tokens", "Deprecated (codestop_shadow_cost_tokens): "
+                                           "reasoning tokens the policy would have saved on shadowed requests.", registry=r)
+        self.shadow_saved = Histogram("codestop_shadow_saved_fraction", "Deprecated (codestop_shadow_saving): share of a "
+                                      "shadowed request's reasoning the policy would have saved.", buckets=SAVED_BUCKETS,
+                                      registry=r)
         self.shadow_write_errors = Counter("codestop_shadow_write_errors", "Shadow traces that could not be recorded.",
                                            registry=r)
 

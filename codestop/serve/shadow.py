@@ -8,8 +8,8 @@ reasoning. The client gets the model's full reasoning and its own answer, nothin
 mode "none": a reasoning cap ends the output, as the upstream's own limit would). One trace line
 per request, written by the writer ``codestop record`` uses (:func:`codestop.traces.trace_line`, docs/traces.md; unlabelled: no gold, every
 ``correct`` null), is appended to the shadow file, and the request's policy is replayed on its
-probes (:func:`codestop.replay.replay_trace`) for ``/metrics``: where it would have stopped and the
-reasoning tokens it would have saved.
+probes (:func:`codestop.replay.replay_trace`) for ``/metrics``: where it would have stopped and what
+it would have saved (cost tokens against the same trace replayed without stopping).
 
 Without ``text`` a line holds no prompt, reasoning or answer text: ids, positions, confidences,
 probe answers, answer-token log-probabilities, token counts (what replay and calibration read).
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from codestop.config import GenerationConfig
 from codestop.controller import Event, Result
-from codestop.errors import CodestopError, require
+from codestop.errors import CodestopError
 from codestop.jsonl import end_cleanly
 from codestop.policies import Policy, Vanilla, policy_options
 from codestop.replay import Replayed, replay_trace
@@ -60,11 +60,10 @@ SHADOW_POLICY = Vanilla()
 
 
 class Shadow:
-    """The shadow file and the draw of which requests it records."""
+    """The shadow file and the draw of which requests it records (``fraction`` in (0, 1], checked
+    with the other :class:`~codestop.serve.options.ServeOptions`)."""
 
     def __init__(self, path: str | os.PathLike[str], fraction: float = 1.0, text: bool = False, seed: int = 0) -> None:
-        require(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1,
-                "shadow_fraction", fraction, "must be a number in (0, 1]")
         self.path = Path(path).expanduser()
         self.fraction = float(fraction)
         self.text = bool(text)
@@ -125,7 +124,7 @@ class Shadow:
         except OSError as err:  # the client's answer does not fail for it
             metrics.shadow_write_errors.inc()
             log.error("shadow: cannot append to %s (%s); the trace of %s is lost", self.path, err.strerror, prep.rid)
-        count_replayed(metrics, replay_trace(trace, policy), result.tokens["reasoning"])
+        count_replayed(metrics, replay_trace(trace, policy), replay_trace(trace, SHADOW_POLICY), result.tokens["reasoning"])
 
     def line(self, result: Result, prep: Prepared, wall_time: float) -> dict[str, Any]:
         """The request's trace line (docs/traces.md), unlabelled."""
@@ -155,11 +154,16 @@ class Shadow:
                 os.close(fd)  # closing releases the flock
 
 
-def count_replayed(metrics: Metrics, replayed: Replayed, full_reasoning: int) -> None:
-    """One shadowed request in ``/metrics``: where the policy would have stopped, what it would have saved."""
+def count_replayed(metrics: Metrics, replayed: Replayed, vanilla: Replayed, full_reasoning: int) -> None:
+    """One shadowed request in ``/metrics``: where the policy would have stopped, what it would have
+    cost against ``vanilla`` (the same trace replayed without stopping), and (for one release more)
+    the reasoning tokens it would have saved."""
     saved = max(0, full_reasoning - replayed.reasoning_tokens) if replayed.stop_index is not None else 0
     metrics.shadow_requests.inc()
     metrics.shadow_would_stop.labels(replayed.stop_reason or "none").inc()
     metrics.shadow_reasoning_tokens.inc(full_reasoning)
+    metrics.shadow_cost_tokens.inc(replayed.cost_tokens)
+    metrics.shadow_vanilla_cost_tokens.inc(vanilla.cost_tokens)
+    metrics.shadow_saving.observe(1 - replayed.cost_tokens / vanilla.cost_tokens if vanilla.cost_tokens else 0.0)
     metrics.shadow_saved_tokens.inc(saved)
     metrics.shadow_saved.observe(saved / full_reasoning if full_reasoning else 0.0)

@@ -1,0 +1,90 @@
+"""What the proxy serves with, besides its engine: :class:`ServeOptions`, checked once where it is
+made, and written as JSON values for ``codestop serve --workers N`` to hand to each worker process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, cast
+
+from codestop.config import GenerationConfig
+from codestop.errors import is_integer, is_number, require
+from codestop.policy_file import PolicyFile
+from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
+from codestop.serve.serving import Defaults, server_defaults
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The proxy's server-wide settings (:func:`codestop.serve.app.create_app`).
+
+    ``config`` and ``policy`` (a method and its knobs, as in a request's ``codestop`` field, or a
+    :class:`~codestop.policy_file.PolicyFile`, whose guarantee ``/health`` states; options given
+    as a mapping make an uncalibrated policy, the method defaulting to the proxy's) are what every
+    request starts from. A chat answer after a stop follows ``config.answer`` (the proxy's default:
+    "free", the model's own words), a raw completion just ends there, a request's
+    ``codestop.answer`` overrides both.
+
+    ``proxy_api_key``: with one, only ``/health``'s bare status is public: its details,
+    ``/metrics`` and ``/v1`` ask for the key, and the API docs are off. ``close_engine``: the app
+    closes its engine at shutdown (False: a shared engine). ``max_request_bytes``: a larger request
+    body is a 413. ``served_model_name`` (one name or several, as vLLM's ``--served-model-name``)
+    is what ``/v1/models`` lists and requests may name, responses carrying the one asked for (the
+    first when none is); default: the engine's model name.
+
+    ``shadow`` (a file): shadow mode (:mod:`codestop.serve.shadow`): a share ``shadow_fraction`` of
+    the requests is answered as the upstream alone would (no stop, nothing appended) while codestop
+    probes beside the stream, appends one trace per request to the file (no prompt or reasoning
+    text unless ``shadow_text``) and counts in ``/metrics`` what the request's policy would have
+    done.
+
+    Every value is checked here, when the options are made (a bad one is a ParameterError naming
+    it, before any model loads); ``defaults`` is what the checks built."""
+
+    config: GenerationConfig = DEFAULT_CONFIG
+    policy: Mapping[str, Any] | PolicyFile = field(default_factory=lambda: dict(DEFAULT_POLICY))
+    proxy_api_key: str | None = None
+    close_engine: bool = True
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    served_model_name: str | Sequence[str] | None = None
+    shadow: str | os.PathLike[str] | None = None
+    shadow_fraction: float = 1.0
+    shadow_text: bool = False
+    defaults: Defaults = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.config, GenerationConfig), "config", self.config, "must be a GenerationConfig")
+        policy = self.policy
+        if not isinstance(policy, PolicyFile):
+            require(isinstance(policy, Mapping), "policy", policy, "must be a mapping of a method and its knobs, or a PolicyFile")
+            policy = PolicyFile({"method": DEFAULT_POLICY["method"], **policy})
+        object.__setattr__(self, "policy", policy)
+        require(self.proxy_api_key is None or isinstance(self.proxy_api_key, str), "proxy_api_key", "...",
+                "must be a string or None")  # never echoed
+        require(isinstance(self.close_engine, bool), "close_engine", self.close_engine, "must be true or false")
+        require(is_integer(self.max_request_bytes) and self.max_request_bytes >= 1, "max_request_bytes",
+                self.max_request_bytes, "must be an integer >= 1")
+        require(self.shadow is None or isinstance(self.shadow, (str, os.PathLike)), "shadow", self.shadow,
+                "must be a file path or None")
+        require(is_number(self.shadow_fraction) and 0 < self.shadow_fraction <= 1, "shadow_fraction",
+                self.shadow_fraction, "must be a number in (0, 1]")
+        require(isinstance(self.shadow_text, bool), "shadow_text", self.shadow_text, "must be true or false")
+        # the default policy built once, the names checked: a bad default fails here, not per request
+        object.__setattr__(self, "defaults", server_defaults(self.config, policy.policy, self.served_model_name))
+
+    @property
+    def policy_file(self) -> PolicyFile:
+        return cast(PolicyFile, self.policy)  # made one in __post_init__
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON values (:meth:`from_dict` reads them back): what a worker process is given."""
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        values.update(config=self.config.to_dict(), shadow=None if self.shadow is None else os.fspath(self.shadow),
+                      policy={"policy": self.policy_file.policy, "guarantee": self.policy_file.guarantee,
+                              "path": self.policy_file.path})
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ServeOptions:
+        return cls(**{**values, "config": GenerationConfig.from_dict(values["config"]), "policy": PolicyFile(**values["policy"])})
