@@ -19,8 +19,9 @@ import time
 
 import httpx
 import pytest
-from llama_servers import FaultProxy, free_port
-from test_parity import ToyTokenizer
+from harness import free_port
+from llama_servers import FaultProxy
+from scripted import ToyTokenizer
 
 import codestop
 from codestop import CodeStop, Vanilla
