@@ -655,7 +655,11 @@ def test_load_16_clients_x_2_requests_without_failures_or_leaks(llama):
             assert not failures, failures[:3]
             assert len(results) == 32
             for r in results:  # complete: a finish reason, the forced or own answer, codestop's figures
-                assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+                # the answers differ with what shares llama.cpp's batch (16 clients on 4 slots: a probe's
+                # prefill can change a later greedy token, docs/serving.md), so each finish reason is
+                # checked against its own answer: "length" exactly when the answer took every token
+                finish = "length" if r.usage.completion_tokens == SHORT else "stop"
+                assert r.choices[0].finish_reason == finish and r.choices[0].message.content
                 assert r.usage.codestop["stop_reason"] and r.usage.completion_tokens >= 1
         probes = sum(r.usage.codestop["probes"] for r in second)
         # no leaks: the second round leaves the sockets about where the first left them. The pool of

@@ -150,11 +150,11 @@ def _convert(name: str, gguf: Path, what: str) -> Path:
 
 class VllmServer(ServerProcess):
     """vLLM's OpenAI-compatible server for the tests (``vllm serve`` through codestop's launcher,
-    ``codestop.engines.server.launch``): prefix caching, eager mode, a 2 GB KV cache, offline; its
+    ``codestop.engines.server.launch``): prefix caching, eager mode, a KV cache of ``kv_cache_gib``, offline; its
     log goes to a file shown when it fails."""
 
     def __init__(self, python: Path, model: Path, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 served_name: str = SERVED_NAME) -> None:
+                 served_name: str = SERVED_NAME, kv_cache_gib: int = 2) -> None:
         port = port or free_port()
         vllm = shlex.join([str(python), "-m", "vllm.entrypoints.cli.main"])
         command = vllm_serve_command(vllm, str(model), port=port, max_model_len=MAX_MODEL_LEN,
@@ -162,7 +162,7 @@ class VllmServer(ServerProcess):
         fd, log = tempfile.mkstemp(prefix=f"codestop-vllm-{port}-", suffix=".log")
         os.close(fd)
         env = {
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib)),
             "VLLM_CACHE_ROOT": str(cache_root() / "vllm-cache"),
             "HF_HUB_OFFLINE": "1",
         }
@@ -214,6 +214,7 @@ class Kind:
     env: str
     extra_args: tuple[str, ...] = ()
     tools: bool = False
+    kv_cache_gib: int = 2  # vLLM's CPU KV cache, allocated at start: 1 GiB holds ~40 full contexts of either model
 
     @property
     def flags(self) -> str:
@@ -224,8 +225,8 @@ class Kind:
 # in the order the tests first need them (alphabetical modules: test_no_leaks, test_overlap, test_serve_agents)
 KINDS = {k.fixture: k for k in (
     Kind("vllm_url", "CODESTOP_VLLM_URL"),
-    Kind("vllm_serial_url", "CODESTOP_VLLM_SERIAL_URL", SERIAL_ARGS),
-    Kind("vllm_tools_url", "CODESTOP_VLLM_TOOLS_URL", TOOLS_ARGS, tools=True),
+    Kind("vllm_serial_url", "CODESTOP_VLLM_SERIAL_URL", SERIAL_ARGS, kv_cache_gib=1),  # one request at a time
+    Kind("vllm_tools_url", "CODESTOP_VLLM_TOOLS_URL", TOOLS_ARGS, tools=True, kv_cache_gib=1),
 )}
 
 
@@ -253,7 +254,7 @@ class Launch:
                     raise VllmUnavailable(INSTALL_HINT)
                 model = tools_model_dir() if self.kind.tools else model_dir()
                 self.convert_s = CONVERTED.pop(model.name, None)
-                server = VllmServer(python, model, extra_args=self.kind.extra_args,
+                server = VllmServer(python, model, extra_args=self.kind.extra_args, kv_cache_gib=self.kind.kv_cache_gib,
                                     served_name=TOOLS_SERVED_NAME if self.kind.tools else SERVED_NAME)
                 server.launch()
                 self.server = server
@@ -292,7 +293,10 @@ CLOSED = threading.Event()  # the session is over: nothing more is launched
 def launch_in_background(fixtures: set[str]) -> None:
     """Start the servers the collected tests need, one after another in a background thread, so
     their start-up (about a minute each on 2 cores) overlaps the tests that need none. One at a
-    time: each has the cores the tests leave; reused ones (``$env``) are not started."""
+    time: each has the cores the tests leave; reused ones (``$env``) are not started. All three up
+    at once hold about 14 GB: ``CODESTOP_VLLM_BACKGROUND=0`` starts each only when a test first needs it."""
+    if os.environ.get("CODESTOP_VLLM_BACKGROUND", "1") == "0":
+        return
     wanted = [LAUNCHES.setdefault(name, Launch(kind)) for name, kind in KINDS.items()
               if name in fixtures and not os.environ.get(kind.env)]
     if not wanted:
