@@ -148,7 +148,8 @@ def pytest_collection_finish(session):
         if used:
             INFO.tests.add(item.nodeid)
             needed |= used
-    launch_in_background(needed)
+    if not session.config.option.collectonly:
+        launch_in_background(needed)
 
 
 def pytest_sessionfinish(session):

@@ -7,6 +7,7 @@ tests/scripted.py (scripted engines and replicas)."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -93,15 +94,17 @@ def proxy_over(upstream: str, name: str = "proxy", scope: str = "module", **app_
     ``upstream`` yields (its base URL, ending in /v1, or a ``LlamaServer``), for a module's tests:
     ``proxy = proxy_over("vllm_url")``."""
 
-    @pytest.fixture(scope=scope, name=name)  # type: ignore[call-overload]
-    def proxy(request: pytest.FixtureRequest) -> Iterator[InProcessProxy]:
-        server = request.getfixturevalue(upstream)
+    def proxy(**fixtures: Any) -> Iterator[InProcessProxy]:
+        server = fixtures[upstream]
         url = server if isinstance(server, str) else server.url + "/v1"
         p = InProcessProxy(ServerEngine.connect(url, backoff=0.05), **app_kwargs)
         yield p
         p.stop()
 
-    return proxy
+    # the upstream named as an argument, so pytest knows the dependency before any test runs (the
+    # background start of the vLLM servers and their test count read it from the collected tests)
+    proxy.__signature__ = inspect.Signature([inspect.Parameter(upstream, inspect.Parameter.KEYWORD_ONLY)])  # type: ignore[attr-defined]
+    return pytest.fixture(scope=scope, name=name)(proxy)  # type: ignore[call-overload]
 
 
 def ask(client: openai.OpenAI, question: str, **kwargs: Any) -> Any:
