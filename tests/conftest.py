@@ -100,14 +100,14 @@ def tiny_engine(tokenizer):
 # --------------------------------------------------------------------------------------------
 
 
-def vllm_or_fail(*args, **kwargs):
-    """``vllm_session(*args, **kwargs)``'s URL for a fixture to yield; no vLLM is a test failure
-    saying what to do, never a skip (outside the ``except``, so pytest shows no chained traceback)."""
+def vllm_or_fail(fixture: str):
+    """``vllm_session(fixture)``'s URL for a fixture to yield; no vLLM is a test failure saying what
+    to do, never a skip (outside the ``except``, so pytest shows no chained traceback)."""
     from vllm_server import VllmUnavailable, vllm_session
 
     failure = ""
     try:
-        with vllm_session(*args, **kwargs) as url:
+        with vllm_session(fixture) as url:
             yield url
     except VllmUnavailable as err:
         failure = str(err)
@@ -119,17 +119,15 @@ def vllm_or_fail(*args, **kwargs):
 def vllm_url():
     """The base URL (ending in /v1) of a real vLLM serving SmolLM2-135M-Instruct with prefix
     caching. Fails, never skips, when vLLM is not installed (run tests/install_vllm.sh)."""
-    yield from vllm_or_fail()
+    yield from vllm_or_fail("vllm_url")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vllm_serial_url():
     """Like ``vllm_url``, but a vLLM of its own started with ``SERIAL_ARGS`` (every token computed
-    alone, so greedy tokens depend neither on what else runs nor on how a request was cut), for the
-    module that uses it only; ``$CODESTOP_VLLM_SERIAL_URL`` reuses one."""
-    from vllm_server import SERIAL_ARGS
-
-    yield from vllm_or_fail(SERIAL_ARGS, env="CODESTOP_VLLM_SERIAL_URL")
+    alone, so greedy tokens depend neither on what else runs nor on how a request was cut), shared
+    by the modules that use it; ``$CODESTOP_VLLM_SERIAL_URL`` reuses one."""
+    yield from vllm_or_fail("vllm_serial_url")
 
 
 @pytest.fixture(scope="module")  # one module uses it: its 2.5 GB of float32 weights go when that module ends
@@ -137,18 +135,27 @@ def vllm_tools_url():
     """A vLLM of its own serving Qwen2.5-Coder-0.5B-Instruct (the ``qwen2.5-coder-0.5b`` preset,
     converted once) with its tool-call parser (``TOOLS_ARGS``), for agents' requests;
     ``$CODESTOP_VLLM_TOOLS_URL`` reuses one."""
-    from vllm_server import TOOLS_ARGS
-
-    yield from vllm_or_fail(TOOLS_ARGS, env="CODESTOP_VLLM_TOOLS_URL", tools=True)
-
-
-VLLM_FIXTURES = {"vllm_url", "vllm_serial_url", "vllm_tools_url"}
+    yield from vllm_or_fail("vllm_tools_url")
 
 
 def pytest_collection_finish(session):
-    from vllm_server import INFO
+    """Count the tests that use a vLLM, and start the servers they need in the background."""
+    from vllm_server import INFO, KINDS, launch_in_background
 
-    INFO.tests.update(item.nodeid for item in session.items if VLLM_FIXTURES & set(getattr(item, "fixturenames", ())))
+    needed: set[str] = set()
+    for item in session.items:
+        used = set(KINDS) & set(getattr(item, "fixturenames", ()))
+        if used:
+            INFO.tests.add(item.nodeid)
+            needed |= used
+    if not session.config.option.collectonly:
+        launch_in_background(needed)
+
+
+def pytest_sessionfinish(session):
+    from vllm_server import stop_all
+
+    stop_all()
 
 
 def pytest_terminal_summary(terminalreporter):

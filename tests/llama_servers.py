@@ -8,20 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from harness import free_port, serve_in_thread
 
 # llama.cpp's own HTTP server, started through xllamacpp (prebuilt wheels, no compiler needed)
 LAUNCH = """
@@ -44,22 +40,6 @@ print("listening", server.listening_address, flush=True)
 while True:
     time.sleep(3600)
 """
-
-
-def serve_in_thread(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:
-    """An ASGI app served by uvicorn on loopback in a daemon thread, once it listens."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    return server, thread
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:
@@ -185,10 +165,3 @@ class FaultProxy:
         self.server.should_exit = True
         self.server.force_exit = True  # do not wait for a request left hanging on purpose
         self.thread.join(timeout=10)
-
-
-def upstream_metrics(url: str) -> dict[str, float]:
-    """A llama.cpp server's own Prometheus counters (``endpoint_metrics``), e.g.
-    ``llamacpp:tokens_predicted_total``."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return {m[1]: float(m[2]) for m in re.finditer(r"^([\w:]+) ([0-9.e+-]+)$", text, re.MULTILINE)}

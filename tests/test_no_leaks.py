@@ -18,7 +18,7 @@ from collections import Counter
 import httpx
 import psutil
 import pytest
-from test_serve import InProcessProxy
+from harness import InProcessProxy
 
 from codestop.engines.server import ServerEngine
 

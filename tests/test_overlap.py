@@ -32,12 +32,12 @@ vLLM's greedy SmolLM2 did not write in 160 tokens on the first question).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 import httpx
 import pytest
-from llama_servers import LlamaServer, upstream_metrics
+from harness import scrape
+from llama_servers import LlamaServer
 
 from codestop.config import GenerationConfig
 from codestop.controller import Result, agenerate
@@ -152,7 +152,7 @@ def check_stop_cancels_the_stream(engine: ServerEngine, read_running) -> None:
 
 
 def test_llamacpp_stop_cancels_the_stream(llama, llama_engine):
-    check_stop_cancels_the_stream(llama_engine, lambda: upstream_metrics(llama.url)["llamacpp:requests_processing"])
+    check_stop_cancels_the_stream(llama_engine, lambda: scrape(llama.url, "llamacpp:requests_processing"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,8 +161,7 @@ def test_llamacpp_stop_cancels_the_stream(llama, llama_engine):
 
 
 def vllm_running(url: str) -> float:
-    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
-    return sum(float(m[1]) for m in re.finditer(r"^vllm:num_requests_running(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.MULTILINE))
+    return scrape(url, "vllm:num_requests_running")
 
 
 @pytest.fixture(scope="module")

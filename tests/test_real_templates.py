@@ -369,7 +369,7 @@ def test_the_proxy_follows_a_conversations_switch_end_to_end(engine_for):
     """Through the proxy over the tiny model with Llama-Nemotron v1's template: a chat without a
     system prompt thinks (codestop adds the switch), one whose system prompt says "detailed
     thinking off" is answered without a thinking phase."""
-    from test_serve import InProcessProxy
+    from harness import InProcessProxy
 
     p = InProcessProxy(engine_for("nemotron-v1"), close_engine=False)
     try:

@@ -13,7 +13,8 @@ from contextlib import aclosing
 
 import httpx
 import pytest
-from llama_servers import LlamaServer, upstream_metrics
+from harness import scrape
+from llama_servers import LlamaServer
 from scripted import ToyTokenizer
 
 from codestop.cli import build_parser, engine_options_from_args
@@ -205,7 +206,7 @@ def connect(servers) -> ReplicaEngine:
 
 
 def predicted(server) -> float:
-    return upstream_metrics(server.url)["llamacpp:tokens_predicted_total"]
+    return scrape(server.url, "llamacpp:tokens_predicted_total")
 
 
 def requests(eng: ReplicaEngine, i: int) -> dict[str, float]:

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from llama_servers import FaultProxy, LlamaServer, free_port, serve_in_thread, upstream_metrics
+from harness import POEM, SHORT, InProcessProxy, ask, free_port, proxy_over, scrape, wait_for
+from llama_servers import FaultProxy, LlamaServer
 from scripted import ScriptedBackend, ScriptedEngine
 
 from codestop.config import GenerationConfig
@@ -35,53 +36,10 @@ from codestop.serve.protocol import parse_request
 from codestop.serve.serving import Splitter, prepare, server_defaults
 
 pytestmark = pytest.mark.slow
-SHORT = 16  # tokens per answer in the load rounds: short answers
-POEM = "Write a short poem about the sea, four lines."  # SmolLM2 writes on and on
 REPO = Path(__file__).resolve().parents[1]
 
 
-class InProcessProxy:
-    """``create_app`` served by uvicorn in a thread of the test process."""
-
-    def __init__(self, engine, **kwargs) -> None:
-        self.app = create_app(engine, ServeOptions(**kwargs))
-        self.port = free_port()
-        self.server, self.thread = serve_in_thread(self.app, self.port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        kwargs.setdefault("api_key", "unused")
-        kwargs.setdefault("max_retries", 0)
-        return openai.OpenAI(base_url=self.url + "/v1", **kwargs)
-
-    def metrics(self) -> str:
-        return httpx.get(self.url + "/metrics").text
-
-    def stop(self) -> None:
-        """A graceful shutdown (it runs the app's lifespan, which closes the engine)."""
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        if self.thread.is_alive():
-            self.server.force_exit = True
-            self.thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def proxy(llama):
-    engine = ServerEngine.connect(llama.url + "/v1", backoff=0.05)
-    p = InProcessProxy(engine)
-    yield p
-    p.stop()
-
-
-def ask(client: openai.OpenAI, question: str, **kwargs):
-    """A chat request; without ``model`` (the proxy answers with its upstream's)."""
-    kwargs.setdefault("max_tokens", SHORT)
-    kwargs.setdefault("model", openai.omit)
-    return client.chat.completions.create(messages=[{"role": "user", "content": question}], **kwargs)
+proxy = proxy_over("llama")
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +54,8 @@ def test_the_openai_client_works_unchanged_streaming_or_not(proxy):
 
     r = ask(client, "What is 12 + 30?", temperature=0, model=model)
     msg = r.choices[0].message
-    assert r.choices[0].finish_reason in ("stop", "length") and msg.content and r.model == model
+    # one request, no probe within 16 tokens: the server's own greedy tokens, and SmolLM2 goes on past 16
+    assert r.choices[0].finish_reason == "length" and msg.content and r.model == model
     assert "**Final Answer**" not in msg.content  # no probe within 16 tokens: nothing appended
     assert "reasoning_content" not in (msg.model_extra or {})  # a plain family: everything is content
     usage = r.usage
@@ -350,13 +309,6 @@ class SlowEngine(ScriptedEngine):
 
     async def aclose(self) -> None:
         self.aclosed += 1
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def settled(engine: SlowEngine) -> None:
@@ -721,7 +673,11 @@ def test_load_16_clients_x_2_requests_without_failures_or_leaks(llama):
             assert not failures, failures[:3]
             assert len(results) == 32
             for r in results:  # complete: a finish reason, the forced or own answer, codestop's figures
-                assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+                # the answers differ with what shares llama.cpp's batch (16 clients on 4 slots: a probe's
+                # prefill can change a later greedy token, docs/serving.md), so each finish reason is
+                # checked against its own answer: "length" exactly when the answer took every token
+                finish = "length" if r.usage.completion_tokens == SHORT else "stop"
+                assert r.choices[0].finish_reason == finish and r.choices[0].message.content
                 assert r.usage.codestop["stop_reason"] and r.usage.completion_tokens >= 1
         probes = sum(r.usage.codestop["probes"] for r in second)
         # no leaks: the second round leaves the sockets about where the first left them. The pool of
@@ -748,7 +704,7 @@ def test_load_16_clients_x_2_requests_without_failures_or_leaks(llama):
 
 
 def _in_flight(url: str) -> float:
-    return float(re.search(r"^codestop_requests_in_flight (\S+)$", httpx.get(url + "/metrics").text, re.MULTILINE)[1])
+    return scrape(url, "codestop_requests_in_flight")
 
 
 def test_clients_leaving_free_every_slot_and_concurrent_streams_never_mix(llama):
@@ -762,7 +718,7 @@ def test_clients_leaving_free_every_slot_and_concurrent_streams_never_mix(llama)
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
                 assert r.status_code == 200
                 assert next(line for line in r.iter_lines() if line.startswith("data: "))
-        wait_for(lambda: _in_flight(url) == 0 and upstream_metrics(llama.url)[busy] == 0, timeout=30)
+        wait_for(lambda: _in_flight(url) == 0 and scrape(llama.url, busy) == 0, timeout=30)
 
         async def one(client: httpx.AsyncClient, leaves: bool) -> tuple[int, set[str], bool]:
             ids, done = set(), False
@@ -787,7 +743,7 @@ def test_clients_leaving_free_every_slot_and_concurrent_streams_never_mix(llama)
             assert all(len(ids) == 1 for _, ids, _ in streams), streams  # one answer per stream, none mixed in
             assert len({next(iter(ids)) for _, ids, _ in streams}) == 32
             assert all(done for i, (_, _, done) in enumerate(streams) if i % 2 == 0)  # the ones that stayed got to the end
-            wait_for(lambda: _in_flight(url) == 0 and upstream_metrics(llama.url)[busy] == 0, timeout=30)
+            wait_for(lambda: _in_flight(url) == 0 and scrape(llama.url, busy) == 0, timeout=30)
             seen.append((_proxy_sockets(proc.pid), _rss(proc.pid)))
         (sockets1, rss1), _, (sockets3, rss3) = seen
         assert sockets3 <= sockets1 + 8 and rss3 <= 1.10 * rss1, seen

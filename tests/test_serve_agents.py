@@ -22,7 +22,8 @@ from dataclasses import replace
 import httpx
 import jsonschema
 import pytest
-from test_serve import InProcessProxy
+from harness import InProcessProxy, proxy_over
+from harness import chat as greedy_chat
 
 from codestop.engines.server import ServerEngine
 from codestop.engines.server.dialects import VLLM
@@ -45,19 +46,12 @@ ASK_PERSON = [{"role": "user", "content": "Invent a person; give their name and 
 THINK_12 = {"family": "think", "method": "vanilla", "max_reasoning_tokens": 12}  # codestop ends the thinking at 12 tokens
 
 
-@pytest.fixture(scope="module")
-def proxy(vllm_tools_url):
-    p = InProcessProxy(ServerEngine.connect(vllm_tools_url, backoff=0.05))
-    p.model = p.client().models.list().data[0].id
-    yield p
-    p.stop()
+proxy = proxy_over("vllm_tools_url")
 
 
 def chat(p: InProcessProxy, messages, codestop=None, **kwargs):
-    kwargs.setdefault("temperature", 0)
     kwargs.setdefault("max_tokens", 80)
-    extra = {"codestop": codestop} if codestop else None
-    return p.client().chat.completions.create(model=p.model, messages=messages, extra_body=extra, **kwargs)
+    return greedy_chat(p, messages, codestop, **kwargs)
 
 
 def reasoning_of(message) -> str | None:

@@ -18,9 +18,8 @@ import threading
 
 import httpx
 import pytest
-from llama_servers import free_port, serve_in_thread
+from harness import InProcessProxy, free_port, serve_in_thread, wait_for
 from scripted import ScriptedEngine
-from test_serve import InProcessProxy, wait_for
 
 import codestop
 from codestop.cli.serve import add_parser, build_engine, engine_spec

@@ -13,9 +13,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from test_serve import InProcessProxy
-
-from codestop.engines.server import ServerEngine
+from harness import chat, proxy_over
 
 pytestmark = pytest.mark.slow
 
@@ -30,19 +28,7 @@ COLOURS = "Colours of the rainbow, one per line:\nRed\n"  # SmolLM2 goes on: Ora
 EOS = ("<|im_end|>", "<|endoftext|>")  # SmolLM2's end-of-sequence tokens: never shown as text
 
 
-@pytest.fixture(scope="module")
-def proxy(vllm_url):
-    engine = ServerEngine.connect(vllm_url, backoff=0.05)
-    p = InProcessProxy(engine)
-    p.model = p.client().models.list().data[0].id
-    yield p
-    p.stop()
-
-
-def chat(p: InProcessProxy, messages, codestop=None, **kwargs):
-    kwargs.setdefault("temperature", 0)
-    extra = {"codestop": codestop} if codestop else None
-    return p.client().chat.completions.create(model=p.model, messages=messages, extra_body=extra, **kwargs)
+proxy = proxy_over("vllm_url")
 
 
 def reasoning_of(message) -> str | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from harness import InProcessProxy, wait_for
 from scripted import ScriptedEngine
-from test_serve import InProcessProxy, wait_for
 
 from codestop import serve
 from codestop.cli import build_parser

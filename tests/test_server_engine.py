@@ -20,8 +20,9 @@ from contextlib import aclosing
 
 import httpx
 import pytest
-from llama_servers import FaultProxy, free_port
-from test_parity import ToyTokenizer
+from harness import free_port
+from llama_servers import FaultProxy
+from scripted import ToyTokenizer
 
 import codestop
 from codestop import CodeStop, Vanilla
@@ -506,7 +507,15 @@ def test_a_whole_question_runs_through_the_controller(engine, live):
                                     boundaries=[" "], temperature=0.0, live_text=live))
     assert result.engine == "server"
     assert result.probes and all(0 <= p.confidence <= 1 for p in result.probes)
-    assert result.stop_reason in ("confident", "degenerate", "finished", "max_reasoning_tokens")
+    # which reason ends it is not fixed: the probes run beside the stream (overlapped, the default)
+    # on a llama-server with its default batch, where a probe's prefill can change a later greedy
+    # token (docs/serving.md, "Overlapped and sequential"), so the reasoning after the first probe,
+    # and the probes, differ from run to run. The reason is the policy's own on the probes this run saw.
+    decision = CodeStop().decide(result.probes)
+    if decision.stop:
+        assert (result.stop_reason, result.stop_position) == (decision.reason, result.probes[-1].position)
+    else:
+        assert result.stop_reason == ("max_reasoning_tokens" if result.stop_position == 60 else "finished")
     assert result.tokens["reasoning"] == result.stop_position <= 60
     assert result.answer_text  # the forced (or own) answer
 

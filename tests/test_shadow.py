@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import subprocess
 import sys
 import threading
@@ -23,9 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from llama_servers import free_port
+from harness import InProcessProxy, free_port, metric
 from scripted import ScriptedEngine
-from test_serve import InProcessProxy
 
 from codestop.analysis.calibrate import calibrate
 from codestop.config import GenerationConfig
@@ -145,12 +143,6 @@ CANDIDATES = [{"method": "codestop", "r_min": c, "r_max": c, "tau": 1000.0} for 
 def direct(url: str, question: str) -> dict:
     body = {"model": "smollm2", "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": MAX_TOKENS}
     return httpx.post(url + "/chat/completions", json=body, timeout=300).json()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-    found = re.search(rf"^{re.escape(name + want)} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 @pytest.mark.slow

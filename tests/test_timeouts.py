@@ -12,8 +12,8 @@ import time
 
 import openai
 import pytest
+from harness import POEM, InProcessProxy, ask
 from llama_servers import FaultProxy, LlamaServer
-from test_serve import POEM, InProcessProxy, ask
 
 from codestop.engines.server import ServerEngine
 from codestop.engines.server.waiting import Limit

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from harness import InProcessProxy
 from llama_servers import LlamaServer
-from test_serve import InProcessProxy
 
 from codestop.engines.server import ServerEngine
 

@@ -15,7 +15,8 @@ import time
 
 import httpx
 import pytest
-from llama_servers import FaultProxy, free_port
+from harness import free_port
+from llama_servers import FaultProxy
 from vllm_server import prefix_cache_hits
 
 from codestop import CodeStop, Vanilla

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 import pytest
-from llama_servers import free_port
+from harness import free_port, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -67,13 +66,6 @@ def upstream_users(proc: subprocess.Popen[bytes], upstream_port: int) -> set[int
     return users
 
 
-def scrape(url: str, series: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    found = re.search(rf"^{re.escape(series)} ([0-9.e+]+)$", text, re.M)
-    assert found, f"{series} not in /metrics:\n{text[:2000]}"
-    return float(found.group(1))
-
-
 def test_two_workers_both_answer_and_metrics_sum_them(two_workers):
     proc, url, upstream_port = two_workers
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())]
@@ -91,8 +83,8 @@ def test_two_workers_both_answer_and_metrics_sum_them(two_workers):
         assert upstream_users(proc, upstream_port) == {p.pid for p in workers}
     # every scrape, whichever worker answers it, counts every worker's requests
     for _ in range(6):
-        assert scrape(url, 'codestop_requests_total{endpoint="chat",status="200"}') == sent
-        assert scrape(url, 'codestop_upstream_requests_total{kind="step"}') >= sent  # the engines' own counters, summed
+        assert scrape(url, "codestop_requests_total", endpoint="chat", status="200") == sent
+        assert scrape(url, "codestop_upstream_requests_total", kind="step") >= sent  # the engines' own counters, summed
         assert scrape(url, "codestop_requests_in_flight") == 0
 
 

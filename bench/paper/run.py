@@ -40,11 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from paper_table import BENCHMARK_LABELS, BENCHMARKS, MEAN_GROUPS, METHODS, markdown, paper_model
-from vllm_launch import PROMPT_ALLOWANCE, VllmProcess, check_gpu, check_vllm, free_port, serve_command
+from vllm_launch import PROMPT_ALLOWANCE, check_gpu, check_vllm, serve_command
 
 from codestop.cli.options import parse_boundaries
 from codestop.config import GenerationConfig
 from codestop.engines.base import Engine
+from codestop.engines.server.launch import ServerProcess, free_port
 from codestop.errors import CodestopError
 from codestop.eval.datasets import load_examples
 from codestop.eval.runner import record
@@ -319,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("codestop-paper") / slug(model or "server")).expanduser()
     out.mkdir(parents=True, exist_ok=True)
 
-    server: VllmProcess | None = None
+    server: ServerProcess | None = None
     try:
         if args.base_url:
             url = args.base_url
@@ -330,9 +331,9 @@ def run(args: argparse.Namespace) -> int:
             found = check_gpu()
             port = free_port()
             command = vllm_command(args, model, port)
-            server = VllmProcess(command, port, out / "vllm.log")
+            server = ServerProcess(command, port, out / "vllm.log")
             say(f"starting vLLM on {found[0]}{f' (+{len(found) - 1} more)' if len(found) > 1 else ''}: {' '.join(command)}")
-            say(f"ready in {server.start(args.start_timeout, say):.0f} s")
+            say(f"ready in {server.start(args.start_timeout, say, timeout_hint='--start-timeout'):.0f} s")
             url = server.url
         engine = load_engine(model or "", engine="server", base_url=url)
         say(f"model {engine.model_name}; benchmarks {', '.join(benchmarks)}; rollouts "
