@@ -112,10 +112,10 @@ def test_evals_questions_in_flight_has_its_own_name_and_the_old_flag_still_works
     parser = build_parser()
     for verb in ("eval", "record"):
         base = [verb, "--dataset", "gsm8k", "--out", "x.jsonl"]
-        assert parser.parse_args(base).concurrency == 1
-        assert parser.parse_args([*base, "--questions-in-flight", "4"]).concurrency == 4
+        assert parser.parse_args(base).questions_in_flight == 1
+        assert parser.parse_args([*base, "--questions-in-flight", "4"]).questions_in_flight == 4
         assert capsys.readouterr().err == ""
-        assert parser.parse_args([*base, "--concurrency", "3"]).concurrency == 3
+        assert parser.parse_args([*base, "--concurrency", "3"]).questions_in_flight == 3
         assert capsys.readouterr().err == "codestop: --concurrency is deprecated; use --questions-in-flight (eval's --concurrency " \
                                           "counted questions, serve's counts upstream requests)\n"
         with pytest.raises(SystemExit):

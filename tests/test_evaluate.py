@@ -127,7 +127,7 @@ def test_baseline_comparison_and_concurrency(tiny_engine, questions, tmp_path):
     evaluate(tiny_engine, data=questions, out=base, policy=Vanilla(), generation=gen)
     out = tmp_path / "stop.jsonl"
     summary = evaluate(tiny_engine, data=questions, out=out, policy=CodeStop(tau=0.5, r_min=0.0, r_max=0.0),
-                       generation=gen, baseline=base, concurrency=3)
+                       generation=gen, baseline=base, questions_in_flight=3)
     assert sorted(r["id"] for r in _lines(out)) == ["q:1", "q:2", "q:3", "q:4"]
     assert summary["paired_n"] == 4
     base_cost = sum(r["cost_tokens"] for r in _lines(base))

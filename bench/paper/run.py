@@ -113,7 +113,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help='step boundaries, comma-separated (default "Wait", the reference code\'s)')
     p.add_argument("--tau", default=str(PAPER_TAU), help=f"CoDE-Stop's tau: T for every benchmark, or BENCHMARK=T (default {PAPER_TAU})")
     p.add_argument("--deer-threshold", type=float, default=0.95)
-    p.add_argument("--concurrency", type=int, default=64, help="questions in flight at once (default 64)")
+    p.add_argument("--questions-in-flight", "--concurrency", dest="questions_in_flight", type=int, default=64, help="questions in flight at once (default 64)")
     g = p.add_argument_group("starting vLLM (ignored with --base-url)")
     g.add_argument("--vllm-command", default="vllm", help="the vllm program (default: vllm on PATH)")
     g.add_argument("--max-model-len", type=int, default=None, help=f"default: the budget + {PROMPT_ALLOWANCE}")
@@ -189,9 +189,9 @@ def count_lines(paths: Sequence[Path]) -> int:
 def record_benchmark(engine: Engine, args: argparse.Namespace, bench: str, data: str | None, paths: Sequence[Path],
                      generation: GenerationConfig, questions: int) -> list[list[dict[str, Any]]]:
     """Record the rollouts of one benchmark at once, each in its own thread (each ``record`` runs
-    its own event loop), sharing ``--concurrency`` between them: one rollout of AIME's 30 questions
+    its own event loop), sharing ``--questions-in-flight`` between them: one rollout of AIME's 30 questions
     alone would leave most of a GPU's batch empty. Progress: the trace files' lines, every 30 s."""
-    share = max(1, -(-args.concurrency // len(paths)))
+    share = max(1, -(-args.questions_in_flight // len(paths)))
     total = len(paths) * questions
     done = threading.Event()
 
@@ -204,7 +204,7 @@ def record_benchmark(engine: Engine, args: argparse.Namespace, bench: str, data:
                 last = n
 
     def one(r: int) -> list[dict[str, Any]]:
-        return record(engine, bench, data=data, out=paths[r], limit=args.limit, concurrency=share,
+        return record(engine, bench, data=data, out=paths[r], limit=args.limit, questions_in_flight=share,
                       generation=generation.replace(seed=args.seed + r))
 
     watcher = threading.Thread(target=watch, daemon=True)

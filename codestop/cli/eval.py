@@ -67,7 +67,7 @@ def spec_from_args(args: argparse.Namespace, generation: GenerationConfig, progr
     return RunSpec(
         args.model, args.out, dataset=args.dataset, data=args.data, limit=args.limit, offset=args.offset, split=args.split,
         engine=args.engine, engine_options=engine_options_from_args(args), generation=generation, prompt=args.prompt,
-        system_prompt=args.system_prompt, concurrency=args.concurrency, progress=progress, log_samples=args.log_samples,
+        system_prompt=args.system_prompt, questions_in_flight=args.questions_in_flight, progress=progress, log_samples=args.log_samples,
     )
 
 

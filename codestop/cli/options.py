@@ -147,9 +147,9 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first N questions (after --offset)")
     g.add_argument("--offset", type=int, default=0, help="skip the first N questions (e.g. a dev split's)")
     g.add_argument("--split", default=None, help='a name for the questions chosen, written into every record (e.g. "held-out")')
-    g.add_argument("--questions-in-flight", dest="concurrency", type=int, default=1, metavar="N",
+    g.add_argument("--questions-in-flight", dest="questions_in_flight", type=int, default=1, metavar="N",
                    help="questions answered at once (for server engines; each question is one session)")
-    add_old_flag(g, "--concurrency", "--questions-in-flight", dest="concurrency", type=int,
+    add_old_flag(g, "--concurrency", "--questions-in-flight", dest="questions_in_flight", type=int,
                  why="eval's --concurrency counted questions, serve's counts upstream requests")
 
 

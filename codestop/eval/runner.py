@@ -25,7 +25,7 @@ What a harness user expects besides (lm-evaluation-harness is the reference):
   lm-eval's ``--log_samples``), so a grade can be checked by reading what the model wrote;
 * the summary gives the accuracy with a 95% Wilson interval (scipy), the count of each stop
   reason, and this session's elapsed time and throughput (questions and generated tokens per
-  second, model loading excluded): the per-question times overlap under ``--concurrency``, so
+  second, model loading excluded): the per-question times overlap under ``--questions-in-flight``, so
   their sum is no time anyone waited;
 * the run config records the codestop version, the prompt actually sent (:mod:`codestop.eval.prompts`)
   and, for a model that is a local file, its sha256 (hashed once per file version), so a run file
@@ -38,6 +38,7 @@ import asyncio
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,7 @@ def run_questions(
     out: RunFile | None,
     make_record: Make,
     *,
-    concurrency: int = 1,
+    questions_in_flight: int = 1,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     family: Family | None = None,
     samples: SampleLog | None = None,
@@ -105,8 +106,8 @@ def run_questions(
     every question is asked through; None: the one ``generation`` names or the engine's own."""
     from codestop.controller import agenerate
 
-    if concurrency < 1:
-        raise ValueError(f"concurrency: {concurrency!r} must be >= 1")
+    if questions_in_flight < 1:
+        raise ValueError(f"questions_in_flight: {questions_in_flight!r} must be >= 1")
     done = out.done if out is not None else set()
     todo = [e for e in examples if e.id not in done]
 
@@ -126,7 +127,7 @@ def run_questions(
                 on_record(record)
 
     async def main() -> None:
-        gate = asyncio.Semaphore(concurrency)
+        gate = asyncio.Semaphore(questions_in_flight)
         tasks = [asyncio.create_task(one(e, gate)) for e in todo]
         try:
             await asyncio.gather(*tasks)
@@ -212,8 +213,8 @@ class RunSpec:
     (an engine, or a name loaded with ``engine`` and ``engine_options``), how they are asked
     (``generation``: None is the verb's default; ``prompt``: a style name, a template file or a
     :class:`PromptStyle`, with ``system_prompt``), and where the lines go (``out``, resumed when it
-    exists; ``log_samples``: also :func:`samples_path`). ``concurrency``: questions in flight at
-    once; ``progress``: a progress bar on the terminal."""
+    exists; ``log_samples``: also :func:`samples_path`). ``questions_in_flight``: questions
+    answered at once (``concurrency`` is its old name, still taken); ``progress``: a progress bar on the terminal."""
 
     model: Engine | str
     out: str | os.PathLike[str]
@@ -227,7 +228,7 @@ class RunSpec:
     generation: GenerationConfig | None = None
     prompt: str | PromptStyle | None = None
     system_prompt: str | None = None
-    concurrency: int = 1
+    questions_in_flight: int = 1
     progress: bool = False
     log_samples: bool = False
 
@@ -242,6 +243,9 @@ def run_spec(model: Engine | str | RunSpec, dataset: str | None, options: Mappin
             given = ["dataset"] * (dataset is not None) + sorted(options)
             raise TypeError(f"a RunSpec was given: give {', '.join(given)} in it, not beside it")
         return model
+    if "concurrency" in options:  # the old name (eval's --concurrency), one release more
+        warnings.warn("concurrency= is now questions_in_flight=", DeprecationWarning, stacklevel=3)
+        options = {"questions_in_flight": options["concurrency"], **{k: v for k, v in options.items() if k != "concurrency"}}
     return RunSpec(model, dataset=dataset, **options)
 
 
@@ -305,7 +309,7 @@ def _run_dataset(kind: str, spec: RunSpec, policy: Policy, generation: Generatio
 
         t0 = time.perf_counter()
         try:
-            run_questions(eng, todo, policy, generation, run, make_record, concurrency=spec.concurrency,
+            run_questions(eng, todo, policy, generation, run, make_record, questions_in_flight=spec.questions_in_flight,
                           on_record=record_done, family=family, samples=samples)
         finally:
             elapsed = time.perf_counter() - t0
