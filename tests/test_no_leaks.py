@@ -95,7 +95,7 @@ def check_mix(seen: Counter[str], n: int) -> None:
     assert sum(seen.values()) == n
     assert seen["refused"] == seen["client_leaves_stream"] == n // 5, seen
     assert seen["early_stop:True"] >= 1 and seen["client_gives_up:left"] >= 1, seen
-    assert seen["budget:max_reasoning_tokens"] + seen["budget:finished"] == n // 5, seen
+    assert seen["budget:max_tokens"] + seen["budget:finished"] == n // 5, seen
 
 
 @pytest.mark.parametrize("upstream", ["llama.cpp", "vLLM"])
