@@ -144,9 +144,14 @@ def test_llamacpp_overlapped_equals_sequential(llama_engine, question, policy):
 
 def check_stop_cancels_the_stream(engine: ServerEngine, read_running) -> None:
     """A stop long before the token cap: the cancelled stream must not keep the server busy (it
-    would for the rest of ~1500 tokens, over 10 s, if the request were left running)."""
-    config = GenerationConfig(max_reasoning_tokens=1500, probe_interval=1, temperature=0)
+    would for the rest of ~1500 tokens, over 10 s, if the request were left running).
+
+    Probes at words, as in both_modes: on an AMX host vLLM's greedy SmolLM2 wrote this story as one
+    paragraph repeating a sentence, so the default (blank-line) boundaries never came, no probe ran
+    and the stream went on to the cap."""
+    config = GenerationConfig(max_reasoning_tokens=1500, boundaries=BOUNDARIES, probe_interval=PROBE_INTERVAL, temperature=0)
     result = asyncio.run(agenerate(engine, STORY, make_policy(**STOP_AT_FIRST_PROBE), config))
+    assert result.probes, f"no probe in {result.tokens['reasoning']} reasoning tokens: {result.reasoning_text[:300]!r}"
     assert result.stop_reason == "threshold" and result.tokens["reasoning"] < 500 and result.tokens["overrun"] > 0
     assert wait_idle(read_running) == 0
 
