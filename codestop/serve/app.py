@@ -3,17 +3,17 @@ the routes, the key check, the engine built at start-up, the ASGI middlewares (t
 limit, the request counter) and the two ways an answer goes out (consumed to its Result, or
 streamed as SSE).
 
-The routes are module-level functions on two routers (``opened``: /health and /metrics; ``v1``);
-each reads what it answers with from its app's state (``request.app.state.served``: a
-:class:`Served`), so several apps in one process share the routes and not their state. A client
-that leaves is noticed by awaiting ASGI's ``http.disconnect`` (:func:`disconnected`), never by
-polling.
+The routes are module-level functions on two routers (``opened``: /health, /metrics and the page
+/codestop; ``v1``); each reads what it answers with from its app's state
+(``request.app.state.served``: a :class:`Served`), so several apps in one process share the routes
+and not their state. A client that leaves is noticed by awaiting ASGI's ``http.disconnect``
+(:func:`disconnected`), never by polling.
 
 Without ``proxy_api_key`` everything is open; with one, only ``/health``'s bare status is: its
-details, ``/metrics`` and everything under ``/v1`` ask for the key, and the API docs are off. The
-upstream's error text never reaches ``/health`` unauthenticated. A request body over
-``max_request_bytes`` is a 413 before it is read whole; one nested deeper than ``MAX_JSON_DEPTH``
-is a 400 and leaves the connection usable.
+details, ``/metrics``, ``/codestop`` (also as a browser's Basic login) and everything under
+``/v1`` ask for the key, and the API docs are off. The upstream's error text never reaches
+``/health`` unauthenticated. A request body over ``max_request_bytes`` is a 413 before it is read
+whole; one nested deeper than ``MAX_JSON_DEPTH`` is a 400 and leaves the connection usable.
 """
 
 # no "from __future__ import annotations": FastAPI reads the handlers' annotations at runtime
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
@@ -40,6 +40,7 @@ from codestop.errors import CodestopError, ServerBusy, redact, redact_logs, regi
 from codestop.serve import upstream_chat
 from codestop.serve.metrics import CountRequests, Metrics
 from codestop.serve.options import ServeOptions
+from codestop.serve.page import LOGIN_HEADERS, PAGE_HEADERS, page_key_ok, render_page, snapshot_of
 from codestop.serve.protocol import ChatRequest, RequestError, error_body, error_for, parse_request
 from codestop.serve.serving import (
     chain,
@@ -145,8 +146,8 @@ class Served:
 
 
 # --------------------------------------------------------------------------------------------
-# The routes: /health is open; /metrics and /v1 ask for the key when one is set. Each reads what it
-# answers with from its app's state (``app.state.served``).
+# The routes: /health is open; /metrics, /codestop and /v1 ask for the key when one is set. Each
+# reads what it answers with from its app's state (``app.state.served``).
 # --------------------------------------------------------------------------------------------
 
 KEY_MISSING = "invalid or missing API key (Authorization: Bearer ...)"
@@ -200,6 +201,17 @@ async def prometheus(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     return Response(served_by(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@opened.get("/codestop")
+async def status_page(request: Request) -> Response:
+    """The page a person reads (codestop.serve.page). With a key set, it asks for it as every route
+    does, or as a browser's Basic login's password (the 401 says so, and a browser asks)."""
+    s = served_by(request)
+    key = s.options.proxy_api_key
+    if key and not (has_key(request) or page_key_ok(request.headers.get("authorization", ""), key)):
+        return JSONResponse(error_body(KEY_MISSING, "authentication_error", None, "invalid_api_key"), 401, LOGIN_HEADERS)
+    return HTMLResponse(render_page(snapshot_of(s)), headers=PAGE_HEADERS)
 
 
 @v1.get("/models")
