@@ -125,6 +125,15 @@ def test_the_e_value_chart_is_log_scaled_with_the_alarm_line_and_the_alarm_marke
     assert "alarm at 1/α = 20" in page.text("label alarmtext")
 
 
+def test_a_long_watch_is_drawn_with_at_most_a_thousand_points_ending_at_the_last() -> None:
+    e_values = [[n, 1.0 + n / 1000] for n in range(1, 5001)]
+    page = Page(render_page({"segments": [segment(e_values=e_values)]}))
+    series = [a for tag, a in page.svg_parts if tag == "polyline"][0]
+    points = str(series["points"]).split()
+    assert 900 <= len(points) <= 1001 and points[-1].startswith(f"{640 - 16:.1f},")  # the last audit at the right edge
+    assert page.text("e-value") == "6; alarms at 20 (1/α)"  # 1 + 5000/1000, the last e-value
+
+
 def test_every_string_from_the_snapshot_is_escaped() -> None:
     hostile = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
     snap = {"version": hostile, "segments": [

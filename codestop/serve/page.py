@@ -36,6 +36,7 @@ PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'",
 }
 REFRESH_S = 15  # the page reloads itself (a meta refresh: no script)
+MAX_CHART_POINTS = 1000  # the e-value chart's points at most
 LOGIN_HEADERS = {"WWW-Authenticate": 'Basic realm="codestop", charset="UTF-8"'}
 
 # each state's badge colour and what it means, in one line
@@ -232,6 +233,8 @@ def e_value_chart(points: Any, threshold: float | None, alarmed_at: float | None
     series = e_series(points)
     if not series:
         return '<p class="none chart">No e-value yet: no audit has come.</p>'
+    if len(series) > MAX_CHART_POINTS:  # a long watch: every k-th point and the last (the page stays small)
+        series = series[:: math.ceil(len(series) / MAX_CHART_POINTS)] + series[-1:]
     w, h, left, right, top, bottom = 640, 220, 56, 16, 12, 34
     n_max = max(max(n for n, _ in series), 1.0)
     es = [e for _, e in series] + ([threshold] if threshold else [])
