@@ -215,10 +215,10 @@ def chromium() -> str:
     return found
 
 
-def browse(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def browse(url: str, profile: Path, *args: str, size: str = "1280,1000") -> subprocess.CompletedProcess[str]:
     """Debian's chromium, headless, on ``url``: what ``args`` ask for (--dump-dom, --screenshot=...)."""
     command = [chromium(), "--headless", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,1000", *args, url]
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={size}", *args, url]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.insert(1, "--no-sandbox")  # chromium refuses root with its sandbox (CI containers run as root)
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
@@ -246,6 +246,19 @@ def test_the_page_in_a_headless_browser_shows_the_segment_and_its_state(llama, t
         browse(f"http://viewer:{key}@{address}", tmp_path / "profile", f"--screenshot={shot}")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
         print(f"the page's screenshot: {shot}")
+        # a guard's snapshot (what Served.guard gives: every state, audits, an alarm) through the same route
+        snapshot = {"version": "0.x", "segments": [
+            segment("smollm2-page/a", "serving"),
+            segment("smollm2-page/math", "reverted", e_values=[[n, 1.25 ** (n - 8)] for n in range(1, 26)], alarmed_at=22)]}
+        p.app.state.served.guard = type("Guard", (), {"snapshot": staticmethod(lambda: snapshot)})()
+        page = Page(browse(f"http://viewer:{key}@{address}", tmp_path / "profile", "--dump-dom").stdout)
+        assert [c["data-state"] for c in page.cards] == ["serving", "reverted"] and "Alarm at audit 22" in page.text("alarm")
+        assert len([a for tag, a in page.svg_parts if tag == "polyline"]) == 2
+        shot = OUTPUT / "codestop-page-guard.png"
+        shot.unlink(missing_ok=True)
+        browse(f"http://viewer:{key}@{address}", tmp_path / "profile", f"--screenshot={shot}", size="1400,1300")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        print(f"with a guard's snapshot: {shot}")
         assert re.search(r'codestop_shadow_requests_total 1\.0', httpx.get(p.url + "/metrics", headers={"authorization": f"Bearer {key}"}).text)
     finally:
         p.stop()

@@ -204,7 +204,7 @@ def interval_bar(value: Any, interval: Any, max_risk: float | None) -> str:
     if x is None or lo is None or hi is None:
         return ""
     top = min(1.0, max(hi, x, max_risk or 0.0) * 1.25) or 1.0
-    w, h, pad = 560, 34, 10
+    w, h, pad = 640, 34, 16
 
     def at(v: float) -> float:
         return pad + (w - 2 * pad) * min(max(v, 0.0), top) / top
