@@ -38,7 +38,8 @@ PRIOR_AUDITS = 1.0
 PRIOR_A = PRIOR_B = 0.5
 
 
-def _fraction(name: str, value: object) -> float:
+def check_fraction(name: str, value: object) -> float:
+    """``value`` as a float strictly between 0 and 1, else one ParameterError naming ``name``."""
     if not is_number(value) or not 0 < float(value) < 1:  # type: ignore[arg-type]
         raise ParameterError(name, value, "must be a number strictly between 0 and 1")
     return float(value)  # type: ignore[arg-type]
@@ -59,8 +60,8 @@ class RiskWatch:
     alarmed_at: int | None = None  # n at the first crossing of 1/alpha (sticky)
 
     def __post_init__(self) -> None:
-        self.max_risk = _fraction("max_risk", self.max_risk)
-        self.alpha = _fraction("alpha", self.alpha)
+        self.max_risk = check_fraction("max_risk", self.max_risk)
+        self.alpha = check_fraction("alpha", self.alpha)
         if not is_integer(self.n) or self.n < 0:
             raise ParameterError("n", self.n, "must be a whole number of audits, at least 0")
         if not is_integer(self.changed) or not 0 <= self.changed <= self.n:
