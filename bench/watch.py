@@ -269,7 +269,9 @@ def shift(pool: Pool, args: argparse.Namespace) -> dict[str, Any]:
     level = args.shift_max_risk
     out: dict[str, Any] = {"static": candidate_label(pool.candidates[c]), "max_risk": level,
                            "risk_before": pool.true_risk(c, "gsm8k"), "risk_after": pool.true_risk(c, "math500"),
-                           "saving_before": pool.true_saving(c, "gsm8k"), "saving_after": pool.true_saving(c, "math500"), "rows": []}
+                           "saving_before": pool.true_saving(c, "gsm8k"), "saving_after": pool.true_saving(c, "math500"),
+                           "shadow_overhead": {name: float(pool.shadow[cols].sum() / pool.vanilla[cols].sum() - 1)
+                                               for name, cols in pool.columns.items()}, "rows": []}
 
     def population_at(i: int) -> str:
         return "gsm8k" if i < args.shift_at else "math500"
@@ -339,18 +341,23 @@ def markdown(result: dict[str, Any]) -> str:
         md.append(f"| {f} | {_rate(s['false_alarm'])} | {s['bad_certified']} | {_n(fs['median'])} / {_n(fs['p90'])} "
                   f"({fs['runs_with']}/{s['runs']}) | {_pct(s['serving_share'])} | {_pct(s['serving_saving'])} | {_n(s['audits'])} | "
                   f"{_pct(s['audit_cost_share'])} | {_pct(s['shadow_probe_share'])} | {_pct(s['net_saving'])} | {finals} |")
-    md += ["", f"The watch alone over {a['requests']:,} requests ({a['watch_seeds']} seeds, `--watch-seeds`), audits drawn at the "
-           "setting's true changed rate on GSM8K: the false-alarm rate (its promise: at most alpha, whatever the length).", "",
+    md += ["", f"The watch alone over {a['requests']:,} requests ({a['watch_seeds']} seeds, `--watch-seeds`) at each setting auto mode "
+           "served at the end of some stream, audits drawn at its true changed rate on GSM8K: the share of streams with an alarm. "
+           f"At a true risk within {a['max_risk']:g} that is the false-alarm rate (its promise: at most alpha, whatever the length); "
+           "above it (marked *over*), an alarm is a detection.", "",
            "| setting | true risk | " + " | ".join(f"F = {f}" for f in a["fractions"]) + " |",
            "|---|---:|" + "---:|" * len(a["fractions"])]
     for label, row in st["watch_only"].items():
-        md.append(f"| {label} | {_pct(row['true_risk'])} | " + " | ".join(_rate(row[str(f)]) for f in a["fractions"]) + " |")
+        over = " *over*" if row["true_risk"] > a["max_risk"] + 1e-12 else ""
+        md.append(f"| {label} | {_pct(row['true_risk'])}{over} | " + " | ".join(_rate(row[str(f)]) for f in a["fractions"]) + " |")
     md += ["", f"**Shift** (GSM8K, then MATH-500 from request {a['shift_at']:,}): the static setting {sh['static']} (the issue's: "
            f"`calibrate --risk lost --max-risk 0.1 --alpha 0.05` on the 300 GSM8K traces) changes {_pct(sh['risk_before'])} "
            f"of GSM8K answers and **{_pct(sh['risk_after'])} of MATH-500's** (saving {_pct(sh['saving_before'])} and "
            f"{_pct(sh['saving_after'])}); watched at changed <= {sh['max_risk']:g}, alpha {a['alpha']:g}. Delay: requests from the "
            "shift to the revert; 'changed after the shift': changed answers that reached clients after it (mean per stream; "
-           f"'over the level': beyond {sh['max_risk']:g} of those requests).", "",
+           f"'over the level': beyond {sh['max_risk']:g} of those requests). After a revert the proxy answers as shadow does, "
+           f"probing every boundary to record traces: {_pct(sh['shadow_overhead']['math500'])} more than vanilla on MATH-500 "
+           f"({_pct(sh['shadow_overhead']['gsm8k'])} on GSM8K), which is why reverting early costs net saving.", "",
            "| mode | audit fraction | alarms before the shift | detected | delay median / p90 (requests) | changed after the shift "
            "| over the level | audit cost | net saving |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
