@@ -115,7 +115,8 @@ class Autopilot:
         return attempt_alpha(self.alpha, self.attempt + 1)
 
     def traced(self, count: int = 1) -> None:
-        """``count`` new traces were recorded (shadow traces, audit traces) for this segment."""
+        """``count`` new traces were recorded for this segment: shadow traces while not serving, audit traces
+        (changed or not) while serving. The caller keeps the traces themselves, since the last alarm."""
         self.traces_since_alarm += count
 
     def due(self) -> bool:
@@ -143,7 +144,8 @@ class Autopilot:
     def audited(self, changed: bool) -> bool:
         """Feed one audit outcome of the served setting; True when the watch alarms on it (-> ``reverted``:
         shadow again, the traces restart). Outcomes arriving when nothing is served (an audit that
-        finished after a revert) are ignored."""
+        finished after a revert) are ignored. On True the caller drops its traces: the next calibration
+        uses only traces recorded after the alarm."""
         if self.state != "serving" or self.watch is None:
             return False
         if not self.watch.update(changed):
