@@ -1,6 +1,6 @@
 """The watch and auto mode on replayed traffic: false alarms, detection delay, what audits cost, net saving.
 
-    PYTHONPATH=. python bench/watch.py [--seeds 40] [--requests 10000] [--out bench/results/watch]
+    PYTHONPATH=. python bench/watch.py [--seeds 100] [--requests 10000] [--out bench/results/watch]
 
 Streams of requests drawn with replacement from the committed held-out testbed traces (Qwen2.5-Coder-1.5B,
 greedy, solve-then-check prompt: **an instruct model, not a reasoning model**), each request's outcome under
