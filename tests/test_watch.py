@@ -1,6 +1,6 @@
 """The watch (codestop.watch.RiskWatch): its false-alarm rate at the null's boundary, its detection of a
 risk well above the stated one, its confidence sequence, its state's exact round trip, its parameter
-errors, and a cross-check against an independent implementation (the ``ville`` package) where installed."""
+errors, and a cross-check against an independent implementation (the ``ville`` package) (the ``ville`` package, a test dependency)."""
 
 from __future__ import annotations
 
@@ -140,8 +140,8 @@ def test_agrees_with_ville():
     # an independent implementation: ville's beta-binomial mixture CS (the same construction) gives the
     # same interval; ville's one-sided betting test is an e-process for the same null, so both stay below
     # 1/alpha on an unchanged stream and both alarm on a bad one
-    np = pytest.importorskip("numpy")
-    ville = pytest.importorskip("ville")
+    import numpy as np
+    import ville  # a test dependency (pyproject's test extra): never skipped
     rng = random.Random(3)
     x = [rng.random() < 0.3 for _ in range(400)]
     cs = ville.BernoulliCS(alpha=0.05, prior=(0.5, 0.5), intersect=False)
