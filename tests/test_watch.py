@@ -1,6 +1,6 @@
 """The watch (codestop.watch.RiskWatch): its false-alarm rate at the null's boundary, its detection of a
 risk well above the stated one, its confidence sequence, its state's exact round trip, its parameter
-errors, and a cross-check against an independent implementation (the ``ville`` package) (the ``ville`` package, a test dependency)."""
+errors, and a cross-check against an independent implementation (the ``ville`` package, a test dependency)."""
 
 from __future__ import annotations
 
