@@ -281,14 +281,14 @@ async def answer(s: Served, request: Request, chat: bool) -> Response:
         assert recorder is not None
         sink = None if s.guard is None or plan is None else s.guard.sink(plan.segment)
         stream = recorder.watch(stream, prep, policy, s.metrics, sink)
-    audited = s.guard is not None and plan is not None and plan.audited and not shadowed
+    audit = plan if s.guard is not None and plan is not None and plan.audited and not shadowed else None
     if not prep.stream:
         result = await unless_disconnected(request, result_of(stream))
         s.metrics.count_result(result)
-        after = BackgroundTask(s.guard.audit, engine, prep, result, policy, plan) if s.guard is not None and audited else None
+        after = None if s.guard is None or audit is None else BackgroundTask(s.guard.audit, engine, prep, result, policy, audit)
         return JSONResponse(full_response(result, prep), background=after)  # audited once the client has it
-    if s.guard is not None and plan is not None and audited:
-        stream = s.guard.audit_after(stream, engine, prep, policy, plan)
+    if s.guard is not None and audit is not None:
+        stream = s.guard.audit_after(stream, engine, prep, policy, audit)
     head = await unless_disconnected(request, pull_head(stream))
     request.state.outcome = 499  # until the body is sent to its end
     return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)

@@ -35,7 +35,7 @@ from codestop.autopilot import Autopilot
 from codestop.controller import Event, Result
 from codestop.errors import CodestopError
 from codestop.policies import Policy, make_policy
-from codestop.serve.audit import AuditOutcome, Auditor
+from codestop.serve.audit import Auditor, AuditOutcome
 from codestop.serve.protocol import RequestError
 from codestop.serve.shadow import Shadow
 from codestop.serve.store import Store
@@ -323,7 +323,7 @@ class Guard:
                 policy, guarantee = chosen.get("policy"), chosen.get("guarantee")
             else:
                 policy, guarantee = self.options.policy_file.policy, self.options.policy_file.guarantee
-        shown = watch or (RiskWatch.from_dict(state["last_watch"]) if state.get("last_watch") else None)
+        shown = shown_watch(state)
         watch_id = state["watch_id"] if watch is not None or not state.get("last_watch") else state["watch_id"] - 1
         n = shown.n if shown else 0
         alpha = shown.alpha if shown else (self.options.watch_alpha or self.options.alpha or 0.05)
@@ -342,7 +342,7 @@ class Guard:
         """The guard for ``/health``: its mode, the audit share, the state dir, each segment's state."""
         o = self.options
         segments = {name: {"state": state_name(s), "alarms": s["alarms"],
-                           "e_value": (w.e_value if (w := watch_of(s)) else None)}
+                           "e_value": (w.e_value if (w := shown_watch(s)) else None)}
                     for name, s in ((n, self._current(s)) for n, s in self.store.segments().items())}
         return {"mode": "auto" if self.auto else "policy-file", "audit_fraction": self.fraction,
                 "state_dir": None if o.state_dir is None else str(o.state_dir), "segments": segments,
@@ -371,6 +371,11 @@ def watch_of(state: Mapping[str, Any]) -> RiskWatch | None:
     if state["mode"] == "auto":
         return Autopilot.from_dict(state["autopilot"]).watch if state_name(state) == "serving" else None
     return RiskWatch.from_dict(state["watch"]) if state_name(state) == "serving" else None
+
+
+def shown_watch(state: Mapping[str, Any]) -> RiskWatch | None:
+    """The watch a person is shown: the current one, else the one that alarmed last."""
+    return watch_of(state) or (RiskWatch.from_dict(state["last_watch"]) if state.get("last_watch") else None)
 
 
 def calibrated(lines: Iterable[dict[str, Any]], autopilot: Autopilot, segment: str) -> dict[str, Any]:

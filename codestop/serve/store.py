@@ -97,6 +97,7 @@ class Store:
         return [json.loads(line) for (line,) in rows]
 
     def count_traces(self, segment: str, epoch: int | None = None) -> int:
+        args: list[Any]
         query, args = "SELECT COUNT(*) FROM traces WHERE segment = ?", [segment]
         if epoch is not None:
             query, args = query + " AND epoch = ?", [segment, epoch]
