@@ -192,7 +192,7 @@ class Auditor:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def idle(self) -> None:
-        """Wait until no audit is running or waiting (tests, a graceful stop)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    @property
+    def busy(self) -> bool:
+        """Whether an audit is running or waiting."""
+        return bool(self._tasks)

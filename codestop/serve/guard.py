@@ -300,11 +300,10 @@ class Guard:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.store.close()
 
-    async def idle(self) -> None:
-        """Wait until no audit or calibration is running (tests, a graceful stop)."""
-        await self.auditor.idle()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    @property
+    def busy(self) -> bool:
+        """Whether an audit or a calibration is running or waiting in this process."""
+        return self.auditor.busy or bool(self._tasks)
 
     # -- what is read of it --------------------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""The guard in front of a REAL vLLM (SmolLM2-135M-Instruct, the shared ``vllm_url``): a bad setting
+alarms and the proxy then answers as the upstream alone; a setting that never stops is audited and
+never alarms; auto mode watches, serves, reverts after a shift, and resumes after a restart.
+
+vLLM's CPU build is not batch-invariant (tests/test_overlap.py's docstring): a request's greedy
+tokens can change with what shares its batch. So the byte-for-byte comparison with the upstream's
+own answers is made one request at a time, once no audit runs in the background, and those
+requests ask for no boundary probe (``probe_interval`` past their cap: a shadowed answer is then one
+stream alone, its reference probe taken after it ends), so nothing shares the stream's batch."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from harness import InProcessProxy, wait_for
+
+from codestop.engines.server import ServerEngine
+from codestop.policy_file import PolicyFile
+from codestop.serve.defaults import DEFAULT_CONFIG
+
+pytestmark = pytest.mark.slow
+
+STEPS = "Answer step by step, one step per line."
+QUESTIONS = [f"Tom has 3 apples and buys 4 more. How many apples does he have? {STEPS}",
+             f"What is 6 times 7? {STEPS}",
+             f"A box holds 12 eggs. How many eggs are in 2 boxes? {STEPS}",
+             f"Sara reads 10 pages a day. How many pages does she read in 5 days? {STEPS}",
+             f"What is 100 minus 36? {STEPS}"]
+MAX_TOKENS = 48
+CONFIG = DEFAULT_CONFIG.replace(probe_interval=4, boundaries=("\n",))  # a probe at every line, 4 tokens apart at least
+FIRST_PROBE = {"method": "codestop", "r_min": 0.0, "r_max": 0.0}  # stops at its first probe
+NEVER = {"method": "codestop", "r_min": 1.0, "r_max": 1.0, "tau": 1000.0}  # never confident enough to stop
+CLAIMS_5 = {"risk": "changed", "max_risk": 0.05, "alpha": 0.05}
+ALARM_WITHIN = 12  # requests (each audited): the bad setting's alarm comes within them
+NO_PROBES = {"probe_interval": 100000}  # a request's own knob: no boundary probe beside its stream
+
+
+def proxy(url: str, **options) -> InProcessProxy:
+    return InProcessProxy(ServerEngine.connect(url, backoff=0.05), config=CONFIG, **options)
+
+
+def ask(p: InProcessProxy, question: str, **codestop) -> dict:
+    body = {"model": p.model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": MAX_TOKENS}
+    r = httpx.post(p.url + "/v1/chat/completions", json={**body, **({"codestop": codestop} if codestop else {})}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def direct(url: str, model: str, question: str) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": MAX_TOKENS}
+    return httpx.post(url + "/chat/completions", json=body, timeout=300).json()
+
+
+def segment(p: InProcessProxy) -> dict:
+    segments = httpx.get(p.url + "/codestop/state").json()["segments"]
+    return next(s for s in segments if s["segment"] == p.model)
+
+
+def audited(p: InProcessProxy, n: int) -> None:
+    """Wait until ``n`` audits are in (or the segment no longer serves)."""
+    wait_for(lambda: (s := segment(p))["audits"] + s["audits_failed"] >= n or s["state"] != "serving", timeout=120, interval=0.1)
+
+
+def quiet(p: InProcessProxy) -> None:
+    """Wait until no audit or calibration runs in the background."""
+    guard = p.app.state.served.guard
+    wait_for(lambda: not guard.busy, timeout=120, interval=0.1)
+
+
+def test_a_bad_setting_alarms_within_12_requests_and_then_the_answers_are_the_upstreams_own(vllm_url):
+    p = proxy(vllm_url, policy=PolicyFile(FIRST_PROBE, CLAIMS_5), audit_fraction=1.0)
+    try:
+        for n in range(1, ALARM_WITHIN + 1):
+            usage = ask(p, QUESTIONS[(n - 1) % len(QUESTIONS)])["usage"]["codestop"]
+            assert usage["stopped_early"] and usage["probe_count"] == 1  # the bad setting, served
+            audited(p, n)
+            if segment(p)["state"] == "reverted":
+                break
+        s = segment(p)
+        assert s["state"] == "reverted" and s["alarmed_at"] == n <= ALARM_WITHIN and s["audits_failed"] == 0
+        assert s["e_values"][-1][1] >= s["alarm_threshold"] and s["changed_interval"][0] > CLAIMS_5["max_risk"]
+        assert httpx.get(p.url + "/health").json()["guard"]["reverted"] == [p.model]
+        quiet(p)
+        for question in QUESTIONS[:3]:  # one at a time, nothing beside them
+            mine, theirs = ask(p, question, **NO_PROBES), direct(vllm_url, p.model, question)
+            assert mine["usage"]["codestop"]["stop_reason"] in ("finished", "max_tokens")
+            assert mine["choices"][0]["message"]["content"] == theirs["choices"][0]["message"]["content"]
+            assert mine["choices"][0]["finish_reason"] == theirs["choices"][0]["finish_reason"]
+        assert segment(p)["traces"] >= n + 3  # the audits' traces and the reverted requests' are all recorded
+    finally:
+        p.stop()
+
+
+def test_a_setting_that_never_stops_is_audited_and_never_alarms(vllm_url):
+    p = proxy(vllm_url, policy=PolicyFile(NEVER, CLAIMS_5), audit_fraction=1.0)
+    try:
+        for n, question in enumerate(QUESTIONS[:4], 1):
+            assert not ask(p, question)["usage"]["codestop"]["stopped_early"]
+            audited(p, n)
+        s = segment(p)
+        assert (s["state"], s["audits"], s["audits_changed"], s["audit_cost_tokens"], s["alarmed_at"]) == ("serving", 4, 0, 0, None)
+    finally:
+        p.stop()
+
+
+# auto mode's traffic: before the shift every line says the same number, so no stop changes the
+# answer and a setting that stops early is certified; after it the answer grows line by line
+SAME = "Write the number 42 on each of five lines, nothing else."
+SHIFTED = ["Count from 1 to 15, one number per line.", "Count from 3 to 18, one number per line."]
+
+
+def test_auto_mode_watches_serves_reverts_after_a_shift_and_resumes_after_a_restart(vllm_url, tmp_path):
+    # max_risk and alpha large enough that 3 traces can certify (the first calibration's size)
+    options = dict(auto=True, max_risk=0.5, alpha=0.5, audit_fraction=1.0, state_dir=tmp_path)
+    p = proxy(vllm_url, **options)
+    try:
+        assert not ask(p, SAME)["usage"]["codestop"]["stopped_early"] and segment(p)["state"] == "watching"
+        for _ in range(5):
+            quiet(p)
+            if segment(p)["state"] == "serving":
+                break
+            ask(p, SAME)
+        s = segment(p)
+        assert s["state"] == "serving" and s["guarantee"]["certified"] and s["policy"]["method"] != "vanilla"
+    finally:
+        p.stop()
+    p = proxy(vllm_url, **options)  # a restart resumes: serving at once
+    try:
+        assert segment(p)["state"] == "serving"
+        for n in range(1, 9):
+            ask(p, SHIFTED[n % 2])
+            audited(p, n)
+            if segment(p)["state"] == "reverted":
+                break
+        s = segment(p)
+        assert s["state"] == "reverted" and s["alarmed_at"] is not None and s["policy"] is None
+        assert not ask(p, SAME)["usage"]["codestop"]["stopped_early"]  # shadow again
+    finally:
+        p.stop()
