@@ -4,7 +4,7 @@ One JSON line per question (schema 1, ``docs/traces.md``): every probe with its 
 confidence, answer, correctness and answer-token log-probabilities, and the final answer's
 correctness and full reasoning length. :func:`trace_line` writes them (for ``codestop record``,
 the proxy's shadow mode, and whatever else records a run); :func:`load_traces` reads and validates
-them (minimal traces, only ``id`` and ``probes``, too), optionally :func:`thinned` to a larger
+them (minimal traces, only ``id`` and ``probes``, too; from one file or several, paths and globs), optionally :func:`thinned` to a larger
 probe interval. Engine-free.
 
 The stop reason is ``stop_reason`` (as in results and eval lines); traces written before that name
@@ -13,7 +13,9 @@ call it ``finish_reason``: both are read, and for one release both are written.
 
 from __future__ import annotations
 
+import glob
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -199,14 +201,35 @@ def thinned(trace: Trace, probe_interval: int) -> Trace:
     return replace(trace, probes=tuple(kept))
 
 
-def load_traces(path: str | os.PathLike[str], probe_interval: int | None = None) -> list[Trace]:
-    """The traces of a trace file (each :func:`thinned` to ``probe_interval`` when given). A
-    cut-short last line is dropped with a warning on stderr; a file with no trace at all is an
-    error (a replay of nothing would report nothing quietly)."""
+def trace_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The files ``paths`` names: one path or several, each a file or a glob pattern (``hosts/*/shadow.jsonl``),
+    in the order given (a glob's matches sorted), each file once however many patterns name it. A
+    pattern that matches nothing is an error (a missing host's traces would drop out quietly)."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not items:
+        raise CodestopError("traces: no trace file given")
+    out: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        matched = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not matched:
+            raise CodestopError(f"traces: {text!r} matches no file")
+        out += [m for m in matched if m not in out]
+    return out
+
+
+def load_traces(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                probe_interval: int | None = None) -> list[Trace]:
+    """The traces of one trace file or several (:func:`trace_files`: paths and glob patterns; traces
+    from several proxy hosts calibrate together), in file order, each :func:`thinned` to
+    ``probe_interval`` when given. A cut-short last line is dropped with a warning on stderr; a file
+    with no trace at all is an error (a replay of nothing would report nothing quietly)."""
     if probe_interval is not None and probe_interval < 1:
         raise CodestopError(f"probe_interval: {probe_interval!r} must be >= 1")
-    records = read_numbered(path)
-    if not records:
-        raise CodestopError(f"traces: no traces in {path}; record some with `codestop record`")
-    traces = [trace_from_json(rec, f"{path}:{n}") for n, rec in records]
+    traces: list[Trace] = []
+    for path in trace_files(paths):
+        records = read_numbered(path)
+        if not records:
+            raise CodestopError(f"traces: no traces in {path}; record some with `codestop record`")
+        traces += [trace_from_json(rec, f"{path}:{n}") for n, rec in records]
     return traces if probe_interval is None else [thinned(t, probe_interval) for t in traces]

@@ -278,3 +278,25 @@ def test_a_guarantee_made_in_python_is_checked_too():
     with pytest.raises(CodestopError, match="guarantee.max_risk: nan must be a number"):
         PolicyFile({"method": "budget", "budget": 500}, {**GOOD_GUARANTEE, "max_risk": math.nan})
     assert PolicyFile({"method": "budget", "budget": 500}, GOOD_GUARANTEE).describe().endswith("for traffic like its 200 calibration traces")
+
+
+def test_calibrate_reads_several_trace_files_and_globs_as_one(tmp_path, capsys):
+    # traces from several proxy hosts calibrate together: the testbed split over three files, named by a
+    # path and a glob, calibrates exactly as the one file does
+    lines = [line for line in TESTBED.read_text().splitlines() if line.strip()]
+    for host in range(3):
+        (tmp_path / f"host{host}").mkdir()
+        (tmp_path / f"host{host}" / "shadow.traces.jsonl").write_text("\n".join(lines[host::3][:40]) + "\n")
+    whole = tmp_path / "whole.traces.jsonl"
+    whole.write_text("".join((tmp_path / f"host{h}" / "shadow.traces.jsonl").read_text() for h in range(3)))
+    common = ["--method", "codestop", "--tau", "3,6", "--r-max", "1", "--max-risk", "0.2", "--json"]
+    assert main(["calibrate", str(whole), *common]) == 0
+    one = json.loads(capsys.readouterr().out)
+    host0 = str(tmp_path / "host0" / "shadow.traces.jsonl")
+    assert main(["calibrate", host0, str(tmp_path / "host*" / "shadow.traces.jsonl"), *common]) == 0
+    several = json.loads(capsys.readouterr().out)
+    assert several["n"] == one["n"] == 120  # host0 named twice, read once
+    assert several["policy"] == one["policy"] and several["candidates"] == one["candidates"]
+    assert several["guarantee"]["traces"] == f"{host0} {tmp_path / 'host*' / 'shadow.traces.jsonl'}"
+    assert main(["calibrate", str(tmp_path / "nohost*" / "x.jsonl"), *common]) == 2
+    assert "matches no file" in capsys.readouterr().err

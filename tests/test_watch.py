@@ -49,6 +49,19 @@ def test_a_risk_well_above_max_risk_alarms_within_a_bounded_number_of_audits():
     assert sorted(d for d in delays if d is not None)[100] <= 100  # the median
 
 
+def test_a_shift_after_a_long_stretch_below_max_risk_is_detected_promptly():
+    # 400 audits at 11% under a 15% level, then 25%: the bet follows the recent share, not the long average
+    delays = []
+    for seed in range(100):
+        rng, watch = random.Random(seed), RiskWatch(0.15, 0.05)
+        for _ in range(400):
+            watch.update(rng.random() < 0.11)
+        before = watch.alarm
+        delays.append(None if before else run(watch, 0.25, 1600, rng))
+    detected = sorted(d - 400 for d in delays if d is not None)
+    assert len(detected) >= 98 and detected[len(detected) // 2] <= 300, detected
+
+
 def test_no_change_at_all_never_alarms_and_the_wealth_stays_positive():
     watch = RiskWatch(0.05, 0.05)
     for _ in range(5000):
@@ -61,9 +74,8 @@ def test_update_reports_the_first_crossing_only_and_the_alarm_is_sticky():
     raised = [watch.update(True) for _ in range(20)]
     assert raised.count(True) == 1 and watch.alarmed_at == raised.index(True) + 1
     assert watch.e_value >= 20
-    for _ in range(500):
-        watch.update(False)
-    assert watch.alarm and watch.e_value < 20  # the wealth fell back; the alarm stays
+    assert not any(watch.update(x) for x in [True] * 50 + [False] * 500)  # never raised twice
+    assert watch.alarm and watch.alarmed_at == raised.index(True) + 1
 
 
 def test_round_trip_mid_stream_resumes_identically():

@@ -39,7 +39,9 @@ def add_parser(sub: Any) -> None:
         "rest certify them in that order. Holds only for traffic like the traces: same model, sampling, prompt, "
         "boundaries and cap.",
     )
-    c.add_argument("traces", help="a trace file (codestop record, or the proxy's shadow traces)")
+    c.add_argument("traces", nargs="+",
+                   help="trace files (codestop record, or the proxy's shadow and audit traces): paths or glob patterns "
+                        "(quote them), e.g. the shadow traces of several proxy hosts, calibrated together")
     c.add_argument("--risk", default="changed", choices=RISKS,
                    help="changed: the answer at the stop differs from the full reasoning's (no labels needed; default); "
                         "lost: the full reasoning was right and the answer at the stop is wrong (labelled traces)")
@@ -100,7 +102,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     traces = load_traces(args.traces, args.probe_interval)
     result = calibrate(traces, risk=args.risk, max_risk=args.max_risk, alpha=args.alpha, candidates=candidates,
                        ordering_fraction=args.ordering_fraction, seed=args.seed)
-    result["traces"] = result["guarantee"]["traces"] = str(args.traces)
+    result["traces"] = result["guarantee"]["traces"] = " ".join(args.traces)
     if args.out:
         write_policy_file(args.out, result["policy"], result["guarantee"])
     if args.json:
