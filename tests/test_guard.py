@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 
 import httpx
 import pytest
@@ -125,6 +126,55 @@ def test_a_streamed_answer_is_audited_once_its_last_chunk_is_sent(tmp_path):
         assert text.startswith("Step one.\n") and "two" not in text
         audited(p, 1)
         assert state(p)["audits_changed"] == 1 and state(p)["audit_cost_tokens"] > 0
+    finally:
+        p.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_client_has_its_whole_answer_before_its_audit_starts(stream):
+    engine = story_engine(toy_tokenizer(), SCRIPT, late_answer)
+    story, release, started = engine.next_token, threading.Event(), threading.Event()
+
+    def resumed_waits(history: list[int], prompt_len: int) -> int:  # the continuation waits for the test
+        if "Step" in toy_tokenizer().decode(history[:prompt_len]):
+            started.set()
+            release.wait(10)
+        return story(history, prompt_len)
+
+    engine.next_token = resumed_waits
+    p = InProcessProxy(engine, policy=PolicyFile(FIRST_PROBE, CLAIMS_5), audit_fraction=1.0, config=CONFIG)
+    try:
+        r = p.client().chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Q?"}], max_tokens=64,
+                                               stream=stream)
+        text = "".join(c.choices[0].delta.content or "" for c in r if c.choices) if stream else r.choices[0].message.content
+        assert text.startswith("Step one.") and "two" not in text  # the whole answer, as served
+        assert started.wait(10) and p.app.state.served.guard.busy and state(p)["audits"] == 0
+        release.set()
+        audited(p, 1)
+        assert state(p)["audits_changed"] == 1
+    finally:
+        release.set()
+        p.stop()
+
+
+def test_a_failed_audit_is_counted_once_and_never_retried(tmp_path):
+    engine = story_engine(toy_tokenizer(), SCRIPT, late_answer)
+    story = engine.next_token
+
+    def resumed_fails(history: list[int], prompt_len: int) -> int:  # the upstream fails the continuation
+        if "Step" in toy_tokenizer().decode(history[:prompt_len]):
+            raise RuntimeError("the upstream went away")
+        return story(history, prompt_len)
+
+    engine.next_token = resumed_fails
+    p = InProcessProxy(engine, policy=PolicyFile(FIRST_PROBE, CLAIMS_5), audit_fraction=1.0, config=CONFIG)
+    try:
+        assert ask(p)[1] == "confident"
+        audited(p, 1)
+        wait_for(lambda: not p.app.state.served.guard.busy)
+        s = state(p)
+        assert (s["audits"], s["audits_failed"], s["state"]) == (0, 1, "serving")
+        assert metric(p.metrics(), "codestop_audits_failed_total", segment="scripted") == 1
     finally:
         p.stop()
 
