@@ -137,3 +137,62 @@ def test_auto_mode_watches_serves_reverts_after_a_shift_and_resumes_after_a_rest
         assert not ask(p, SAME)["usage"]["codestop"]["stopped_early"]  # shadow again
     finally:
         p.stop()
+
+
+def test_workers_share_one_watch_and_a_revert_reaches_every_worker_within_a_second(vllm_url, tmp_path):
+    """The real verb with ``--workers 2`` over one state dir: the audits of both workers feed one
+    watch, and once it alarms every request, whichever worker takes it, is answered unstopped."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from harness import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    policy = tmp_path / "bad.json"
+    policy.write_text(json.dumps(PolicyFile(FIRST_PROBE, CLAIMS_5).to_json()))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-m", "codestop.cli", "serve", "--base-url", vllm_url, "--port", str(port),
+                             "--workers", "2", "--log-level", "warning", "--policy-file", str(policy), "--audit-fraction", "1",
+                             "--state-dir", str(tmp_path / "state"), "--probe-interval", "4", "--boundaries", "\n"],
+                            cwd=repo, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: healthy(url, proc), timeout=120, interval=0.5)
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+        def state() -> dict:
+            return next(s for s in httpx.get(url + "/codestop/state").json()["segments"] if s["segment"] == model)
+
+        def chat(question: str, **codestop) -> dict:
+            body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": MAX_TOKENS}
+            return httpx.post(url + "/v1/chat/completions", json={**body, **({"codestop": codestop} if codestop else {})},
+                              timeout=300).json()
+
+        for n in range(1, ALARM_WITHIN + 1):
+            chat(QUESTIONS[(n - 1) % len(QUESTIONS)])
+            wait_for(lambda n=n: (s := state())["audits"] + s["audits_failed"] >= n or s["state"] != "serving", timeout=120, interval=0.2)
+            if state()["state"] == "reverted":
+                break
+        assert state()["state"] == "reverted"
+        time.sleep(1)
+        for question in QUESTIONS[:4]:  # new connections: the kernel spreads them over both workers
+            assert not chat(question, **NO_PROBES)["usage"]["codestop"]["stopped_early"]
+        metrics = httpx.get(url + "/metrics").text
+        assert f'codestop_guard_state{{segment="{model}",state="reverted"}} 1.0' in metrics
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def healthy(url: str, proc) -> bool:
+    assert proc.poll() is None, f"codestop serve --workers 2 exited with {proc.returncode}"
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
