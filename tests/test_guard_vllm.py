@@ -27,7 +27,7 @@ QUESTIONS = [f"Tom has 3 apples and buys 4 more. How many apples does he have? {
              f"Sara reads 10 pages a day. How many pages does she read in 5 days? {STEPS}",
              f"What is 100 minus 36? {STEPS}"]
 MAX_TOKENS = 48
-CONFIG = DEFAULT_CONFIG.replace(probe_interval=4, boundaries=("\n",))  # a probe at every line, 4 tokens apart at least
+CONFIG = DEFAULT_CONFIG.replace(probe_interval=8, boundaries=(" ",))  # a probe at a word, 8 tokens apart at least: every answer probes
 FIRST_PROBE = {"method": "codestop", "r_min": 0.0, "r_max": 0.0}  # stops at its first probe
 NEVER = {"method": "codestop", "r_min": 1.0, "r_max": 1.0, "tau": 1000.0}  # never confident enough to stop
 CLAIMS_5 = {"risk": "changed", "max_risk": 0.05, "alpha": 0.05}
@@ -39,8 +39,8 @@ def proxy(url: str, **options) -> InProcessProxy:
     return InProcessProxy(ServerEngine.connect(url, backoff=0.05), config=CONFIG, **options)
 
 
-def ask(p: InProcessProxy, question: str, **codestop) -> dict:
-    body = {"model": p.model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": MAX_TOKENS}
+def ask(p: InProcessProxy, question: str, max_tokens: int = MAX_TOKENS, **codestop) -> dict:
+    body = {"model": p.model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": max_tokens}
     r = httpx.post(p.url + "/v1/chat/completions", json={**body, **({"codestop": codestop} if codestop else {})}, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()
@@ -81,12 +81,13 @@ def test_a_bad_setting_alarms_within_12_requests_and_then_the_answers_are_the_up
         assert s["e_values"][-1][1] >= s["alarm_threshold"] and s["changed_interval"][0] > CLAIMS_5["max_risk"]
         assert httpx.get(p.url + "/health").json()["guard"]["reverted"] == [p.model]
         quiet(p)
-        for question in QUESTIONS[:3]:  # one at a time, nothing beside them
+        print(f"the bad setting alarmed after {n} requests")
+        for question in QUESTIONS[:2]:  # one at a time, nothing beside them
             mine, theirs = ask(p, question, **NO_PROBES), direct(vllm_url, p.model, question)
             assert mine["usage"]["codestop"]["stop_reason"] in ("finished", "max_tokens")
             assert mine["choices"][0]["message"]["content"] == theirs["choices"][0]["message"]["content"]
             assert mine["choices"][0]["finish_reason"] == theirs["choices"][0]["finish_reason"]
-        assert segment(p)["traces"] >= n + 3  # the audits' traces and the reverted requests' are all recorded
+        assert segment(p)["traces"] >= n + 2  # the audits' traces and the reverted requests' are all recorded
     finally:
         p.stop()
 
@@ -103,10 +104,12 @@ def test_a_setting_that_never_stops_is_audited_and_never_alarms(vllm_url):
         p.stop()
 
 
-# auto mode's traffic: before the shift every line says the same number, so no stop changes the
-# answer and a setting that stops early is certified; after it the answer grows line by line
-SAME = "Write the number 42 on each of five lines, nothing else."
-SHIFTED = ["Count from 1 to 15, one number per line.", "Count from 3 to 18, one number per line."]
+# auto mode's traffic, as SmolLM2 answers it (greedy): before the shift every probe answers "6" as the
+# full reasoning does, at a confidence near 0.5, so a setting that stops at the first probe is certified;
+# after it, the first probe answers "42 42 42 ..." at a confidence near 0.9 and the full reasoning "42"
+SAME = "What is 6 times 7? Write the answer first, then explain it."
+SHIFTED = "Repeat after me: " + " ".join(["42"] * 20)
+AUTO_MAX_TOKENS = 64
 
 
 def test_auto_mode_watches_serves_reverts_after_a_shift_and_resumes_after_a_restart(vllm_url, tmp_path):
@@ -114,27 +117,29 @@ def test_auto_mode_watches_serves_reverts_after_a_shift_and_resumes_after_a_rest
     options = dict(auto=True, max_risk=0.5, alpha=0.5, audit_fraction=1.0, state_dir=tmp_path)
     p = proxy(vllm_url, **options)
     try:
-        assert not ask(p, SAME)["usage"]["codestop"]["stopped_early"] and segment(p)["state"] == "watching"
+        assert not ask(p, SAME, AUTO_MAX_TOKENS)["usage"]["codestop"]["stopped_early"] and segment(p)["state"] == "watching"
         for _ in range(5):
             quiet(p)
             if segment(p)["state"] == "serving":
                 break
-            ask(p, SAME)
+            ask(p, SAME, AUTO_MAX_TOKENS)
         s = segment(p)
         assert s["state"] == "serving" and s["guarantee"]["certified"] and s["policy"]["method"] != "vanilla"
+        print(f"auto mode serves {s['policy']} after {s['traces']} traces")
     finally:
         p.stop()
     p = proxy(vllm_url, **options)  # a restart resumes: serving at once
     try:
         assert segment(p)["state"] == "serving"
         for n in range(1, 9):
-            ask(p, SHIFTED[n % 2])
+            ask(p, SHIFTED, AUTO_MAX_TOKENS)
             audited(p, n)
             if segment(p)["state"] == "reverted":
                 break
         s = segment(p)
         assert s["state"] == "reverted" and s["alarmed_at"] is not None and s["policy"] is None
-        assert not ask(p, SAME)["usage"]["codestop"]["stopped_early"]  # shadow again
+        print(f"auto mode reverted after {n} shifted requests")
+        assert not ask(p, SAME, AUTO_MAX_TOKENS)["usage"]["codestop"]["stopped_early"]  # shadow again
     finally:
         p.stop()
 
@@ -159,7 +164,7 @@ def test_workers_share_one_watch_and_a_revert_reaches_every_worker_within_a_seco
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"PYTHONPATH": str(repo)}
     proc = subprocess.Popen([sys.executable, "-m", "codestop.cli", "serve", "--base-url", vllm_url, "--port", str(port),
                              "--workers", "2", "--log-level", "warning", "--policy-file", str(policy), "--audit-fraction", "1",
-                             "--state-dir", str(tmp_path / "state"), "--probe-interval", "4", "--boundaries", "\n"],
+                             "--state-dir", str(tmp_path / "state"), "--probe-interval", "8", "--boundaries", " "],
                             cwd=repo, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
