@@ -31,7 +31,7 @@ CONFIG = DEFAULT_CONFIG.replace(probe_interval=8, boundaries=(" ",))  # a probe 
 FIRST_PROBE = {"method": "codestop", "r_min": 0.0, "r_max": 0.0}  # stops at its first probe
 NEVER = {"method": "codestop", "r_min": 1.0, "r_max": 1.0, "tau": 1000.0}  # never confident enough to stop
 CLAIMS_5 = {"risk": "changed", "max_risk": 0.05, "alpha": 0.05}
-ALARM_WITHIN = 12  # requests (each audited): the bad setting's alarm comes within them
+ALARM_WITHIN = 6  # requests (each audited): the bad setting alarms within them (3 at the least: the first audit bets nothing)
 NO_PROBES = {"probe_interval": 100000}  # a request's own knob: no boundary probe beside its stream
 
 
@@ -67,7 +67,7 @@ def quiet(p: InProcessProxy) -> None:
     wait_for(lambda: not guard.busy, timeout=120, interval=0.1)
 
 
-def test_a_bad_setting_alarms_within_12_requests_and_then_the_answers_are_the_upstreams_own(vllm_url):
+def test_a_bad_setting_alarms_within_6_requests_and_then_the_answers_are_the_upstreams_own(vllm_url):
     p = proxy(vllm_url, policy=PolicyFile(FIRST_PROBE, CLAIMS_5), audit_fraction=1.0)
     try:
         for n in range(1, ALARM_WITHIN + 1):

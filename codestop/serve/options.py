@@ -113,10 +113,10 @@ class ServeOptions:
         if self.auto:
             require(policy.path is None and policy.guarantee is None, "auto", self.auto,
                     "chooses and certifies its own policy: give no policy file with it")
-            require(self.max_risk is not None, "max_risk", self.max_risk, "is needed by auto mode (the risk level it certifies)")
-            require(self.alpha is not None, "alpha", self.alpha, "is needed by auto mode (the error level of the whole run)")
+            require(self.max_risk is not None, "max_risk", self.max_risk, "must be a fraction in auto mode (the risk level it certifies)")
+            require(self.alpha is not None, "alpha", self.alpha, "must be a fraction in auto mode (the error level of the whole run)")
             require(self.state_dir is not None, "state_dir", self.state_dir,
-                    "is needed by auto mode (its traces, policy and watch live there and survive a restart)")
+                    "must be a directory in auto mode (its traces, policy and watch live there and survive a restart)")
         elif self.audits > 0:
             g = policy.guarantee or {}
             require(g.get("max_risk", self.max_risk) is not None and (self.watch_alpha or g.get("alpha", self.alpha)) is not None,
