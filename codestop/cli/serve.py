@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from codestop.cli.options import (
@@ -21,7 +22,12 @@ from codestop.cli.options import (
 )
 from codestop.engines.base import Engine
 from codestop.errors import CodestopError
-from codestop.serve.defaults import DEFAULT_ANSWER, DEFAULT_MAX_REQUEST_BYTES
+from codestop.serve.defaults import (
+    DEFAULT_ANSWER,
+    DEFAULT_AUTO_AUDIT_FRACTION,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_SEGMENTS,
+)
 
 if TYPE_CHECKING:
     from codestop.serve.options import ServeOptions
@@ -103,6 +109,30 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--shadow-text", action="store_true",
                    help="also write the prompt, the reasoning, the answer and the probes' texts (default: none, only "
                         "ids, positions, confidences, probe answers, token counts)")
+    g = p.add_argument_group("guard: audits, the watch, auto mode (docs/serving.md)")
+    g.add_argument("--audit-fraction", type=float, default=None, metavar="F",
+                   help="audit this share of the requests served under the policy (seeded draw): after the client has its "
+                        "answer, a stopped one is continued to its end and whether the stop changed the answer is fed to "
+                        "an anytime-valid watch of the policy file's guarantee; on an alarm stopping is switched off "
+                        f"(default: none; {DEFAULT_AUTO_AUDIT_FRACTION:g} with --auto)")
+    g.add_argument("--watch-alpha", type=float, default=None, metavar="A",
+                   help="the watch's error level: the chance it ever alarms while the risk is within its level "
+                        "(default: the guarantee's alpha, else --alpha)")
+    g.add_argument("--auto", action="store_true",
+                   help="auto mode: shadow first, collect traces per segment, calibrate them (changed <= --max-risk at "
+                        "--alpha for the whole run) as they grow, serve the certified setting under audit, back to "
+                        "shadow on an alarm; needs --state-dir")
+    g.add_argument("--max-risk", type=float, default=None, metavar="R",
+                   help="the risk level: auto mode certifies changed <= R; the watch's level for a policy file without "
+                        "a guarantee")
+    g.add_argument("--alpha", type=float, default=None, metavar="A",
+                   help="the error level: auto mode's for the whole run; the watch's for a policy file without a guarantee")
+    g.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the guard keeps its state (SQLite: traces, policies, watches), shared by --workers and "
+                        "resumed after a restart (default: in memory; required with --auto)")
+    g.add_argument("--max-segments", type=int, default=DEFAULT_MAX_SEGMENTS, metavar="N",
+                   help="segment tags (X-Codestop-Segment, metadata.codestop_segment) with a state and metric label of "
+                        f"their own; later tags share MODEL/other (default {DEFAULT_MAX_SEGMENTS})")
     add_model_options(p)
     add_policy_options(p)
     add_generation_options(p, answer=DEFAULT_ANSWER)
@@ -146,7 +176,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         config=config_from_args(args), policy=policy_file_from_args(args),
         proxy_api_key=args.proxy_api_key or os.environ.get("CODESTOP_PROXY_API_KEY") or None,
         max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name,
-        shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text)
+        shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text,
+        audit_fraction=args.audit_fraction, watch_alpha=args.watch_alpha, auto=args.auto, max_risk=args.max_risk,
+        alpha=args.alpha, state_dir=args.state_dir, max_segments=args.max_segments)
 
 
 def make_app(args: argparse.Namespace, on_engine_error: Callable[[], None] | None = None) -> Any:
@@ -177,6 +209,8 @@ def say_what_it_serves(app: Any) -> None:
     print(f"codestop serve: policy {served.options.policy_file.describe()}", file=sys.stderr)
     if served.shadow is not None:
         print(f"codestop serve: {served.shadow.describe()}", file=sys.stderr)
+    if served.guard is not None:
+        print(f"codestop serve: {served.guard.describe_line()}", file=sys.stderr)
 
 
 def serve_workers(args: argparse.Namespace) -> int:
@@ -190,6 +224,9 @@ def serve_workers(args: argparse.Namespace) -> int:
     from codestop.serve.metrics import ForgetDeadWorkers
 
     spec, options = engine_spec(args), serve_options(args)
+    own_state = options.guarded and options.state_dir is None  # the workers share one state: a directory of its own
+    if own_state:
+        options = replace(options, state_dir=tempfile.mkdtemp(prefix="codestop-state-"))
     say_what_it_serves(app_for(spec, options))  # a bad option fails here, once, not in every worker
     own_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     shared = tempfile.mkdtemp(prefix="codestop-metrics-") if own_dir else os.environ["PROMETHEUS_MULTIPROC_DIR"]
@@ -202,6 +239,8 @@ def serve_workers(args: argparse.Namespace) -> int:
     finally:
         if own_dir:
             shutil.rmtree(shared, ignore_errors=True)
+        if own_state:
+            shutil.rmtree(str(options.state_dir), ignore_errors=True)
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar, cast
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
@@ -38,6 +39,7 @@ from codestop.engines.base import Engine
 from codestop.engines.server.stopping import Stoppable
 from codestop.errors import CodestopError, ServerBusy, redact, redact_logs, register_secret
 from codestop.serve import upstream_chat
+from codestop.serve.guard import Guard, segment_tag
 from codestop.serve.metrics import CountRequests, Metrics
 from codestop.serve.options import ServeOptions
 from codestop.serve.page import LOGIN_HEADERS, PAGE_HEADERS, page_key_ok, render_page, snapshot_of
@@ -76,6 +78,8 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
     redact_logs(log.name, "uvicorn.error", "uvicorn.access", "httpx", *(f"httpcore.{m}" for m in ("connection", "http11", "http2", "proxy")))
     shadowing = None if options.shadow is None else Shadow(options.shadow, options.shadow_fraction, options.shadow_text)
     served = Served(engine if isinstance(engine, Engine) else None, options, shadowing)
+    if options.guarded:
+        served.guard = Guard(options, shadowing, served.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,6 +89,8 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
         finally:
             if building is not None:
                 await asyncio.gather(building, return_exceptions=True)  # a thread cannot be cancelled
+            if served.guard is not None:  # its audits use the engine: stopped first
+                await served.guard.aclose()
             if options.close_engine and served.engine is not None:
                 await served.engine.aclose()
 
@@ -112,6 +118,7 @@ class Served:
     engine: Engine | None
     options: ServeOptions
     shadow: Shadow | None = None
+    guard: Guard | None = None  # audits, the watch, auto mode (codestop.serve.guard)
     metrics: Metrics = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None  # why building the engine failed
@@ -125,6 +132,8 @@ class Served:
         out: dict[str, Any] = {"policy": policy.describe(), "guarantee": policy.guarantee}
         if self.shadow is not None:
             out["shadow"] = {"file": str(self.shadow.path), "fraction": self.shadow.fraction, "text": self.shadow.text}
+        if self.guard is not None:
+            out["guard"] = self.guard.describe()
         return out
 
     async def build(self, make: Callable[[], Engine]) -> None:
@@ -212,6 +221,10 @@ async def status_page(request: Request) -> Response:
     if key and not (has_key(request) or page_key_ok(request.headers.get("authorization", ""), key)):
         return JSONResponse(error_body(KEY_MISSING, "authentication_error", None, "invalid_api_key"), 401, LOGIN_HEADERS)
     return HTMLResponse(render_page(snapshot_of(s)), headers=PAGE_HEADERS)
+@opened.get("/codestop/state", dependencies=[Depends(require_key)])
+async def guard_state(request: Request) -> JSONResponse:
+    """Each segment's state, audits and watch: the snapshot the page /codestop draws."""
+    return JSONResponse(snapshot_of(served_by(request)))
 
 
 @v1.get("/models")
@@ -265,18 +278,26 @@ async def answer(s: Served, request: Request, chat: bool) -> Response:
         opening = await unless_disconnected(request, upstream_chat.first(chunks))
         request.state.outcome = 499  # until the body is sent to its end
         return event_stream(chain([opening], chunks), chunks)
-    shadowed = s.shadow is not None and s.shadow.chosen()
-    run = (engine, prep.question, *((SHADOW_POLICY, Shadow.config(prep.config)) if shadowed else (prep.policy, prep.config)))
+    plan = None if s.guard is None else s.guard.plan(prep, segment_tag(request.headers, body), s.options.defaults.policy)
+    shadowed = (plan is not None and plan.shadow) or (s.shadow is not None and s.shadow.chosen())
+    policy = plan.policy if plan is not None and plan.policy is not None else prep.policy
+    run = (engine, prep.question, *((SHADOW_POLICY, Shadow.config(prep.config)) if shadowed else (policy, prep.config)))
     raw = not prep.chat  # a raw completion's text is all visible, a thinking family's reasoning too: its stops end it
     stream = cast(AsyncGenerator[Event | Result, None],
                   astream(*run, family=prep.family, prompt=prep.prompt, stop_in_reasoning=raw))
     if shadowed:
-        assert s.shadow is not None
-        stream = s.shadow.watch(stream, prep, prep.policy, s.metrics)
+        recorder = s.shadow if s.guard is None else s.guard.recorder
+        assert recorder is not None
+        sink = None if s.guard is None or plan is None else s.guard.sink(plan.segment)
+        stream = recorder.watch(stream, prep, policy, s.metrics, sink)
+    audit = plan if s.guard is not None and plan is not None and plan.audited and not shadowed else None
     if not prep.stream:
         result = await unless_disconnected(request, result_of(stream))
         s.metrics.count_result(result)
-        return JSONResponse(full_response(result, prep))
+        after = None if s.guard is None or audit is None else BackgroundTask(s.guard.audit, engine, prep, result, policy, audit)
+        return JSONResponse(full_response(result, prep), background=after)  # audited once the client has it
+    if s.guard is not None and audit is not None:
+        stream = s.guard.audit_after(stream, engine, prep, policy, audit)
     head = await unless_disconnected(request, pull_head(stream))
     request.state.outcome = 499  # until the body is sent to its end
     return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)

@@ -148,6 +148,7 @@ class Metrics:
             PlatformCollector(registry=r)
             r.register(EngineCounters(engine))
             r.register(UpstreamConnections(engine))
+        self.collectors: list[Any] = []  # read at each scrape, whatever the mode (add_collector)
         self._engine_series: dict[str, Any] = {}  # multiprocess mode: the engine's counters, by name
         self._synced: dict[tuple[str, tuple[str, ...]], float] = {}  # and what was added to them so far
         self.requests = Counter("codestop_requests", "Requests answered, by endpoint and HTTP status (499: the client left).",
@@ -182,6 +183,13 @@ class Metrics:
                                       registry=r)
         self.shadow_write_errors = Counter("codestop_shadow_write_errors", "Shadow traces that could not be recorded.",
                                            registry=r)
+
+    def add_collector(self, collector: Any) -> None:
+        """A collector read at each scrape (one whose series come from state every worker shares, such as
+        the guard's store): in multiprocess mode it is added to the merged registry at each scrape."""
+        self.collectors.append(collector)
+        if self.shared is None:
+            self.registry.register(collector)
 
     def count_result(self, result: Result) -> None:
         self.stops.labels(result.stop_reason).inc()
@@ -223,6 +231,8 @@ class Metrics:
         self.sync_engine()
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.shared)
+        for collector in self.collectors:
+            merged.register(collector)
         return generate_latest(merged)
 
 

@@ -11,7 +11,13 @@ from typing import Any, cast
 from codestop.config import GenerationConfig
 from codestop.errors import is_integer, is_number, require
 from codestop.policy_file import PolicyFile
-from codestop.serve.defaults import DEFAULT_CONFIG, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_POLICY
+from codestop.serve.defaults import (
+    DEFAULT_AUTO_AUDIT_FRACTION,
+    DEFAULT_CONFIG,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_SEGMENTS,
+    DEFAULT_POLICY,
+)
 from codestop.serve.serving import Defaults, server_defaults
 
 
@@ -39,6 +45,15 @@ class ServeOptions:
     text unless ``shadow_text``) and counts in ``/metrics`` what the request's policy would have
     done.
 
+    The guard (:mod:`codestop.serve.guard`): ``audit_fraction`` (a share of the requests served
+    under the policy audited after their answer; default none, or ``DEFAULT_AUTO_AUDIT_FRACTION``
+    in auto mode) feeds a watch of the risk ``changed`` at the policy file's guarantee (its
+    ``max_risk``, else ``max_risk``; its ``alpha``, else ``alpha``; ``watch_alpha`` over both), which
+    reverts the segment to answering as the upstream alone on an alarm. ``auto``: auto mode (shadow
+    first, calibrated at ``max_risk`` and ``alpha`` on the traces collected, served, audited,
+    watched). ``state_dir``: where the state lives (SQLite; required for auto mode, which resumes
+    from it; else in memory). ``max_segments``: the most segment tags with a state of their own.
+
     Every value is checked here, when the options are made (a bad one is a ParameterError naming
     it, before any model loads); ``defaults`` is what the checks built."""
 
@@ -51,6 +66,13 @@ class ServeOptions:
     shadow: str | os.PathLike[str] | None = None
     shadow_fraction: float = 1.0
     shadow_text: bool = False
+    audit_fraction: float | None = None
+    watch_alpha: float | None = None
+    auto: bool = False
+    max_risk: float | None = None
+    alpha: float | None = None
+    state_dir: str | os.PathLike[str] | None = None
+    max_segments: int = DEFAULT_MAX_SEGMENTS
     defaults: Defaults = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -70,8 +92,57 @@ class ServeOptions:
         require(is_number(self.shadow_fraction) and 0 < self.shadow_fraction <= 1, "shadow_fraction",
                 self.shadow_fraction, "must be a number in (0, 1]")
         require(isinstance(self.shadow_text, bool), "shadow_text", self.shadow_text, "must be true or false")
+        self._check_guard(policy)
         # the default policy built once, the names checked: a bad default fails here, not per request
         object.__setattr__(self, "defaults", server_defaults(self.config, policy.policy, self.served_model_name))
+
+    def _check_guard(self, policy: PolicyFile) -> None:
+        def fraction(name: str) -> None:
+            value = getattr(self, name)
+            require(value is None or (is_number(value) and 0 < value < 1), name, value, "must be a number strictly between 0 and 1")
+
+        require(self.audit_fraction is None or (is_number(self.audit_fraction) and 0 <= self.audit_fraction <= 1),
+                "audit_fraction", self.audit_fraction, "must be a number in [0, 1]")
+        for name in ("watch_alpha", "max_risk", "alpha"):
+            fraction(name)
+        require(isinstance(self.auto, bool), "auto", self.auto, "must be true or false")
+        require(self.state_dir is None or isinstance(self.state_dir, (str, os.PathLike)), "state_dir", self.state_dir,
+                "must be a directory path or None")
+        require(is_integer(self.max_segments) and self.max_segments >= 1, "max_segments", self.max_segments,
+                "must be an integer >= 1")
+        if self.auto:
+            require(policy.path is None and policy.guarantee is None, "auto", self.auto,
+                    "chooses and certifies its own policy: give no policy file with it")
+            require(self.max_risk is not None, "max_risk", self.max_risk, "must be a fraction in auto mode (the risk level it certifies)")
+            require(self.alpha is not None, "alpha", self.alpha, "must be a fraction in auto mode (the error level of the whole run)")
+            require(self.state_dir is not None, "state_dir", self.state_dir,
+                    "must be a directory in auto mode (its traces, policy and watch live there and survive a restart)")
+        elif self.audits > 0:
+            g = policy.guarantee or {}
+            require(g.get("max_risk", self.max_risk) is not None and (self.watch_alpha or g.get("alpha", self.alpha)) is not None,
+                    "audit_fraction", self.audit_fraction, "watches a stated risk: give a calibrated policy file (its guarantee's "
+                    "max_risk and alpha), or max_risk and alpha (or watch_alpha)")
+
+    @property
+    def audits(self) -> float:
+        """The share of requests served under the policy that is audited (0: none)."""
+        if self.audit_fraction is not None:
+            return float(self.audit_fraction)
+        return DEFAULT_AUTO_AUDIT_FRACTION if self.auto else 0.0
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the guard is on: auto mode, or audits of the policy file's policy."""
+        return self.auto or self.audits > 0
+
+    @property
+    def watch_level(self) -> tuple[float, float]:
+        """(max_risk, alpha) the watch tests a policy file's policy at: its guarantee's, where not given."""
+        g = self.policy_file.guarantee or {}
+        max_risk = g.get("max_risk", self.max_risk)
+        alpha = self.watch_alpha or g.get("alpha", self.alpha)
+        assert max_risk is not None and alpha is not None  # checked in __post_init__
+        return float(max_risk), float(alpha)
 
     @property
     def policy_file(self) -> PolicyFile:
@@ -81,6 +152,7 @@ class ServeOptions:
         """The options as JSON values (:meth:`from_dict` reads them back): what a worker process is given."""
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         values.update(config=self.config.to_dict(), shadow=None if self.shadow is None else os.fspath(self.shadow),
+                      state_dir=None if self.state_dir is None else os.fspath(self.state_dir),
                       policy={"policy": self.policy_file.policy, "guarantee": self.policy_file.guarantee,
                               "path": self.policy_file.path})
         return values

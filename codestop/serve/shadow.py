@@ -31,7 +31,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,14 +61,17 @@ SHADOW_POLICY = Vanilla()
 
 class Shadow:
     """The shadow file and the draw of which requests it records (``fraction`` in (0, 1], checked
-    with the other :class:`~codestop.serve.options.ServeOptions`)."""
+    with the other :class:`~codestop.serve.options.ServeOptions`). ``path`` None: no file (the
+    guard's shadow, whose traces go to its store alone)."""
 
-    def __init__(self, path: str | os.PathLike[str], fraction: float = 1.0, text: bool = False, seed: int = 0) -> None:
-        self.path = Path(path).expanduser()
+    def __init__(self, path: str | os.PathLike[str] | None, fraction: float = 1.0, text: bool = False, seed: int = 0) -> None:
+        self.path = None if path is None else Path(path).expanduser()
         self.fraction = float(fraction)
         self.text = bool(text)
         self._draw = random.Random(seed)
         self._lock = threading.Lock()
+        if self.path is None:
+            return
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,22 +99,23 @@ class Shadow:
         return config.replace(always_probe=True, answer="none")
 
     async def watch(self, stream: AsyncGenerator[Event | Result, None], prep: Prepared, policy: Policy,
-                    metrics: Metrics) -> AsyncGenerator[Event | Result, None]:
+                    metrics: Metrics, sink: Callable[[dict[str, Any]], None] | None = None) -> AsyncGenerator[Event | Result, None]:
         """``stream`` passed through; its Result, before it is passed on, is appended as a trace line
-        and ``policy`` replayed on it into ``metrics``. A request that ends without a Result (the
-        client gone, a failure) leaves no line."""
+        (to the file, and to ``sink``: the guard's store) and ``policy`` replayed on it into
+        ``metrics``. A request that ends without a Result (the client gone, a failure) leaves no line."""
         t0 = time.perf_counter()
         async with aclosing(stream):
             async for item in stream:
                 if isinstance(item, Result):
                     try:
-                        self.record(item, prep, policy, metrics, time.perf_counter() - t0)
+                        self.record(item, prep, policy, metrics, time.perf_counter() - t0, sink)
                     except Exception:  # the client's answer is ready: shadowing never costs it
                         metrics.shadow_write_errors.inc()
                         log.exception("shadow: the trace of %s could not be recorded", prep.rid)
                 yield item
 
-    def record(self, result: Result, prep: Prepared, policy: Policy, metrics: Metrics, wall_time: float) -> None:
+    def record(self, result: Result, prep: Prepared, policy: Policy, metrics: Metrics, wall_time: float,
+               sink: Callable[[dict[str, Any]], None] | None = None) -> None:
         line = self.line(result, prep, wall_time)
         try:
             trace = trace_from_json(line, f"shadow {prep.rid}")
@@ -120,10 +124,13 @@ class Shadow:
             metrics.shadow_would_stop.labels("none").inc()
             return
         try:
-            self.append(line)
+            if self.path is not None:
+                self.append(line)
         except OSError as err:  # the client's answer does not fail for it
             metrics.shadow_write_errors.inc()
             log.error("shadow: cannot append to %s (%s); the trace of %s is lost", self.path, err.strerror, prep.rid)
+        if sink is not None:
+            sink(line)
         count_replayed(metrics, replay_trace(trace, policy), replay_trace(trace, SHADOW_POLICY), result.tokens["reasoning"])
 
     def line(self, result: Result, prep: Prepared, wall_time: float) -> dict[str, Any]:
@@ -141,6 +148,7 @@ class Shadow:
 
     def append(self, line: dict[str, Any]) -> None:
         """One whole line in one write, under the thread lock and an exclusive ``flock``."""
+        assert self.path is not None
         data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
