@@ -113,8 +113,11 @@ AUTO_MAX_TOKENS = 64
 
 
 def test_auto_mode_watches_serves_reverts_after_a_shift_and_resumes_after_a_restart(vllm_url, tmp_path):
-    # max_risk and alpha large enough that 3 traces can certify (the first calibration's size)
-    options = dict(auto=True, max_risk=0.5, alpha=0.5, audit_fraction=1.0, state_dir=tmp_path)
+    # max_risk and alpha large enough that a few traces can certify: the first calibration (3 traces,
+    # attempt 1 at alpha 0.30) when no trace changed, the second (6 traces, at 0.076) when one did.
+    # One may: shadow's probes run beside the stream, and vLLM's CPU build is not batch-invariant
+    # (seen once in CI, on a fresh server: still watching after 6 requests at max_risk 0.5)
+    options = dict(auto=True, max_risk=0.7, alpha=0.5, audit_fraction=1.0, state_dir=tmp_path)
     p = proxy(vllm_url, **options)
     try:
         assert not ask(p, SAME, AUTO_MAX_TOKENS)["usage"]["codestop"]["stopped_early"] and segment(p)["state"] == "watching"
@@ -124,7 +127,7 @@ def test_auto_mode_watches_serves_reverts_after_a_shift_and_resumes_after_a_rest
                 break
             ask(p, SAME, AUTO_MAX_TOKENS)
         s = segment(p)
-        assert s["state"] == "serving" and s["guarantee"]["certified"] and s["policy"]["method"] != "vanilla"
+        assert s["state"] == "serving" and s["guarantee"]["certified"] and s["policy"]["method"] != "vanilla", s
         print(f"auto mode serves {s['policy']} after {s['traces']} traces")
     finally:
         p.stop()
@@ -137,7 +140,7 @@ def test_auto_mode_watches_serves_reverts_after_a_shift_and_resumes_after_a_rest
             if segment(p)["state"] == "reverted":
                 break
         s = segment(p)
-        assert s["state"] == "reverted" and s["alarmed_at"] is not None and s["policy"] is None
+        assert s["state"] == "reverted" and s["alarmed_at"] is not None and s["policy"] is None, s
         print(f"auto mode reverted after {n} shifted requests")
         assert not ask(p, SAME, AUTO_MAX_TOKENS)["usage"]["codestop"]["stopped_early"]  # shadow again
     finally:
