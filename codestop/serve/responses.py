@@ -236,7 +236,7 @@ def item_id(prefix: str) -> str:
 
 def usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
     """Chat's usage in the Responses' names, ``codestop`` as chat's."""
-    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": chat_usage["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": chat_usage["completion_tokens_details"]["reasoning_tokens"]},
             "total_tokens": chat_usage["total_tokens"], "codestop": chat_usage["codestop"]}
