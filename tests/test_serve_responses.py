@@ -109,7 +109,8 @@ def test_input_items_become_the_chat_conversation():
                            "store": True, "include": [], "metadata": {"codestop_segment": "a"}})
     assert [m.wire() for m in chat.messages] == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
     assert chat.tools == [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}, "strict": True}}]
     assert chat.tool_choice == {"type": "function", "function": {"name": "weather"}}
