@@ -16,7 +16,7 @@ import httpx
 import openai
 import pydantic
 import pytest
-from harness import InProcessProxy, proxy_over
+from harness import InProcessProxy, metric, proxy_over
 from openai.types.responses import Response, ResponseStreamEvent
 from scripted import ScriptedEngine
 
@@ -55,6 +55,7 @@ def test_a_plain_response_has_a_reasoning_item_a_message_and_codestops_usage(scr
     assert u.total_tokens == u.input_tokens + u.output_tokens and u.input_tokens > 0
     assert u.model_extra["codestop"]["policy"] == {"method": "vanilla"} and r.store is False
     Response.model_validate(post(scripted, input="Hi").json())  # the SDK's own model of a response, validated
+    assert metric(scripted.metrics(), "codestop_requests_total", endpoint="responses", status="200") == 2
 
 
 def test_the_policy_and_max_output_tokens_apply_as_in_chat(scripted):
@@ -217,7 +218,6 @@ def test_the_openai_client_gets_a_response_from_vllm_through_the_proxy_streamed_
 
 @pytest.mark.slow
 def test_an_openai_agents_agent_on_its_default_model_answers_through_the_proxy(proxy):
-    pytest.importorskip("agents")
     from agents import Agent, ModelSettings, OpenAIProvider, OpenAIResponsesModel, RunConfig, Runner, set_tracing_disabled
 
     set_tracing_disabled(True)  # no internet: nothing is exported
