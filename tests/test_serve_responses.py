@@ -64,6 +64,10 @@ def test_the_policy_and_max_output_tokens_apply_as_in_chat(scripted):
     assert cs["stop_reason"] == "budget" and cs["reasoning_tokens"] == 3
     cut = scripted.client().responses.create(model="scripted", input="Hi", max_output_tokens=4)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens" and cut.usage.output_tokens == 4
+    assert [i.type for i in cut.output] == ["reasoning"]  # the cap ended the thinking: no answer, no empty message
+    events = list(scripted.client().responses.create(model="scripted", input="Hi", max_output_tokens=4, stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.incomplete_details.reason == "max_output_tokens"
+    assert [i.type for i in events[-1].response.output] == ["reasoning"]
 
 
 def test_a_streamed_response_is_the_responses_events_in_order(scripted):

@@ -280,7 +280,7 @@ def from_chat(completion: dict[str, Any], request: ResponsesRequest, prep: Prepa
     message, status = choice["message"], status_of(choice["finish_reason"])
     output = [reasoning_item(message["reasoning_content"])] if message.get("reasoning_content") else []
     calls = message.get("tool_calls") or []
-    if message.get("content") or not calls:
+    if message.get("content") or not (calls or output):  # no empty message beside other items (as the stream)
         output.append(message_item(message.get("content") or "", status))
     output += [call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
     return response_object(request, prep, status, output, completion["usage"])
