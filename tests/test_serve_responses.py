@@ -89,6 +89,24 @@ def test_a_streamed_response_is_the_responses_events_in_order(scripted):
     assert added == [(0, done[0].id), (1, done[1].id)]
 
 
+def test_shadow_mode_answers_as_the_upstream_alone_and_records_the_request(toy_tokenizer, tmp_path):
+    shadow = tmp_path / "shadow.jsonl"
+    config = GenerationConfig(family="think", answer="free", probe_interval=1, boundaries=("\n",))
+    p = InProcessProxy(ScriptedEngine(toy_tokenizer, "Step one.\nStep two.\n</think>The answer is 5."), config=config,
+                       policy={"method": "budget", "budget": 3}, shadow=shadow)
+    try:
+        ids = []
+        for stream in (False, True):
+            r = p.client().responses.create(model="scripted", input="What is 2 + 3?", stream=stream)
+            r = list(r)[-1].response if stream else r
+            assert r.output[0].content[0].text == "Step one.\nStep two.\n" and r.output_text == "The answer is 5."  # not stopped
+            ids.append(r.id)
+        lines = [json.loads(line) for line in shadow.read_text().splitlines()]
+        assert [line["id"] for line in lines] == ids and all(line["probes"] for line in lines)  # each traced under its id
+    finally:
+        p.stop()
+
+
 def test_the_stream_is_framed_with_event_lines(scripted):
     with httpx.stream("POST", scripted.url + "/v1/responses", json={"input": "Hi", "stream": True}, timeout=30) as r:
         text = r.read().decode()
