@@ -107,6 +107,18 @@ def test_shadow_mode_answers_as_the_upstream_alone_and_records_the_request(toy_t
         p.stop()
 
 
+def test_the_sdks_stream_helper_accumulates_the_response_and_its_output_makes_the_next_turns_input(scripted):
+    """What a stateless client does instead of previous_response_id: the output items sent back."""
+    client = scripted.client()
+    with client.responses.stream(model="scripted", input="What is 2 + 3?") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "The answer is 5." and final.output[0].content[0].text == "Step one. Step two."
+    turn = [{"role": "user", "content": "What is 2 + 3?"}, *(o.model_dump(exclude_none=True) for o in final.output),
+            {"role": "user", "content": "Sure?"}]
+    r = client.responses.create(model="scripted", input=turn)
+    assert r.status == "completed" and r.usage.input_tokens > final.usage.input_tokens  # the earlier answer is in the prompt
+
+
 def test_the_stream_is_framed_with_event_lines(scripted):
     with httpx.stream("POST", scripted.url + "/v1/responses", json={"input": "Hi", "stream": True}, timeout=30) as r:
         text = r.read().decode()
