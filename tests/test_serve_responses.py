@@ -119,6 +119,29 @@ def test_the_sdks_stream_helper_accumulates_the_response_and_its_output_makes_th
     assert r.status == "completed" and r.usage.input_tokens > final.usage.input_tokens  # the earlier answer is in the prompt
 
 
+def test_an_openai_agents_agent_reads_the_reasoning_and_the_answer_run_or_streamed(scripted):
+    from agents import Agent, OpenAIProvider, RunConfig, Runner, set_tracing_disabled
+    from agents.items import MessageOutputItem, ReasoningItem
+
+    set_tracing_disabled(True)  # no internet: nothing is exported
+    agent = Agent(name="assistant", instructions="Be brief.", model="scripted")
+
+    async def run() -> tuple:
+        client = openai.AsyncOpenAI(base_url=scripted.url + "/v1", api_key="unused", max_retries=0)
+        config = RunConfig(model_provider=OpenAIProvider(openai_client=client), tracing_disabled=True)
+        plain = await Runner.run(agent, "What is 2 + 3?", run_config=config)
+        streamed = Runner.run_streamed(agent, "What is 2 + 3?", run_config=config)
+        kinds = [getattr(getattr(e, "data", None), "type", None) async for e in streamed.stream_events()]
+        return plain, streamed, kinds
+
+    plain, streamed, kinds = asyncio.run(run())
+    for result in (plain, streamed):
+        assert result.final_output == "The answer is 5."
+        assert [type(i) for i in result.new_items] == [ReasoningItem, MessageOutputItem]
+    assert "response.reasoning_text.delta" in kinds and "response.completed" in kinds
+    assert plain.context_wrapper.usage.output_tokens > 0
+
+
 def test_the_stream_is_framed_with_event_lines(scripted):
     with httpx.stream("POST", scripted.url + "/v1/responses", json={"input": "Hi", "stream": True}, timeout=30) as r:
         text = r.read().decode()
