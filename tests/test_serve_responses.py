@@ -187,7 +187,8 @@ def test_input_items_become_the_chat_conversation():
     ({"input": "Hi", "max_tokens": 5}, "max_tokens", "unknown_parameter"),
     ({"input": "Hi", "max_output_tokens": "5"}, "max_output_tokens", None),
     ({"input": "Hi", "reasoning": {"effort": "huge"}}, "reasoning.effort", None),
-    ({"input": [{"role": "wizard", "content": "Hi"}]}, "input[0].role", None),
+    ({"instructions": "Be brief.", "input": [{"role": "wizard", "content": "Hi"}]}, "input[0].role", None),
+    ({"instructions": "Be brief.", "input": [{"role": "user", "content": 7}]}, "input[0].content", None),
     ({"input": []}, "input", None),
     ({}, "input", None),
 ])

@@ -30,6 +30,7 @@ from codestop.errors import ParameterError, require
 from codestop.serve import serving
 from codestop.serve.protocol import (
     REASONING_EFFORTS,
+    ROLES,
     ChatRequest,
     CompletionRequest,
     RequestError,
@@ -163,8 +164,9 @@ def input_messages(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for i, item in enumerate(given):
         kind = item.get("type", "message")
-        if kind == "message":
-            messages.append({"role": item.get("role"), "content": content_text(item.get("content"), f"input[{i}].content")})
+        if kind == "message":  # checked here: its index in the chat's messages is not the client's
+            require(item.get("role") in ROLES, f"input[{i}].role", item.get("role"), f"must be one of {', '.join(ROLES)}")
+            messages.append({"role": item["role"], "content": content_text(item.get("content"), f"input[{i}].content")})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
             last = messages[-1] if messages else None
@@ -184,10 +186,10 @@ def input_messages(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def content_text(content: Any, param: str) -> Any:
     """A message's content as one string: a string, or its text parts joined."""
-    if not isinstance(content, list):
-        return content  # a string, or a wrong type the chat request names
-    require(all(isinstance(p, dict) and p.get("type") in PARTS and isinstance(p.get("text"), str) for p in content), param, content,
-            'must be a string or a list of text parts ({"type": "input_text", "text": ...}): only text is supported')
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in PARTS and isinstance(p.get("text"), str) for p in content)
+    require(texts, param, content, 'must be a string or a list of text parts ({"type": "input_text", "text": ...}): only text is supported')
     return "".join(p["text"] for p in content)
 
 
