@@ -206,6 +206,8 @@ def test_max_output_tokens_over_the_window_is_named_as_the_client_named_it(toy_t
     try:
         r = post(p, input="Hi", max_output_tokens=500)
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens"
+        r = post(p, input="Hi " * 100)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input" and r.json()["error"]["code"] == "context_length_exceeded"
     finally:
         p.stop()
 
