@@ -160,6 +160,51 @@ def test_the_follow_up_turn_with_the_tools_result(proxy):
     assert "17" in msg.content, msg.content  # the tool's result reached the model (greedy: it quotes it)
 
 
+RESPONSES_WEATHER = {"type": "function", **WEATHER["function"]}  # the Responses API's function tool: flat
+
+
+def test_the_responses_api_calls_a_function_through_the_agents_path_streamed_or_not(proxy):
+    """/v1/responses with a function tool: the answer phase is the upstream's chat, its tool call a
+    ``function_call`` output item (streamed: its arguments as deltas)."""
+    client = proxy.client()
+    ask = {"model": proxy.model, "input": ASK_WEATHER[0]["content"], "tools": [RESPONSES_WEATHER], "temperature": 0,
+           "tool_choice": {"type": "function", "name": "get_weather"}, "max_output_tokens": 80}
+    r = client.responses.create(**ask)
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id and r.status == "completed"
+    assert "paris" in city_of(call.arguments).lower()
+    assert r.usage.model_extra["codestop"]["answer_tokens"] == r.usage.output_tokens >= 1
+    events = list(client.responses.create(**ask, stream=True))
+    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert city_of(arguments) == city_of(call.arguments)  # greedy: the same call streamed or not
+    (item,) = events[-1].response.output
+    assert events[-1].type == "response.completed" and item.type == "function_call" and item.arguments == arguments
+
+
+def test_an_openai_agents_agent_calls_its_tool_and_answers_from_the_result(proxy):
+    """openai-agents on its default model (the Responses API) through the proxy: the tool is called
+    (its name in tool_choice, see above), its result sent back in input, and the model answers."""
+    from agents import Agent, ModelSettings, OpenAIProvider, RunConfig, Runner, function_tool, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)  # no internet: nothing is exported
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        cities.append(city)
+        return json.dumps({"city": city, "temperature_c": 17, "sky": "clear"})
+
+    client = AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+    agent = Agent(name="weather", model=proxy.model, tools=[get_weather],
+                  model_settings=ModelSettings(temperature=0, max_tokens=80, tool_choice="get_weather"))
+    result = Runner.run_sync(agent, ASK_WEATHER[0]["content"], max_turns=3,
+                             run_config=RunConfig(model_provider=OpenAIProvider(openai_client=client), tracing_disabled=True))
+    assert [c.lower() for c in cities] == ["paris"]  # called once; then tool_choice is reset and the model answers
+    assert isinstance(result.final_output, str) and result.final_output
+
+
 def test_fields_still_not_honoured_keep_their_400(proxy):
     def post(path, **body):
         return httpx.post(proxy.url + path, json={"model": proxy.model, **body}, timeout=120)

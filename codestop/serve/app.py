@@ -38,7 +38,7 @@ from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
 from codestop.engines.server.stopping import Stoppable
 from codestop.errors import CodestopError, ServerBusy, redact, redact_logs, register_secret
-from codestop.serve import upstream_chat
+from codestop.serve import responses, upstream_chat
 from codestop.serve.guard import Guard, segment_tag
 from codestop.serve.metrics import CountRequests, Metrics
 from codestop.serve.options import ServeOptions
@@ -246,6 +246,12 @@ async def completions(request: Request) -> Response:
     return await answer(served_by(request), request, chat=False)
 
 
+@v1.post("/responses")
+async def create_response(request: Request) -> Response:
+    """OpenAI's Responses API: a chat request in its shape (codestop.serve.responses)."""
+    return await answer(served_by(request), request, chat=True, responses_api=True)
+
+
 def redacted(value: Any) -> Any:
     """``value`` (JSON-like) with every string :func:`~codestop.errors.redact`-ed."""
     if isinstance(value, str):
@@ -266,15 +272,21 @@ def without_errors(value: Any) -> Any:
     return value
 
 
-async def answer(s: Served, request: Request, chat: bool) -> Response:
-    """One answer: consumed to its Result, or streamed as SSE from its first text on."""
-    body = parse_request(await read_json(request), chat)
+async def answer(s: Served, request: Request, chat: bool, responses_api: bool = False) -> Response:
+    """One answer: consumed to its Result, or streamed as SSE from its first text on. A Responses
+    request (``responses_api``) is answered as the chat request it asks for, in its own shape."""
+    asked, body = responses.parse(await read_json(request)) if responses_api else (None, parse_request(await read_json(request), chat))
     engine = await s.ready_engine()
-    prep = await prepare(body, engine, s.options.defaults)
+    prep = await (prepare(body, engine, s.options.defaults) if asked is None else responses.prepare(body, engine, s.options.defaults))
+
+    def shaped(completion: dict[str, Any]) -> dict[str, Any]:
+        return completion if asked is None else responses.from_chat(completion, asked, prep)
+
+    writer = None if asked is None else responses.ResponsesWriter(prep, asked)
     if isinstance(body, ChatRequest) and body.agent:  # tools, a response format: the upstream's chat answers
         if not prep.stream:
-            return JSONResponse(await unless_disconnected(request, upstream_chat.complete(engine, body, prep, s.metrics)))
-        chunks = upstream_chat.stream(engine, body, prep, s.metrics, request.state)
+            return JSONResponse(shaped(await unless_disconnected(request, upstream_chat.complete(engine, body, prep, s.metrics))))
+        chunks = upstream_chat.stream(engine, body, prep, s.metrics, request.state, writer)
         opening = await unless_disconnected(request, upstream_chat.first(chunks))
         request.state.outcome = 499  # until the body is sent to its end
         return event_stream(chain([opening], chunks), chunks)
@@ -295,12 +307,12 @@ async def answer(s: Served, request: Request, chat: bool) -> Response:
         result = await unless_disconnected(request, result_of(stream))
         s.metrics.count_result(result)
         after = None if s.guard is None or audit is None else BackgroundTask(s.guard.audit, engine, prep, result, policy, audit)
-        return JSONResponse(full_response(result, prep), background=after)  # audited once the client has it
+        return JSONResponse(shaped(full_response(result, prep)), background=after)  # audited once the client has it
     if s.guard is not None and audit is not None:
         stream = s.guard.audit_after(stream, engine, prep, policy, audit)
     head = await unless_disconnected(request, pull_head(stream))
     request.state.outcome = 499  # until the body is sent to its end
-    return event_stream(sse_events(prep, head, stream, s.metrics, request.state), stream)
+    return event_stream(sse_events(prep, head, stream, s.metrics, request.state, writer), stream)
 
 
 def json_depth(value: Any) -> int:
@@ -390,7 +402,7 @@ async def disconnected(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> N
 
 
 async def on_error(request: Any, exc: Exception) -> Any:
-    prompt_param = "prompt" if request.url.path == "/v1/completions" else "messages"
+    prompt_param = {"/v1/completions": "prompt", "/v1/responses": "input"}.get(request.url.path, "messages")
     status, body = error_for(exc, prompt_param, f"{request.method} {request.url.path}")
     if status == 500:
         log.error("answer failed", exc_info=exc)

@@ -21,7 +21,7 @@ from typing import Any
 from codestop.controller import Result
 from codestop.engines.base import Engine
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # what /metrics counts
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}  # what /metrics counts
 SAVED_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, float("inf"))
 

@@ -446,12 +446,13 @@ def full_response(result: Result, prep: Prepared) -> dict[str, Any]:
 
 
 async def sse_events(prep: Prepared, head: list[Event | Result], stream: AsyncGenerator[Event | Result, None],
-                     metrics: Metrics, state: Any) -> AsyncGenerator[str, None]:
+                     metrics: Metrics, state: Any, writer: SSEWriter | None = None) -> AsyncGenerator[str, None]:
     """The SSE chunks of one streamed answer: ``head`` (already pulled), then the rest of
-    ``stream``. A failure after the first byte ends the stream with an error event. What one
-    event gives goes in one write: each write to the client is a system call."""
+    ``stream``, written by ``writer`` (the Responses API's has events of its own; default: chat's
+    or a completion's chunks). A failure after the first byte ends the stream with an error event.
+    What one event gives goes in one write: each write to the client is a system call."""
     splitter = Splitter(prep.family, prep.chat)
-    writer = SSEWriter(prep)
+    writer = SSEWriter(prep) if writer is None else writer
     async with aclosing(stream):
         try:
             async for item in chain(head, stream):

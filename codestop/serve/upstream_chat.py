@@ -95,13 +95,14 @@ async def complete(engine: Engine, request: ChatRequest, prep: Prepared, metrics
             "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage_of(result, prep.family)}
 
 
-async def stream(engine: Engine, request: ChatRequest, prep: Prepared, metrics: Metrics, state: Any) -> AsyncGenerator[str, None]:
-    """A streamed agent's answer as SSE chunks: the reasoning as ``reasoning_content`` deltas while
-    it runs, then the upstream's chat deltas (``content``, ``tool_calls``) relabelled as the proxy's.
-    Nothing is yielded before the first delta, so a failure before it is still an HTTP error; one
-    after it ends the stream with an error event."""
+async def stream(engine: Engine, request: ChatRequest, prep: Prepared, metrics: Metrics, state: Any,
+                 writer: SSEWriter | None = None) -> AsyncGenerator[str, None]:
+    """A streamed agent's answer as SSE chunks (``writer``'s: default chat's): the reasoning as
+    ``reasoning_content`` deltas while it runs, then the upstream's chat deltas (``content``,
+    ``tool_calls``) relabelled as the proxy's. Nothing is yielded before the first delta, so a
+    failure before it is still an HTTP error; one after it ends the stream with an error event."""
     upstream = chat_upstream(engine, request, prep)
-    writer = SSEWriter(prep)
+    writer = SSEWriter(prep) if writer is None else writer
     try:
         reasoning: Result | None = None
         if prep.family.thinks:
