@@ -36,6 +36,7 @@ from starlette.responses import StreamingResponse
 
 from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
+from codestop.engines.server.routing import ROUTE
 from codestop.engines.server.stopping import Stoppable
 from codestop.errors import CodestopError, ServerBusy, redact, redact_logs, register_secret
 from codestop.serve import upstream_chat
@@ -271,6 +272,8 @@ async def answer(s: Served, request: Request, chat: bool) -> Response:
     body = parse_request(await read_json(request), chat)
     engine = await s.ready_engine()
     prep = await prepare(body, engine, s.options.defaults)
+    # every upstream request of this one (and the tasks it starts: audits) carries its routing key
+    ROUTE.set(s.options.routing.route(prep.rid, request.headers, body.user))
     if isinstance(body, ChatRequest) and body.agent:  # tools, a response format: the upstream's chat answers
         if not prep.stream:
             return JSONResponse(await unless_disconnected(request, upstream_chat.complete(engine, body, prep, s.metrics)))
