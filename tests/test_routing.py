@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
-from harness import InProcessProxy, wait_for
+from harness import InProcessProxy, free_port, serve_in_thread, wait_for
 from scripted import toy_tokenizer
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from codestop.cli import build_parser
 from codestop.cli.serve import serve_options
 from codestop.engines.server import ServerEngine
+from codestop.engines.server.launch import ServerProcess
 from codestop.errors import ParameterError
 
 SCRIPT = "Step one\n\nStep two\n\nStep three\n\nStep four\n\nSo plus two\n\n</think>\n\nThe answer is 5."
@@ -202,3 +209,69 @@ def test_the_flags_and_their_worker_form():
     options = serve_options(parsed)
     assert options.routing.headers == ("x-user-id", "x-tenant")
     assert type(options).from_dict(json.loads(json.dumps(options.to_dict()))).routing == options.routing
+
+
+# --------------------------------------------------------------------------------------------
+# Through the real vllm-router (a prebuilt binary from PyPI, the test extra's) in front of two
+# scripted workers on real sockets: seconds, no model. The same with real vLLM replicas and their
+# prefix caches: tests/test_router_vllm.py (slow).
+# --------------------------------------------------------------------------------------------
+
+
+def worker_app(up: RecordingVllm) -> Starlette:
+    async def handle(request: Request) -> Response:
+        if request.url.path == "/health":
+            return Response("{}", media_type="application/json")
+        answer = up(httpx.Request(request.method, str(request.url), headers=request.headers.raw, content=await request.body()))
+        return Response(answer.content, answer.status_code, headers={k: v for k, v in answer.headers.items() if k != "content-length"})
+
+    return Starlette(routes=[Route("/{path:path}", handle, methods=["GET", "POST"])])
+
+
+@pytest.fixture(scope="module")
+def vllm_router():
+    """vllm-router --policy consistent_hash in front of two scripted vLLM-dialect workers: (its URL, the workers)."""
+    from test_router_vllm import router_binary
+
+    workers = [RecordingVllm(), RecordingVllm()]
+    servers = []
+    for w in workers:
+        port = free_port()
+        servers.append((serve_in_thread(worker_app(w), port), port))
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="codestop-vllm-router-", suffix=".log")[1])
+    router = ServerProcess([router_binary(), "--host", "127.0.0.1", "--port", str(port), "--policy", "consistent_hash",
+                            "--worker-urls", *(f"http://127.0.0.1:{p}" for _, p in servers),
+                            "--worker-startup-check-interval", "1", "--log-level", "warning"], port, log, name="vllm-router")
+    router.start(60)
+    yield f"http://127.0.0.1:{port}", workers
+    router.stop()
+    for (server, thread), _ in servers:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def per_worker(p: InProcessProxy, workers: list[RecordingVllm], n: int) -> list[list[int]]:
+    """Ask ``n`` questions one after another: the upstream requests each worker got for each."""
+    out = []
+    for i in range(n):
+        before = [len(w.seen) for w in workers]
+        # CoDE-Stop set never to stop: a probe at each of the script's steps; questions of different lengths
+        never = {"family": "think", "probe_interval": 1, "variant": "reference", "r_min": 1, "r_max": 1, "tau": 1000}
+        post(p, {"messages": [{"role": "user", "content": "What is" + " very" * i + " big?"}], "stream": i % 2 == 1, "codestop": never})
+        out.append([len(w.seen) - b for w, b in zip(workers, before)])
+    return out
+
+
+def test_through_vllm_router_the_key_keeps_a_question_on_one_worker_and_without_it_they_scatter(vllm_router):
+    url, workers = vllm_router
+    keyed = InProcessProxy(ServerEngine.connect(url + "/v1", tokenizer=workers[0].tok, backoff=0.0), router="vllm-router")
+    plain = InProcessProxy(ServerEngine.connect(url + "/v1", tokenizer=workers[0].tok, backoff=0.0))
+    try:
+        together = per_worker(keyed, workers, 6)
+        assert all(min(n) == 0 and max(n) >= 6 for n in together), together  # every request of a question on one worker
+        apart = per_worker(plain, workers, 6)
+        assert sum(min(n) > 0 for n in apart) >= 3, apart  # the router hashes each request alone: they scatter
+    finally:
+        keyed.stop()
+        plain.stop()
