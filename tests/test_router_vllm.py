@@ -15,14 +15,12 @@ blocks of 128 tokens, so each question's prompt is over 128 tokens: its probes c
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
-from harness import InProcessProxy, metric
+from harness import InProcessProxy, binary, metric
 from vllm_server import VllmServer, model_dir, vllm_python
 
 from codestop.engines.server import ServerEngine
@@ -40,14 +38,6 @@ def question(tag: str) -> list[dict]:
     # the tag first, so no two questions share a cached block; over 128 tokens of prompt
     numbers = ", ".join(str(i) for i in range(100, 160))
     return [{"role": "user", "content": f"Question {tag}. Here are some numbers: {numbers}. What is the sum of the first two?"}]
-
-
-def router_binary() -> str:
-    """vllm-router, installed with the tests (pyproject's test extra) beside this python."""
-    found = shutil.which("vllm-router") or shutil.which("vllm-router", path=str(Path(sys.executable).parent))
-    if found is None:
-        pytest.fail("vllm-router is not installed: pip install vllm-router (the test extra has it)", pytrace=False)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +63,7 @@ def router(replicas):
     """vllm-router with consistent hashing in front of both replicas: its root URL."""
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="codestop-vllm-router-", suffix=".log")[1])
-    process = ServerProcess([router_binary(), "--host", "127.0.0.1", "--port", str(port), "--policy", "consistent_hash",
+    process = ServerProcess([binary("vllm-router"), "--host", "127.0.0.1", "--port", str(port), "--policy", "consistent_hash",
                              "--worker-urls", *replicas, "--worker-startup-check-interval", "1", "--log-level", "warning"],
                             port, log, name="vllm-router")
     process.start(60)

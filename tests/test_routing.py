@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import InProcessProxy, free_port, serve_in_thread, wait_for
+from harness import InProcessProxy, binary, free_port, serve_in_thread, wait_for
 from scripted import toy_tokenizer
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -60,7 +60,8 @@ class RecordingVllm:
                 "id": "chatcmpl-up", "object": "chat.completion", "model": "toy", "created": 0,
                 "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-        out = self.generate(self.tok.decode(body["prompt"]), body["max_tokens"], body.get("stop") or [])
+        prompt = body["prompt"]  # token ids; text where a router takes no ids (SGLang's gateway)
+        out = self.generate(prompt if isinstance(prompt, str) else self.tok.decode(prompt), body["max_tokens"], body.get("stop") or [])
         matched = next((s for s in body.get("stop") or [] if s in self.tok.decode(out)), None)
         finish = "stop" if matched or out[-1:] == [0] else "length"
         choices = [self.choice(out[i:i + 1], finish if i == len(out) - 1 else None, matched) for i in range(len(out))]
@@ -212,7 +213,7 @@ def test_the_flags_and_their_worker_form():
 
 
 # --------------------------------------------------------------------------------------------
-# Through the real vllm-router (a prebuilt binary from PyPI, the test extra's) in front of two
+# Through real routers (vllm-router and SGLang's gateway: prebuilt binaries from PyPI, the test extra's) in front of two
 # scripted workers on real sockets: seconds, no model. The same with real vLLM replicas and their
 # prefix caches: tests/test_router_vllm.py (slow).
 # --------------------------------------------------------------------------------------------
@@ -228,23 +229,28 @@ def worker_app(up: RecordingVllm) -> Starlette:
     return Starlette(routes=[Route("/{path:path}", handle, methods=["GET", "POST"])])
 
 
-@pytest.fixture(scope="module")
-def vllm_router():
-    """vllm-router --policy consistent_hash in front of two scripted vLLM-dialect workers: (its URL, the workers)."""
-    from test_router_vllm import router_binary
+# each router as started in front of the workers, and the --router that names it
+ROUTER_COMMANDS = {
+    "vllm-router": ["vllm-router", "--policy", "consistent_hash", "--worker-startup-check-interval", "1", "--log-level", "warning"],
+    "sglang": ["smg", "launch", "--policy", "manual", "--log-level", "warn"],  # sglang-router's gateway; 0.3.2 has no consistent_hashing yet
+}
 
+
+@pytest.fixture(scope="module", params=list(ROUTER_COMMANDS))
+def scripted_router(request):
+    """A real router in front of two scripted vLLM-dialect workers: (its --router name, its URL, the workers)."""
     workers = [RecordingVllm(), RecordingVllm()]
     servers = []
     for w in workers:
         port = free_port()
         servers.append((serve_in_thread(worker_app(w), port), port))
-    port = free_port()
-    log = Path(tempfile.mkstemp(prefix="codestop-vllm-router-", suffix=".log")[1])
-    router = ServerProcess([router_binary(), "--host", "127.0.0.1", "--port", str(port), "--policy", "consistent_hash",
-                            "--worker-urls", *(f"http://127.0.0.1:{p}" for _, p in servers),
-                            "--worker-startup-check-interval", "1", "--log-level", "warning"], port, log, name="vllm-router")
+    name, port = request.param, free_port()
+    command, *flags = ROUTER_COMMANDS[name]
+    log = Path(tempfile.mkstemp(prefix=f"codestop-{command}-", suffix=".log")[1])
+    router = ServerProcess([binary(command), *flags, "--host", "127.0.0.1", "--port", str(port),
+                            "--worker-urls", *(f"http://127.0.0.1:{p}" for _, p in servers)], port, log, name=command)
     router.start(60)
-    yield f"http://127.0.0.1:{port}", workers
+    yield name, f"http://127.0.0.1:{port}", workers
     router.stop()
     for (server, thread), _ in servers:
         server.should_exit = True
@@ -263,9 +269,9 @@ def per_worker(p: InProcessProxy, workers: list[RecordingVllm], n: int) -> list[
     return out
 
 
-def test_through_vllm_router_the_key_keeps_a_question_on_one_worker_and_without_it_they_scatter(vllm_router):
-    url, workers = vllm_router
-    keyed = InProcessProxy(ServerEngine.connect(url + "/v1", tokenizer=workers[0].tok, backoff=0.0), router="vllm-router")
+def test_through_a_real_router_the_key_keeps_a_question_on_one_worker_and_without_it_they_scatter(scripted_router):
+    name, url, workers = scripted_router
+    keyed = InProcessProxy(ServerEngine.connect(url + "/v1", tokenizer=workers[0].tok, backoff=0.0), router=name)
     plain = InProcessProxy(ServerEngine.connect(url + "/v1", tokenizer=workers[0].tok, backoff=0.0))
     try:
         together = per_worker(keyed, workers, 6)
