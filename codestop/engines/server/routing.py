@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+import httpx
+
 from codestop.errors import require
 
 # what each router reads (docs/serving.md "Behind a router" cites the source of each)
@@ -26,7 +28,7 @@ ROUTER_HEADERS: dict[str, tuple[str, ...]] = {
     "vllm-router": ("x-session-id",),  # consistent_hash: X-Session-ID first, then X-User-ID, ..., then the body
     "sglang": ("x-smg-routing-key",),  # SGLang Model Gateway's consistent_hashing and manual policies
     "dynamo": ("x-dynamo-session-id",),  # with --router-session-affinity-ttl-secs
-    "llm-d": (),  # its scheduler names the pod in its answer; the key is what it handed back (ECHOED)
+    "llm-d": (),  # its scheduler names the pod in its answer: what it handed back is sent back (Route.answered)
     "production-stack": (),  # --routing-logic session --session-key NAME: the header is the operator's
 }
 ROUTERS = tuple(ROUTER_HEADERS)
@@ -48,16 +50,16 @@ class Route:
     headers: dict[str, str] = field(default_factory=dict)
     echo: bool = False
 
-    def answered(self, response_headers: Mapping[str, str]) -> None:
-        """Read an upstream answer's headers: llm-d's session token and cookie, sent back from now on."""
+    def answered(self, response_headers: httpx.Headers) -> None:
+        """Read an upstream answer's headers: llm-d's session token and cookie, sent back from now
+        on (the latest: the scheduler hands out another pod's when the last one is gone)."""
         if not self.echo:
             return
-        token = response_headers.get(LLMD_TOKEN_HEADER)
-        if token and LLMD_TOKEN_HEADER not in self.headers:
+        if token := response_headers.get(LLMD_TOKEN_HEADER):
             self.headers[LLMD_TOKEN_HEADER] = token
-        for cookie in getattr(response_headers, "get_list", lambda _: [])("set-cookie"):
+        for cookie in response_headers.get_list("set-cookie"):
             name, _, rest = cookie.partition("=")
-            if name.strip() == LLMD_COOKIE and "cookie" not in self.headers:
+            if name.strip() == LLMD_COOKIE:
                 self.headers["cookie"] = f"{LLMD_COOKIE}={rest.split(';', 1)[0].strip()}"
 
 
