@@ -9,7 +9,7 @@ Each replica's requests are counted from its own /metrics (``vllm:time_to_first_
 one observation per request that started generating, a stream cut short by the proxy included;
 ``vllm:prefix_cache_queries_total``: the prompt tokens it was asked to prefill). The session's
 vLLM serves only this module while it runs (pytest runs one test at a time), so its counters are
-read as deltas. Small on purpose: a few questions, 40 tokens each (vLLM's CPU build caches whole
+read as deltas. Small on purpose: two questions each way, 48 tokens each (vLLM's CPU build caches whole
 blocks of 128 tokens, so each question's prompt is over 128 tokens: its probes can hit the cache)."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 # 8 probes beside the stream, then the answer phase
 NEVER = {"family": "think", "probe_interval": 4, "boundaries": [" "], "variant": "reference", "r_min": 1, "r_max": 1, "tau": 1000}
 MAX_TOKENS = 48
+BLOCK = 128  # vLLM's CPU build caches whole blocks of 128 tokens
 
 
 def question(tag: str) -> list[dict]:
@@ -78,17 +79,18 @@ def counts(replica: str) -> tuple[float, float, float]:
             metric(text, "vllm:prefix_cache_hits_total"))
 
 
-def ask_each(proxy: InProcessProxy, replicas: list[str], tags: list[str]) -> list[list[tuple[float, float, float]]]:
-    """Ask each question once; per question, what each replica counted for it (deltas)."""
+def ask_each(proxy: InProcessProxy, replicas: list[str], tags: list[str]) -> list[tuple[list[tuple[float, ...]], int]]:
+    """Ask each question once; per question, what each replica counted for it (deltas), and its prompt's tokens."""
     out = []
     for tag in tags:
         before = [counts(r) for r in replicas]
         r = httpx.post(proxy.url + "/v1/chat/completions", timeout=300, json={
             "messages": question(tag), "max_tokens": MAX_TOKENS, "temperature": 0, "codestop": NEVER})
         assert r.status_code == 200, r.text
-        assert r.json()["usage"]["codestop"]["probe_count"] >= 3, r.json()["usage"]
+        usage = r.json()["usage"]
+        assert usage["codestop"]["probe_count"] >= 2, usage  # greedy SmolLM2 may end its thinking early
         after = [counts(r) for r in replicas]
-        out.append([tuple(a - b for a, b in zip(x, y)) for x, y in zip(after, before)])
+        out.append(([tuple(a - b for a, b in zip(x, y)) for x, y in zip(after, before)], usage["prompt_tokens"]))
     return out
 
 
@@ -97,17 +99,17 @@ def test_every_request_of_a_question_stays_on_one_replica_and_its_probes_hit_the
     plain = InProcessProxy(ServerEngine.connect(router + "/v1", backoff=0.05))
     try:
         sent = keyed.app.state.served.engine.transport.stats.by_kind
-        per_question = ask_each(keyed, replicas, ["k1", "k2", "k3"])
-        for i, seen in enumerate(per_question):
-            used = [n for n, _, _ in seen]
-            assert sorted(used)[0] == 0 and sorted(used)[1] >= 5, f"question {i}: requests per replica {used}"
+        for i, (seen, prompt_tokens) in enumerate(ask_each(keyed, replicas, ["k1", "k2"])):
+            used = sorted(n for n, _, _ in seen)
+            assert used[0] == 0 and used[1] >= 4, f"question {i}: requests per replica {used}"
+            # every request after the question's first found at least the prompt's whole blocks in the cache
             requests, queried, hits = max(seen)
-            assert hits >= 0.5 * queried, f"question {i}: {hits:.0f} of {queried:.0f} prompt tokens from the cache"
-        assert sent.get("probe", 0) >= 9, sent
-        # the key off: each request is hashed on its own body, and a question's requests scatter
-        scattered = ask_each(plain, replicas, ["p1", "p2", "p3"])
-        split = [[n for n, _, _ in seen] for seen in scattered]
-        assert any(min(used) > 0 for used in split), f"without the key, requests per replica per question: {split}"
+            cached = BLOCK * (prompt_tokens // BLOCK) * (requests - 1)
+            assert hits >= cached > 0, f"question {i}: {hits:.0f} of {queried:.0f} prompt tokens from the cache, {requests:.0f} requests"
+        assert sent.get("probe", 0) >= 4, sent
+        # the key off: the router hashes each request alone, and a question's requests scatter
+        split = [sorted(n for n, _, _ in seen) for seen, _ in ask_each(plain, replicas, ["p1", "p2"])]
+        assert any(used[0] > 0 for used in split), f"without the key, requests per replica per question: {split}"
     finally:
         keyed.stop()
         plain.stop()
