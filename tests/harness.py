@@ -8,9 +8,12 @@ tests/scripted.py (scripted engines and replicas)."""
 from __future__ import annotations
 
 import inspect
+import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +26,7 @@ from codestop.engines.server import ServerEngine
 from codestop.engines.server.launch import free_port
 from codestop.serve import ServeOptions, create_app
 
-__all__ = ["POEM", "SHORT", "InProcessProxy", "ask", "chat", "free_port", "metric", "proxy_over", "scrape",
+__all__ = ["POEM", "SHORT", "InProcessProxy", "ask", "binary", "chat", "free_port", "metric", "proxy_over", "scrape",
            "serve_in_thread", "wait_for"]
 
 SHORT = 16  # tokens per answer where only the mechanics matter: short answers
@@ -36,6 +39,15 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(interval)
+
+
+def binary(name: str) -> str:
+    """A command the test extra installs beside this python (the routers: vllm-router, smg); a
+    test failure naming the package when it is missing."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[test]' (the test extra has it)", pytrace=False)
+    return found
 
 
 def serve_in_thread(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:

@@ -133,6 +133,16 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--max-segments", type=int, default=DEFAULT_MAX_SEGMENTS, metavar="N",
                    help="segment tags (X-Codestop-Segment, metadata.codestop_segment) with a state and metric label of "
                         f"their own; later tags share MODEL/other (default {DEFAULT_MAX_SEGMENTS})")
+    g = p.add_argument_group("behind a router (docs/serving.md)")
+    g.add_argument("--router", default=None, metavar="ROUTER",
+                   help="the router between codestop and the upstream's replicas: vllm-router, sglang, llm-d, dynamo or "
+                        "production-stack; every upstream request of one client request (its stream or steps, probes, "
+                        "answer, audits) then carries that router's session header with one key, so the router keeps "
+                        "them on the replica that holds the question's prefix (default: none)")
+    g.add_argument("--routing-key-header", action="append", default=[], metavar="NAME",
+                   help="a header that carries that key (repeatable; production-stack's is its --session-key). A client "
+                        "that sends its own value of one of these headers, or `user`, keeps it as the key, so its "
+                        "conversation's turns stay on one replica")
     add_model_options(p)
     add_policy_options(p)
     add_generation_options(p, answer=DEFAULT_ANSWER)
@@ -178,7 +188,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         max_request_bytes=args.max_request_bytes, served_model_name=args.served_model_name,
         shadow=args.shadow, shadow_fraction=args.shadow_fraction, shadow_text=args.shadow_text,
         audit_fraction=args.audit_fraction, watch_alpha=args.watch_alpha, auto=args.auto, max_risk=args.max_risk,
-        alpha=args.alpha, state_dir=args.state_dir, max_segments=args.max_segments)
+        alpha=args.alpha, state_dir=args.state_dir, max_segments=args.max_segments,
+        routing_key_header=tuple(args.routing_key_header), router=args.router)
 
 
 def make_app(args: argparse.Namespace, on_engine_error: Callable[[], None] | None = None) -> Any:

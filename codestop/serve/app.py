@@ -36,6 +36,7 @@ from starlette.responses import StreamingResponse
 
 from codestop.controller import Event, Result, astream
 from codestop.engines.base import Engine
+from codestop.engines.server.routing import ROUTE
 from codestop.engines.server.stopping import Stoppable
 from codestop.errors import CodestopError, ServerBusy, redact, redact_logs, register_secret
 from codestop.serve import responses, upstream_chat
@@ -278,6 +279,8 @@ async def answer(s: Served, request: Request, chat: bool, responses_api: bool = 
     asked, body = responses.parse(await read_json(request)) if responses_api else (None, parse_request(await read_json(request), chat))
     engine = await s.ready_engine()
     prep = await (prepare(body, engine, s.options.defaults) if asked is None else responses.prepare(body, engine, s.options.defaults))
+    # every upstream request of this one (and the tasks it starts: audits) carries its routing key
+    ROUTE.set(s.options.routing.route(prep.rid, request.headers, body.user))
 
     def shaped(completion: dict[str, Any]) -> dict[str, Any]:
         return completion if asked is None else responses.from_chat(completion, asked, prep)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 from codestop.config import GenerationConfig
+from codestop.engines.server.routing import Routing
 from codestop.errors import is_integer, is_number, require
 from codestop.policy_file import PolicyFile
 from codestop.serve.defaults import (
@@ -54,6 +55,11 @@ class ServeOptions:
     watched). ``state_dir``: where the state lives (SQLite; required for auto mode, which resumes
     from it; else in memory). ``max_segments``: the most segment tags with a state of their own.
 
+    Behind a router (:mod:`codestop.engines.server.routing`, docs/serving.md): ``router`` (one of
+    vllm-router, sglang, llm-d, dynamo, production-stack) and ``routing_key_header`` (header names)
+    put one key, unique to a client request (the client's own session header or ``user`` where it
+    sends one), on every upstream request that request makes, so a router keeps them on one replica.
+
     Every value is checked here, when the options are made (a bad one is a ParameterError naming
     it, before any model loads); ``defaults`` is what the checks built."""
 
@@ -73,7 +79,10 @@ class ServeOptions:
     alpha: float | None = None
     state_dir: str | os.PathLike[str] | None = None
     max_segments: int = DEFAULT_MAX_SEGMENTS
+    routing_key_header: str | Sequence[str] = ()
+    router: str | None = None
     defaults: Defaults = field(init=False, repr=False, compare=False)
+    routing: Routing = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         require(isinstance(self.config, GenerationConfig), "config", self.config, "must be a GenerationConfig")
@@ -93,6 +102,11 @@ class ServeOptions:
                 self.shadow_fraction, "must be a number in (0, 1]")
         require(isinstance(self.shadow_text, bool), "shadow_text", self.shadow_text, "must be true or false")
         self._check_guard(policy)
+        names = self.routing_key_header
+        require(isinstance(names, (str, list, tuple)), "routing_key_header", names, "must be a header name or a list of them")
+        names = (names,) if isinstance(names, str) else tuple(names)
+        object.__setattr__(self, "routing_key_header", names)
+        object.__setattr__(self, "routing", Routing.of(self.router, names))
         # the default policy built once, the names checked: a bad default fails here, not per request
         object.__setattr__(self, "defaults", server_defaults(self.config, policy.policy, self.served_model_name))
 
@@ -153,6 +167,7 @@ class ServeOptions:
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         values.update(config=self.config.to_dict(), shadow=None if self.shadow is None else os.fspath(self.shadow),
                       state_dir=None if self.state_dir is None else os.fspath(self.state_dir),
+                      routing_key_header=list(self.routing_key_header),
                       policy={"policy": self.policy_file.policy, "guarantee": self.policy_file.guarantee,
                               "path": self.policy_file.path})
         return values

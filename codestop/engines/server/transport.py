@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from codestop.engines.server.options import ServerOptions
+from codestop.engines.server.routing import ROUTE
 from codestop.engines.server.stopping import close_response
 from codestop.engines.server.waiting import BUSY_RETRY_AFTER_S, PING, Heed, Limit
 from codestop.errors import ContextTooLong, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, UpstreamRejected, UpstreamUnauthorized, redact
@@ -365,9 +366,13 @@ class Transport:
             if prompt_ids is not None:
                 body = {"prompt": await self.as_text(prompt_ids) if as_text else list(prompt_ids), **body}
             self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
-            request = client.build_request("POST", self.base_url + path, json=body, timeout=self.waiting)
+            route = ROUTE.get()  # the client request's routing key (codestop.engines.server.routing)
+            request = client.build_request("POST", self.base_url + path, json=body, timeout=self.waiting,
+                                           headers=None if route is None else route.headers)
             try:
                 response = await Heed(self)(client.send(request, stream=stream))
+                if route is not None:
+                    route.answered(response.headers)
             except httpx.TimeoutException as err:
                 raise self.unreachable(err) from None
             except httpx.TransportError as err:
