@@ -157,7 +157,7 @@ def proxy_command(repo: Path, upstream: str, port: int, workers: int) -> tuple[l
             "--log-level", "warning", "--concurrency", "1024"]
     if workers > 1:
         args += ["--workers", str(workers)]
-    return args, {**os.environ, "PYTHONPATH": str(repo)}
+    return args, {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
 
 
 def measure(args: argparse.Namespace, upstream: str, workers: int, port: int) -> list[dict[str, Any]]:
