@@ -704,3 +704,14 @@ def test_a_chat_request_holds_a_place_in_the_limit_and_reads_the_servers_sse(lla
 
     run(go())
     assert eng.counters()["upstream_requests"]["chat"] == 2  # the one turned away never reached the server
+
+
+def test_upstream_json_is_read_as_python_writes_it_even_where_orjson_refuses():
+    """A logprob of -inf reaches the proxy as ``-Infinity`` from a server that answers through
+    Python's json.dumps (vLLM's plain answers): orjson refuses it, the stdlib reads it."""
+    from codestop.engines.server.transport import parse_json
+
+    assert parse_json(b'{"choices": [{"logprobs": {"token_logprobs": [-Infinity, -0.5]}}]}', "u") == {
+        "choices": [{"logprobs": {"token_logprobs": [float("-inf"), -0.5]}}]}
+    with pytest.raises(ServerError, match="invalid JSON"):
+        parse_json(b'{"choices": [', "u")

@@ -247,6 +247,10 @@ def parse_json(content: str | bytes, where: str) -> Any:
     try:
         return _loads(content)
     except ValueError:  # orjson's JSONDecodeError is one too
+        pass
+    try:  # what orjson refuses and Python writes: NaN, -Infinity (a logprob of -inf, through json.dumps)
+        return json.loads(content)
+    except ValueError:
         raise ServerError(f"the completions server at {where} answered with invalid JSON: {redact(repr(content[:200]))}") from None
 
 
