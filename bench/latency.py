@@ -13,7 +13,7 @@ proxy: ``max_reasoning_tokens`` with ``answer: none``: the instruct model's whol
 reasoning). The proxy and vLLM share this machine's CPUs, so what the proxy computes also slows
 vLLM down: on a GPU host that contention is gone (see BENCHMARKS.md).
 
-Usage: python bench/latency.py --upstream http://127.0.0.1:8000/v1 [--concurrency 1,16] [--requests 4] [--tokens 128]
+Usage: python bench/latency.py [--upstream http://127.0.0.1:8000/v1 | --stream-interval 1] [--concurrency 1,16] [--requests 8] [--tokens 96]
 Writes bench/results/latency.{json,md}.
 """
 
@@ -124,8 +124,8 @@ def main() -> int:
     ap.add_argument("--upstream", help="a running vLLM's /v1 URL")
     ap.add_argument("--stream-interval", type=int, default=1, help="without --upstream: start the tests' vLLM with this interval")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
-    ap.add_argument("--requests", type=int, default=16, help="requests per path and concurrency (at least the concurrency)")
-    ap.add_argument("--tokens", type=int, default=128, help="tokens each request asks for")
+    ap.add_argument("--requests", type=int, default=8, help="requests per path and concurrency (at least the concurrency)")
+    ap.add_argument("--tokens", type=int, default=96, help="tokens each request asks for")
     ap.add_argument("--probe-interval", type=int, default=32)
     ap.add_argument("--port", type=int, default=8760)
     ap.add_argument("--no-write", action="store_true")

@@ -27,7 +27,7 @@ stream; by default 16 streamed requests at concurrency 8, CoDE-Stop set never to
 a probe every 32 tokens, over the four prompts.
 
 Usage:
-  python bench/proxy_cpu.py --live-stream-interval 1 --label "live: vLLM --stream-interval 1"
+  python bench/proxy_cpu.py --live-stream-interval 1 --label "live: vLLM --stream-interval 1" [--before-repo /tmp/main]
   python bench/proxy_cpu.py [--label after] [--workers 1,2] [--concurrency 1,16,64] [--modes vanilla,overlapped,sequential]
   python bench/proxy_cpu.py --record --upstream http://127.0.0.1:8311    # remake the recording
   python bench/proxy_cpu.py --repo /tmp/main-before --label before        # another checkout's proxy
@@ -152,18 +152,21 @@ async def load(url: str, payloads: list[dict[str, Any]], concurrency: int) -> li
         return await asyncio.gather(*(one(p) for p in payloads))
 
 
-def proxy_command(repo: Path, upstream: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+def proxy_command(repo: Path, upstream: str, port: int, workers: int, inherit_path: bool = True) -> tuple[list[str], dict[str, str]]:
+    """``inherit_path``: this process's PYTHONPATH follows the checkout's (e.g. packages to try)."""
     args = [sys.executable, "-m", "codestop.cli", "serve", "--base-url", upstream, "--port", str(port),
             "--log-level", "warning", "--concurrency", "1024"]
     if workers > 1:
         args += ["--workers", str(workers)]
-    return args, {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    path = [str(repo), os.environ.get("PYTHONPATH", "") if inherit_path else ""]
+    return args, {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
 
 
-def measure(args: argparse.Namespace, upstream: str, workers: int, port: int) -> list[dict[str, Any]]:
+def measure(args: argparse.Namespace, upstream: str, workers: int, port: int, repo: Path | None = None) -> list[dict[str, Any]]:
     rows = []
-    cmd, env = proxy_command(args.repo, upstream, port, workers)
-    with process(cmd, env, cwd=args.repo) as proxy:  # python -m reads the working directory first
+    repo = repo or args.repo
+    cmd, env = proxy_command(repo, upstream, port, workers, inherit_path=repo == args.repo)
+    with process(cmd, env, cwd=repo) as proxy:  # python -m reads the working directory first
         wait_up(f"http://127.0.0.1:{port}/health", proxy, "the proxy")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         for mode in args.modes:
@@ -290,10 +293,15 @@ def live(args: argparse.Namespace) -> int:
         version = httpx.get(url.removesuffix("/v1") + "/version", timeout=5).json().get("version", "?")
         interval = f"--stream-interval {args.live_stream_interval}" if args.live_stream_interval else "as started"
         args.upstream_said = f"live vLLM {version} (CPU, SmolLM2-135M-Instruct, {interval})"
+        before = measure(args, url, 1, args.port, args.before_repo) if args.before_repo else []
         rows = measure(args, url, 1, args.port)
+    if before:
+        print(table(before))
     print(table(rows))
     if not args.no_write:
-        write(args.label, rows, args)
+        if before:
+            write("before: " + args.label, before, args)
+        write(("after: " if before else "") + args.label, rows, args)
     return 0
 
 
@@ -324,6 +332,8 @@ def main() -> int:
     ap.add_argument("--live", metavar="URL", help="measure in front of this running vLLM (its /v1 URL) instead of the replay")
     ap.add_argument("--live-stream-interval", type=int, metavar="N",
                     help="start the tests' vLLM CPU server with --stream-interval N and measure in front of it")
+    ap.add_argument("--before-repo", type=Path, help="live: measure this checkout's proxy too, first, on the same upstream "
+                    "(kept as 'before: LABEL', this one's as 'after: LABEL'; it gets no inherited PYTHONPATH)")
     args = ap.parse_args()
     args.upstream_said = ""
     if args.live or args.live_stream_interval:
