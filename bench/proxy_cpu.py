@@ -20,7 +20,14 @@ requests that were not recorded are answered from the recorded stream they conti
 bench/recordings/llamacpp.jsonl from a llama-server through xllamacpp (tests/llama_servers.py;
 ``--record --upstream URL --recording bench/recordings/llamacpp.jsonl --max-reasoning-tokens 256``).
 
+Live mode (``--live URL``, or ``--live-stream-interval N`` to start the tests' vLLM CPU server,
+tests/vllm_server.py, with ``--stream-interval N``): the same proxy in front of a real vLLM instead
+of the replay, so the upstream paces the events as it generates them and live probes run beside the
+stream; by default 16 streamed requests at concurrency 8, CoDE-Stop set never to stop (overlapped),
+a probe every 32 tokens, over the four prompts.
+
 Usage:
+  python bench/proxy_cpu.py --live-stream-interval 1 --label "live: vLLM --stream-interval 1" [--before-repo /tmp/main]
   python bench/proxy_cpu.py [--label after] [--workers 1,2] [--concurrency 1,16,64] [--modes vanilla,overlapped,sequential]
   python bench/proxy_cpu.py --record --upstream http://127.0.0.1:8311    # remake the recording
   python bench/proxy_cpu.py --repo /tmp/main-before --label before        # another checkout's proxy
@@ -145,18 +152,21 @@ async def load(url: str, payloads: list[dict[str, Any]], concurrency: int) -> li
         return await asyncio.gather(*(one(p) for p in payloads))
 
 
-def proxy_command(repo: Path, upstream: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+def proxy_command(repo: Path, upstream: str, port: int, workers: int, inherit_path: bool = True) -> tuple[list[str], dict[str, str]]:
+    """``inherit_path``: this process's PYTHONPATH follows the checkout's (e.g. packages to try)."""
     args = [sys.executable, "-m", "codestop.cli", "serve", "--base-url", upstream, "--port", str(port),
             "--log-level", "warning", "--concurrency", "1024"]
     if workers > 1:
         args += ["--workers", str(workers)]
-    return args, {**os.environ, "PYTHONPATH": str(repo)}
+    path = [str(repo), os.environ.get("PYTHONPATH", "") if inherit_path else ""]
+    return args, {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
 
 
-def measure(args: argparse.Namespace, upstream: str, workers: int, port: int) -> list[dict[str, Any]]:
+def measure(args: argparse.Namespace, upstream: str, workers: int, port: int, repo: Path | None = None) -> list[dict[str, Any]]:
     rows = []
-    cmd, env = proxy_command(args.repo, upstream, port, workers)
-    with process(cmd, env, cwd=args.repo) as proxy:  # python -m reads the working directory first
+    repo = repo or args.repo
+    cmd, env = proxy_command(repo, upstream, port, workers, inherit_path=repo == args.repo)
+    with process(cmd, env, cwd=repo) as proxy:  # python -m reads the working directory first
         wait_up(f"http://127.0.0.1:{port}/health", proxy, "the proxy")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         for mode in args.modes:
@@ -240,6 +250,7 @@ def write(label: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> N
     path = RESULTS / "proxy_cpu.json"
     runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
     runs[label] = {"rows": rows, "streamed": not args.plain, "pace_ms": args.pace_ms, "events_per_write": args.events_per_write,
+                   "upstream": args.upstream_said,
                    "probe_interval": args.probe_interval, "max_reasoning_tokens": args.max_reasoning_tokens,
                    "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     path.write_text(json.dumps({"caveat": CAVEAT, "runs": runs}, indent=1) + "\n")
@@ -249,11 +260,49 @@ def write(label: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> N
 def write_md(runs: dict[str, Any]) -> None:
     md = [f"# Proxy CPU per reasoning token (bench/proxy_cpu.py)\n\n{CAVEAT}\n", summary(runs)]
     for name, run in runs.items():
-        upstream = pace(run.get("pace_ms", 0.0), run.get("events_per_write", 1))
+        upstream = run.get("upstream") or pace(run.get("pace_ms", 0.0), run.get("events_per_write", 1))
         md.append(f"## {name} ({run['when']}; {'streamed' if run['streamed'] else 'plain'} chat requests, "
                   f"probe every {run['probe_interval']} tokens at line boundaries, {run['max_reasoning_tokens']} "
                   f"reasoning tokens at most, upstream events {upstream}, {run['cpus']} CPUs)\n\n{table(run['rows'])}\n")
     (RESULTS / "proxy_cpu.md").write_text("\n".join(md))
+
+
+LIVE_DEFAULTS = {"modes": ["overlapped"], "concurrency": [8], "prompts": len(PROMPTS)}
+
+
+def live(args: argparse.Namespace) -> int:
+    """The proxy in front of a real vLLM (see the module's docstring)."""
+    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+    for key, value in LIVE_DEFAULTS.items():
+        if key not in given:
+            setattr(args, key, value)
+    with ExitStack() as stack:
+        url = args.live
+        if url is None:
+            sys.path.insert(0, str(REPO / "tests"))
+            import vllm_server  # the tests' vLLM CPU build and model: tests/install_vllm.sh
+
+            python = vllm_server.vllm_python()
+            if python is None:
+                raise SystemExit(vllm_server.INSTALL_HINT)
+            server = vllm_server.VllmServer(python, vllm_server.model_dir(), extra_args=("--stream-interval", str(args.live_stream_interval)))
+            say(f"starting vLLM with --stream-interval {args.live_stream_interval}")
+            server.start()
+            stack.callback(server.stop)
+            url = server.url
+        version = httpx.get(url.removesuffix("/v1") + "/version", timeout=5).json().get("version", "?")
+        interval = f"--stream-interval {args.live_stream_interval}" if args.live_stream_interval else "as started"
+        args.upstream_said = f"live vLLM {version} (CPU, SmolLM2-135M-Instruct, {interval})"
+        before = measure(args, url, 1, args.port, args.before_repo) if args.before_repo else []
+        rows = measure(args, url, 1, args.port)
+    if before:
+        print(table(before))
+    print(table(rows))
+    if not args.no_write:
+        if before:
+            write("before: " + args.label, before, args)
+        write(("after: " if before else "") + args.label, rows, args)
+    return 0
 
 
 def main() -> int:
@@ -280,7 +329,15 @@ def main() -> int:
     ap.add_argument("--events-per-write", type=int, default=1, help="with --pace-ms: events the replay sends together")
     ap.add_argument("--pace-ms", type=float, default=0.0,
                     help="the replay sends a stream's events this far apart (one token each; default 0: as fast as read)")
+    ap.add_argument("--live", metavar="URL", help="measure in front of this running vLLM (its /v1 URL) instead of the replay")
+    ap.add_argument("--live-stream-interval", type=int, metavar="N",
+                    help="start the tests' vLLM CPU server with --stream-interval N and measure in front of it")
+    ap.add_argument("--before-repo", type=Path, help="live: measure this checkout's proxy too, first, on the same upstream "
+                    "(kept as 'before: LABEL', this one's as 'after: LABEL'; it gets no inherited PYTHONPATH)")
     args = ap.parse_args()
+    args.upstream_said = ""
+    if args.live or args.live_stream_interval:
+        return live(args)
     if args.record:
         record(args)
         return 0

@@ -111,11 +111,11 @@ class ToyServer:
             return httpx.Response(200, json=self.native(out, matched))
         assert path == "/v1/completions", path
         if body.get("stream"):
-            events = [self.choice(out[i : i + 1], finish if i == len(out) - 1 else None, matched) for i in range(len(out))]
+            events = [self.choice(out[i : i + 1], finish if i == len(out) - 1 else None, matched, body) for i in range(len(out))]
             sse = "".join(f"data: {json.dumps({'object': 'text_completion', 'choices': [c]})}\n\n" for c in events)
             return httpx.Response(200, content=(sse + "data: [DONE]\n\n").encode(), headers={"content-type": "text/event-stream"})
         assert self.dialect != "llamacpp", "llama.cpp steps and probes are native or streamed"
-        return httpx.Response(200, json={"object": "text_completion", "model": "toy", "choices": [self.choice(out, finish, matched)]})
+        return httpx.Response(200, json={"object": "text_completion", "model": "toy", "choices": [self.choice(out, finish, matched, body)]})
 
     def generate(self, prompt: list[int], n: int, stops: list[str]) -> tuple[list[int], str, str | int | None]:
         out: list[int] = []
@@ -129,19 +129,23 @@ class ToyServer:
                     return out, "stop", s
         return out, "length", None
 
-    def choice(self, out: list[int], finish: str | None, matched: str | int | None) -> dict:
+    def choice(self, out: list[int], finish: str | None, matched: str | int | None, body: dict) -> dict:
+        """As the real servers answer: logprobs only when asked, ``token_ids`` with ``return_token_ids``."""
         tok, lp = self.model.tok, self.model.logprob
         text = tok.decode([t for t in out if t != EOS])
-        c: dict = {"index": 0, "text": text, "finish_reason": finish}
+        c: dict = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        if body.get("return_token_ids"):
+            c["token_ids"] = out
         if self.dialect == "vllm":  # return_tokens_as_token_ids; the matched stop string as stop_reason
-            c["logprobs"] = {"tokens": [f"token_id:{t}" for t in out], "token_logprobs": [lp] * len(out),
-                             "text_offset": [0] * len(out), "top_logprobs": [{f"token_id:{t}": lp} for t in out]}
+            if body.get("logprobs"):
+                c["logprobs"] = {"tokens": [f"token_id:{t}" for t in out], "token_logprobs": [lp] * len(out),
+                                 "text_offset": [0] * len(out), "top_logprobs": [{f"token_id:{t}": lp} for t in out]}
             c["stop_reason"] = matched if finish and isinstance(matched, str) else None
         elif self.dialect == "sglang":  # text-only logprob tokens; token_ids; matched_stop (a string, or EOS's id)
-            c["logprobs"] = {"text_offset": [-1] * len(out), "token_logprobs": [lp] * len(out),
-                             "tokens": [tok.decode([t]) for t in out], "top_logprobs": [{tok.decode([t]): lp} for t in out]}
+            if body.get("logprobs"):
+                c["logprobs"] = {"text_offset": [-1] * len(out), "token_logprobs": [lp] * len(out),
+                                 "tokens": [tok.decode([t]) for t in out], "top_logprobs": [{tok.decode([t]): lp} for t in out]}
             c["matched_stop"] = matched if finish else None
-            c["token_ids"] = out
         else:  # llama.cpp's chat-format logprobs with ids and bytes
             c["logprobs"] = {"content": [{"id": t, "token": tok.decode([t]), "bytes": list(tok.pieces[t]), "logprob": lp, "top_logprobs": []} for t in out]}
         return c
@@ -279,7 +283,7 @@ def test_a_plain_step_is_one_request_when_no_stop_string_misleads():
     assert step.text == "I am Waiting here\n\n" and step.end == "boundary"
     steps = [b for p, b in server.requests if b.get("stop")]
     assert len(steps) == 2 and steps[0]["stop"] == ["</think>", "\n\n", "Wait"] and not steps[0].get("stream")
-    assert steps[0]["include_stop_str_in_output"] is True and steps[0]["return_tokens_as_token_ids"] is True
+    assert steps[0]["include_stop_str_in_output"] is True and steps[0]["return_token_ids"] is True and "logprobs" not in steps[0]
 
 
 @pytest.mark.parametrize("max_stops", [1, 2, 4])

@@ -201,7 +201,8 @@ def test_sglang_plain_steps_read_matched_stop_and_token_ids(tokenizer):
     # matched_stop 2 is EOS's id: the step ends there, EOS not kept
     assert (second.token_ids, second.text, second.end) == ([33359, 28, 10907], "Wait, ok", "eos")
     steps = [b for b in replay.seen if b["stop"] != ["}"]]
-    assert all(b["no_stop_trim"] is True and b["return_token_ids"] is True and b["logprobs"] == 1 for b in replay.seen)
+    assert all(b["no_stop_trim"] is True and b["return_token_ids"] is True for b in replay.seen)
+    assert all("logprobs" not in b for b in steps) and replay.seen[2]["logprobs"] == 1  # only the probe asks for them
     assert steps[0]["stop"] == ["\n\n", "Wait"] and steps[1]["prompt"] == SGLANG_PROMPT + [339, 744, 20319, 1802]
     assert replay.seen[2]["prompt"] == SGLANG_PROMPT + first.token_ids + PROBE_PROMPT and replay.seen[2]["temperature"] == 0.0
     assert eng.counters()["upstream_requests"] == {"step": 4, "probe": 1}
@@ -223,7 +224,7 @@ def test_sglang_streamed_steps_read_token_id_deltas(tokenizer):
     assert (first.text, first.end, second.text, second.end) == (" I am Waiting here\n\n", "boundary", "Wait, ok", "eos")
     # a stream carries the stops that fit too (the server ends there exactly), kept in the output
     assert all(b["stream"] is True and b["stop"] == ["\n\n", "Wait"] and b["no_stop_trim"] is True and b["return_token_ids"] is True
-               for b in replay.seen)
+               and "logprobs" not in b for b in replay.seen)
     assert parse_choice(json.loads(one.split(b"\n\n")[-3][6:])).stop == 2  # the last event: EOS's id
     eng.close()
 
@@ -703,3 +704,14 @@ def test_a_chat_request_holds_a_place_in_the_limit_and_reads_the_servers_sse(lla
 
     run(go())
     assert eng.counters()["upstream_requests"]["chat"] == 2  # the one turned away never reached the server
+
+
+def test_upstream_json_is_read_as_python_writes_it_even_where_orjson_refuses():
+    """A logprob of -inf reaches the proxy as ``-Infinity`` from a server that answers through
+    Python's json.dumps (vLLM's plain answers): orjson refuses it, the stdlib reads it."""
+    from codestop.engines.server.transport import parse_json
+
+    assert parse_json(b'{"choices": [{"logprobs": {"token_logprobs": [-Infinity, -0.5]}}]}', "u") == {
+        "choices": [{"logprobs": {"token_logprobs": [float("-inf"), -0.5]}}]}
+    with pytest.raises(ServerError, match="invalid JSON"):
+        parse_json(b'{"choices": [', "u")

@@ -148,6 +148,36 @@ def test_steps_plain_streamed_and_beyond_the_stop_cap_are_the_servers_own_greedy
     assert all(not b.get("stream") and b["stop"] == ["\n", word] and b["include_stop_str_in_output"] for b in plain_bodies)
     assert all(b["stream"] for b in live_bodies + capped_bodies)
     assert all(b["stop"] == ["\n\n", "\n", "Wait", "But wait"] for b in capped_bodies)
+    # ids without logprobs, which slow vLLM down and only probes need
+    assert all(b["return_token_ids"] is True and "logprobs" not in b for b in plain_bodies + live_bodies + capped_bodies)
+    eng.close()
+
+
+def test_the_reasoning_stream_asks_for_token_ids_and_only_probes_for_logprobs(recorder, tokenizer):
+    """CoDE-Stop with overlapped probes: the one reasoning stream runs without logprobs (the ids
+    come as ``token_ids``), each probe beside it with them; the run equals the same run with every
+    request asking for logprobs (as before) token for token."""
+    eng = ServerEngine.connect(recorder.url, tokenizer=tokenizer, backoff=0.05)
+    never = CodeStop(r_min=1.0, r_max=1.0, tau=1e9)
+
+    def ask() -> Result:
+        return run(agenerate_question(eng, LIST_QUESTION, never, max_reasoning_tokens=24, probe_interval=4,
+                                      boundaries=["\n"], temperature=0.0, probe_mode="overlapped"))
+
+    result = ask()
+    stream, *probes, answer = recorder.seen  # the stream first, the probes beside it, the answer once it is cut
+    assert stream.get("stream") and len(probes) == len(result.probes) >= 1 and answer["max_tokens"] != probes[0]["max_tokens"]
+    assert all(b["return_token_ids"] is True and "logprobs" not in b for b in (stream, answer))
+    assert all(b["logprobs"] == 1 for b in probes)
+    eng.dialect.step_ids = None  # the stream as it was: ids read from logprobs
+    try:
+        recorder.seen.clear()
+        before = ask()
+        assert all(b["logprobs"] == 1 for b in recorder.seen)
+    finally:
+        del eng.dialect.step_ids
+    assert (before.reasoning_text, before.answer_text, before.tokens) == (result.reasoning_text, result.answer_text, result.tokens)
+    assert [(p.position, p.text, p.confidence) for p in before.probes] == [(p.position, p.text, p.confidence) for p in result.probes]
     eng.close()
 
 

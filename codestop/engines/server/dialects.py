@@ -22,6 +22,12 @@ only, so an SGLang without ``token_ids`` has its text re-tokenized; the matched 
 ``matched_stop``: the string, or the id of a stop token such as EOS; ``/v1/tokenize`` and
 ``/v1/detokenize``).
 
+Steps ask for their ids without logprobs where the server lists them apart (``step_ids``: vLLM's
+and SGLang's ``return_token_ids``; vLLM computes logprobs for every token asked), probes with them.
+llama.cpp's steps keep ``logprobs``/``n_probs`` 1: only they carry each token's exact bytes (its
+native stream's ``tokens`` come without, and its ``/detokenize`` answers U+FFFD for a token that holds
+part of a character), and on this CPU they cost it no measurable speed (BENCHMARKS.md).
+
 Plain or streamed: a step whose stop strings all fit is one plain request on servers that say
 exactly which tokens they generated: vLLM (``include_stop_str_in_output``), SGLang
 (``no_stop_trim``), llama.cpp (its native ``/completion`` with ``return_tokens``). A plain request
@@ -96,6 +102,9 @@ class Dialect:
     name = "openai-compatible"  # the ``owned_by`` of a kind
     max_stops = 4  # stop strings one request may carry: the OpenAI API's cap, and vLLM's
     token_ids: Mapping[str, Any] = {}  # request fields that make the server report the ids it generated
+    # fields that make it list a step's ids without logprobs, which only probes need (asking for
+    # them costs the server work per token); None: ids come only in logprobs
+    step_ids: Mapping[str, Any] | None = None
     keep_stops: Mapping[str, Any] | None = None  # fields that keep a matched stop string in the output; None: it cannot
     tokenize: Route | None = None  # the server's own tokenizer (None: every known route is tried)
     detokenize: Route | None = None
@@ -144,7 +153,7 @@ class Dialect:
         """A step: streamed (with the stops that fit, where the server keeps them in the output),
         or one plain answer of at most ``PLAIN_REQUEST_TOKENS`` that a server-side stop string ends
         at a boundary candidate."""
-        fields: dict[str, Any] = {**self.token_ids, "logprobs": 1}
+        fields: dict[str, Any] = {**self.token_ids, "logprobs": 1} if self.step_ids is None else dict(self.step_ids)
         if stops and self.keep_stops is not None:
             fields.update(stop=stops, **self.keep_stops)
         if streamed:
@@ -170,6 +179,7 @@ class Dialect:
 class VLLM(Dialect):
     name = "vllm"
     token_ids = {"return_tokens_as_token_ids": True}
+    step_ids = {"return_token_ids": True}
     keep_stops = {"include_stop_str_in_output": True}
     tokenize = _openai_tokenize("/tokenize")
     detokenize = Route("/detokenize", lambda ids, model: {"model": model, "tokens": ids}, "prompt")
@@ -192,6 +202,7 @@ class VLLM(Dialect):
 class SGLang(Dialect):
     name = "sglang"
     token_ids = {"return_token_ids": True}
+    step_ids = token_ids
     keep_stops = {"no_stop_trim": True}
     tokenize = _openai_tokenize("/v1/tokenize")
     detokenize = Route("/v1/detokenize", lambda ids, model: {"model": model, "tokens": ids, "skip_special_tokens": False}, "text")
@@ -231,6 +242,9 @@ class LlamaCpp(Dialect):
 
     def step_request(self, max_tokens: int, stops: list[str], streamed: bool) -> Request:
         if streamed:
+            # chat-format logprobs: the only place its stream says each token's exact bytes (the
+            # native stream's ``tokens`` come without, and ``/detokenize`` answers U+FFFD for a
+            # token that holds part of a character); n_probs 1 costs it no measurable speed
             return super().step_request(max_tokens, stops, streamed)
         fields = {"n_predict": min(max_tokens, PLAIN_REQUEST_TOKENS), "stop": stops or None, "return_tokens": True,
                   "n_probs": 1, "cache_prompt": True}

@@ -36,6 +36,11 @@ from typing import Any
 
 import httpx
 
+try:  # every event of every stream is parsed here: orjson (the serve extra's) where installed
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - the library without the serve extra
+    from json import loads as _loads  # type: ignore[assignment]
+
 from codestop.engines.server.options import ServerOptions
 from codestop.engines.server.routing import ROUTE
 from codestop.engines.server.stopping import close_response
@@ -241,6 +246,10 @@ def mentions_context(message: str) -> bool:
 
 def parse_json(content: str | bytes, where: str) -> Any:
     try:
+        return _loads(content)
+    except ValueError:  # orjson's JSONDecodeError is one too
+        pass
+    try:  # what orjson refuses and Python writes: NaN, -Infinity (a logprob of -inf, through json.dumps)
         return json.loads(content)
     except ValueError:
         raise ServerError(f"the completions server at {where} answered with invalid JSON: {redact(repr(content[:200]))}") from None
