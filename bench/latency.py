@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 from proxy_cpu import NEVER_STOP, PROMPTS, REPO, RESULTS, process, proxy_command, say, wait_up
+from tests_vllm import start_vllm
 
 PATHS = ("straight to vLLM", "proxy, vanilla", "proxy, CoDE-Stop never stopping (overlapped probes)")
 
@@ -133,16 +134,7 @@ def main() -> int:
     with ExitStack() as stack:
         upstream = args.upstream
         if upstream is None:
-            sys.path.insert(0, str(REPO / "tests"))
-            import vllm_server  # the tests' vLLM CPU build and model: tests/install_vllm.sh
-
-            python = vllm_server.vllm_python()
-            if python is None:
-                raise SystemExit(vllm_server.INSTALL_HINT)
-            server = vllm_server.VllmServer(python, vllm_server.model_dir(), extra_args=("--stream-interval", str(args.stream_interval)))
-            server.start()
-            stack.callback(server.stop)
-            upstream = server.url
+            upstream = start_vllm(stack, "--stream-interval", str(args.stream_interval))
         rows = run(args, upstream.rstrip("/"))
     print(table(rows))
     if not args.no_write:

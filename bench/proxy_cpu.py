@@ -51,6 +51,7 @@ from typing import Any
 
 import httpx
 import psutil
+from tests_vllm import start_vllm
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDING = REPO / "bench" / "recordings" / "vllm.jsonl"
@@ -279,17 +280,8 @@ def live(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         url = args.live
         if url is None:
-            sys.path.insert(0, str(REPO / "tests"))
-            import vllm_server  # the tests' vLLM CPU build and model: tests/install_vllm.sh
-
-            python = vllm_server.vllm_python()
-            if python is None:
-                raise SystemExit(vllm_server.INSTALL_HINT)
-            server = vllm_server.VllmServer(python, vllm_server.model_dir(), extra_args=("--stream-interval", str(args.live_stream_interval)))
             say(f"starting vLLM with --stream-interval {args.live_stream_interval}")
-            server.start()
-            stack.callback(server.stop)
-            url = server.url
+            url = start_vllm(stack, "--stream-interval", str(args.live_stream_interval))
         version = httpx.get(url.removesuffix("/v1") + "/version", timeout=5).json().get("version", "?")
         interval = f"--stream-interval {args.live_stream_interval}" if args.live_stream_interval else "as started"
         args.upstream_said = f"live vLLM {version} (CPU, SmolLM2-135M-Instruct, {interval})"

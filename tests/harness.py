@@ -31,6 +31,13 @@ __all__ = ["POEM", "SHORT", "InProcessProxy", "ask", "binary", "chat", "free_por
 
 SHORT = 16  # tokens per answer where only the mechanics matter: short answers
 POEM = "Write a short poem about the sea, four lines."  # SmolLM2 writes on and on
+# five easy word problems, answered in a few lines (probes at every line or word come a few times each)
+STEPS = "Answer step by step, one step per line."
+ARITHMETIC = [f"Tom has 3 apples and buys 4 more. How many apples does he have? {STEPS}",
+              f"What is 6 times 7? {STEPS}",
+              f"A box holds 12 eggs. How many eggs are in 2 boxes? {STEPS}",
+              f"Sara reads 10 pages a day. How many pages does she read in 5 days? {STEPS}",
+              f"What is 100 minus 36? {STEPS}"]
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from harness import InProcessProxy, wait_for
+from harness import ARITHMETIC, InProcessProxy, wait_for
 
 from codestop.engines.server import ServerEngine
 from codestop.policy_file import PolicyFile
@@ -20,12 +20,7 @@ from codestop.serve.defaults import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.slow
 
-STEPS = "Answer step by step, one step per line."
-QUESTIONS = [f"Tom has 3 apples and buys 4 more. How many apples does he have? {STEPS}",
-             f"What is 6 times 7? {STEPS}",
-             f"A box holds 12 eggs. How many eggs are in 2 boxes? {STEPS}",
-             f"Sara reads 10 pages a day. How many pages does she read in 5 days? {STEPS}",
-             f"What is 100 minus 36? {STEPS}"]
+QUESTIONS = ARITHMETIC
 MAX_TOKENS = 48
 CONFIG = DEFAULT_CONFIG.replace(probe_interval=8, boundaries=(" ",))  # a probe at a word, 8 tokens apart at least: every answer probes
 FIRST_PROBE = {"method": "codestop", "r_min": 0.0, "r_max": 0.0}  # stops at its first probe

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import InProcessProxy, free_port, metric
+from harness import ARITHMETIC, InProcessProxy, free_port, metric
 from scripted import ScriptedEngine
 
 from codestop.analysis.calibrate import calibrate
@@ -126,12 +126,7 @@ def test_the_reference_probe_reads_the_full_reasoning_before_the_model_closed_it
 # The loop on a real vLLM: shadow, compare, calibrate, serve the policy file, see it stop
 # --------------------------------------------------------------------------------------------
 
-STEPS = "Answer step by step, one step per line."
-QUESTIONS = [f"Tom has 3 apples and buys 4 more. How many apples does he have? {STEPS}",
-             f"What is 6 times 7? {STEPS}",
-             f"A box holds 12 eggs. How many eggs are in 2 boxes? {STEPS}",
-             f"Sara reads 10 pages a day. How many pages does she read in 5 days? {STEPS}",
-             f"What is 100 minus 36? {STEPS}"]
+QUESTIONS = ARITHMETIC
 MAX_TOKENS = 64
 # probes at every line, at least 4 tokens apart: SmolLM2's short answers get a few each
 CONFIG = DEFAULT_CONFIG.replace(probe_interval=4, boundaries=("\n",))
