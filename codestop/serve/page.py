@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from codestop.serve.serving import served_models
+from codestop.serve.store import thinned
 from codestop.version import __version__
 
 # the response's headers: nothing cached, no referrer, no frame, nothing loaded or run (inline style only)
@@ -233,8 +234,7 @@ def e_value_chart(points: Any, threshold: float | None, alarmed_at: float | None
     series = e_series(points)
     if not series:
         return '<p class="none chart">No e-value yet: no audit has come.</p>'
-    if len(series) > MAX_CHART_POINTS:  # a long watch: every k-th point and the last (the page stays small)
-        series = series[:: math.ceil(len(series) / MAX_CHART_POINTS)] + series[-1:]
+    series = thinned(series, MAX_CHART_POINTS)  # a long watch: the page stays small
     w, h, left, right, top, bottom = 640, 220, 56, 16, 12, 34
     n_max = max(max(n for n, _ in series), 1.0)
     es = [e for _, e in series] + ([threshold] if threshold else [])

@@ -16,13 +16,14 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from codestop.errors import CodestopError
 
 STORE_FILE = "codestop-state.sqlite"
+T = TypeVar("T")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (segment TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS traces (seq INTEGER PRIMARY KEY AUTOINCREMENT, segment TEXT NOT NULL, epoch INTEGER NOT NULL,
@@ -114,7 +115,13 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT n, e FROM evalues WHERE segment = ? AND epoch = ? ORDER BY n",
                                     (segment, epoch)).fetchall()
-        if len(rows) > most:
-            step = (len(rows) - 1) / (most - 1)
-            rows = [rows[round(i * step)] for i in range(most)]
-        return [[int(n), float(e)] for n, e in rows]
+        return [[int(n), float(e)] for n, e in thinned(rows, most)]
+
+
+def thinned(points: Sequence[T], most: int) -> list[T]:
+    """``points`` thinned evenly to at most ``most`` (at least 2), the first and the last always kept:
+    an e-value series for a chart."""
+    if len(points) <= most:
+        return list(points)
+    step = (len(points) - 1) / (most - 1)
+    return [points[round(i * step)] for i in range(most)]
