@@ -118,7 +118,8 @@ def vllm_or_fail(fixture: str):
 @pytest.fixture(scope="session")
 def vllm_url():
     """The base URL (ending in /v1) of a real vLLM serving SmolLM2-135M-Instruct with prefix
-    caching. Fails, never skips, when vLLM is not installed (run tests/install_vllm.sh)."""
+    caching. Fails, never skips, when vLLM is not installed (run tests/install_vllm.sh, or give
+    pytest --install-vllm)."""
     yield from vllm_or_fail("vllm_url")
 
 
@@ -136,6 +137,21 @@ def vllm_tools_url():
     converted once) with its tool-call parser (``TOOLS_ARGS``), for agents' requests;
     ``$CODESTOP_VLLM_TOOLS_URL`` reuses one."""
     yield from vllm_or_fail("vllm_tools_url")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--install-vllm", action="store_true",
+                     help="install vLLM (tests/install_vllm.sh) in the background if the collected tests need it and it is missing")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that use a vLLM run last, each whole and in its order: the vLLM install (with
+    --install-vllm) and the servers' start-up then overlap the tests that need none."""
+    from vllm_server import INSTALL, KINDS
+
+    INSTALL.wanted = config.getoption("install_vllm")
+    uses = {item.nodeid.split("::")[0] for item in items if set(KINDS) & set(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] in uses)  # stable
 
 
 def pytest_collection_finish(session):

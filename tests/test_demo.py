@@ -64,10 +64,11 @@ def test_cli_rejects_nonsense_in_one_line(capsys):
 
 @pytest.mark.slow
 def test_reduced_demo_runs_and_prints_its_table(tmp_path, capsys):
-    """The demo as a user runs it (default model), on one problem: every method's row, the table and
-    the JSON report (three methods on three problems took 160-200 s of the suite for no more checks)."""
+    """The demo as a user runs it (default model), on one problem and a cap of 160 reasoning tokens:
+    every method's row, the table and the JSON report (three methods on three problems took 160-200 s
+    of the suite, one problem at the default cap of 500 took 65-80 s, for no more checks)."""
     report_path = tmp_path / "demo.json"
-    assert main(["demo", "--problems", "1", "--out", str(report_path)]) == 0
+    assert main(["demo", "--problems", "1", "--max-reasoning-tokens", "160", "--out", str(report_path)]) == 0
     out = capsys.readouterr().out
     for heading in ("method", "accuracy", "reasoning", "saving", "overhead", "wall"):
         assert heading in out

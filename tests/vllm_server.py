@@ -44,6 +44,7 @@ START_TIMEOUT_S = 240.0
 MAX_MODEL_LEN = 2048
 INSTALL_HINT = (
     "no vLLM to test against: run `bash tests/install_vllm.sh` (it creates .vllm-venv in the repository root), "
+    "or give pytest --install-vllm (it runs that script in the background once the tests are collected), "
     "or set CODESTOP_VLLM_PYTHON to a python that imports vllm, or CODESTOP_VLLM_URL to a running server"
 )
 
@@ -84,10 +85,41 @@ class VllmUnavailable(RuntimeError):
 
 
 def vllm_python() -> Path | None:
-    """The interpreter that runs vLLM: ``$CODESTOP_VLLM_PYTHON``, else .vllm-venv's."""
+    """The interpreter that runs vLLM: ``$CODESTOP_VLLM_PYTHON``, else .vllm-venv's (installed first
+    when pytest was given ``--install-vllm`` and there is none)."""
     named = os.environ.get("CODESTOP_VLLM_PYTHON")
+    if not named:
+        INSTALL.run()
     candidate = Path(named) if named else ROOT / ".vllm-venv" / "bin" / "python"
     return candidate if candidate.exists() else None
+
+
+class Install:
+    """tests/install_vllm.sh, run at most once per session and only when asked (``--install-vllm``):
+    the first caller that needs vLLM runs it (the background launcher, right after collection), the
+    others wait for it. Its 3.5 GB then come down while the tests that need no vLLM run (conftest.py
+    puts the modules that use it last), instead of before pytest starts."""
+
+    def __init__(self) -> None:
+        self.wanted = False
+        self.lock = threading.Lock()
+        self.done = False
+        self.line = ""  # what the script said it did, for the summary
+
+    def run(self) -> None:
+        with self.lock:
+            if not self.wanted or self.done:
+                return
+            self.done = True
+            t0 = time.monotonic()
+            done = subprocess.run(["bash", str(ROOT / "tests" / "install_vllm.sh")], capture_output=True, text=True)
+            said = [x for x in done.stdout.splitlines() if x.startswith("== ")]
+            self.line = f"vLLM install: {said[-1].removeprefix('== ') if said else 'done'} (during the tests, {time.monotonic() - t0:.0f} s)"
+            if done.returncode != 0:
+                self.line = f"vLLM install: FAILED (tests/install_vllm.sh, exit {done.returncode}): {(done.stderr or done.stdout)[-2000:]}"
+
+
+INSTALL = Install()
 
 
 def cache_root() -> Path:
@@ -252,7 +284,7 @@ class Launch:
             try:
                 python = vllm_python()
                 if python is None:
-                    raise VllmUnavailable(INSTALL_HINT)
+                    raise VllmUnavailable(INSTALL.line if "FAILED" in INSTALL.line else INSTALL_HINT)
                 model = tools_model_dir() if self.kind.tools else model_dir()
                 self.convert_s = CONVERTED.pop(model.name, None)
                 server = VllmServer(python, model, extra_args=self.kind.extra_args, kv_cache_gib=self.kind.kv_cache_gib,
@@ -368,4 +400,4 @@ def summary_lines(outcomes: dict[str, str]) -> list[str]:
     ran = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     version = f" {INFO.version}" if INFO.version else ""
     lines = [f"vLLM tests: {len(INFO.tests)} against a real vLLM{version} ({ran})"]
-    return lines + INFO.servers
+    return lines + ([INSTALL.line] if INSTALL.line else []) + INFO.servers
