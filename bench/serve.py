@@ -83,17 +83,12 @@ def model_name(url: str) -> str:
 
 
 def start_vllm(stack: ExitStack) -> Upstream:
-    from vllm_server import INSTALL_HINT, VllmServer, model_dir, vllm_python  # type: ignore[import-not-found]
+    from tests_vllm import launch_vllm
 
-    python = vllm_python()
-    if python is None:
-        raise SystemExit(INSTALL_HINT)
-    server = VllmServer(python, model_dir())
-    stack.callback(server.stop)
-    say(f"starting vLLM on port {server.port} (about a minute on 2 cores)")
-    seconds = server.start()
-    url = server.url.removesuffix("/v1")
-    return Upstream("vllm", url, model_name(url), f"started here in {seconds:.0f} s, prefix caching on")
+    say("starting vLLM (about a minute on 2 cores)")
+    started = launch_vllm(stack)
+    url = started.url.removesuffix("/v1")
+    return Upstream("vllm", url, model_name(url), f"started here in {started.seconds:.0f} s, prefix caching on")
 
 
 def start_llamacpp(stack: ExitStack, gguf: Path, slots: int) -> Upstream:

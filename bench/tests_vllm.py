@@ -5,20 +5,45 @@ from __future__ import annotations
 
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_vllm(stack: ExitStack, *extra_args: str) -> str:
-    """Start it with ``extra_args`` (stopped when ``stack`` closes); its URL, ending in /v1."""
-    sys.path.insert(0, str(REPO / "tests"))
+def tests_vllm_server() -> ModuleType:
+    """The tests' module (its launcher, model conversion and install hint), imported when first needed."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
     import vllm_server
 
+    return vllm_server
+
+
+@dataclass(frozen=True)
+class Started:
+    url: str  # ending in /v1
+    seconds: float  # to healthy
+
+
+def launch_vllm(stack: ExitStack, *extra_args: str) -> Started:
+    """Start it with ``extra_args`` (stopped when ``stack`` closes)."""
+    vllm_server = tests_vllm_server()
     python = vllm_server.vllm_python()
     if python is None:
         raise SystemExit(vllm_server.INSTALL_HINT)
     server = vllm_server.VllmServer(python, vllm_server.model_dir(), extra_args=extra_args)
-    server.start()
     stack.callback(server.stop)
-    return server.url
+    seconds = server.start()
+    return Started(server.url, seconds)
+
+
+def start_vllm(stack: ExitStack, *extra_args: str) -> str:
+    """Start it with ``extra_args`` (stopped when ``stack`` closes); its URL, ending in /v1."""
+    return launch_vllm(stack, *extra_args).url
+
+
+def model_dir() -> Path:
+    """The converted SmolLM2 directory it serves (its tokenizer, for a client that tokenizes locally)."""
+    return Path(tests_vllm_server().model_dir())

@@ -92,7 +92,7 @@ def test_reduced_demo_runs_and_prints_its_table(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_function_on_a_chosen_model(smollm2_path):
-    report = demo(str(smollm2_path), problems=2, methods=["vanilla", "codestop"], show=False)
+    report = demo(str(smollm2_path), problems=1, methods=["vanilla", "codestop"], max_reasoning_tokens=160, show=False)
     assert [s.method for s in report.summaries] == ["vanilla", "codestop"]
     assert report.engine == "llamacpp"
     # the build is named, since greedy answers depend on its CPU kernels
