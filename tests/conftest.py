@@ -144,23 +144,30 @@ def pytest_addoption(parser):
                      help="install vLLM (tests/install_vllm.sh) in the background if the collected tests need it and it is missing")
 
 
+def vllm_servers_used(item) -> set[str]:
+    """The session's vLLM servers (their fixtures' names) a collected test uses."""
+    from vllm_server import KINDS
+
+    return set(KINDS) & set(getattr(item, "fixturenames", ()))
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The modules that use a vLLM run last, each whole and in its order: the vLLM install (with
     --install-vllm) and the servers' start-up then overlap the tests that need none."""
-    from vllm_server import INSTALL, KINDS
+    from vllm_server import INSTALL
 
     INSTALL.wanted = config.getoption("install_vllm")
-    uses = {item.nodeid.split("::")[0] for item in items if set(KINDS) & set(getattr(item, "fixturenames", ()))}
+    uses = {item.nodeid.split("::")[0] for item in items if vllm_servers_used(item)}
     items.sort(key=lambda item: item.nodeid.split("::")[0] in uses)  # stable
 
 
 def pytest_collection_finish(session):
     """Count the tests that use a vLLM, and start the servers they need in the background."""
-    from vllm_server import INFO, KINDS, launch_in_background
+    from vllm_server import INFO, launch_in_background
 
     needed: set[str] = set()
     for item in session.items:
-        used = set(KINDS) & set(getattr(item, "fixturenames", ()))
+        used = vllm_servers_used(item)
         if used:
             INFO.tests.add(item.nodeid)
             needed |= used

@@ -34,15 +34,19 @@ POEM = [{"role": "user", "content": "Write a short poem about the sea, four line
 FIRST_PROBE = {"method": "codestop", "r_min": 0.0, "r_max": 0.0, "probe_interval": 4, "boundaries": ["\n", " "]}
 
 
+def sockets_to(port: int) -> list:
+    """This process's TCP sockets to ``port``."""
+    return [c for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port]
+
+
 def upstream_sockets(port: int, before: frozenset[tuple] = frozenset()) -> Counter[str]:
     """This process's TCP sockets to ``port``, by state, leaving out those open ``before`` (the
     upstreams are the session's, shared: an earlier test's idle client may still hold one)."""
-    return Counter(c.status for c in psutil.Process().net_connections(kind="tcp")
-                   if c.raddr and c.raddr.port == port and tuple(c.laddr) not in before)
+    return Counter(c.status for c in sockets_to(port) if tuple(c.laddr) not in before)
 
 
 def open_sockets(port: int) -> frozenset[tuple]:
-    return frozenset(tuple(c.laddr) for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
+    return frozenset(tuple(c.laddr) for c in sockets_to(port))
 
 
 def run_mixed(proxy: InProcessProxy, n: int) -> Counter[str]:

@@ -103,20 +103,20 @@ class Install:
     def __init__(self) -> None:
         self.wanted = False
         self.lock = threading.Lock()
-        self.done = False
-        self.line = ""  # what the script said it did, for the summary
+        self.line = ""  # what the script said it did, for the summary; set once it ran
+        self.failure = ""  # why it failed, for the tests that needed it
 
     def run(self) -> None:
         with self.lock:
-            if not self.wanted or self.done:
+            if not self.wanted or self.line:
                 return
-            self.done = True
             t0 = time.monotonic()
             done = subprocess.run(["bash", str(ROOT / "tests" / "install_vllm.sh")], capture_output=True, text=True)
             said = [x for x in done.stdout.splitlines() if x.startswith("== ")]
             self.line = f"vLLM install: {said[-1].removeprefix('== ') if said else 'done'} (during the tests, {time.monotonic() - t0:.0f} s)"
             if done.returncode != 0:
-                self.line = f"vLLM install: FAILED (tests/install_vllm.sh, exit {done.returncode}): {(done.stderr or done.stdout)[-2000:]}"
+                self.failure = f"vLLM install: FAILED (tests/install_vllm.sh, exit {done.returncode}): {(done.stderr or done.stdout)[-2000:]}"
+                self.line = self.failure
 
 
 INSTALL = Install()
@@ -284,7 +284,7 @@ class Launch:
             try:
                 python = vllm_python()
                 if python is None:
-                    raise VllmUnavailable(INSTALL.line if "FAILED" in INSTALL.line else INSTALL_HINT)
+                    raise VllmUnavailable(INSTALL.failure or INSTALL_HINT)
                 model = tools_model_dir() if self.kind.tools else model_dir()
                 self.convert_s = CONVERTED.pop(model.name, None)
                 server = VllmServer(python, model, extra_args=self.kind.extra_args, kv_cache_gib=self.kind.kv_cache_gib,

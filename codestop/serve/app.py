@@ -276,7 +276,8 @@ def without_errors(value: Any) -> Any:
 async def answer(s: Served, request: Request, chat: bool, responses_api: bool = False) -> Response:
     """One answer: consumed to its Result, or streamed as SSE from its first text on. A Responses
     request (``responses_api``) is answered as the chat request it asks for, in its own shape."""
-    asked, body = responses.parse(await read_json(request)) if responses_api else (None, parse_request(await read_json(request), chat))
+    data = await read_json(request)
+    asked, body = responses.parse(data) if responses_api else (None, parse_request(data, chat))
     engine = await s.ready_engine()
     prep = await (prepare(body, engine, s.options.defaults) if asked is None else responses.prepare(body, engine, s.options.defaults))
     # every upstream request of this one (and the tasks it starts: audits) carries its routing key
