@@ -151,14 +151,26 @@ def vllm_servers_used(item) -> set[str]:
     return set(KINDS) & set(getattr(item, "fixturenames", ()))
 
 
+# modules that run a model in the test process on both cores: after the vLLM install and the
+# servers' start-up, which they would otherwise share the cores with (in CI they took 170 s there
+# against ~45 s on a quiet host), and before the modules that use a vLLM
+IN_PROCESS_MODELS = {"tests/test_cli.py", "tests/test_demo.py", "tests/test_llamacpp.py"}
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The modules that use a vLLM run last, each whole and in its order: the vLLM install (with
-    --install-vllm) and the servers' start-up then overlap the tests that need none."""
+    """The modules that use a vLLM run last, each whole and in its order, and the in-process model
+    runs just before them: the vLLM install (with --install-vllm) and the servers' start-up then
+    overlap the tests that leave a core idle (a one-thread llama-server, the proxy, waits)."""
     from vllm_server import INSTALL
 
     INSTALL.wanted = config.getoption("install_vllm")
     uses = {item.nodeid.split("::")[0] for item in items if vllm_servers_used(item)}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] in uses)  # stable
+
+    def place(item) -> int:
+        module = item.nodeid.split("::")[0]
+        return 2 if module in uses else 1 if module in IN_PROCESS_MODELS else 0
+
+    items.sort(key=place)  # stable
 
 
 def pytest_collection_finish(session):
