@@ -152,8 +152,8 @@ def vllm_servers_used(item) -> set[str]:
 
 
 # modules that run a model in the test process on both cores: after the vLLM install and the
-# servers' start-up, which they would otherwise share the cores with (in CI they took 170 s there
-# against ~45 s on a quiet host), and before the modules that use a vLLM
+# servers' start-up, which they would otherwise share the cores with (in CI test_demo took 112 s
+# there and 40 s after them), and before the modules that use a vLLM
 IN_PROCESS_MODELS = {"tests/test_cli.py", "tests/test_demo.py", "tests/test_llamacpp.py"}
 
 

@@ -9,7 +9,7 @@ Each replica's requests are counted from its own /metrics (``vllm:time_to_first_
 one observation per request that started generating, a stream cut short by the proxy included;
 ``vllm:prefix_cache_queries_total``: the prompt tokens it was asked to prefill). The session's
 vLLM serves only this module while it runs (pytest runs one test at a time), so its counters are
-read as deltas. Small on purpose: two questions each way, 48 tokens each (vLLM's CPU build caches whole
+read as deltas. Small on purpose: two questions keyed and three plain, 48 tokens each (vLLM's CPU build caches whole
 blocks of 128 tokens, so each question's prompt is over 128 tokens: its probes can hit the cache)."""
 
 from __future__ import annotations
@@ -107,8 +107,13 @@ def test_every_request_of_a_question_stays_on_one_replica_and_its_probes_hit_the
             cached = BLOCK * (prompt_tokens // BLOCK) * (requests - 1)
             assert hits >= cached > 0, f"question {i}: {hits:.0f} of {queried:.0f} prompt tokens from the cache, {requests:.0f} requests"
         assert sent.get("probe", 0) >= 4, sent
-        # the key off: the router hashes each request alone, and a question's requests scatter
-        split = [sorted(n for n, _, _ in seen) for seen, _ in ask_each(plain, replicas, ["p1", "p2"])]
+        # the key off: the router hashes each request alone, and a question's requests scatter. This
+        # router keys a token-id prompt by its length ("request:token_ids:371" in its log), so where
+        # they go follows where the probes fall; with two questions of one length (the same lengths,
+        # so the same replicas) every request of both once landed on one replica (CI, 2026-12-07).
+        # Three questions of different lengths: each has its own lengths, so a split shows in one.
+        tags = ["p1", "p2 " + "and two more words " * 2, "p3 " + "and two more words " * 5]
+        split = [sorted(n for n, _, _ in seen) for seen, _ in ask_each(plain, replicas, tags)]
         assert any(used[0] > 0 for used in split), f"without the key, requests per replica per question: {split}"
     finally:
         keyed.stop()
